@@ -1,0 +1,65 @@
+"""rmtprune: compress and regularise PyTorch networks with random matrix theory.
+
+Every weight matrix is split into signal (singular values above a fitted Marchenko-Pastur bulk)
+and noise (the bulk); the noise is cut as low-rank factors or as sparsity. The pipeline is
+**analyze** (spectra and BEMA fits) -> **plan** (a serializable per-layer decision) -> **apply**
+(module surgery); :func:`compress` is plan + apply.
+
+Heavy submodules are imported lazily, so ``import rmtprune`` and the CLI start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it (imported on first access).
+_LAZY: dict[str, str] = {
+    # spectral engine (numpy only)
+    "SpectrumFit": "rmtprune.spectral",
+    "fit_bulk": "rmtprune.spectral",
+    "MarchenkoPastur": "rmtprune.spectral",
+    "tw1_quantile": "rmtprune.spectral",
+    "RankDecision": "rmtprune.spectral",
+    "make_rule": "rmtprune.spectral",
+    # analysis of tensors and checkpoints
+    "analyze_matrix": "rmtprune.analysis",
+    "analyze_tensor": "rmtprune.analysis",
+    "LayerAnalysis": "rmtprune.analysis",
+    "analyze_checkpoint": "rmtprune.checkpoint",
+    # compression
+    "CompressionConfig": "rmtprune.config",
+    "Plan": "rmtprune.surgery",
+    "LayerPlan": "rmtprune.surgery",
+    "plan": "rmtprune.surgery",
+    "apply": "rmtprune.surgery",
+    "compress": "rmtprune.surgery",
+    "LowRankLinear": "rmtprune.lowrank",
+    "LowRankConv1d": "rmtprune.lowrank",
+    "LowRankConv2d": "rmtprune.lowrank",
+    "save": "rmtprune.io",
+    "load": "rmtprune.io",
+    # training
+    "RMTPruner": "rmtprune.training",
+    "train": "rmtprune.training",
+    # sparsification
+    "SparsifyConfig": "rmtprune.sparsify",
+    "sparsify": "rmtprune.sparsify",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,72 @@
+"""The ``rmtprune`` command line: one subcommand per module in ``rmtprune.commands``.
+
+Each command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``. User errors
+(:class:`rmtprune.errors.RmtpruneError`, and ``ValueError``/``TypeError``/``OSError`` raised while
+checking input) are printed as one line ``rmtprune: error: ...`` with exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import RmtpruneError
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+#: Subcommand name -> module under ``rmtprune.commands``.
+COMMANDS: dict[str, str] = {
+    "analyze": "analyze",
+    "compress": "compress",
+    "train": "train",
+    "demo": "demo",
+    "sparsify": "sparsify",
+}
+
+
+def _available_commands() -> dict[str, object]:
+    mods = {}
+    for name, modname in COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(f"rmtprune.commands.{modname}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"rmtprune.commands.{modname}":
+                raise
+    return mods
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The top-level parser with every available subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="rmtprune",
+        description="Random-matrix analysis, compression and pruning of PyTorch models.",
+    )
+    parser.add_argument("--version", action="version", version=f"rmtprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    mods = _available_commands()
+    for mod in mods.values():
+        mod.add_parser(sub)  # type: ignore[attr-defined]
+    return parser, mods
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser, mods = build_parser()
+    args = parser.parse_args(argv)
+    mod = mods[args.command]
+    try:
+        return int(mod.run(args) or 0)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        print("rmtprune: interrupted", file=sys.stderr)
+        return 130
+    except (RmtpruneError, ValueError, TypeError, OSError) as exc:
+        print(f"rmtprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

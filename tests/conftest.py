@@ -1,0 +1,22 @@
+"""Shared test set-up: the real MNIST/Fashion-MNIST files live in ../shared/data beside the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tests and CI read the real IDX files from ../shared/data unless RMTPRUNE_DATA says otherwise.
+os.environ.setdefault("RMTPRUNE_DATA", str(SHARED_DATA))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """Directory holding ``mnist/`` and ``fashion-mnist/`` IDX files."""
+    return Path(os.environ["RMTPRUNE_DATA"])
