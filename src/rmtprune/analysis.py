@@ -53,9 +53,7 @@ def singular_values(matrix: torch.Tensor) -> np.ndarray:
     return torch.linalg.svdvals(m).numpy()
 
 
-def analyze_matrix(
-    W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA
-) -> SpectrumFit:
+def analyze_matrix(W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> SpectrumFit:
     """BEMA fit of the spectrum of a weight matrix (numpy or torch, any float dtype; float64 math).
 
     4-D conv weights are read as ``out x (in * kh * kw)``. Raises :class:`InvalidWeightsError`

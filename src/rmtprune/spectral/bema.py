@@ -203,12 +203,15 @@ def fit_bulk(
     if not sigma2 > 0:
         # No positive bulk to match (e.g. most singular values exactly zero): report it as such.
         n_spikes = int(np.count_nonzero(s_desc > 0))
-        return SpectrumFit((m, n), gamma, 0.0, 0.0, 0.0, n_spikes, p - n_spikes, 1.0,
-                           float(alpha), float(beta), s_desc)
+        return SpectrumFit(
+            (m, n), gamma, 0.0, 0.0, 0.0, n_spikes, p - n_spikes, 1.0, float(alpha), float(beta), s_desc
+        )
 
     r = math.sqrt(gamma)
     t = float(tw1_quantile(1.0 - beta))
-    lambda_plus = sigma2 * ((1.0 + r) ** 2 + t * N ** (-2.0 / 3.0) * gamma ** (-1.0 / 6.0) * (1.0 + r) ** (4.0 / 3.0))
+    lambda_plus = sigma2 * (
+        (1.0 + r) ** 2 + t * N ** (-2.0 / 3.0) * gamma ** (-1.0 / 6.0) * (1.0 + r) ** (4.0 / 3.0)
+    )
     s_plus = math.sqrt(N * lambda_plus)
     n_spikes = int(np.count_nonzero(s_desc > s_plus))
 

@@ -66,9 +66,7 @@ def _cdf_unit(x: np.ndarray, gamma: float) -> np.ndarray:
     g = r + (1.0 + gamma) * np.arcsin(np.clip((2.0 * xs - a - b) / width, -1.0, 1.0))
     if gamma < 1.0:
         # The (1 - gamma) term vanishes at gamma = 1, where a = 0 and the ratio is 0/0.
-        g = g - (1.0 - gamma) * np.arcsin(
-            np.clip(((a + b) * xs - 2.0 * a * b) / (xs * width), -1.0, 1.0)
-        )
+        g = g - (1.0 - gamma) * np.arcsin(np.clip(((a + b) * xs - 2.0 * a * b) / (xs * width), -1.0, 1.0))
     out = (g + np.pi * gamma) / (2.0 * np.pi * gamma)
     out = np.clip(out, 0.0, 1.0)
     return np.where(x <= a, 0.0, np.where(x >= b, 1.0, out))

@@ -104,7 +104,9 @@ class BemaRule(RankRule):
 
     name = "bema"
 
-    def __init__(self, keep_bulk: float = 0.0, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> None:
+    def __init__(
+        self, keep_bulk: float = 0.0, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA
+    ) -> None:
         if not (0.0 <= float(keep_bulk) <= 1.0):
             raise ValueError(f"keep_bulk={keep_bulk!r} must be in [0, 1]")
         self.keep_bulk = float(keep_bulk)
@@ -138,7 +140,9 @@ def gavish_donoho_omega(beta: float) -> float:
 
 def gavish_donoho_lambda_star(beta: float) -> float:
     """``lambda*(beta)`` for the known-noise optimal hard threshold, ``beta = m/n <= 1``."""
-    return math.sqrt(2.0 * (beta + 1.0) + 8.0 * beta / ((beta + 1.0) + math.sqrt(beta**2 + 14.0 * beta + 1.0)))
+    return math.sqrt(
+        2.0 * (beta + 1.0) + 8.0 * beta / ((beta + 1.0) + math.sqrt(beta**2 + 14.0 * beta + 1.0))
+    )
 
 
 class GavishDonohoRule(RankRule):
@@ -164,8 +168,15 @@ class GavishDonohoRule(RankRule):
             tau = gavish_donoho_lambda_star(b) * math.sqrt(max(m, n)) * self.sigma
             how = f"lambda*({b:.3g}) * sqrt(N) * sigma"
         rank = int(np.count_nonzero(arr > tau))
-        return RankDecision(self.name, rank, arr.size, tau, None, self.params(),
-                            f"{rank} singular values above tau={tau:.4g} = {how}")
+        return RankDecision(
+            self.name,
+            rank,
+            arr.size,
+            tau,
+            None,
+            self.params(),
+            f"{rank} singular values above tau={tau:.4g} = {how}",
+        )
 
 
 class EnergyRule(RankRule):
@@ -192,8 +203,15 @@ class EnergyRule(RankRule):
             rank = int(np.searchsorted(e, self.fraction * total * (1 - 1e-12), side="left")) + 1
             rank = min(rank, arr.size)
         thr = float(arr[rank]) if 0 < rank < arr.size else float("nan")
-        return RankDecision(self.name, rank, arr.size, thr, None, self.params(),
-                            f"{rank} singular values hold {self.fraction:.4g} of the energy")
+        return RankDecision(
+            self.name,
+            rank,
+            arr.size,
+            thr,
+            None,
+            self.params(),
+            f"{rank} singular values hold {self.fraction:.4g} of the energy",
+        )
 
 
 class FixedRule(RankRule):
