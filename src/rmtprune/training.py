@@ -1,0 +1,1147 @@
+"""Pruning during training (METHOD.md section 7): a callback for any loop, and a complete trainer.
+
+:class:`RMTPruner` is the callback: at the end of every ``every``-th epoch from ``start`` it
+fits each layer's Marchenko-Pastur bulk, keeps ``n_spikes + floor(f(epoch) * n_bulk)``
+singular triplets and factors the layer (through :func:`rmtprune.compress`), then rebuilds the
+optimizer's parameter groups over the new parameters. :func:`train` is a full run around it:
+data, model, optimizer, learning-rate schedule, L1/L2 regularisation, per-epoch metrics, plots
+and atomic checkpoints that ``resume=True`` continues from, bit for bit.
+
+References
+----------
+Shmalo, Y. et al. (2023). Deep learning weight pruning with RMT-SVD: increasing accuracy and
+reducing overfitting. arXiv:2303.08986.
+Berlyand, L., Sandier, E., Shmalo, Y. and Zhang, L. (2023). Enhancing accuracy in deep learning
+using random matrix theory. arXiv:2310.03165.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._atomic import atomic_path, atomic_write_text
+from ._progress import progress
+from .errors import CheckpointError, RmtpruneError
+from .spectral import DEFAULT_KS_MAX
+
+__all__ = [
+    "RMTPruner",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "rebuild_optimizer",
+    "regularization",
+    "load_checkpoint",
+    "OPTIMIZERS",
+    "LR_SCHEDULES",
+    "CHECKPOINT",
+    "PREVIOUS_CHECKPOINT",
+]
+
+LogFn = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer surgery
+# --------------------------------------------------------------------------------------------
+
+
+def _module_path(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _closest_old(name: str, old_names: list[str]) -> str | None:
+    """The old parameter that lived closest to ``name`` in the module tree (longest shared prefix)."""
+    path = _module_path(name)
+    while True:
+        for old in old_names:
+            op = _module_path(old)
+            if op == path or (path and op.startswith(path + ".")) or not path:
+                return old
+        if not path:
+            return None
+        path = _module_path(path)
+
+
+def rebuild_optimizer(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    old_params: dict[str, nn.Parameter],
+) -> dict[str, list[str]]:
+    """Point ``optimizer`` at ``model``'s parameters after module surgery, in place.
+
+    Parameters still present (same object) keep their group and their state (momentum, Adam
+    moments); parameters that were removed lose theirs; new parameters (the factors of a layer
+    that was cut) join the group of the old parameter closest to them in the module tree and
+    start with fresh state. Group hyper-parameters, ``lr`` included, are untouched, so a learning
+    rate scheduler attached to ``optimizer`` continues where it was.
+
+    Parameters
+    ----------
+    optimizer : the optimizer that was training ``model`` before the surgery.
+    model : the model after surgery.
+    old_params : ``dict(model.named_parameters())`` taken before the surgery.
+
+    Returns
+    -------
+    dict with the parameter names that were ``kept``, ``added`` (fresh state) and ``removed``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    group_of: dict[int, int] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            group_of[id(p)] = gi
+    old_ids = {id(p) for p in old_params.values()}
+    old_names = list(old_params)
+    new_named = list(model.named_parameters())
+    new_ids = {id(p) for _, p in new_named}
+
+    # Parameters the optimizer holds that are not (and were not) the model's: left as they are.
+    foreign: list[list[torch.Tensor]] = [
+        [p for p in g["params"] if id(p) not in old_ids and id(p) not in new_ids]
+        for g in optimizer.param_groups
+    ]
+    new_lists: list[list[torch.Tensor]] = [[] for _ in optimizer.param_groups]
+    kept, added = [], []
+    for name, p in new_named:
+        if id(p) in group_of:
+            new_lists[group_of[id(p)]].append(p)
+            kept.append(name)
+            continue
+        if id(p) in old_ids:  # an old parameter the optimizer never trained (frozen): still not trained
+            continue
+        old = _closest_old(name, old_names)
+        if old is None or id(old_params[old]) not in group_of:
+            continue
+        new_lists[group_of[id(old_params[old])]].append(p)
+        added.append(name)
+    removed = [n for n, p in old_params.items() if id(p) not in new_ids and id(p) in group_of]
+
+    for gi, group in enumerate(optimizer.param_groups):
+        group["params"] = new_lists[gi] + foreign[gi]
+    live = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for p in [p for p in optimizer.state if id(p) not in live]:
+        del optimizer.state[p]
+    return {"kept": kept, "added": added, "removed": removed}
+
+
+# --------------------------------------------------------------------------------------------
+# Regularisation
+# --------------------------------------------------------------------------------------------
+
+
+def _weights(model: nn.Module) -> Iterable[torch.Tensor]:
+    return (p for p in model.parameters() if p.requires_grad and p.ndim >= 2)
+
+
+def regularization(model: nn.Module, l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
+    """``l1 * sum|w| + l2 * sum w**2`` over the weights (tensors with >= 2 dims, factors included).
+
+    Biases and normalisation parameters are not penalised. The papers use 1e-6 to 5e-6 for each.
+    """
+    for name, v in (("l1", l1), ("l2", l2)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise TypeError(f"{name}={v!r} must be a float")
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+    total = torch.zeros(())
+    if l1 == 0 and l2 == 0:
+        return total
+    for w in _weights(model):
+        if l1:
+            total = total + l1 * w.abs().sum()
+        if l2:
+            total = total + l2 * w.pow(2).sum()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The callback
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if value < low:
+        raise ValueError(f"{name}={value!r} must be >= {low}")
+    return value
+
+
+class RMTPruner:
+    """Prune a model's layers to their RMT rank periodically during training (Algorithm 1).
+
+    Call :meth:`maybe_prune` at the end of every epoch with the number of epochs completed so
+    far. At epochs ``start, start + every, ...`` each prunable layer whose bulk fits the
+    Marchenko-Pastur law (KS distance ``<= ks_max``) keeps ``n_spikes + floor(f(epoch) * n_bulk)``
+    singular triplets and is stored as two thin factors; already factored layers are cut again.
+    ``f`` is the constant ``keep_bulk`` or, with ``decay_T``, the linear decay
+    ``max(0, 1 - epoch / decay_T)``. Every decision is appended to :attr:`history_`.
+
+    Parameters
+    ----------
+    every : prune every this many epochs.
+    start : first epoch that prunes; default ``every`` (so never at random initialisation unless
+        ``start=0`` is asked for: an untrained layer is all bulk and would lose most of its rank).
+    keep_bulk : constant fraction of the bulk kept, in [0, 1] (the 2023 notebook used 0.45).
+    decay_T : if given, ``f(epoch) = max(0, 1 - epoch / decay_T)`` instead (papers: 200 or 300).
+    ks_max, min_rank, alpha, beta, include, exclude, and any other keyword : passed to
+        :class:`rmtprune.CompressionConfig` (``keep_bulk`` is set from ``f`` at each cut).
+    config : a base :class:`rmtprune.CompressionConfig`; keywords override its fields.
+    log : called with one line per decision and per optimizer rebuild (default: silent).
+
+    Attributes
+    ----------
+    history_ : list of dicts, one per layer per cut: ``epoch, layer, f, rank_before, rank_after,
+        n_spikes, n_bulk, sigma2, ks, action, reason, params_before, params_after``.
+    events_ : list of dicts, one per cut: ``epoch, f, params_before, params_after, seconds,
+        optimizer`` (names of parameters whose optimizer state was kept / fresh).
+    """
+
+    def __init__(
+        self,
+        every: int = 1,
+        start: int | None = None,
+        keep_bulk: float = 0.45,
+        decay_T: float | None = None,
+        *,
+        ks_max: float = DEFAULT_KS_MAX,
+        config: Any = None,
+        log: LogFn | None = None,
+        **config_overrides: Any,
+    ) -> None:
+        self.every = _check_int("every", every, 1)
+        self.start = self.every if start is None else _check_int("start", start, 0)
+        if not isinstance(keep_bulk, (int, float)) or isinstance(keep_bulk, bool):
+            raise TypeError(f"keep_bulk={keep_bulk!r} must be a float in [0, 1]")
+        if not 0.0 <= keep_bulk <= 1.0:
+            raise ValueError(f"keep_bulk={keep_bulk!r} must be in [0, 1]")
+        self.keep_bulk = float(keep_bulk)
+        if decay_T is not None:
+            if not isinstance(decay_T, (int, float)) or isinstance(decay_T, bool):
+                raise TypeError(f"decay_T={decay_T!r} must be a positive number or None")
+            if not (decay_T > 0 and math.isfinite(decay_T)):
+                raise ValueError(f"decay_T={decay_T!r} must be a positive finite number")
+        self.decay_T = None if decay_T is None else float(decay_T)
+        self.ks_max = ks_max
+        self.config = config
+        self.config_overrides = dict(config_overrides)
+        self.log = log
+        self.history_: list[dict[str, Any]] = []
+        self.events_: list[dict[str, Any]] = []
+        self._base_config()  # validate the compression options now, not at the first cut
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    def fraction(self, epoch: int) -> float:
+        """``f(epoch)``: the fraction of the bulk kept by a cut at ``epoch``."""
+        _check_int("epoch", epoch, 0)
+        if self.decay_T is None:
+            return self.keep_bulk
+        return max(0.0, 1.0 - epoch / self.decay_T)
+
+    def should_prune(self, epoch: int) -> bool:
+        """Whether a cut happens at the end of ``epoch`` (epochs completed so far)."""
+        _check_int("epoch", epoch, 0)
+        return epoch >= self.start and (epoch - self.start) % self.every == 0
+
+    def schedule(self, epochs: int) -> list[tuple[int, float]]:
+        """``(epoch, f(epoch))`` for every cut in a run of ``epochs`` epochs (epoch 0 = initialisation)."""
+        return [(e, self.fraction(e)) for e in range(0, epochs + 1) if self.should_prune(e)]
+
+    # -- the cut -------------------------------------------------------------------------------
+
+    def _base_config(self, keep_bulk: float | None = None) -> Any:
+        from .config import CompressionConfig
+
+        fields: dict[str, Any] = {"ks_max": self.ks_max, **self.config_overrides}
+        if keep_bulk is not None:
+            fields["keep_bulk"] = keep_bulk
+        if self.config is None:
+            return CompressionConfig(**fields)
+        return (
+            self.config.replace(**fields)
+            if hasattr(self.config, "replace")
+            else _dc_replace(self.config, fields)
+        )
+
+    def maybe_prune(
+        self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.Optimizer | None:
+        """Cut ``model`` in place if the schedule says so at ``epoch``; return the optimizer.
+
+        The optimizer returned is the same object, its parameter groups rebuilt over the new
+        parameters (see :func:`rebuild_optimizer`), so a scheduler built on it keeps working.
+        """
+        if self.should_prune(epoch):
+            self.prune(model, epoch, optimizer)
+        return optimizer
+
+    def prune(
+        self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.Optimizer | None:
+        """Cut ``model`` in place now, whatever the schedule, with ``f(epoch)``; return the optimizer."""
+        import time
+
+        from .surgery import compress
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        f = self.fraction(epoch)
+        t0 = time.perf_counter()
+        old = dict(model.named_parameters())
+        before = sum(p.numel() for p in old.values())
+        out, report = compress(model, config=self._base_config(keep_bulk=f))
+        if out is not model:
+            raise RuntimeError("rmtprune.compress returned a new model; RMTPruner needs in-place surgery")
+        opt_info = None
+        if optimizer is not None:
+            opt_info = rebuild_optimizer(optimizer, model, old)
+        seconds = time.perf_counter() - t0
+        after = sum(p.numel() for p in model.parameters())
+        rows = [dict(epoch=epoch, f=f, **row) for row in _report_rows(report)]
+        self.history_.extend(rows)
+        event = {
+            "epoch": epoch,
+            "f": f,
+            "params_before": before,
+            "params_after": after,
+            "seconds": seconds,
+            "optimizer": opt_info,
+        }
+        self.events_.append(event)
+        if self.log is not None:
+            for row in rows:
+                self.log(_format_decision(row))
+            if opt_info is not None and opt_info["added"]:
+                self.log(
+                    f"epoch {epoch}: optimizer rebuilt: {len(opt_info['kept'])} parameters keep their state, "
+                    f"{len(opt_info['added'])} new ({', '.join(opt_info['added'])}) start with fresh state"
+                )
+            self.log(f"epoch {epoch}: f={f:.3f}, parameters {before:,} -> {after:,} ({seconds:.2f} s)")
+        return optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        """The decision log, for checkpoints."""
+        return {"history": [dict(r) for r in self.history_], "events": [dict(e) for e in self.events_]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the decision log saved by :meth:`state_dict`."""
+        self.history_ = [dict(r) for r in state.get("history", [])]
+        self.events_ = [dict(e) for e in state.get("events", [])]
+
+
+def _dc_replace(obj: Any, fields: dict[str, Any]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **fields)
+
+
+def _report_rows(report: Any) -> list[dict[str, Any]]:
+    """One flat dict per layer from a compression report (placeholder until the report is known)."""
+    raise NotImplementedError
+
+
+def _format_decision(row: dict[str, Any]) -> str:
+    def g(key: str, fmt: str = "{}") -> str:
+        v = row.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    return (
+        f"epoch {row['epoch']}: {row['layer']}: {row['action']} rank {g('rank_before')} -> "
+        f"{g('rank_after')} (n_spikes={g('n_spikes')}, n_bulk={g('n_bulk')}, sigma2={g('sigma2', '{:.3g}')}, "
+        f"ks={g('ks', '{:.3f}')}, f={row['f']:.3f})" + (f": {row['reason']}" if row.get("reason") else "")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+#: Optimizers :func:`train` builds (SGD with momentum, or AdamW).
+OPTIMIZERS = ("sgd", "adamw")
+#: Learning-rate schedules, stepped once per epoch: constant, cosine annealing to 0 over the run,
+#: or step decay by ``lr_gamma`` every ``lr_step`` epochs.
+LR_SCHEDULES = ("constant", "cosine", "step")
+#: File names in the output directory: the latest complete checkpoint and the one before it.
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
+_CORRUPT = "checkpoint.corrupt.pt"
+_FORMAT = "rmtprune-train-checkpoint"
+_VERSION = 1
+#: Config fields that may differ when a run is resumed (they do not change what was trained).
+_RESUME_MAY_CHANGE = ("epochs", "device", "track_spectra")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in ``config.json`` and in every checkpoint."""
+
+    dataset: str = field(default="mnist", metadata={"help": "dataset name (see rmtprune.data.DATASETS)"})
+    model: str = field(default="mlp:1000", metadata={"help": "model spec (see rmtprune.models)"})
+    epochs: int = field(default=10, metadata={"help": "number of epochs"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd (with momentum) or adamw"})
+    lr: float = field(default=0.01, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=0.0, metadata={"help": "optimizer weight decay"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine or step"})
+    lr_step: int = field(default=10, metadata={"help": "epochs between decays of the step schedule"})
+    lr_gamma: float = field(default=0.1, metadata={"help": "factor of each step decay"})
+    l1: float = field(default=0.0, metadata={"help": "L1 penalty mu1 on the weights (papers: 1e-6..5e-6)"})
+    l2: float = field(default=0.0, metadata={"help": "L2 penalty mu2 on the weights (papers: 1e-6..5e-6)"})
+    batch_size: int = field(default=128, metadata={"help": "mini-batch size"})
+    seed: int = field(default=0, metadata={"help": "seed of every random number generator"})
+    prune: bool = field(default=True, metadata={"help": "prune during training"})
+    prune_every: int = field(default=2, metadata={"help": "prune every this many epochs"})
+    prune_start: int | None = field(default=None, metadata={"help": "first pruning epoch (default: every)"})
+    keep_bulk: float = field(default=0.45, metadata={"help": "constant fraction f of the bulk kept"})
+    decay_T: float | None = field(  # noqa: N815 - the papers' T
+        default=None, metadata={"help": "f(e) = max(0, 1 - e / T) instead"}
+    )
+    ks_max: float = field(default=DEFAULT_KS_MAX, metadata={"help": "KS gate of the MP fit"})
+    min_rank: int = field(default=1, metadata={"help": "never cut a layer below this rank"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "layer patterns never pruned"})
+    train_subset: int | None = field(default=None, metadata={"help": "use the first n training samples"})
+    test_subset: int | None = field(default=None, metadata={"help": "use the first n test samples"})
+    track_spectra: bool = field(default=True, metadata={"help": "fit every layer's spectrum every epoch"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def __post_init__(self) -> None:
+        for name in ("dataset", "model", "optimizer", "lr_schedule", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a string")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
+        _check_int("epochs", self.epochs, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("prune_every", self.prune_every, 1)
+        _check_int("lr_step", self.lr_step, 1)
+        _check_int("min_rank", self.min_rank, 1)
+        if self.prune_start is not None:
+            _check_int("prune_start", self.prune_start, 0)
+        for name in ("train_subset", "test_subset"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "l1", "l2", "keep_bulk", "ks_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name}={v!r} must be a number")
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+            setattr(self, name, float(v))
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.keep_bulk > 1:
+            raise ValueError(f"keep_bulk={self.keep_bulk!r} must be in [0, 1]")
+        if self.decay_T is not None:
+            if isinstance(self.decay_T, bool) or not isinstance(self.decay_T, (int, float)):
+                raise TypeError(f"decay_T={self.decay_T!r} must be a number or None")
+            if not (math.isfinite(self.decay_T) and self.decay_T > 0):
+                raise ValueError(f"decay_T={self.decay_T!r} must be a positive number")
+            self.decay_T = float(self.decay_T)
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise TypeError(f"exclude={self.exclude!r} must be a list of layer-name patterns")
+        self.exclude = list(self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Sorted, indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they name the field)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig field(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained (pruned) model and everything it measured.
+
+    ``metrics`` has one dict per epoch (see ``metrics.json``), ``decisions`` one per layer per
+    cut, ``timings`` the seconds spent training, pruning, evaluating, fitting spectra for the
+    metrics and writing files over the whole run (the resumed part only, after a resume).
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    metrics: list[dict[str, Any]]
+    decisions: list[dict[str, Any]]
+    timings: dict[str, float]
+    out: Path | None = None
+    resumed_from: int | None = None
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics."""
+        return self.metrics[-1] if self.metrics else {}
+
+
+# -- building blocks ---------------------------------------------------------------------------
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
+    from torch.optim import lr_scheduler
+
+    if cfg.lr_schedule == "cosine":
+        return lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.lr_schedule == "step":
+        return lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    return lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+def _make_pruner(cfg: TrainConfig, log: LogFn | None) -> RMTPruner | None:
+    if not cfg.prune:
+        return None
+    overrides: dict[str, Any] = {"min_rank": cfg.min_rank}
+    if cfg.exclude:
+        overrides["exclude"] = list(cfg.exclude)
+    return RMTPruner(
+        every=cfg.prune_every,
+        start=cfg.prune_start,
+        keep_bulk=cfg.keep_bulk,
+        decay_T=cfg.decay_T,
+        ks_max=cfg.ks_max,
+        log=log,
+        **overrides,
+    )
+
+
+def _evaluate(model: nn.Module, data: Any, device: str, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a dataset."""
+    from .data import batches
+
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in batches(data, batch_size):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += int(y.numel())
+    model.train(was_training)
+    return loss_sum / max(n, 1), correct / max(n, 1)
+
+
+def _rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+        "loader": loader_gen.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], loader_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    loader_gen.set_state(state["loader"])
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
+    """Write ``out/checkpoint.pt`` atomically; the one it replaces becomes ``checkpoint.prev.pt``.
+
+    A crash or Ctrl-C at any point leaves at least one complete checkpoint: the new file is
+    written under a temporary name and only then rotated in.
+    """
+    latest, prev = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    try:
+        with atomic_path(latest) as tmp:
+            with open(tmp, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if latest.exists():
+                os.replace(latest, prev)
+    except (OSError, RuntimeError) as exc:
+        kept = latest if latest.exists() else prev
+        note = f"; the last complete checkpoint {str(kept)!r} is kept" if kept.exists() else ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RmtpruneError(f"could not write checkpoint {str(latest)!r}: {reason}{note}") from exc
+    return latest
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} does not exist") from None
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an rmtprune training checkpoint")
+    if state.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {state.get('version')!r}; expected {_VERSION}"
+        )
+    missing = [
+        k
+        for k in ("epoch", "config", "architecture", "model", "optimizer", "scheduler", "rng")
+        if k not in state
+    ]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} lacks {', '.join(missing)}")
+    return state
+
+
+def load_checkpoint(out: str | os.PathLike[str], log: LogFn | None = None) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint of the run in directory ``out``, and its path.
+
+    If ``checkpoint.pt`` is damaged (a truncated write, a full disk, a bad copy) it is moved aside to
+    ``checkpoint.corrupt.pt`` and ``checkpoint.prev.pt`` is used, saying so through ``log``.
+    Raises :class:`CheckpointError` naming both files when neither can be used.
+    """
+    out = Path(out).expanduser()
+    latest, prev = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    if not latest.exists() and not prev.exists():
+        raise CheckpointError(
+            f"no checkpoint to resume in {str(out)!r} (looked for {CHECKPOINT}, {PREVIOUS_CHECKPOINT})"
+        )
+    problems = []
+    try:
+        return _read_checkpoint(latest), latest
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    try:
+        state = _read_checkpoint(prev)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+        raise CheckpointError("cannot resume: " + "; ".join(problems)) from None
+    if latest.exists():
+        os.replace(latest, out / _CORRUPT)
+        problems[0] += f" (moved to {_CORRUPT})"
+    if log is not None:
+        log(
+            f"warning: {problems[0]}; resuming from the previous checkpoint {str(prev)!r} "
+            f"(epoch {state['epoch']})"
+        )
+    return state, prev
+
+
+# -- output files ------------------------------------------------------------------------------
+
+
+def _flatten(row: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in row.items() if k != "layers"}
+    for layer, stats in row.get("layers", {}).items():
+        for key, value in stats.items():
+            flat[f"{key}[{layer}]"] = value
+    return flat
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    header: list[str] = []
+    for row in rows:
+        header.extend(k for k in row if k not in header)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _write_tables(out: Path, metrics: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=_json_default) + "\n")
+    atomic_write_text(out / "metrics.csv", _csv_text([_flatten(r) for r in metrics]))
+    rows = [{k: v for k, v in d.items() if not isinstance(v, (dict, list))} for d in decisions]
+    atomic_write_text(out / "decisions.json", json.dumps(rows, indent=1, default=_json_default) + "\n")
+    atomic_write_text(out / "decisions.csv", _csv_text(rows))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
+    """accuracy.png, params.png and ranks.png (rank per layer) against the epoch, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in metrics]
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        with atomic_path(out / name, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * r["train_acc"] for r in metrics], "o-", label="train")
+    ax.plot(epochs, [100 * r["test_acc"] for r in metrics], "s-", label="test")
+    for r in metrics:
+        if r.get("pruned"):
+            ax.axvline(r["epoch"], color="grey", lw=0.6, ls=":")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (dotted: pruning epochs)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["params"] for r in metrics], "o-")
+    ax.set(xlabel="epoch", ylabel="parameters", title="Parameter count")
+    ax.grid(alpha=0.3)
+    save(fig, "params.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers: list[str] = []
+    for r in metrics:
+        layers.extend(name for name in r.get("layers", {}) if name not in layers)
+    for name in layers:
+        ys = [r.get("layers", {}).get(name, {}).get("rank") for r in metrics]
+        ax.plot(epochs, [float("nan") if y is None else y for y in ys], "o-", label=name)
+    ax.set(xlabel="epoch", ylabel="rank", title="Rank per layer")
+    if layers:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    save(fig, "ranks.png")
+    return written
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    base = config.to_dict() if config is not None else TrainConfig().to_dict()
+    unknown = sorted(set(overrides) - set(base))
+    if unknown:
+        raise TypeError(
+            f"train() got unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(base))}"
+        )
+    base.update(overrides)
+    return TrainConfig.from_dict(base)
+
+
+def _resume_config(
+    stored: TrainConfig, config: TrainConfig | None, overrides: dict[str, Any], done: int
+) -> TrainConfig:
+    """The stored config, with the few changes a resume allows (more epochs, another device)."""
+    asked = (config.to_dict() if config is not None else stored.to_dict()) | overrides
+    merged = stored.to_dict()
+    for key, value in asked.items():
+        if key not in merged:
+            raise TypeError(f"train() got unknown option {key!r}")
+        if value == merged[key]:
+            continue
+        if key not in _RESUME_MAY_CHANGE:
+            raise RmtpruneError(
+                f"{key}={value!r} differs from the run being resumed ({key}={merged[key]!r}); a resumed run "
+                f"continues its stored configuration (only {', '.join(_RESUME_MAY_CHANGE)} may change)"
+            )
+        merged[key] = value
+    cfg = TrainConfig.from_dict(merged)
+    if cfg.epochs != stored.epochs and cfg.lr_schedule == "cosine":
+        raise RmtpruneError(
+            f"epochs={cfg.epochs} differs from the run being resumed (epochs={stored.epochs}) and its cosine "
+            "learning-rate schedule is fixed to that length"
+        )
+    if cfg.epochs < done:
+        raise RmtpruneError(
+            f"epochs={cfg.epochs} is fewer than the {done} epochs the checkpoint already holds"
+        )
+    return cfg
+
+
+def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
+    out_dir = Path(out).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RmtpruneError(
+            f"cannot create output directory {str(out_dir)!r}: {exc.strerror or exc}"
+        ) from exc
+    try:  # a real write: os.access says yes to root on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RmtpruneError(
+            f"output directory {str(out_dir)!r} is not writable: {exc.strerror or exc}"
+        ) from exc
+    if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS_CHECKPOINT).exists()):
+        raise RmtpruneError(
+            f"output directory {str(out_dir)!r} already holds a run ({CHECKPOINT}); pass resume=True "
+            "(--resume) to continue it, or choose another output directory"
+        )
+    return out_dir
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` listing the valid names for an unknown dataset or model family."""
+    from .data import DATASETS
+    from .models import parse_spec
+
+    key = cfg.dataset.strip().lower().replace("_", "-")
+    if key not in DATASETS and key.replace("-", "") not in ("fashion", "fmnist", "fashionmnist"):
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    parse_spec(cfg.model)
+
+
+def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+    from .data import load_dataset
+
+    train_ds = load_dataset(cfg.dataset, "train", data_dir=data_dir)
+    test_ds = load_dataset(cfg.dataset, "test", data_dir=data_dir)
+    for name, ds in (("train_subset", train_ds), ("test_subset", test_ds)):
+        n = getattr(cfg, name)
+        if n is not None:
+            if n > len(ds):
+                raise ValueError(
+                    f"{name}={n} is larger than the {len(ds)} samples of {cfg.dataset} {ds.split}"
+                )
+            if ds is train_ds:
+                train_ds = ds.subset(n)
+            else:
+                test_ds = ds.subset(n)
+    return train_ds, test_ds
+
+
+def _format_epoch(row: dict[str, Any], epochs: int) -> str:
+    line = (
+        f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
+        f"acc {100 * row['test_acc']:.2f}%  "
+        f"params {row['params']:,}  ({row['seconds_train']:.1f} s"
+    )
+    if row["pruned"]:
+        line += (
+            f", pruned f={row['f']:.3f} in {row['seconds_prune']:.2f} s, "
+            f"test acc before the cut {100 * row['test_acc_before_prune']:.2f}%"
+        )
+    return line + ")"
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+    log: LogFn | None = None,
+    progress_bar: bool | None = False,
+    batch_callback: Callable[[int, int], None] | None = None,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a model on a dataset, pruning it with :class:`RMTPruner` on the way; return the result.
+
+    Parameters
+    ----------
+    config : a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``train(epochs=3)``).
+    out : output directory (created): ``config.json``, ``metrics.csv``/``.json`` (one row per
+        epoch: losses, accuracies, parameter count, per-layer rank, sigma2, n_spikes, n_bulk, ks),
+        ``decisions.csv``/``.json`` (one row per layer per cut), ``accuracy.png``, ``params.png``,
+        ``ranks.png``, ``model.safetensors`` (+ manifest, for :func:`rmtprune.load`) and a checkpoint
+        after every epoch (``checkpoint.pt``, the one before kept as ``checkpoint.prev.pt``). Every
+        file is written atomically. ``None``: nothing is written and ``resume`` is impossible.
+    resume : continue the run in ``out`` from its last complete checkpoint: the pruned architecture,
+        weights, optimizer and scheduler state and every random number generator are restored, so
+        the run ends with the same metrics as one that was never interrupted. The stored
+        configuration is used; only ``epochs``, ``device`` and ``track_spectra`` may change.
+    data_dir : where the dataset files are (see :func:`rmtprune.data.load_dataset`).
+    log : called with one line per epoch and per pruning decision (``print`` for a console).
+    progress_bar : a progress bar over the batches (``None``: only on a terminal).
+    batch_callback : called as ``batch_callback(epoch, batch_index)`` before every batch (tests use
+        it to interrupt a run; a ``KeyboardInterrupt`` there leaves the last checkpoint valid).
+
+    Returns
+    -------
+    TrainResult
+    """
+    t_run = time.perf_counter()
+    state = None
+    if not resume:
+        cfg = _resolve_config(config, overrides)
+        _check_names(cfg)  # before anything is written
+    out_dir = _prepare_out(out, resume) if out is not None else None
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume=True needs out= (the directory of the run to continue)")
+        state, ckpt_path = load_checkpoint(out_dir, log)
+        try:
+            stored = TrainConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{str(ckpt_path)!r} holds an invalid run configuration: {exc}") from exc
+        cfg = _resume_config(stored, config, overrides, int(state["epoch"]))
+
+    from .data import FastLoader, seed_everything
+    from .models import build_model
+
+    loader_gen = seed_everything(cfg.seed)
+    train_ds, test_ds = _load_data(cfg, data_dir)
+    model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
+    pruner = _make_pruner(cfg, log)
+    metrics: list[dict[str, Any]] = []
+    done = 0
+    if state is not None:
+        try:
+            _restructure(model, state["architecture"])
+            model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{str(ckpt_path)!r} does not fit model {cfg.model!r} on {cfg.dataset}: {exc}"
+            ) from exc
+        model.to(cfg.device)
+    optimizer = _make_optimizer(cfg, model)
+    scheduler = _make_scheduler(cfg, optimizer)
+    if state is not None:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], loader_gen)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(
+                f"{str(ckpt_path)!r} has an optimizer or RNG state that does not fit: {exc}"
+            ) from exc
+        if pruner is not None:
+            pruner.load_state_dict(state.get("pruner", {}))
+        metrics = [dict(r) for r in state.get("metrics", [])]
+        done = int(state["epoch"])
+        if log is not None:
+            log(f"resuming {str(out_dir)!r} after epoch {done} of {cfg.epochs} from {ckpt_path.name}")
+    elif pruner is not None and pruner.should_prune(0):
+        pruner.prune(model, 0, optimizer)
+
+    if out_dir is not None:
+        atomic_write_text(out_dir / "config.json", cfg.to_json() + "\n")
+    loader = FastLoader(train_ds, cfg.batch_size, shuffle=True, generator=loader_gen, device=cfg.device)
+    test_ds = test_ds.to(cfg.device)
+    timings = {"train": 0.0, "prune": 0.0, "eval": 0.0, "spectra": 0.0, "io": 0.0}
+    epoch = done
+    try:
+        for epoch in range(done + 1, cfg.epochs + 1):
+            row = _run_epoch(
+                cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, progress_bar, batch_callback
+            )
+            for key in timings:
+                if key != "io":
+                    timings[key] += row[f"seconds_{key}"]
+            metrics.append(row)
+            if log is not None:
+                log(_format_epoch(row, cfg.epochs))
+            if out_dir is not None:
+                t0 = time.perf_counter()
+                _save_checkpoint(
+                    out_dir,
+                    {
+                        "format": _FORMAT,
+                        "version": _VERSION,
+                        "epoch": epoch,
+                        "config": cfg.to_dict(),
+                        "architecture": _architecture(model),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": _rng_state(loader_gen),
+                        "metrics": metrics,
+                        "pruner": pruner.state_dict() if pruner is not None else {},
+                    },
+                )
+                _write_tables(out_dir, metrics, pruner.history_ if pruner is not None else [])
+                timings["io"] += time.perf_counter() - t0
+    except KeyboardInterrupt:
+        if log is not None and out_dir is not None:
+            where = (
+                f"the last complete checkpoint is {str(out_dir / CHECKPOINT)!r} (epoch {epoch - 1})"
+                if epoch - 1 > 0
+                else "no epoch was completed"
+            )
+            log(f"interrupted during epoch {epoch}; {where}")
+        raise
+
+    if out_dir is not None:
+        t0 = time.perf_counter()
+        _write_plots(out_dir, metrics)
+        _save_model(model, out_dir / "model.safetensors")
+        timings["io"] += time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_run
+    return TrainResult(
+        model=model,
+        config=cfg,
+        metrics=metrics,
+        decisions=pruner.history_ if pruner is not None else [],
+        timings=timings,
+        out=out_dir,
+        resumed_from=done if state is not None else None,
+    )
+
+
+def _run_epoch(
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: Any,
+    test_ds: Any,
+    pruner: RMTPruner | None,
+    epoch: int,
+    progress_bar: bool | None,
+    batch_callback: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """One epoch: train, step the schedule, cut if due, evaluate, fit spectra; return its metrics row."""
+    t0 = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])
+    model.train()
+    loss_sum, correct, n = 0.0, 0, 0
+    regularise = cfg.l1 > 0 or cfg.l2 > 0
+    for i, (x, y) in enumerate(
+        progress(loader, total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", enable=progress_bar)
+    ):
+        if batch_callback is not None:
+            batch_callback(epoch, i)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        total = loss + regularization(model, cfg.l1, cfg.l2) if regularise else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        with torch.no_grad():
+            loss_sum += float(loss) * int(y.numel())
+            correct += int((logits.argmax(1) == y).sum())
+            n += int(y.numel())
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(
+            f"training diverged in epoch {epoch} (loss is {loss_sum / max(n, 1)}); lower lr={cfg.lr}"
+        )
+    scheduler.step()
+    t_train = time.perf_counter() - t0
+
+    pruned = pruner is not None and pruner.should_prune(epoch)
+    t_eval = t_prune = 0.0
+    acc_before = None
+    layers: dict[str, dict[str, Any]] = {}
+    if pruned:
+        t0 = time.perf_counter()
+        _, acc_before = _evaluate(model, test_ds, cfg.device)
+        t_eval += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruner.prune(model, epoch, optimizer)
+        t_prune = time.perf_counter() - t0
+        layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
+    t0 = time.perf_counter()
+    test_loss, test_acc = _evaluate(model, test_ds, cfg.device)
+    t_eval += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not pruned:
+        layers = _layer_stats(model, cfg, fits=cfg.track_spectra)
+    t_spectra = time.perf_counter() - t0
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": loss_sum / max(n, 1),
+        "train_acc": correct / max(n, 1),
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "params": sum(p.numel() for p in model.parameters()),
+        "pruned": pruned,
+        "f": pruner.fraction(epoch) if pruned else None,
+        "test_acc_before_prune": acc_before,
+        "seconds_train": t_train,
+        "seconds_prune": t_prune,
+        "seconds_eval": t_eval,
+        "seconds_spectra": t_spectra,
+        "layers": layers,
+    }
+
+
+# -- the parts that depend on the low-rank layers ---------------------------------------------
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    """The ranks of the factored layers, enough to restructure a freshly built model."""
+    return {}
+
+
+def _restructure(model: nn.Module, architecture: dict[str, Any]) -> None:
+    """Factor a freshly built model's layers to the ranks in ``architecture`` (weights follow)."""
+    if architecture:
+        raise NotImplementedError
+
+
+def _save_model(model: nn.Module, path: Path) -> None:
+    pass
+
+
+def _layer_columns(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row.get(k) for k in ("rank", "sigma2", "n_spikes", "n_bulk", "ks")}
+
+
+def _layer_stats(model: nn.Module, cfg: TrainConfig, fits: bool = True) -> dict[str, dict[str, Any]]:
+    return {}
