@@ -1,0 +1,165 @@
+"""Sparse storage: exact round trips of weights and masks, format choice, files that shrink."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rmtprune.errors import CheckpointError
+from rmtprune.sparse_format import (
+    decode_state_dict,
+    decode_tensor,
+    encode_state_dict,
+    encode_tensor,
+    load_sparse,
+    save_sparse,
+    stored_bytes,
+    stored_nonzeros,
+)
+
+
+def _masked(shape: tuple[int, ...], density: float, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.rand(shape, generator=g) < density
+    return w * mask, mask
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "auto"])
+@pytest.mark.parametrize(
+    "shape,density",
+    [((40, 30), 0.5), ((16, 3, 3, 3), 0.3), ((7, 5), 0.0), ((7, 5), 1.0), ((1, 9), 0.6), ((33,), 0.5)],
+)
+def test_tensor_round_trip_is_exact(fmt, shape, density):
+    w, mask = _masked(shape, density)
+    parts, entry = encode_tensor(w, mask, fmt)
+    dense, back = decode_tensor(parts, entry)
+    assert torch.equal(back, mask)
+    assert torch.equal(dense, w)
+    assert entry["nnz"] == int(mask.sum())
+    assert all(t.is_contiguous() for t in parts.values())
+
+
+def test_kept_zero_stays_kept():
+    w = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    mask = torch.tensor([[True, True], [False, True]])
+    for fmt in ("bitmask", "csr"):
+        dense, back = decode_tensor(*encode_tensor(w * mask, mask, fmt))
+        assert torch.equal(back, mask)
+
+
+@pytest.mark.parametrize(
+    "density,expected", [(0.5, "bitmask"), (0.2, "bitmask"), (0.02, "csr"), (0.0, "csr")]
+)
+def test_auto_picks_the_smaller_pattern(density, expected):
+    w, mask = _masked((128, 256), density)
+    parts, entry = encode_tensor(w, mask, "auto")
+    assert entry["format"] == expected
+    sizes = {f: stored_bytes(encode_tensor(w, mask, f)[0]) for f in ("bitmask", "csr")}
+    assert stored_bytes(parts) == min(sizes.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_round_trip(dtype):
+    w, mask = _masked((20, 12), 0.4, dtype=dtype)
+    parts, entry = encode_tensor(w, mask)
+    dense, _ = decode_tensor(parts, entry)
+    assert dense.dtype == dtype and torch.equal(dense, w)
+
+
+def test_state_dict_round_trip_and_counts():
+    w1, m1 = _masked((30, 20), 0.3)
+    state = {"a.weight": w1, "a.bias": torch.randn(30), "b.weight": torch.randn(5, 30)}
+    tensors, manifest = encode_state_dict(state, {"a.weight": m1})
+    assert set(manifest) == {"a.weight"} and "a.bias" in tensors and "a.weight" not in tensors
+    back, masks = decode_state_dict(tensors, manifest)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert torch.equal(masks["a.weight"], m1)
+    assert stored_nonzeros(state, {"a.weight": m1}) == int(m1.sum()) + 30 + 150
+
+
+def test_file_round_trip_and_shrinks(tmp_path):
+    state, masks = {}, {}
+    for i in range(3):
+        w, m = _masked((128, 128), 0.3, seed=i)
+        state[f"l{i}.weight"], masks[f"l{i}.weight"] = w, m
+        state[f"l{i}.bias"] = torch.randn(128)
+    dense_path, sparse_path = tmp_path / "dense.safetensors", tmp_path / "sparse.safetensors"
+    save_file(state, str(dense_path))
+    save_sparse(sparse_path, state, masks, metadata={"note": "x"})
+    back, bmasks, meta = load_sparse(sparse_path)
+    assert meta == {"note": "x"}
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert all(torch.equal(bmasks[k], masks[k]) for k in masks)
+    ratio = sparse_path.stat().st_size / dense_path.stat().st_size
+    # 30% values + 1/32 bitmask of float32, plus the dense biases
+    assert 0.30 < ratio < 0.40
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_plain_safetensors_loads_without_masks(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(2, 2)}, str(path))
+    state, masks, meta = load_sparse(path)
+    assert masks == {} and meta == {} and torch.equal(state["w"], torch.ones(2, 2))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (
+            lambda: encode_tensor(torch.ones(2, 2), torch.ones(3, 2, dtype=torch.bool)),
+            ValueError,
+            "mask shape",
+        ),
+        (
+            lambda: encode_tensor(torch.ones(2, 2), torch.ones(2, 2, dtype=torch.bool), "coo"),
+            ValueError,
+            "format",
+        ),
+        (lambda: encode_tensor([1.0], torch.ones(1, dtype=torch.bool)), TypeError, "torch tensors"),
+        (
+            lambda: encode_state_dict({"a": torch.ones(1)}, {"b": torch.ones(1, dtype=torch.bool)}),
+            KeyError,
+            "b",
+        ),
+        (lambda: encode_state_dict({"a@x": torch.ones(1)}, {}), ValueError, "separator"),
+        (
+            lambda: decode_tensor({"values": torch.ones(3)}, {"format": "bitmask", "shape": [2, 2]}),
+            CheckpointError,
+            "lacks",
+        ),
+        (lambda: decode_tensor({}, {"format": "zip"}), CheckpointError, "unknown sparse format"),
+    ],
+)
+def test_bad_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_corrupt_parts_raise():
+    w, mask = _masked((8, 8), 0.5)
+    parts, entry = encode_tensor(w, mask, "bitmask")
+    parts["values"] = parts["values"][:-1]
+    with pytest.raises(CheckpointError, match="stored values"):
+        decode_tensor(parts, entry)
+    parts, entry = encode_tensor(w, mask, "csr")
+    parts["crow"] = parts["crow"][:-1]
+    with pytest.raises(CheckpointError, match="CSR"):
+        decode_tensor(parts, entry)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_sparse(tmp_path / "nope.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_sparse(bad)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(1)}, str(path), metadata={"rmtprune.sparse": json.dumps({"x": 1})})
+    with pytest.raises(CheckpointError, match="corrupt sparse manifest"):
+        load_sparse(path)
