@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import importlib.util
 import os
 import random
 import sys
@@ -360,14 +362,20 @@ def download_dataset(
             try:
                 _fetch(url, target, expected, timeout)
                 break
-            except (urllib.error.URLError, OSError, ValueError, RmtpruneError) as exc:
+            except (
+                urllib.error.URLError,
+                http.client.HTTPException,
+                OSError,
+                ValueError,
+                RmtpruneError,
+            ) as exc:
                 reason = getattr(exc, "reason", None) or exc
                 errors.append(f"{url}: {reason}")
         else:
             raise RmtpruneError(
-                f"could not download {key} file {fname} ({'; '.join(errors)}). "
+                f"could not download {key} file {fname} from any mirror ({'; '.join(errors)}). "
                 f"Offline? Put the four files {', '.join(_ALL_FILES)} in {dest} "
-                f"(or in <dir>/{key}/ and set {DATA_ENV}=<dir>)"
+                f"(or in <dir>/{key}/ and pass --data-dir <dir> or set {DATA_ENV}=<dir>)"
             )
     return dest
 
@@ -442,12 +450,26 @@ def _decode_split(name: str, folder: Path, split: str, verify: bool = True) -> t
     return images, labels
 
 
-def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as (1797 x 8 x 8 float64 in 0..16, 1797 int labels).
+
+    The CSV shipped inside scikit-learn is read directly: importing ``sklearn.datasets`` costs
+    seconds (it pulls in scipy), reading the file 50 ms. ``load_digits`` is the fallback.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float64)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = bunch.images.astype(np.float32) / 16.0  # 0..16 -> [0, 1]
-    labels = bunch.target.astype(np.int64)
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    raw, labels = _digits_arrays()
+    images = raw.astype(np.float32) / 16.0  # 0..16 -> [0, 1]
     rng = np.random.RandomState(DIGITS_SEED)  # legacy generator: its stream never changes
     train_idx, test_idx = [], []
     for c in np.unique(labels):
@@ -495,12 +517,13 @@ def load_dataset(
         folder = find_data_dir(key, data_dir)
     except RmtpruneError:
         if not download:
-            raise RmtpruneError(_missing_message(key, data_dir, "download=False")) from None
+            raise RmtpruneError(_missing_message(key, data_dir, "downloading is off")) from None
         dest = _download_dest(key, data_dir)
         try:
             folder = download_dataset(key, dest)
         except RmtpruneError as exc:
-            raise RmtpruneError(f"{_missing_message(key, data_dir)}; {exc}") from None
+            searched = ", ".join(str(p) for p in _candidates(key, data_dir))
+            raise RmtpruneError(f"{key} files not found locally (searched: {searched}); {exc}") from None
     cache_key = (key, split, str(folder.resolve()))
     if cache_key not in _MEMORY:
         images, labels = _decode_split(key, folder, split)
