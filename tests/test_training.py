@@ -1,0 +1,419 @@
+"""Tests of rmtprune.training: the pruning schedule, optimizer surgery, regularisation, train/resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rmtprune.errors import CheckpointError, RmtpruneError
+from rmtprune.training import (
+    CHECKPOINT,
+    PREVIOUS_CHECKPOINT,
+    RMTPruner,
+    TrainConfig,
+    load_checkpoint,
+    rebuild_optimizer,
+    regularization,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and deterministically) on one thread, even on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _factor_fc1(model: TinyMLP, rank: int = 2) -> None:
+    """Hand-made surgery: fc1 becomes two thin Linear layers (what compress does)."""
+    old = model.fc1
+    first = nn.Linear(old.in_features, rank, bias=False)
+    second = nn.Linear(rank, old.out_features)
+    model.fc1 = nn.Sequential()
+    model.fc1.add_module("first", first)
+    model.fc1.add_module("second", second)
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+
+
+# -- schedule -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "every, start, epochs, expected",
+    [
+        (1, None, 4, [1, 2, 3, 4]),
+        (2, None, 7, [2, 4, 6]),
+        (2, 0, 5, [0, 2, 4]),  # at initialisation only when asked for
+        (3, 1, 8, [1, 4, 7]),
+        (5, None, 4, []),
+    ],
+)
+def test_schedule_epochs(every, start, epochs, expected):
+    pruner = RMTPruner(every=every, start=start)
+    assert [e for e, _ in pruner.schedule(epochs)] == expected
+    assert not RMTPruner(every=every).should_prune(0)
+
+
+@pytest.mark.parametrize(
+    "keep_bulk, decay_T, epoch, f",
+    [
+        (0.45, None, 1, 0.45),
+        (0.45, None, 500, 0.45),
+        (0.0, None, 3, 0.0),
+        (0.45, 200, 0, 1.0),
+        (0.45, 200, 50, 0.75),
+        (0.45, 200, 200, 0.0),
+        (0.45, 200, 300, 0.0),  # clipped at 0
+    ],
+)
+def test_fraction(keep_bulk, decay_T, epoch, f):
+    assert RMTPruner(keep_bulk=keep_bulk, decay_T=decay_T).fraction(epoch) == pytest.approx(f)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"every": 0}, ValueError, "every=0 must be >= 1"),
+        ({"every": 1.5}, TypeError, "every=1.5 must be an int"),
+        ({"start": -1}, ValueError, "start=-1 must be >= 0"),
+        ({"keep_bulk": 1.5}, ValueError, r"keep_bulk=1.5 must be in \[0, 1\]"),
+        ({"keep_bulk": "a"}, TypeError, "keep_bulk='a'"),
+        ({"decay_T": 0}, ValueError, "decay_T=0 must be a positive"),
+    ],
+)
+def test_pruner_rejects_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        RMTPruner(**kwargs)
+
+
+# -- optimizer surgery --------------------------------------------------------------------------
+
+
+def test_rebuild_keeps_hyperparameters_and_momentum_of_untouched_parameters():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    _step(model, opt)
+    fc2_buf = opt.state[model.fc2.weight]["momentum_buffer"].clone()
+    old = dict(model.named_parameters())
+    _factor_fc1(model)
+    info = rebuild_optimizer(opt, model, old)
+
+    assert info["removed"] == ["fc1.weight", "fc1.bias"]
+    assert info["added"] == ["fc1.first.weight", "fc1.second.weight", "fc1.second.bias"]
+    assert info["kept"] == ["fc2.weight", "fc2.bias"]
+    group = opt.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (
+        0.1,
+        0.9,
+        1e-4,
+        True,
+    )
+    assert torch.equal(opt.state[model.fc2.weight]["momentum_buffer"], fc2_buf)
+    assert model.fc1.first.weight not in opt.state  # fresh state
+    assert all(p not in opt.state for p in old.values() if p not in set(model.parameters()))
+    _step(model, opt)  # the optimizer trains the new parameters
+    assert "momentum_buffer" in opt.state[model.fc1.first.weight]
+
+
+def test_rebuild_puts_new_parameters_in_the_group_of_the_layer_they_replace():
+    model = TinyMLP()
+    opt = torch.optim.AdamW(
+        [{"params": model.fc1.parameters(), "lr": 0.01}, {"params": model.fc2.parameters(), "lr": 0.5}]
+    )
+    _step(model, opt)
+    old = dict(model.named_parameters())
+    _factor_fc1(model)
+    rebuild_optimizer(opt, model, old)
+    assert [len(g["params"]) for g in opt.param_groups] == [3, 2]
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.5]
+    assert opt.state[model.fc2.weight]["step"] == 1
+    _step(model, opt)
+    assert opt.state[model.fc1.first.weight]["step"] == 1
+
+
+def test_rebuild_leaves_frozen_layers_untrained():
+    model = TinyMLP()
+    model.fc1.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    old = dict(model.named_parameters())
+    _factor_fc1(model)
+    info = rebuild_optimizer(opt, model, old)
+    assert info["added"] == [] and len(opt.param_groups[0]["params"]) == 2
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6),
+        lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8),
+    ],
+)
+def test_learning_rate_schedule_continues_after_rebuild(make_scheduler):
+    torch.manual_seed(0)
+    ref_model, model = TinyMLP(), TinyMLP()
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.2, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    ref_sched, sched = make_scheduler(ref_opt), make_scheduler(opt)
+    ref_lrs, lrs = [], []
+    for epoch in range(1, 7):
+        _step(ref_model, ref_opt)
+        _step(model, opt)
+        ref_sched.step()
+        sched.step()
+        if epoch == 3:
+            old = dict(model.named_parameters())
+            _factor_fc1(model)
+            rebuild_optimizer(opt, model, old)
+        ref_lrs.append(ref_opt.param_groups[0]["lr"])
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(ref_lrs)
+
+
+def test_rebuild_rejects_a_non_optimizer():
+    model = TinyMLP()
+    with pytest.raises(TypeError, match="must be a torch.optim.Optimizer"):
+        rebuild_optimizer("sgd", model, dict(model.named_parameters()))
+
+
+# -- regularisation -----------------------------------------------------------------------------
+
+
+def test_regularization_covers_weights_and_factors_not_biases():
+    model = TinyMLP()
+    _factor_fc1(model)
+    weights = [model.fc1.first.weight, model.fc1.second.weight, model.fc2.weight]
+    expected = sum(2e-6 * w.abs().sum() + 3e-6 * w.pow(2).sum() for w in weights)
+    assert float(regularization(model, l1=2e-6, l2=3e-6).detach()) == pytest.approx(float(expected.detach()))
+    assert float(regularization(model)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [({"l1": -1.0}, ValueError, "l1=-1.0 must be"), ({"l2": "x"}, TypeError, "l2='x' must be a float")],
+)
+def test_regularization_rejects_bad_weights(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        regularization(TinyMLP(), **kwargs)
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_config_json_round_trip():
+    cfg = TrainConfig(dataset="digits", model="mlp:32", decay_T=200, exclude=["head"], l1=1e-6)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"optimizer": "lbfgs"}, ValueError, "optimizer='lbfgs' must be one of sgd, adamw"),
+        ({"lr_schedule": "poly"}, ValueError, "lr_schedule='poly' must be one of"),
+        ({"epochs": 0}, ValueError, "epochs=0 must be >= 1"),
+        ({"lr": 0.0}, ValueError, "lr=0.0 must be > 0"),
+        ({"keep_bulk": 2.0}, ValueError, "keep_bulk=2.0"),
+        ({"l1": float("nan")}, ValueError, "l1=nan"),
+        ({"batch_size": 12.5}, TypeError, "batch_size=12.5 must be an int"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_config_from_dict_names_unknown_fields():
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"epocs": 3})
+
+
+# -- train and resume ---------------------------------------------------------------------------
+
+#: A tiny, fast run on the bundled digits (1437 train / 360 test images).
+TINY = dict(
+    dataset="digits",
+    model="mlp:48",
+    epochs=4,
+    lr=0.05,
+    batch_size=64,
+    seed=3,
+    prune_every=2,
+    keep_bulk=0.2,
+    min_rank=1,
+    lr_schedule="step",
+    lr_step=1,
+    lr_gamma=0.7,
+    l1=1e-5,
+    l2=1e-5,
+)
+COMPARED = ("train_loss", "train_acc", "test_loss", "test_acc", "params", "lr", "pruned", "layers")
+
+
+def _compare(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: ra[k] for k in COMPARED} == {k: rb[k] for k in COMPARED}
+
+
+def test_train_writes_metrics_plots_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    res = train(out=out, **{**TINY, "epochs": 2, "prune": False})
+    assert [r["epoch"] for r in res.metrics] == [1, 2]
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "metrics.json",
+        "decisions.csv",
+        "accuracy.png",
+        "params.png",
+        "ranks.png",
+        CHECKPOINT,
+        PREVIOUS_CHECKPOINT,
+    ):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())[-1]["test_acc"] == res.final["test_acc"]
+    assert TrainConfig.from_json((out / "config.json").read_text()) == res.config
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "params"} <= set(header)
+    assert res.final["test_acc"] > 0.8
+    assert not list(out.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    full = train(out=tmp_path / "full", **TINY)
+
+    def kill(epoch: int, batch: int) -> None:
+        if epoch == 3 and batch == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(out=tmp_path / "cut", batch_callback=kill, **TINY)
+    state, path = load_checkpoint(tmp_path / "cut")
+    assert state["epoch"] == 2 and path.name == CHECKPOINT
+    resumed = train(out=tmp_path / "cut", resume=True)
+    assert resumed.resumed_from == 2
+    _compare(full.metrics, resumed.metrics)
+    full_sd, res_sd = full.model.state_dict(), resumed.model.state_dict()
+    assert list(full_sd) == list(res_sd)
+    assert all(torch.equal(full_sd[k], res_sd[k]) for k in full_sd)
+
+
+def test_resume_refuses_a_changed_configuration_but_allows_more_epochs(tmp_path):
+    out = tmp_path / "run"
+    train(out=out, **{**TINY, "epochs": 1, "prune": False})
+    with pytest.raises(RmtpruneError, match=r"lr=0.5 differs from the run being resumed \(lr=0.05\)"):
+        train(out=out, resume=True, lr=0.5)
+    res = train(out=out, resume=True, epochs=2)
+    assert [r["epoch"] for r in res.metrics] == [1, 2]
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    train(out=out, **{**TINY, "epochs": 1, "prune": False})
+    with pytest.raises(RmtpruneError, match="already holds a run"):
+        train(out=out, **{**TINY, "epochs": 1, "prune": False})
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    train(out=out, **{**TINY, "epochs": 2, "prune": False})
+    (out / CHECKPOINT).write_bytes(b"PK\x03\x04 truncated")
+    lines: list[str] = []
+    state, path = load_checkpoint(out, log=lines.append)
+    assert path.name == PREVIOUS_CHECKPOINT and state["epoch"] == 1
+    assert "is not a readable checkpoint" in lines[0] and "previous checkpoint" in lines[0]
+    assert (out / PREVIOUS_CHECKPOINT).is_file()  # the good one is kept
+    assert (out / "checkpoint.corrupt.pt").is_file()  # the bad one is kept aside, not deleted
+    res = train(out=out, resume=True, log=lines.append)
+    assert [r["epoch"] for r in res.metrics] == [1, 2]
+
+
+def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
+        train(out=out, resume=True)
+    (out / CHECKPOINT).write_bytes(b"garbage")
+    (out / PREVIOUS_CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot resume: .*checkpoint.pt.*checkpoint.prev.pt"):
+        train(out=out, resume=True)
+
+
+def test_not_a_training_checkpoint(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="not an rmtprune training checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RmtpruneError, match="cannot create output directory"):
+        train(out=blocker / "run", **{**TINY, "epochs": 1})
+
+
+def test_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def fail_on_second(epoch: int, batch: int) -> None:
+        if epoch == 2 and batch == 0:
+
+            def no_space(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(torch, "save", no_space)
+
+    with pytest.raises(RmtpruneError, match="No space left on device.*last complete checkpoint"):
+        train(out=out, batch_callback=fail_on_second, **{**TINY, "epochs": 2, "prune": False})
+    monkeypatch.undo()
+    assert load_checkpoint(out)[0]["epoch"] == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"dataset": "cifar"}, "unknown dataset 'cifar'; valid datasets: mnist, fashion-mnist, digits"),
+        ({"model": "resnet:18"}, "unknown model family 'resnet'.*valid: mlp, cnn, vit"),
+        ({"model": "cnn:8,8,8,8"}, "conv blocks halve image_size"),  # too deep for 8x8 digits
+        ({"train_subset": 10**6}, "train_subset=1000000 is larger than"),
+    ],
+)
+def test_bad_dataset_or_model_is_a_clear_error(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        train(out=tmp_path / "run", **{**TINY, "epochs": 1, **kwargs})
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="unknown option.*epocs"):
+        train(epocs=3)
+
+
+def test_train_without_output_directory():
+    res = train(**{**TINY, "epochs": 1, "prune": False})
+    assert res.out is None and len(res.metrics) == 1
+    assert math.isfinite(res.final["test_loss"])
