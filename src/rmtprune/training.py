@@ -625,15 +625,20 @@ def _save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     return latest
 
 
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (torch's messages run long)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{str(path)!r} does not exist") from None
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(
-            f"{str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({_short(exc)})") from exc
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an rmtprune training checkpoint")
     if state.get("version") != _VERSION:
