@@ -731,23 +731,27 @@ def _json_default(obj: Any) -> Any:
 
 
 def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
-    """accuracy.png, params.png and ranks.png (rank per layer) against the epoch, written atomically."""
-    import matplotlib
+    """accuracy.png, params.png and ranks.png (rank per layer) against the epoch, written atomically.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on the Agg canvas directly (no ``pyplot``), so a caller's matplotlib set-up is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in metrics]
     written = []
 
+    def new() -> tuple[Any, Any]:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        FigureCanvasAgg(fig)
+        return fig, fig.add_subplot()
+
     def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
         with atomic_path(out / name, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
         written.append(out / name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new()
     ax.plot(epochs, [100 * r["train_acc"] for r in metrics], "o-", label="train")
     ax.plot(epochs, [100 * r["test_acc"] for r in metrics], "s-", label="test")
     for r in metrics:
@@ -758,13 +762,13 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
     ax.grid(alpha=0.3)
     save(fig, "accuracy.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new()
     ax.plot(epochs, [r["params"] for r in metrics], "o-")
     ax.set(xlabel="epoch", ylabel="parameters", title="Parameter count")
     ax.grid(alpha=0.3)
     save(fig, "params.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new()
     layers: list[str] = []
     for r in metrics:
         layers.extend(name for name in r.get("layers", {}) if name not in layers)
