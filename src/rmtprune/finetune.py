@@ -1,0 +1,177 @@
+"""Fine-tuning with frozen pruning masks and optional L1 / L2 / group-lasso regularisation.
+
+Model-agnostic on purpose: ``data`` is any re-iterable of ``(inputs, targets)`` batches (a list,
+a ``DataLoader``, or a zero-argument callable returning a fresh iterator), ``loss_fn`` any
+``loss(outputs, targets)``. Pruned entries stay exactly zero: gradients are masked before each
+step and masks re-applied after it (see :mod:`rmtprune.masks`).
+
+The regulariser is ``l1 * sum|w| + l2 * sum w**2 + group_lasso * sum_rows ||w_row||_2`` over the
+weights of the prunable layers (Linear/Conv; biases and norms are left alone), as in
+Berlyand, Bourdais, Owhadi and Shmalo (2025), arXiv:2503.01922.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .masks import apply_masks, mask_gradients, prunable_layers
+
+__all__ = ["FinetuneResult", "finetune", "regularizer", "evaluate", "iterate_batches"]
+
+Batch = tuple[Any, Any]
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run did: optimizer steps, mean data loss, mean regulariser."""
+
+    steps: int
+    mean_loss: float
+    mean_reg: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict."""
+        return {"steps": self.steps, "mean_loss": self.mean_loss, "mean_reg": self.mean_reg}
+
+
+def iterate_batches(data: Iterable[Batch] | Callable[[], Iterable[Batch]]) -> Iterator[Batch]:
+    """One pass over ``data`` (calling it first when it is a zero-argument callable)."""
+    src = data() if callable(data) else data
+    return iter(src)
+
+
+def _cycle(data: Any) -> Iterator[Batch]:
+    """Batches forever, re-iterating ``data`` at its end; raises when a pass yields nothing."""
+    while True:
+        empty = True
+        for batch in iterate_batches(data):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("data yielded no batches")
+
+
+def regularizer(model: nn.Module, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0) -> torch.Tensor:
+    """``l1 sum|w| + l2 sum w^2 + group_lasso sum_rows ||w_row||`` over prunable-layer weights."""
+    for name, value in (("l1", l1), ("l2", l2), ("group_lasso", group_lasso)):
+        if not value >= 0:
+            raise ValueError(f"{name}={value!r} must be >= 0")
+    total: torch.Tensor | None = None
+    for _, mod in prunable_layers(model):
+        w = mod.weight
+        term = w.new_zeros((), dtype=torch.float32)
+        if l1:
+            term = term + l1 * w.abs().sum().float()
+        if l2:
+            term = term + l2 * w.pow(2).sum().float()
+        if group_lasso:
+            term = term + group_lasso * w.reshape(w.shape[0], -1).norm(dim=1).sum().float()
+        total = term if total is None else total + term.to(total.device)
+    return total if total is not None else torch.zeros(())
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def finetune(
+    model: nn.Module,
+    data: Iterable[Batch] | Callable[[], Iterable[Batch]],
+    *,
+    steps: int | None = None,
+    epochs: float = 1.0,
+    lr: float = 1e-4,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    group_lasso: float = 0.0,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    weight_decay: float = 0.0,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place with Adam, pruned entries frozen, optional regularisation.
+
+    Runs ``steps`` optimizer steps, or ``epochs`` passes over ``data`` when ``steps`` is None
+    (fractional epochs stop early). ``loss_fn`` defaults to cross-entropy. The model is left in
+    the train/eval mode it came in.
+    """
+    if steps is not None and (not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps={steps!r} must be a non-negative int")
+    if not epochs >= 0:
+        raise ValueError(f"epochs={epochs!r} must be >= 0")
+    if not lr > 0:
+        raise ValueError(f"lr={lr!r} must be > 0")
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    if steps is None:
+        n_batches = len(data) if hasattr(data, "__len__") else sum(1 for _ in iterate_batches(data))
+        steps = int(round(epochs * n_batches))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if steps == 0 or not params:
+        return FinetuneResult(0, float("nan"), float("nan"))
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    device = _device(model)
+    was_training = model.training
+    model.train()
+    apply_masks(model)
+    tot_loss = tot_reg = 0.0
+    use_reg = bool(l1 or l2 or group_lasso)
+    batches = _cycle(data)
+    try:
+        for _ in range(steps):
+            x, y = next(batches)
+            x, y = _to(x, device), _to(y, device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            reg = regularizer(model, l1, l2, group_lasso) if use_reg else None
+            total = loss + reg.to(loss.device, loss.dtype) if reg is not None else loss
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"fine-tuning loss became {float(total)}; lower lr={lr}")
+            total.backward()
+            mask_gradients(model)
+            opt.step()
+            apply_masks(model)
+            tot_loss += float(loss.detach())
+            tot_reg += float(reg.detach()) if reg is not None else 0.0
+    finally:
+        model.train(was_training)
+    return FinetuneResult(steps, tot_loss / steps, tot_reg / steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Iterable[Batch] | Callable[[], Iterable[Batch]],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean loss and top-1 accuracy of a classifier over one pass of ``data`` (eval mode)."""
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    n = correct = 0
+    loss_sum = 0.0
+    try:
+        for x, y in iterate_batches(data):
+            x, y = _to(x, device), _to(y, device)
+            out = model(x)
+            b = int(y.shape[0])
+            loss_sum += float(loss_fn(out, y)) * b
+            correct += int((out.argmax(dim=-1) == y).sum())
+            n += b
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("data yielded no batches")
+    return {"loss": loss_sum / n, "accuracy": correct / n, "n": n}

@@ -1,0 +1,155 @@
+"""Pruning masks of sparsified layers: where they live, how they stay frozen, how they are undone.
+
+A sparsified layer keeps a dense ``weight`` whose pruned entries are exactly zero, plus a boolean
+buffer ``rmtprune_mask`` (True = kept) on the module. The buffer is *non-persistent*, so
+``state_dict()`` keeps its usual keys and loads into an unpruned copy of the model; the sparse
+file format (:mod:`rmtprune.sparse_format`) stores the mask itself. Training keeps pruned entries
+at zero when gradients are masked before the step and the mask is re-applied after it (momentum
+and weight decay would otherwise move them): :func:`freeze_masks` does the latter for any
+optimizer, :func:`mask_gradients` the former.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MASK_BUFFER",
+    "PRUNABLE_TYPES",
+    "prunable_layers",
+    "get_mask",
+    "set_mask",
+    "masks_of",
+    "restore_masks",
+    "apply_masks",
+    "mask_gradients",
+    "freeze_masks",
+    "remove_masks",
+    "is_sparsified",
+    "count_nonzeros",
+]
+
+#: Name of the mask buffer on a sparsified module.
+MASK_BUFFER = "rmtprune_mask"
+#: Module types whose ``weight`` can be pruned element-wise.
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(dotted_name, module)`` of every Linear/Conv1d/Conv2d with a weight, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, mod in model.named_modules():
+        if isinstance(mod, PRUNABLE_TYPES) and isinstance(getattr(mod, "weight", None), torch.Tensor):
+            if hasattr(mod, "weight_orig"):
+                raise ValueError(
+                    f"layer {name!r} is pruned with torch.nn.utils.prune; "
+                    "call prune.remove(module, 'weight') first"
+                )
+            yield name, mod
+
+
+def get_mask(module: nn.Module) -> torch.Tensor | None:
+    """The module's mask (True = kept), or None when it is not sparsified."""
+    return getattr(module, MASK_BUFFER, None)
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
+    """Attach ``mask`` (bool, weight-shaped) to ``module`` and zero the pruned entries in place."""
+    w = module.weight
+    if tuple(mask.shape) != tuple(w.shape):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}")
+    mask = mask.detach().to(device=w.device, dtype=torch.bool)
+    if MASK_BUFFER in module._buffers:
+        module._buffers[MASK_BUFFER] = mask
+    else:
+        module.register_buffer(MASK_BUFFER, mask, persistent=False)
+    with torch.no_grad():
+        w.mul_(mask.to(w.dtype))
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks keyed like the state dict (``"<layer>.weight"``), for the sparsified layers only."""
+    out = {}
+    for name, mod in model.named_modules():
+        mask = get_mask(mod)
+        if mask is not None:
+            out[f"{name}.weight" if name else "weight"] = mask
+    return out
+
+
+def restore_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Attach masks keyed ``"<layer>.weight"`` (as :func:`masks_of` and the sparse loader give them)."""
+    modules = dict(model.named_modules())
+    for key, mask in masks.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else None
+        if key == "weight":
+            name = ""
+        mod = modules.get(name) if name is not None else None
+        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise KeyError(f"mask {key!r} names no layer weight of the model")
+        set_mask(mod, mask)
+
+
+def apply_masks(model: nn.Module) -> None:
+    """Zero the pruned entries of every sparsified layer (call after an optimizer step)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            mask = get_mask(mod)
+            if mask is not None:
+                mod.weight.mul_(mask.to(mod.weight.dtype))
+
+
+def mask_gradients(model: nn.Module) -> None:
+    """Zero the gradients of pruned entries (call between ``backward()`` and ``step()``)."""
+    for mod in model.modules():
+        mask = get_mask(mod)
+        if mask is not None and mod.weight.grad is not None:
+            mod.weight.grad.mul_(mask.to(mod.weight.grad.dtype))
+
+
+def freeze_masks(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """Keep pruned entries at zero through every ``optimizer.step()``; returns a removable handle.
+
+    Registers a step post-hook that re-applies the masks, so momentum and weight decay cannot
+    revive a pruned entry. Works with any ``torch.optim`` optimizer and any training loop.
+    """
+    return optimizer.register_step_post_hook(lambda *_: apply_masks(model))
+
+
+def remove_masks(model: nn.Module) -> int:
+    """Drop the mask buffers (weights keep their zeros); returns how many layers had one."""
+    n = 0
+    for mod in model.modules():
+        if MASK_BUFFER in mod._buffers:
+            del mod._buffers[MASK_BUFFER]
+            n += 1
+    return n
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` carries a mask."""
+    return any(get_mask(m) is not None for m in model.modules())
+
+
+def count_nonzeros(model: nn.Module) -> dict[str, int]:
+    """Parameters as stored sparsely: ``{"total", "stored", "masked_layers"}``.
+
+    ``stored`` counts every parameter of unmasked tensors plus the kept entries of masked
+    weights: exactly the number of values the sparse format writes.
+    """
+    total = stored = layers = 0
+    masked = {id(m.weight): get_mask(m) for m in model.modules() if get_mask(m) is not None}
+    for p in model.parameters():
+        total += p.numel()
+        mask = masked.get(id(p))
+        if mask is None:
+            stored += p.numel()
+        else:
+            stored += int(mask.sum())
+            layers += 1
+    return {"total": total, "stored": stored, "masked_layers": layers}

@@ -1,0 +1,73 @@
+"""Masked fine-tuning: regulariser values, step counts, frozen masks, evaluation, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rmtprune.finetune import evaluate, finetune, regularizer
+from rmtprune.masks import get_mask, set_mask
+
+
+def _problem(seed: int = 0, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2))
+
+
+def test_regularizer_value():
+    net = _net()
+    w0, w1 = net[0].weight.detach(), net[2].weight.detach()
+    expect = sum(0.1 * w.abs().sum() + 0.2 * w.pow(2).sum() + 0.3 * w.norm(dim=1).sum() for w in (w0, w1))
+    got = regularizer(net, l1=0.1, l2=0.2, group_lasso=0.3)
+    assert math.isclose(float(got.detach()), float(expect), rel_tol=1e-5)
+    assert float(regularizer(net)) == 0.0
+    with pytest.raises(ValueError, match="l1=-1"):
+        regularizer(net, l1=-1)
+
+
+def test_finetune_steps_masks_and_mode():
+    net = _net()
+    set_mask(net[0], torch.rand(net[0].weight.shape, generator=torch.Generator().manual_seed(1)) < 0.5)
+    net.eval()
+    data = _problem()
+    res = finetune(net, data, epochs=2.5, lr=1e-2, l1=1e-3, l2=1e-3, group_lasso=1e-3)
+    assert res.steps == 10 and res.mean_reg > 0 and math.isfinite(res.mean_loss)
+    assert torch.all(net[0].weight[~get_mask(net[0])] == 0)
+    assert not net.training
+    assert finetune(net, data, steps=3).steps == 3
+    assert finetune(net, lambda: iter(data), steps=7).steps == 7  # callable, cycled past one pass
+
+
+def test_finetune_learns():
+    net = _net()
+    data = _problem(n=256)
+    before = evaluate(net, data)
+    finetune(net, data, epochs=5, lr=1e-2)
+    after = evaluate(net, data)
+    assert after["loss"] < before["loss"] and after["n"] == 256
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"steps": -1}, "steps=-1"), ({"epochs": -1.0}, "epochs=-1"), ({"lr": 0.0}, "lr=0")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        finetune(_net(), _problem(), **kwargs)
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="no batches"):
+        finetune(_net(), [], steps=2)
+    with pytest.raises(ValueError, match="no batches"):
+        evaluate(_net(), [])

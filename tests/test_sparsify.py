@@ -1,0 +1,336 @@
+"""sparsify(): config, the singular-vector step, budgets that meet the target exactly, masks, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rmtprune.sparsify as sp
+from rmtprune.errors import InvalidWeightsError
+from rmtprune.masks import count_nonzeros, get_mask, masks_of, set_mask
+from rmtprune.sparsify import (
+    SparsifyConfig,
+    plan_sparsity,
+    proportional_counts,
+    singular_vector_thresholds,
+    sparsify,
+    sparsify_singular_vectors,
+    threshold_counts,
+)
+
+
+def _spiked(m: int, n: int, rank: int, strength: float, seed: int) -> torch.Tensor:
+    """Noise of entry std 1/sqrt(n) plus ``rank`` spikes of singular value ``strength * s_edge``."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(m, n, generator=g) / math.sqrt(n)
+    if rank == 0:
+        return noise
+    u, _ = torch.linalg.qr(torch.randn(m, rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g))
+    edge = 1 + math.sqrt(m / n)
+    return noise + strength * edge * u @ v.T
+
+
+class Tiny(nn.Module):
+    """Two fittable 64-wide layers (one pure noise, one with strong spikes) and an 8-wide head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.noise = nn.Linear(48, 64)
+        self.signal = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 8)
+        with torch.no_grad():
+            self.noise.weight.copy_(_spiked(64, 48, 0, 0.0, seed))
+            self.signal.weight.copy_(_spiked(64, 64, 4, 4.0, seed + 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.signal(torch.relu(self.noise(x)))))
+
+
+def _data(n: int = 128, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 48, generator=g)
+    y = (x[:, :8].argmax(dim=1)).long()
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
+
+
+def _pruned(model: nn.Module) -> int:
+    return sum(int((~m).sum()) for m in masks_of(model).values())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip():
+    cfg = SparsifyConfig(target=0.3, budget="bulk", include=["signal"], exclude=["head"], theta=2.0)
+    assert SparsifyConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["c_min"] == pytest.approx(1 / 750)
+    assert SparsifyConfig().q == 30.0
+    with pytest.raises(ValueError, match="unknown SparsifyConfig keys"):
+        SparsifyConfig.from_dict({"target": 0.5, "targte": 0.1})
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"target": 1.0}, ValueError, r"target=1.0 must be in \[0, 1\)"),
+        ({"target": -0.1}, ValueError, "target=-0.1"),
+        ({"target": float("nan")}, ValueError, "target=nan"),
+        ({"target": True}, TypeError, "target must be a number"),
+        ({"target": "0.5"}, TypeError, "target must be a number"),
+        ({"budget": "random"}, ValueError, "budget='random'"),
+        ({"n_cycles": 0}, ValueError, "n_cycles=0"),
+        ({"theta": -1.0}, ValueError, "theta=-1.0"),
+        ({"q": 0}, ValueError, "q=0"),
+        ({"include": ["("]}, ValueError, "not a valid regex"),
+        ({"storage": "coo"}, ValueError, "storage='coo'"),
+        ({"refit": 1}, TypeError, "refit must be a bool"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        SparsifyConfig(**kwargs)
+
+
+def test_sparsify_rechecks_a_mutated_config():
+    cfg = SparsifyConfig()
+    cfg.target = 1.5
+    with pytest.raises(ValueError, match="target=1.5"):
+        sparsify(Tiny(), cfg)
+
+
+# ----------------------------------------------------------------------------- step 1
+
+
+@pytest.mark.parametrize(
+    "s,s_plus,theta,c_min,q,expected",
+    [
+        ([0.0], 1.0, 2.0, 1 / 750, 30, [2.0]),  # deep bulk: full threshold
+        ([2.0], 1.0, 2.0, 1 / 750, 30, [2.0 / 750]),  # spike: the floor
+        ([0.5], 1.0, 1.0, 0.0, 2, [0.25]),
+        ([0.9], 1.0, 1.0, 1 / 750, 30, [1 / 750]),  # 0.1**30 is far below the floor
+        ([0.1], 1.0, 1.0, 0.0, 30, [0.9**30]),
+    ],
+)
+def test_threshold_formula(s, s_plus, theta, c_min, q, expected):
+    got = singular_vector_thresholds(np.array(s), s_plus, theta, c_min, q)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_threshold_rejects_bad_edge():
+    with pytest.raises(ValueError, match="s_plus=0"):
+        singular_vector_thresholds([1.0], 0.0, 1.0)
+
+
+def test_singular_vector_step_spares_spikes():
+    w = _spiked(96, 64, 3, 5.0, seed=3)
+    fit = sp.analyze_tensor("w", w)
+    new, info = sparsify_singular_vectors(w, fit.fit.s_plus, theta=1.0)
+    assert new.shape == w.shape and new.dtype == w.dtype
+    assert 0 < info["zeroed_u"] < 1 and 0 < info["rel_change"] < 0.5
+    s_old = torch.linalg.svdvals(w.double())[:3]
+    s_new = torch.linalg.svdvals(new.double())[:3]
+    torch.testing.assert_close(s_new, s_old, rtol=0.02, atol=0)
+    same, info0 = sparsify_singular_vectors(w, fit.fit.s_plus, theta=0.0)
+    torch.testing.assert_close(same, w, rtol=0, atol=1e-5)
+    assert info0["zeroed_u"] == 0.0
+
+
+def test_singular_vector_step_on_conv_weight():
+    w = torch.randn(16, 4, 3, 3, dtype=torch.float64)
+    new, info = sparsify_singular_vectors(w, s_plus=10.0, theta=1.0)
+    assert new.shape == w.shape and new.dtype == torch.float64 and info["zeroed_v"] > 0
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize(
+    "numels,floors,caps,weights,total",
+    [
+        ([100, 200, 300], [0, 0, 0], [95, 190, 285], [1, 1, 1], 300),
+        ([100, 200, 300], [0, 0, 0], [95, 190, 285], [0.9, 0.1, 0.5], 333),
+        ([100, 200, 300], [40, 0, 0], [95, 190, 285], [0.1, 1, 1], 101),
+        ([7, 13, 29], [0, 0, 0], [7, 13, 29], [0.3, 0.7, 1.0], 17),
+        ([64] * 5, [0] * 5, [60] * 5, [1, 2, 3, 4, 5], 250),
+    ],
+)
+def test_proportional_counts_meet_total_exactly(numels, floors, caps, weights, total):
+    got = proportional_counts(numels, floors, caps, weights, total)
+    assert sum(got) == total
+    assert all(f <= k <= c for k, f, c in zip(got, floors, caps, strict=True))
+
+
+def test_proportional_counts_follow_weights_and_saturate():
+    got = proportional_counts([100, 100], [0, 0], [90, 90], [1.0, 0.5], 90)
+    assert got == [60, 30]
+    assert proportional_counts([100, 100], [0, 0], [90, 90], [1.0, 0.0], 150) == [90, 0]
+    assert proportional_counts([100, 100], [30, 0], [90, 90], [1.0, 1.0], 10) == [30, 0]
+
+
+def test_threshold_counts_global_and_capped():
+    a = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    b = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert threshold_counts([a, b], [4, 4], 5) == [4, 1]
+    assert threshold_counts([a, b], [2, 4], 5) == [2, 3]
+    c = torch.tensor([-math.inf, 5.0])
+    assert threshold_counts([c, b], [2, 4], 1) == [1, 0]
+
+
+# ----------------------------------------------------------------------------- sparsify end to end
+
+
+@pytest.mark.parametrize("budget", ["noise", "bulk", "global", "uniform"])
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.5])
+def test_target_is_met_exactly(budget, target):
+    model = Tiny()
+    selected = sum(m.weight.numel() for m in (model.noise, model.signal, model.head))
+    _, report = sparsify(model, SparsifyConfig(target=target, budget=budget))
+    assert _pruned(model) == round(target * selected)
+    assert report.selected_params == selected
+    assert report.achieved == pytest.approx(round(target * selected) / selected)
+    for mod in (model.noise, model.signal, model.head):
+        mask = get_mask(mod)
+        if mask is not None:
+            assert torch.all(mod.weight[~mask] == 0)
+    assert report.stored_values == count_nonzeros(model)["stored"]
+
+
+def test_layers_without_fit_are_left_dense_and_reported():
+    model = Tiny()
+    _, report = sparsify(model, SparsifyConfig(target=0.4))
+    head = next(r for r in report.layers if r.name == "head")
+    assert head.verdict == "too-small" and head.kind == "dense" and head.nnz_after == head.params
+    assert "left dense" in head.reason
+    assert any("left dense" in w and "head" in w for w in report.warnings)
+    _, report = sparsify(Tiny(), SparsifyConfig(target=0.4, budget="global", sv_sparsify=False))
+    assert next(r for r in report.layers if r.name == "head").verdict == "not-fitted"
+
+
+def test_noise_budget_prunes_the_noisy_layer_harder():
+    model = Tiny()
+    _, report = sparsify(model, SparsifyConfig(target=0.4, sv_sparsify=False))
+    by = {r.name: r for r in report.layers}
+    assert by["noise"].n_spikes == 0 and by["signal"].n_spikes >= 4
+    assert by["noise"].sparsity > by["signal"].sparsity + 0.1
+
+
+def test_bulk_budget_follows_bulk_fraction():
+    model = Tiny()
+    _, report = sparsify(model, SparsifyConfig(target=0.4, budget="bulk", budget_power=4.0))
+    by = {r.name: r for r in report.layers}
+    assert by["noise"].sparsity >= by["signal"].sparsity
+
+
+def test_resparsify_grows_masks():
+    model = Tiny()
+    sparsify(model, SparsifyConfig(target=0.3, budget="global"))
+    first = {k: v.clone() for k, v in masks_of(model).items()}
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="global"))
+    for key, old in first.items():
+        new = masks_of(model)[key]
+        assert not torch.any(new & ~old)  # the kept set only shrinks: masks grow
+    assert report.achieved == pytest.approx(0.5, abs=1e-4)
+    assert all(r.nnz_before <= r.params for r in report.layers)
+    # asking for less than is already pruned keeps the masks and says so
+    _, report = sparsify(model, SparsifyConfig(target=0.2, budget="global"))
+    assert report.achieved == pytest.approx(0.5, abs=1e-4)
+    assert any("already sparser" in w for w in report.warnings)
+
+
+def test_mixed_dtypes_are_handled_per_layer():
+    model = Tiny()
+    model.signal.double()
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="noise"))
+    by = {r.name: r for r in report.layers}
+    assert by["signal"].dtype == "float64" and by["noise"].dtype == "float32"
+    assert model.signal.weight.dtype == torch.float64 and by["signal"].sparsity > 0
+
+
+def test_nan_weights_raise_and_leave_model_untouched():
+    model = Tiny()
+    with torch.no_grad():
+        model.signal.weight[0, 0] = float("nan")
+    with pytest.raises(InvalidWeightsError, match="'signal'"):
+        sparsify(model, SparsifyConfig())
+
+
+def test_failure_half_way_restores_weights_and_masks(monkeypatch):
+    model = Tiny()
+    mask = torch.rand(model.noise.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.9
+    set_mask(model.noise, mask)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def boom(weight, old, k):
+        calls.append(k)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return sp.__dict__["_orig_mm"](weight, old, k)
+
+    monkeypatch.setitem(sp.__dict__, "_orig_mm", sp._magnitude_mask)
+    monkeypatch.setattr(sp, "_magnitude_mask", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        sparsify(model, SparsifyConfig(target=0.5))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(masks_of(model)) == ["noise.weight"] and torch.equal(get_mask(model.noise), mask)
+
+
+def test_include_exclude_and_nothing_selected():
+    model = Tiny()
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="uniform", exclude=["head"]))
+    assert [r.name for r in report.layers] == ["noise", "signal"]
+    assert get_mask(model.head) is None
+    with pytest.raises(ValueError, match="no prunable layer"):
+        sparsify(Tiny(), SparsifyConfig(include=["nothing"]))
+    with pytest.raises(TypeError, match="SparsifyConfig"):
+        sparsify(Tiny(), {"target": 0.5})
+
+
+def test_conv_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3, groups=4), nn.Flatten())
+    _, report = sparsify(model, SparsifyConfig(target=0.5))
+    by = {r.name: r for r in report.layers}
+    assert by["0"].verdict == "fit" and by["2"].verdict == "grouped"
+    assert by["2"].kind == "dense"
+    model(torch.randn(1, 3, 8, 8))
+
+
+def test_with_data_finetunes_with_frozen_masks():
+    model = Tiny()
+    data = _data()
+    cfg = SparsifyConfig(
+        target=0.5, n_cycles=2, cycle_steps=3, finetune_epochs=1.0, lr=1e-3, group_lasso=1e-4
+    )
+    _, report = sparsify(model, cfg, data=data, eval_data=data)
+    assert [c["finetune"]["steps"] for c in report.cycles] == [3, 3]
+    assert [c["target"] for c in report.cycles] == [0.25, 0.5]
+    assert report.final_finetune["steps"] == len(data)
+    assert report.eval_before is not None and 0 <= report.eval_after["accuracy"] <= 1
+    for mod in (model.noise, model.signal):
+        assert torch.all(mod.weight[~get_mask(mod)] == 0)
+    md = report.to_markdown()
+    assert "## Cycles" in md and "| 2 | 50.0% |" in md
+
+
+def test_plan_leaves_model_untouched_and_matches_target():
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = plan_sparsity(model, SparsifyConfig(target=0.5))
+    assert report.dry_run and not masks_of(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert report.selected_params - report.selected_nnz == round(0.5 * report.selected_params)
+
+
+def test_report_serialises():
+    _, report = sparsify(Tiny(), SparsifyConfig(target=0.3))
+    data = json.loads(report.to_json())
+    assert data["budget"] == "noise" and len(data["layers"]) == 3
+    assert data["layers"][0]["sparsity"] == pytest.approx(report.layers[0].sparsity)
+    assert "noise" in report.table() and report.summary().startswith("budget=noise")
