@@ -45,6 +45,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
+    "evaluate",
     "rebuild_optimizer",
     "regularization",
     "load_checkpoint",
@@ -548,8 +549,10 @@ def _make_pruner(cfg: TrainConfig, log: LogFn | None) -> RMTPruner | None:
     )
 
 
-def _evaluate(model: nn.Module, data: Any, device: str, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on a dataset."""
+def evaluate(
+    model: nn.Module, data: Any, device: str | torch.device = "cpu", batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a :class:`rmtprune.data.Dataset` (eval, no grad)."""
     from .data import batches
 
     was_training = model.training
@@ -737,6 +740,7 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in metrics]
     written = []
@@ -744,7 +748,9 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
     def new() -> tuple[Any, Any]:
         fig = Figure(figsize=(6, 4), layout="constrained")
         FigureCanvasAgg(fig)
-        return fig, fig.add_subplot()
+        ax = fig.add_subplot()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig, ax
 
     def save(fig: Any, name: str) -> None:
         with atomic_path(out / name, suffix=".png") as tmp:
@@ -1098,14 +1104,14 @@ def _run_epoch(
     layers: dict[str, dict[str, Any]] = {}
     if pruned:
         t0 = time.perf_counter()
-        _, acc_before = _evaluate(model, test_ds, cfg.device)
+        _, acc_before = evaluate(model, test_ds, cfg.device)
         t_eval += time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner.prune(model, epoch, optimizer)
         t_prune = time.perf_counter() - t0
         layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
     t0 = time.perf_counter()
-    test_loss, test_acc = _evaluate(model, test_ds, cfg.device)
+    test_loss, test_acc = evaluate(model, test_ds, cfg.device)
     t_eval += time.perf_counter() - t0
     t0 = time.perf_counter()
     if not pruned:
