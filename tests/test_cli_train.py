@@ -1,0 +1,114 @@
+"""Tests of the ``rmtprune train`` and ``rmtprune demo`` commands (tiny runs on the bundled digits)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rmtprune.training as training
+from rmtprune.cli import main
+from rmtprune.training import CHECKPOINT, load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _args(out, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--out",
+        str(out),
+        "--dataset",
+        "digits",
+        "--model",
+        "mlp:48",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--seed",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_train_prints_epochs_and_a_final_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--prune-every", "1", "--keep-bulk", "0.3", "--l1", "1e-6", "--l2", "1e-6")) == 0
+    text = capsys.readouterr().out
+    assert "epoch   1/2" in text and "epoch   2/2" in text
+    assert "first" in text and "last" in text and "pruning" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics] == [1, 2]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["prune_every"], cfg["keep_bulk"], cfg["l1"]) == (1, 0.3, 1e-6)
+    assert (out / "decisions.csv").is_file() and (out / "ranks.png").is_file()
+
+
+def test_decay_and_keep_bulk_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(_args(tmp_path / "run", "--keep-bulk", "0.3", "--decay-T", "100"))
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "cifar10"], "unknown dataset 'cifar10'; valid datasets: mnist, fashion-mnist, digits"),
+        (["--model", "lstm:4"], "unknown model family 'lstm'"),
+        (["--keep-bulk", "1.5"], "keep_bulk=1.5 must be in [0, 1]"),
+        (["--resume"], "no checkpoint to resume"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, extra, message):
+    assert main(_args(tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rmtprune: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(_args(tmp_path / "file" / "run")) == 2
+    assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = training._run_epoch
+
+    def interrupt_in_epoch_2(cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, *rest)
+
+    monkeypatch.setattr(training, "_run_epoch", interrupt_in_epoch_2)
+    assert main(_args(out, "--no-prune")) == 130
+    captured = capsys.readouterr()
+    assert "--resume" in captured.err and "interrupted during epoch 2" in captured.out
+    assert load_checkpoint(out)[0]["epoch"] == 1
+    monkeypatch.undo()
+
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [1, 2]
+    assert (out / CHECKPOINT).is_file()
+
+
+def test_resume_with_a_changed_option_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--no-prune", "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.9"]) == 2
+    assert "lr=0.9 differs from the run being resumed (lr=0.05)" in capsys.readouterr().err
