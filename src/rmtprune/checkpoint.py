@@ -1,0 +1,732 @@
+"""Read checkpoints lazily, one tensor at a time, and analyse every weight matrix in them.
+
+Formats: a ``.safetensors`` file; a directory of safetensors shards (Hugging Face layout, with or
+without ``*.safetensors.index.json``); a PyTorch state dict saved with ``torch.save``
+(``.pt``/``.pth``/``.bin``), loaded with ``weights_only=True`` (no code execution) and memory-mapped
+when the file is a zip archive. Only one tensor is materialised at a time, so the peak memory of
+:func:`analyze_checkpoint` is set by the largest tensor, not by the model.
+
+Bad input raises :class:`~rmtprune.errors.CheckpointError` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .analysis import VERDICTS, LayerAnalysis, analyze_tensor
+from .errors import CheckpointError
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+
+__all__ = [
+    "TensorInfo",
+    "IgnoredTensor",
+    "CheckpointAnalysis",
+    "list_tensors",
+    "iter_tensors",
+    "analyze_checkpoint",
+    "IGNORE_REASONS",
+]
+
+#: Why a tensor is not analysed: ``non-float`` (integer/bool/complex), ``1-d`` (biases, norm scales,
+#: 0-D scalars), ``other-ndim`` (3-D such as Conv1d or stacked weights, 5-D and up), ``empty``.
+IGNORE_REASONS = ("non-float", "1-d", "other-ndim", "empty")
+
+_REASON_LABELS = {
+    "non-float": "non-float",
+    "1-d": "1-D/scalar",
+    "other-ndim": "3-D or 5-D+",
+    "empty": "empty",
+}
+
+_SAFETENSORS_DTYPES = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "U16": ("uint16", 2),
+    "I16": ("int16", 2),
+    "U32": ("uint32", 4),
+    "I32": ("int32", 4),
+    "U64": ("uint64", 8),
+    "I64": ("int64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "C64": ("complex64", 8),
+}
+_MAX_HEADER = 100_000_000  # the safetensors format caps its JSON header at 100 MB
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save(..., _use_new_zipfile_serialization=False) starts with the pickled magic 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype (torch spelling, e.g. ``float32``) of one tensor in a checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def is_float(self) -> bool:
+        """Whether the dtype is a real floating-point type."""
+        return self.dtype.startswith(("float", "bfloat"))
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class IgnoredTensor:
+    """A tensor that was not analysed and why (``reason`` is one of :data:`IGNORE_REASONS`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "reason": self.reason}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [(0, int(tok)) if tok.isdigit() else (1, tok) for tok in re.split(r"(\d+)", name)]
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+class _Source:
+    """A readable checkpoint: an ordered listing plus lazy reads."""
+
+    format = ""
+
+    def infos(self) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        raise NotImplementedError
+
+
+def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header without reading tensor data (clear errors for bad files)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{str(path)!r} is not a safetensors file: only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        first = fh.read(1)
+        if first != b"{":
+            raise CheckpointError(f"{str(path)!r} is not a safetensors file: no JSON header after 8 bytes")
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(
+                f"{str(path)!r} is truncated: its safetensors header declares {n} bytes but the file "
+                f"has only {size - 8} after the 8-byte length"
+            )
+        raw = first + fh.read(n - 1)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is not a safetensors file: header is not JSON ({exc})"
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{str(path)!r} is not a safetensors file: header is not a JSON object")
+    data_len = size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(v) for v in shape)
+            begin, end = int(begin), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{str(path)!r} is not a valid safetensors file: bad header entry for tensor {name!r}"
+            ) from None
+        dtype, itemsize = _SAFETENSORS_DTYPES.get(code, (code.lower(), None))
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise CheckpointError(
+                f"{str(path)!r} is not a valid safetensors file: tensor {name!r} of shape {shape} "
+                f"and dtype {code} has {end - begin} bytes"
+            )
+        end_max = max(end_max, end)
+        out[name] = TensorInfo(name, shape, dtype)
+    if end_max > data_len:
+        raise CheckpointError(
+            f"{str(path)!r} is truncated: its header says the tensor data takes {end_max} bytes but "
+            f"only {data_len} follow the header"
+        )
+    return out
+
+
+class _SafetensorsFile(_Source):
+    """One ``.safetensors`` file, read tensor by tensor through ``safe_open`` (memory-mapped)."""
+
+    format = "safetensors"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._infos = _read_safetensors_header(path)
+
+    def infos(self) -> list[TensorInfo]:
+        return sorted(self._infos.values(), key=lambda i: _natural_key(i.name))
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as fh:
+                for name in names:
+                    tensor = fh.get_tensor(name)
+                    yield name, tensor
+                    del tensor
+        except CheckpointError:
+            raise
+        except Exception as exc:  # the safetensors reader raises its own error type
+            raise CheckpointError(f"{str(self.path)!r} could not be read: {exc}") from None
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _has_tensors(obj: Any) -> bool:
+    if _is_tensor(obj):
+        return True
+    if isinstance(obj, Mapping):
+        return any(isinstance(k, str) and _has_tensors(v) for k, v in obj.items())
+    return False
+
+
+def _flatten_state(obj: Mapping, prefix: str, out: dict[str, Any]) -> None:
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            continue
+        if _is_tensor(value):
+            out[prefix + key] = value
+        elif isinstance(value, Mapping):
+            _flatten_state(value, f"{prefix}{key}.", out)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The tensors of a loaded object, unwrapping ``{"state_dict": {...}}``-style nesting.
+
+    A level with no tensor of its own and exactly one child that holds tensors is unwrapped
+    (``state_dict``, ``model``, ... beside ``epoch`` or an optimizer state, whose int-keyed entries
+    are not followed). When several children hold tensors (say ``model`` and ``ema``) nothing is
+    guessed: all are kept, named ``model.fc1.weight``, ``ema.fc1.weight``, ...
+    """
+    if _is_tensor(obj):
+        raise CheckpointError(
+            f"{str(path)!r} holds a single tensor, not a state dict; save a dict such as {{'weight': t}}"
+        )
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{str(path)!r} holds a {type(obj).__name__}, not a state dict of tensors")
+    unwrapped: list[str] = []
+    while True:
+        direct = any(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
+        bearing = [
+            k for k, v in obj.items() if isinstance(k, str) and isinstance(v, Mapping) and _has_tensors(v)
+        ]
+        if direct or len(bearing) != 1:
+            break
+        unwrapped.append(bearing[0])
+        obj = obj[bearing[0]]
+    tensors: dict[str, Any] = {}
+    _flatten_state(obj, "", tensors)
+    if not tensors:
+        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        raise CheckpointError(f"{str(path)!r} holds no tensors (keys: {keys or 'none'})")
+    return tensors, unwrapped
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the errors say enough
+            return torch.load(str(path), weights_only=True, mmap=mmap, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if found:
+            raise CheckpointError(
+                f"{str(path)!r} cannot be loaded without arbitrary code execution (it pickles "
+                f"{found.group(1)}, not only tensors), which rmtprune refuses for safety; where you trust "
+                "the file, save model.state_dict() or convert it to .safetensors "
+                "(safetensors.torch.save_file)"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", msg, re.S)
+        why = " ".join((detail.group(1) if detail else msg.splitlines()[0]).split())
+        raise CheckpointError(
+            f"{str(path)!r} could not be unpickled safely ({why}): it is corrupt, or it needs arbitrary "
+            "code execution, which rmtprune refuses for safety; convert it to .safetensors where you trust it"
+        ) from None
+    except EOFError:
+        raise CheckpointError(f"{str(path)!r} is truncated: the PyTorch pickle ends early") from None
+    except RuntimeError as exc:
+        msg = str(exc)
+        if mmap and "mmap can only be used" in msg:
+            return _torch_load(path, mmap=False)
+        first = msg.splitlines()[0] if msg else type(exc).__name__
+        if "central directory" in msg or "failed reading" in msg:
+            raise CheckpointError(f"{str(path)!r} is truncated or corrupt: {first.split('. ')[0]}") from None
+        if "data.pkl" in msg or "file not found" in msg:
+            raise CheckpointError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint") from None
+        raise CheckpointError(f"{str(path)!r} could not be loaded by torch.load: {first}") from None
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, struct.error) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is corrupt: torch.load failed ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+class _TorchFile(_Source):
+    """A ``torch.save`` state dict, loaded with ``weights_only=True`` and memory-mapped when zipped."""
+
+    format = "torch"
+
+    def __init__(self, path: Path, legacy: bool) -> None:
+        self.path = path
+        self.legacy = legacy
+        self.format = "torch-legacy" if legacy else "torch"
+        obj = _torch_load(path, mmap=not legacy)
+        self._tensors, self.unwrapped = _unwrap_state_dict(obj, path)
+
+    def infos(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(name, tuple(int(v) for v in t.shape), str(t.dtype).replace("torch.", ""))
+            for name, t in self._tensors.items()
+        ]
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        for name in names:
+            yield name, self._tensors[name]
+
+
+class _Sharded(_Source):
+    """Several shards read as one checkpoint; ``weight_map`` (tensor -> shard) comes from an index or
+    from the shards' own listings."""
+
+    def __init__(self, where: Path, shards: dict[str, _Source], weight_map: dict[str, str], fmt: str) -> None:
+        self.where = where
+        self.shards = shards
+        self.weight_map = weight_map
+        self.format = fmt
+        self._infos: dict[str, TensorInfo] = {}
+        by_shard = {key: {i.name: i for i in src.infos()} for key, src in shards.items()}
+        for name, key in weight_map.items():
+            info = by_shard[key].get(name)
+            if info is None:
+                raise CheckpointError(
+                    f"{str(where)!r}: the index puts tensor {name!r} in shard {key!r}, which does not hold it"
+                )
+            self._infos[name] = info
+
+    def infos(self) -> list[TensorInfo]:
+        return sorted(self._infos.values(), key=lambda i: _natural_key(i.name))
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        # Group by shard (one open per shard), keep the requested order within each shard.
+        order: dict[str, list[str]] = {}
+        for name in names:
+            order.setdefault(self.weight_map[name], []).append(name)
+        for key in sorted(order, key=_natural_key):
+            yield from self.shards[key].read(order[key])
+
+
+def _sniff(path: Path) -> str:
+    """``safetensors``, ``torch``, ``torch-legacy`` from the first bytes, else a clear error."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch-legacy"
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size:
+        return "safetensors"
+    if head.startswith(b"\x80"):
+        raise CheckpointError(
+            f"{str(path)!r} is a Python pickle but not a torch.save checkpoint (no PyTorch magic number)"
+        )
+    if path.suffix in _TORCH_SUFFIXES:
+        raise CheckpointError(
+            f"{str(path)!r} is not a PyTorch checkpoint: neither a torch.save zip archive nor a "
+            f"legacy torch.save pickle (starts with {head[:8]!r})"
+        )
+    raise CheckpointError(
+        f"{str(path)!r} is not a checkpoint: expected a .safetensors file, a directory of safetensors "
+        f"shards, or a torch.save state dict (.pt/.pth/.bin); it starts with {head[:8]!r}"
+    )
+
+
+def _open_file(path: Path) -> _Source:
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _SafetensorsFile(path)
+    return _TorchFile(path, legacy=(kind == "torch-legacy"))
+
+
+def _open_index(index: Path) -> _Source:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"index {str(index)!r} is not readable JSON: {exc}") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(
+            f"index {str(index)!r} has no 'weight_map' of tensor name -> shard file"
+        ) from None
+    if not weight_map:
+        raise CheckpointError(f"index {str(index)!r} has an empty weight_map")
+    shards: dict[str, _Source] = {}
+    for shard in sorted(set(weight_map.values()), key=_natural_key):
+        shard_path = index.parent / shard
+        if not shard_path.is_file():
+            n = sum(1 for v in weight_map.values() if v == shard)
+            raise CheckpointError(
+                f"shard {shard!r} named by index {str(index)!r} is missing ({n} tensors are mapped to it)"
+            )
+        shards[shard] = _open_file(shard_path)
+    fmt = "safetensors-sharded" if index.name.endswith(".safetensors.index.json") else "torch-sharded"
+    return _Sharded(index, shards, dict(weight_map), fmt)
+
+
+def _open_dir(path: Path) -> _Source:
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise CheckpointError(
+            f"directory {str(path)!r} holds several index files ({names}): pass one of them"
+        )
+    if indexes:
+        return _open_index(indexes[0])
+    files = sorted((p for p in path.glob("*.safetensors") if p.is_file()), key=lambda p: _natural_key(p.name))
+    if files:
+        if len(files) == 1:
+            return _SafetensorsFile(files[0])
+        shards = {p.name: _SafetensorsFile(p) for p in files}
+        weight_map: dict[str, str] = {}
+        for key, src in shards.items():
+            for info in src.infos():
+                if info.name in weight_map:
+                    raise CheckpointError(
+                        f"directory {str(path)!r}: tensor {info.name!r} is in both {weight_map[info.name]!r} "
+                        f"and {key!r}; it holds more than one checkpoint, pass a file instead"
+                    )
+                weight_map[info.name] = key
+        return _Sharded(path, shards, weight_map, "safetensors-sharded")
+    torch_indexes = sorted(path.glob("*.bin.index.json"))
+    if len(torch_indexes) == 1:
+        return _open_index(torch_indexes[0])
+    others = sorted(p.name for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES)
+    hint = f" (it has {', '.join(others[:3])}: pass such a file instead)" if others else ""
+    raise CheckpointError(f"directory {str(path)!r} holds no *.safetensors files{hint}")
+
+
+def _open(path: str | os.PathLike[str]) -> _Source:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{str(p)!r} does not exist")
+    if p.is_dir():
+        return _open_dir(p)
+    if p.name.endswith(".index.json"):
+        return _open_index(p)
+    try:
+        return _open_file(p)
+    except PermissionError as exc:
+        raise CheckpointError(f"{str(p)!r} is not readable: {exc.strerror}") from None
+    except IsADirectoryError:  # pragma: no cover - guarded above
+        raise CheckpointError(f"{str(p)!r} is a directory") from None
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+
+def list_tensors(path: str | os.PathLike[str]) -> list[TensorInfo]:
+    """Names, shapes and dtypes of all tensors in a checkpoint, without reading tensor data.
+
+    Safetensors headers are parsed directly; PyTorch zip checkpoints are memory-mapped, so only
+    the pickled structure is read (legacy non-zip ``torch.save`` files have to be loaded whole).
+    """
+    return _open(path).infos()
+
+
+def iter_tensors(
+    path: str | os.PathLike[str], names: Iterable[str] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, tensor)`` pairs one at a time (CPU tensors), in :func:`list_tensors` order.
+
+    ``names`` restricts the reads to those tensors; an unknown name raises :class:`CheckpointError`.
+    Each tensor is read only when the iterator reaches it.
+    """
+    src = _open(path)
+    yield from _iter_source(src, path, names)
+
+
+def _iter_source(src: _Source, path: Any, names: Iterable[str] | None) -> Iterator[tuple[str, Any]]:
+    listed = [i.name for i in src.infos()]
+    if names is None:
+        wanted = listed
+    else:
+        if isinstance(names, str):
+            names = [names]
+        want = set(names)
+        missing = sorted(want - set(listed))
+        if missing:
+            raise CheckpointError(f"{str(path)!r} has no tensor named {missing[0]!r}")
+        wanted = [n for n in listed if n in want]
+    yield from src.read(wanted)
+
+
+def _compile_patterns(patterns: str | Iterable[str] | None, option: str) -> tuple[re.Pattern[str], ...]:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise TypeError(f"{option} patterns must be strings, got {type(pat).__name__}")
+        try:
+            out.append(re.compile(pat))
+        except re.error as exc:
+            raise ValueError(f"{option} pattern {pat!r} is not a valid regular expression: {exc}") from None
+    return tuple(out)
+
+
+def _check_params(alpha: float, beta: float, ks_max: float) -> None:
+    for name, value in (("alpha", alpha), ("beta", beta), ("ks_max", ks_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}={value!r} must be a number")
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha={alpha!r} must be in (0, 0.5) (trim fraction of the BEMA window)")
+    if not 0.01 <= beta <= 0.99:
+        raise ValueError(f"beta={beta!r} must be in [0.01, 0.99] (Tracy-Widom level of the edge)")
+    if not 0.0 <= ks_max <= 1.0:
+        raise ValueError(f"ks_max={ks_max!r} must be in [0, 1] (gate on the KS distance)")
+
+
+def _ignore_reason(info: TensorInfo) -> str | None:
+    if not info.is_float:
+        return "non-float"
+    if len(info.shape) <= 1:
+        return "1-d"
+    if len(info.shape) not in (2, 4):
+        return "other-ndim"
+    if info.numel == 0:
+        return "empty"
+    return None
+
+
+@dataclass
+class CheckpointAnalysis:
+    """Result of :func:`analyze_checkpoint`: one :class:`LayerAnalysis` per 2-D/4-D float tensor.
+
+    ``ignored`` lists the tensors that matched the filters but were not analysed, with the reason;
+    ``n_tensors`` counts every tensor in the checkpoint and ``n_matched`` those the include/exclude
+    patterns kept.
+    """
+
+    path: str
+    format: str
+    layers: list[LayerAnalysis]
+    ignored: list[IgnoredTensor] = field(default_factory=list)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    n_tensors: int = 0
+    n_matched: int = 0
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    ks_max: float = DEFAULT_KS_MAX
+    unwrapped: tuple[str, ...] = ()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of layers per verdict (every verdict present, in :data:`VERDICTS` order)."""
+        c = Counter(la.verdict for la in self.layers)
+        return {v: c.get(v, 0) for v in VERDICTS}
+
+    @property
+    def ignored_counts(self) -> dict[str, int]:
+        """Number of ignored tensors per reason (every reason present)."""
+        c = Counter(t.reason for t in self.ignored)
+        return {r: c.get(r, 0) for r in IGNORE_REASONS}
+
+    @property
+    def has_invalid(self) -> bool:
+        """Whether any layer has NaN/Inf weights (verdict ``invalid``)."""
+        return any(la.verdict == "invalid" for la in self.layers)
+
+    @property
+    def invalid_layers(self) -> list[str]:
+        """Names of the layers with verdict ``invalid``."""
+        return [la.name for la in self.layers if la.verdict == "invalid"]
+
+    def summary(self) -> str:
+        """One line: layers per verdict, ignored tensors per reason, tensors filtered out."""
+        counts = ", ".join(f"{n} {v}" for v, n in self.counts.items())
+        out = f"{_plural(len(self.layers), 'layer')} analysed ({counts})"
+        ign = ", ".join(f"{n} {_REASON_LABELS[r]}" for r, n in self.ignored_counts.items() if n)
+        out += f"; {_plural(len(self.ignored), 'tensor')} ignored" + (f" ({ign})" if ign else "")
+        if self.include or self.exclude:
+            dropped = self.n_tensors - self.n_matched
+            out += f"; {dropped} of {self.n_tensors} tensors filtered out by include/exclude"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the whole analysis."""
+        from . import __version__
+
+        return {
+            "rmtprune_version": __version__,
+            "checkpoint": self.path,
+            "format": self.format,
+            "unwrapped": list(self.unwrapped),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "ks_max": self.ks_max,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "n_tensors": self.n_tensors,
+            "n_matched": self.n_matched,
+            "counts": self.counts,
+            "ignored_counts": self.ignored_counts,
+            "layers": [la.to_dict() for la in self.layers],
+            "ignored": [t.to_dict() for t in self.ignored],
+        }
+
+
+def analyze_checkpoint(
+    path: str | os.PathLike[str],
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    ks_max: float = DEFAULT_KS_MAX,
+    progress: bool | None = None,
+) -> CheckpointAnalysis:
+    """Analyse every 2-D and 4-D floating-point tensor of a checkpoint, one tensor in memory at a time.
+
+    Parameters
+    ----------
+    path : a ``.safetensors`` file, a directory of safetensors shards (or its ``*.index.json``),
+        or a ``torch.save`` state dict (``.pt``/``.pth``/``.bin``; nested ``{"state_dict": ...}``
+        is unwrapped).
+    include, exclude : regular expressions (``re.search`` on the tensor name); a tensor is kept when
+        it matches any ``include`` (or none are given) and no ``exclude``.
+    alpha, beta : BEMA trim fraction and Tracy-Widom level (METHOD.md section 3).
+    ks_max : gate on the KS distance: above it a layer's verdict is ``no-mp-bulk``.
+    progress : show a progress bar (``None``: only when stderr is a terminal).
+
+    Returns
+    -------
+    CheckpointAnalysis
+        Layers with NaN/Inf weights get verdict ``invalid`` and the others are still analysed;
+        check :attr:`CheckpointAnalysis.has_invalid`. 1-D, non-float and 3-D tensors are listed in
+        ``ignored`` with the reason.
+
+    Raises
+    ------
+    CheckpointError
+        for a missing, empty, truncated, unsafe or unrecognised checkpoint.
+    ValueError
+        for a pattern that does not compile, parameters out of range, or filters that match nothing.
+    """
+    from ._progress import progress as _progress
+
+    _check_params(alpha, beta, ks_max)
+    inc = _compile_patterns(include, "include")
+    exc = _compile_patterns(exclude, "exclude")
+    src = _open(path)
+    infos = src.infos()
+    matched = [
+        i
+        for i in infos
+        if (not inc or any(p.search(i.name) for p in inc)) and not any(p.search(i.name) for p in exc)
+    ]
+    if (inc or exc) and not matched:
+        raise ValueError(
+            f"no tensor of {str(path)!r} matches include={[p.pattern for p in inc]} "
+            f"exclude={[p.pattern for p in exc]} ({len(infos)} tensors, e.g. {infos[0].name!r})"
+        )
+    ignored: list[IgnoredTensor] = []
+    todo: list[TensorInfo] = []
+    for info in matched:
+        reason = _ignore_reason(info)
+        if reason is None:
+            todo.append(info)
+        else:
+            ignored.append(IgnoredTensor(info.name, info.shape, info.dtype, reason))
+    layers: list[LayerAnalysis] = []
+    reads = _iter_source(src, path, [i.name for i in todo])
+    for name, tensor in _progress(reads, total=len(todo), desc="analyze", enable=progress):
+        layers.append(_analyze_one(name, tensor, alpha, beta, ks_max))
+        del tensor
+    return CheckpointAnalysis(
+        path=str(path),
+        format=src.format,
+        layers=layers,
+        ignored=ignored,
+        include=tuple(p.pattern for p in inc),
+        exclude=tuple(p.pattern for p in exc),
+        n_tensors=len(infos),
+        n_matched=len(matched),
+        alpha=float(alpha),
+        beta=float(beta),
+        ks_max=float(ks_max),
+        unwrapped=tuple(getattr(src, "unwrapped", ())),
+    )
+
+
+def _analyze_one(name: str, tensor: Any, alpha: float, beta: float, ks_max: float) -> LayerAnalysis:
+    """:func:`analyze_tensor`, upcasting 8-bit floats (torch has no ``isfinite`` for them)."""
+    import torch
+
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if tensor.dtype.itemsize == 1:
+        tensor = tensor.to(torch.float32)
+    la = analyze_tensor(name, tensor, alpha=alpha, beta=beta, ks_max=ks_max)
+    la.dtype = dtype
+    return la

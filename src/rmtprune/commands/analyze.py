@@ -1,0 +1,249 @@
+"""``rmtprune analyze CHECKPOINT``: fit the Marchenko-Pastur bulk of every weight matrix of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+
+_COLUMNS = ("layer", "shape", "gamma", "sigma2", "s_plus", "spikes", "bulk", "ks", "verdict", "note")
+_CSV_FIELDS = (
+    "layer",
+    "shape",
+    "matrix_shape",
+    "dtype",
+    "verdict",
+    "gamma",
+    "sigma2",
+    "lambda_plus",
+    "s_plus",
+    "n_spikes",
+    "n_bulk",
+    "bulk_fraction",
+    "ks",
+    "alpha",
+    "beta",
+    "message",
+)
+
+_EPILOG = """\
+verdicts:
+  fit          MP-like bulk (ks <= --ks-max): spikes above s_plus are signal, the bulk is noise
+  no-mp-bulk   ks > --ks-max (or no positive bulk): the layer would not be pruned
+  too-small    fewer than 10 singular values: no fit
+  invalid      NaN or Inf weights (the other layers are still analysed; exit status 1)
+ignored (counted in the summary): 1-D tensors (biases, norms), non-float tensors, 3-D and 5-D+ tensors.
+
+exit status: 0 all layers analysed, 1 some layer is invalid, 2 bad input or arguments.
+formats: .safetensors file; directory of safetensors shards (with or without *.safetensors.index.json);
+torch.save state dict (.pt/.pth/.bin/.ckpt, loaded with weights_only=True; pickles that need code
+execution are refused). Tensors are read one at a time: memory stays near the largest tensor.
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``analyze`` and its options."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="fit the Marchenko-Pastur bulk of every weight matrix in a checkpoint",
+        description=(
+            "Spectral analysis of every 2-D and 4-D floating-point tensor of a checkpoint: singular "
+            "values, BEMA fit of the Marchenko-Pastur bulk, Tracy-Widom edge, number of spikes above "
+            "it, and the KS distance that gates whether the bulk is MP-like. Prints a table and a summary."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a .safetensors file, a shard directory or a .pt/.pth/.bin"
+    )
+    p.add_argument("--json", metavar="FILE", help="write the full analysis as JSON (atomic)")
+    p.add_argument("--csv", metavar="FILE", help="write one row per analysed layer as CSV (atomic)")
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write one spectrum PNG per fitted layer and summary.png to DIR (created if its parent exists)",
+    )
+    p.add_argument(
+        "--include",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="analyse only tensors whose name matches (re.search); repeatable, any match keeps",
+    )
+    p.add_argument(
+        "--exclude",
+        metavar="REGEX",
+        action="append",
+        default=[],
+        help="skip tensors whose name matches (re.search); repeatable",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help=f"BEMA trim fraction in (0, 0.5) (default: {DEFAULT_ALPHA})",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=DEFAULT_BETA,
+        help=f"Tracy-Widom level: the edge is the 1-beta quantile (default: {DEFAULT_BETA})",
+    )
+    p.add_argument(
+        "--ks-max",
+        type=float,
+        default=DEFAULT_KS_MAX,
+        metavar="KS",
+        help=(
+            f"gate on the KS distance to the fitted MP law; above it the verdict is no-mp-bulk "
+            f"(default: {DEFAULT_KS_MAX})"
+        ),
+    )
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    return p
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _row(la: Any) -> list[str]:
+    f = la.fit
+    return [
+        la.name,
+        "x".join(str(v) for v in la.shape),
+        _fmt(f and f.gamma, ".3f"),
+        _fmt(f and f.sigma2, ".3e"),
+        _fmt(f and f.s_plus, "#.4g"),
+        _fmt(f and f.n_spikes, "d"),
+        _fmt(f and f.n_bulk, "d"),
+        _fmt(f and f.ks, ".3f"),
+        la.verdict,
+        la.message,
+    ]
+
+
+def format_table(analysis: Any) -> str:
+    """The table printed by ``rmtprune analyze`` (one row per analysed layer)."""
+    rows = [list(_COLUMNS)] + [_row(la) for la in analysis.layers]
+    if not any(r[-1] for r in rows[1:]):
+        rows = [r[:-1] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    left = {0, len(_COLUMNS) - 2, len(_COLUMNS) - 1}  # layer, verdict, note
+    lines = []
+    for k, r in enumerate(rows):
+        cells = [
+            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _csv_text(analysis: Any) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for la in analysis.layers:
+        d = la.to_dict()
+        d["shape"] = "x".join(str(v) for v in d["shape"])
+        d["matrix_shape"] = "x".join(str(v) for v in d["matrix_shape"])
+        d["bulk_fraction"] = la.fit.bulk_fraction if la.fit is not None else None
+        w.writerow({k: ("" if d.get(k) is None else d[k]) for k in _CSV_FIELDS})
+    return buf.getvalue()
+
+
+def _plot_name(name: str, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "layer"
+    stem = "esd-" + stem[:150]
+    out, k = stem, 2
+    while out in used:
+        out, k = f"{stem}-{k}", k + 1
+    used.add(out)
+    return out + ".png"
+
+
+def _check_outputs(args: argparse.Namespace) -> Path | None:
+    """Fail before the analysis, not after it, when an output cannot be written."""
+    from .._atomic import check_writable_dir
+    from ..errors import RmtpruneError
+
+    for opt in ("json", "csv"):
+        value = getattr(args, opt)
+        if value is not None:
+            target = Path(value).expanduser()
+            if target.is_dir():
+                raise RmtpruneError(f"--{opt} {value!r} is a directory, not a file")
+            check_writable_dir(target)
+    if args.plots is None:
+        return None
+    plots = Path(args.plots).expanduser()
+    if plots.exists() and not plots.is_dir():
+        raise RmtpruneError(f"--plots {args.plots!r} exists and is not a directory")
+    check_writable_dir(plots)
+    return plots
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse the checkpoint, print the table and summary, write the requested outputs."""
+    from .._atomic import atomic_write_text
+    from ..checkpoint import analyze_checkpoint
+
+    plots = _check_outputs(args)
+    analysis = analyze_checkpoint(
+        args.checkpoint,
+        include=args.include or None,
+        exclude=args.exclude or None,
+        alpha=args.alpha,
+        beta=args.beta,
+        ks_max=args.ks_max,
+        progress=False if args.no_progress else None,
+    )
+    if analysis.layers:
+        print(format_table(analysis))
+    else:
+        print("no 2-D or 4-D floating-point tensors to analyse")
+    where = f"{analysis.path} ({analysis.format}" + "".join(f", unwrapped {k!r}" for k in analysis.unwrapped)
+    print(f"{where}): {analysis.summary()}")
+
+    if args.json is not None:
+        text = json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n"
+        atomic_write_text(args.json, text)
+    if args.csv is not None:
+        atomic_write_text(args.csv, _csv_text(analysis))
+    if plots is not None:
+        written = _write_plots(analysis, plots, enable=False if args.no_progress else None)
+        print(f"wrote {written} plots to {plots}")
+    if analysis.has_invalid:
+        names = ", ".join(repr(n) for n in analysis.invalid_layers)
+        print(
+            f"rmtprune: {len(analysis.invalid_layers)} layer(s) with NaN or Inf weights: {names}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _write_plots(analysis: Any, plots: Path, enable: bool | None) -> int:
+    from .._progress import progress
+    from ..plotting import plot_esd, plot_summary
+
+    plots.mkdir(exist_ok=True)
+    used: set[str] = {"summary"}
+    fitted = [la for la in analysis.layers if la.fit is not None]
+    for la in progress(fitted, total=len(fitted), desc="plots", enable=enable):
+        plot_esd(la, plots / _plot_name(la.name, used))
+    n = len(fitted)
+    if analysis.layers:
+        plot_summary(analysis, plots / "summary.png")
+        n += 1
+    return n

@@ -1,0 +1,271 @@
+"""Figures of the analysis: the spectrum of one layer against its fitted MP law, and a summary.
+
+Matplotlib is imported only when a figure is drawn, and through the Agg canvas directly (no
+``pyplot``, no global backend change), so this works headless and leaves a caller's own
+matplotlib set-up alone. PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._atomic import atomic_path
+from .analysis import LayerAnalysis
+from .spectral import DEFAULT_KS_MAX, mp_pdf
+
+__all__ = ["plot_esd", "plot_summary", "VERDICT_COLORS"]
+
+#: Colour of each verdict in the figures.
+VERDICT_COLORS = {"fit": "#1f77b4", "no-mp-bulk": "#ff7f0e", "too-small": "#9e9e9e", "invalid": "#d62728"}
+_BULK = "#5b8db8"
+_SPIKE = "#d62728"
+_CURVE = "#111111"
+_EDGE = "#2ca02c"
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
+    target = Path(path).expanduser()
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return target
+
+
+def _rug(ax: Any, xs: np.ndarray, color: str, height: float = 0.07) -> None:
+    """Short vertical marks at the bottom of ``ax`` (height in axes fraction)."""
+    if xs.size:
+        ax.vlines(xs, 0.0, height, transform=ax.get_xaxis_transform(), color=color, lw=1.2, zorder=4)
+
+
+def plot_esd(
+    layer: LayerAnalysis,
+    path: str | os.PathLike[str],
+    *,
+    log_x: bool | None = None,
+    bins: int | None = None,
+    dpi: int = 110,
+) -> Path:
+    """Plot the eigenvalues ``lambda_i = s_i**2 / N`` of one layer against its fitted MP density.
+
+    The top panel is a density histogram of the bulk region with the fitted MP curve and the edge
+    ``lambda_plus`` (MP edge plus Tracy-Widom margin) as a vertical line; eigenvalues above the edge
+    (spikes) are red rug marks. When spikes lie beyond that view, a second panel shows the whole
+    spectrum (counts, log-x when ``log_x`` is true or, with ``None``, when the largest eigenvalue
+    exceeds 20 ``lambda_plus``). Written atomically as PNG; returns the path.
+
+    Raises
+    ------
+    ValueError
+        when the layer has no fit (verdict ``too-small`` or ``invalid``).
+    """
+    if not isinstance(layer, LayerAnalysis):
+        raise TypeError(f"layer must be a LayerAnalysis, got {type(layer).__name__}")
+    fit = layer.fit
+    if fit is None:
+        raise ValueError(
+            f"layer {layer.name!r} has no fit to plot (verdict {layer.verdict}: {layer.message})"
+        )
+    lam = np.sort(fit.eigenvalues)  # ascending
+    p = lam.size
+    has_bulk = fit.sigma2 > 0
+    lam_plus = fit.lambda_plus
+    a, b = fit.mp_edges
+    spikes = lam[lam > lam_plus] if has_bulk else lam[:0]
+    lam_max = float(lam[-1]) if p else 1.0
+
+    view_hi = 1.3 * max(lam_plus, b) if has_bulk else 1.05 * lam_max
+    far = has_bulk and lam_max > view_hi
+    if not far:
+        view_hi = max(view_hi, 1.05 * lam_max)
+    if log_x is None:
+        log_x = bool(far and lam_max > 20.0 * lam_plus)
+    nbins = bins or int(np.clip(np.sqrt(p) * 2, 20, 120))
+
+    fig = _new_figure(8.0, 6.4 if far else 4.4)
+    axes = fig.subplots(2, 1, height_ratios=[3, 2]) if far else [fig.subplots()]
+    ax = axes[0]
+
+    # Density histogram over the view, normalised by all p eigenvalues so it is comparable with the
+    # MP density (the mass of spikes beyond the view is simply not drawn).
+    in_view = lam[lam <= view_hi]
+    counts, edges = np.histogram(in_view, bins=nbins, range=(0.0, view_hi))
+    width = edges[1] - edges[0]
+    dens = counts / (p * width)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    bulk_bins = centers <= lam_plus if has_bulk else np.ones_like(centers, dtype=bool)
+    ax.bar(
+        centers[bulk_bins], dens[bulk_bins], width=width, color=_BULK, alpha=0.75, label="eigenvalues (bulk)"
+    )
+    if (~bulk_bins).any():
+        ax.bar(
+            centers[~bulk_bins], dens[~bulk_bins], width=width, color=_SPIKE, alpha=0.75, label="above edge"
+        )
+    ymax = float(dens.max()) if dens.size else 1.0
+    if has_bulk:
+        x = np.linspace(a, b, 600)[1:-1]
+        y = mp_pdf(x, fit.gamma, fit.sigma2)
+        ax.plot(x, y, color=_CURVE, lw=1.6, label=f"MP fit (gamma={fit.gamma:.3g}, sigma2={fit.sigma2:.3g})")
+        ymax = max(ymax, float(np.max(y[x > a + 0.05 * (b - a)])) if x.size else ymax)
+        ax.axvline(lam_plus, color=_EDGE, ls="--", lw=1.4, label=f"edge lambda+ = {lam_plus:.3g}")
+        _rug(ax, spikes[spikes <= view_hi], _SPIKE)
+    ax.set_xlim(0.0, view_hi)
+    ax.set_ylim(0.0, 1.15 * ymax if ymax > 0 else 1.0)
+    ax.set_xlabel("eigenvalue lambda = s^2 / N")
+    ax.set_ylabel("density")
+    if far:
+        beyond = int((spikes > view_hi).sum())
+        ax.text(
+            0.99,
+            0.55,
+            f"{spikes.size} spikes, {beyond} beyond this view\n(largest {lam_max:.3g}; see below)",
+            transform=ax.transAxes,
+            ha="right",
+            va="center",
+            color=_SPIKE,
+            fontsize=9,
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
+            zorder=5,
+        )
+    elif not has_bulk:
+        ax.text(0.5, 0.9, "no positive bulk fitted", transform=ax.transAxes, ha="center", color=_SPIKE)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
+
+    if far:
+        ax2 = axes[1]
+        lo = float(lam[lam > 0].min()) if (lam > 0).any() else lam_plus / 100.0
+        full_edges = (
+            np.geomspace(lo, lam_max * 1.001, nbins + 1)
+            if log_x
+            else np.linspace(0.0, lam_max * 1.001, nbins + 1)
+        )
+        bulk = lam[lam <= lam_plus]
+        ax2.hist(bulk, bins=full_edges, color=_BULK, alpha=0.75, label=f"bulk ({bulk.size})")
+        ax2.hist(spikes, bins=full_edges, color=_SPIKE, alpha=0.85, label=f"spikes ({spikes.size})")
+        _rug(ax2, spikes, _SPIKE, height=0.12)
+        ax2.axvline(lam_plus, color=_EDGE, ls="--", lw=1.4)
+        if log_x:
+            ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("eigenvalue lambda (whole spectrum" + (", log scale)" if log_x else ")"))
+        ax2.set_ylabel("count")
+        ax2.legend(loc="upper right", fontsize=8, frameon=False)
+
+    m, n = fit.shape
+    shape = "x".join(str(v) for v in layer.shape)
+    as_mat = f" as {m}x{n}" if len(layer.shape) != 2 else ""
+    fig.suptitle(
+        f"{layer.name}  [{shape}{as_mat}, {layer.dtype}]\n"
+        f"sigma2={fit.sigma2:.3g}   spikes={fit.n_spikes}/{fit.p}   "
+        f"ks={fit.ks:.3f}   verdict: {layer.verdict}",
+        fontsize=10,
+        color=VERDICT_COLORS.get(layer.verdict, "black") if layer.verdict != "fit" else "black",
+    )
+    return _save(fig, path, dpi)
+
+
+def plot_summary(
+    analyses: Any,
+    path: str | os.PathLike[str],
+    *,
+    ks_max: float | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """One figure for all layers: bulk fraction, number of spikes and KS distance with the gate.
+
+    ``analyses`` is a :class:`~rmtprune.checkpoint.CheckpointAnalysis` (its ``ks_max`` and path are
+    used) or a sequence of :class:`LayerAnalysis`. Bars are coloured by verdict; layers without a
+    fit are labelled with their verdict. Written atomically as PNG; returns the path.
+    """
+    layers: Sequence[LayerAnalysis]
+    if hasattr(analyses, "layers"):
+        layers = list(analyses.layers)
+        ks_max = analyses.ks_max if ks_max is None else ks_max
+        title = title or f"{analyses.path}: {analyses.summary()}"
+    else:
+        layers = list(analyses)
+    if not all(isinstance(la, LayerAnalysis) for la in layers):
+        raise TypeError("analyses must be a CheckpointAnalysis or a sequence of LayerAnalysis")
+    if not layers:
+        raise ValueError("no layers to plot: the analysis is empty")
+    ks_max = DEFAULT_KS_MAX if ks_max is None else float(ks_max)
+
+    n = len(layers)
+    fs = 8 if n <= 60 else 6
+    height = min(2.0 + 0.24 * n, 150.0)
+    longest = max(len(la.name) for la in layers)
+    fig = _new_figure(10.0 + min(longest, 70) * 0.06, height)
+    axes = fig.subplots(1, 3, sharey=True)
+    y = np.arange(n)
+    colors = [VERDICT_COLORS.get(la.verdict, "black") for la in layers]
+    fits = [la.fit for la in layers]
+    bulk = np.array([f.bulk_fraction if f is not None else 0.0 for f in fits])
+    spikes = np.array([f.n_spikes if f is not None else 0 for f in fits])
+    ks = np.array([f.ks if f is not None else 0.0 for f in fits])
+
+    axes[0].barh(y, bulk, color=colors)
+    axes[0].set_xlim(0, 1)
+    axes[0].set_xlabel("bulk fraction n_bulk / p")
+    axes[1].barh(y, spikes, color=colors)
+    axes[1].set_xlabel("spikes (above lambda+)")
+    if spikes.max() > 0 and spikes.max() / max(1, np.median(spikes[spikes > 0])) > 50:
+        axes[1].set_xscale("symlog", linthresh=1)
+    axes[2].barh(y, ks, color=colors)
+    axes[2].axvline(ks_max, color="black", ls="--", lw=1.2)
+    axes[2].text(
+        ks_max,
+        1.0,
+        f" gate ks_max={ks_max:g}",
+        transform=axes[2].get_xaxis_transform(),
+        fontsize=8,
+        va="bottom",
+    )
+    axes[2].set_xlim(0, max(1.2 * ks_max, 1.15 * float(ks.max())))
+    axes[2].set_xlabel("KS distance to fitted MP")
+    if n <= 80:
+        for i, la in enumerate(layers):
+            if la.fit is not None:
+                axes[1].text(spikes[i], i, f" {spikes[i]}", va="center", fontsize=fs)
+                axes[2].text(ks[i], i, f" {ks[i]:.3f}", va="center", fontsize=fs)
+    for i, la in enumerate(layers):
+        if la.fit is None:
+            for ax in axes:
+                ax.text(
+                    0.01,
+                    i,
+                    la.verdict,
+                    transform=ax.get_yaxis_transform(),
+                    va="center",
+                    fontsize=fs,
+                    color=colors[i],
+                )
+    axes[0].set_yticks(y, [la.name for la in layers], fontsize=fs)
+    axes[0].set_ylim(n - 0.5, -0.5)  # first layer on top
+    for ax in axes:
+        ax.grid(axis="x", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    present = [v for v in VERDICT_COLORS if any(la.verdict == v for la in layers)]
+    fig.legend(
+        handles=[Patch(color=VERDICT_COLORS[v], label=v) for v in present],
+        loc="outside lower center",
+        ncols=len(present),
+        fontsize=8,
+        frameon=False,
+    )
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path, dpi)
