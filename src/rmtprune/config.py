@@ -1,0 +1,244 @@
+"""The compression config: which rank rule, its parameters, which layers, and per-layer overrides.
+
+A small dataclass checked in ``__post_init__`` with a JSON round trip (:meth:`to_json` /
+:meth:`from_json`). :func:`rmtprune.plan` resolves it per layer with :meth:`for_layer`: the
+``overrides`` whose pattern matches the layer name are applied in order, later ones winning.
+
+Layer patterns are shell-style globs matched against the dotted module name (``"features.*"``,
+``"*.fc?"``); a pattern without a wildcard also matches a name ending in ``"." + pattern``, so
+``"fc1"`` matches both ``fc1`` and ``encoder.fc1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, make_rule
+from .spectral.rules import RankRule
+
+__all__ = ["CompressionConfig", "match_pattern", "OVERRIDABLE"]
+
+#: Fields a per-layer override may set (everything but the layer selection itself).
+OVERRIDABLE = (
+    "rule",
+    "keep_bulk",
+    "alpha",
+    "beta",
+    "ks_max",
+    "min_rank",
+    "energy",
+    "ratio",
+    "rank",
+    "sigma",
+    "factor_only_if_smaller",
+    "dense_truncate",
+    "svd_dtype",
+)
+
+_SVD_DTYPES = ("float64", "float32")
+
+
+def match_pattern(name: str, pattern: str) -> bool:
+    """Whether the dotted layer ``name`` matches ``pattern`` (glob, or exact name / name suffix)."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_number(
+    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}={value!r} must be a number")
+    v = float(value)
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if math.isnan(v) or below or above:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name}={value!r} must be in {lb}{lo}, {hi}{rb}")
+    return v
+
+
+def _check_patterns(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise TypeError(f"{name}={value!r} must be a list of non-empty pattern strings")
+    return list(value)
+
+
+@dataclass
+class CompressionConfig:
+    """How to choose the rank of every prunable layer (METHOD.md sections 3-6).
+
+    Attributes
+    ----------
+    rule : ``bema`` (spikes above the fitted MP edge, plus ``keep_bulk`` of the bulk),
+        ``gavish_donoho`` (optimal hard threshold), ``energy`` (keep ``energy`` of sum(s**2)),
+        ``fixed`` (``ratio`` of p, or an absolute ``rank``).
+    keep_bulk : fraction of the bulk kept by ``bema``, in [0, 1] (0: spikes only).
+    alpha, beta : BEMA trim fraction and Tracy-Widom level.
+    ks_max : the gate; a layer whose bulk fit has ``ks > ks_max`` is kept (``bema`` only).
+    min_rank : never keep fewer than this many triplets (>= 1).
+    energy : fraction for the ``energy`` rule.
+    ratio, rank : for the ``fixed`` rule, exactly one of them.
+    sigma : known noise level for ``gavish_donoho`` (None: unknown, median rule).
+    include, exclude : layer-name patterns; an empty ``include`` means every supported layer.
+    overrides : pattern -> dict of fields from :data:`OVERRIDABLE`, applied in order.
+    factor_only_if_smaller : factor only when ``k (m + n) < m n``.
+    dense_truncate : when factoring would not save parameters, write the rank-k reconstruction back
+        into the dense weight (True) or keep the layer as it is (False).
+    svd_dtype : precision of the SVD, ``float64`` (default) or ``float32`` (faster on big layers;
+        the fit always runs in float64).
+    """
+
+    rule: str = field(default="bema", metadata={"help": "rank rule: bema, gavish_donoho, energy, fixed"})
+    keep_bulk: float = field(default=0.0, metadata={"help": "fraction of the bulk kept (bema)"})
+    alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "BEMA trim fraction in (0, 0.5)"})
+    beta: float = field(default=DEFAULT_BETA, metadata={"help": "Tracy-Widom level in [0.01, 0.99]"})
+    ks_max: float = field(default=DEFAULT_KS_MAX, metadata={"help": "gate on the KS distance to MP"})
+    min_rank: int = field(default=1, metadata={"help": "smallest rank kept (>= 1)"})
+    energy: float = field(default=0.9, metadata={"help": "energy fraction kept (energy rule)"})
+    ratio: float | None = field(default=None, metadata={"help": "rank ratio of p (fixed rule)"})
+    rank: int | None = field(default=None, metadata={"help": "absolute rank (fixed rule)"})
+    sigma: float | None = field(default=None, metadata={"help": "known noise level (gavish_donoho)"})
+    include: list[str] = field(default_factory=list, metadata={"help": "layer-name patterns to include"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "layer-name patterns to exclude"})
+    overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict, metadata={"help": "pattern -> {field: value}, later patterns win"}
+    )
+    factor_only_if_smaller: bool = field(default=True, metadata={"help": "factor only if k(m+n) < mn"})
+    dense_truncate: bool = field(
+        default=False, metadata={"help": "write the rank-k weight back when factoring does not pay"}
+    )
+    svd_dtype: str = field(default="float64", metadata={"help": "SVD precision: float64 or float32"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rule, str):
+            raise TypeError(f"rule={self.rule!r} must be a string")
+        if self.rule not in RULES:
+            raise ValueError(f"rule={self.rule!r} is unknown; valid rules: {', '.join(sorted(RULES))}")
+        self.keep_bulk = _check_number("keep_bulk", self.keep_bulk, 0.0, 1.0)
+        self.alpha = _check_number("alpha", self.alpha, 0.0, 0.5, lo_open=True, hi_open=True)
+        self.beta = _check_number("beta", self.beta, 0.01, 0.99)
+        self.ks_max = _check_number("ks_max", self.ks_max, 0.0, math.inf)
+        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int):
+            raise TypeError(f"min_rank={self.min_rank!r} must be an int")
+        if self.min_rank < 1:
+            raise ValueError(f"min_rank={self.min_rank!r} must be >= 1")
+        self.energy = _check_number("energy", self.energy, 0.0, 1.0, lo_open=True)
+        if self.ratio is not None:
+            self.ratio = _check_number("ratio", self.ratio, 0.0, 1.0, lo_open=True)
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+                raise TypeError(f"rank={self.rank!r} must be an int")
+            if self.rank < 1:
+                raise ValueError(f"rank={self.rank!r} must be >= 1")
+        if self.rule == "fixed" and (self.ratio is None) == (self.rank is None):
+            raise ValueError("rule='fixed' needs exactly one of ratio= (in (0, 1]) or rank= (>= 1)")
+        if self.sigma is not None:
+            self.sigma = _check_number("sigma", self.sigma, 0.0, math.inf, lo_open=True, hi_open=True)
+        self.include = _check_patterns("include", self.include)
+        self.exclude = _check_patterns("exclude", self.exclude)
+        for flag in ("factor_only_if_smaller", "dense_truncate"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
+        if self.svd_dtype not in _SVD_DTYPES:
+            raise ValueError(f"svd_dtype={self.svd_dtype!r} must be one of {', '.join(_SVD_DTYPES)}")
+        if not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides={self.overrides!r} must be a dict pattern -> {{field: value}}")
+        for pattern, values in self.overrides.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"override pattern {pattern!r} must be a non-empty string")
+            if not isinstance(values, dict):
+                raise TypeError(f"override for {pattern!r} must be a dict of fields, got {values!r}")
+            bad = sorted(set(values) - set(OVERRIDABLE))
+            if bad:
+                raise ValueError(
+                    f"override for {pattern!r} sets unknown or non-overridable field(s) {bad}; "
+                    f"valid: {', '.join(OVERRIDABLE)}"
+                )
+            # Check the values by building the resolved config once (raises with the field name).
+            try:
+                dataclasses.replace(self, overrides={}, include=[], exclude=[], **values)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"override for {pattern!r}: {exc}") from None
+        self.overrides = {k: dict(v) for k, v in self.overrides.items()}
+
+    # ------------------------------------------------------------------ per layer
+    def selects(self, name: str) -> tuple[bool, str]:
+        """Whether layer ``name`` is selected by include/exclude, and if not, why."""
+        if self.include and not any(match_pattern(name, p) for p in self.include):
+            return False, f"not matched by include patterns {self.include}"
+        for p in self.exclude:
+            if match_pattern(name, p):
+                return False, f"excluded by pattern {p!r}"
+        return True, ""
+
+    def for_layer(self, name: str) -> CompressionConfig:
+        """The config with every override whose pattern matches ``name`` applied (in order)."""
+        values: dict[str, Any] = {}
+        for pattern, over in self.overrides.items():
+            if match_pattern(name, pattern):
+                values.update(over)
+        if not values:
+            return self
+        return dataclasses.replace(self, **values)
+
+    def make_rule(self) -> RankRule:
+        """The rank rule object this config describes (overrides not applied)."""
+        if self.rule == "bema":
+            return make_rule("bema", keep_bulk=self.keep_bulk, alpha=self.alpha, beta=self.beta)
+        if self.rule == "gavish_donoho":
+            return make_rule("gavish_donoho", sigma=self.sigma)
+        if self.rule == "energy":
+            return make_rule("energy", fraction=self.energy)
+        return make_rule("fixed", ratio=self.ratio, rank=self.rank)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """Sorted, indented JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            from ._atomic import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike[str]) -> CompressionConfig:
+        """Parse JSON text, or read it from a file path."""
+        text = str(text_or_path)
+        if isinstance(text_or_path, os.PathLike) or not text.lstrip().startswith("{"):
+            path = Path(text_or_path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise OSError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
