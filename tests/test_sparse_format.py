@@ -9,12 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from rmtprune.errors import CheckpointError
+from rmtprune.masks import masks_of, set_mask
 from rmtprune.sparse_format import (
     decode_state_dict,
     decode_tensor,
     encode_state_dict,
     encode_tensor,
+    load_model,
     load_sparse,
+    save_model,
     save_sparse,
     stored_bytes,
     stored_nonzeros,
@@ -163,3 +166,21 @@ def test_missing_and_corrupt_files(tmp_path):
     save_file({"w": torch.ones(1)}, str(path), metadata={"rmtprune.sparse": json.dumps({"x": 1})})
     with pytest.raises(CheckpointError, match="corrupt sparse manifest"):
         load_sparse(path)
+
+
+def test_model_round_trip_restores_masks(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+    mask = torch.rand(30, 20) < 0.4
+    set_mask(net[0], mask)
+    path = tmp_path / "net.safetensors"
+    save_model(path, net, {"model": "x:y"})
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
+    assert load_model(path, fresh) == {"model": "x:y"}
+    assert torch.equal(masks_of(fresh)["0.weight"], mask)
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 5)))

@@ -40,6 +40,8 @@ __all__ = [
     "stored_nonzeros",
     "save_sparse",
     "load_sparse",
+    "save_model",
+    "load_model",
 ]
 
 #: Storage formats of a masked tensor; ``auto`` picks the smaller of the two per tensor.
@@ -265,3 +267,35 @@ def load_sparse(
         raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {exc}") from None
     state, masks = decode_state_dict(tensors, manifest)
     return state, masks, user
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    metadata: Mapping[str, Any] | None = None,
+    fmt: str = "auto",
+) -> dict[str, dict]:
+    """Save ``model``'s state dict with its masked layers stored sparsely (see :mod:`rmtprune.masks`)."""
+    from .masks import masks_of
+
+    return save_sparse(path, model.state_dict(), masks_of(model), metadata, fmt)
+
+
+def load_model(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
+    """Load a file written by :func:`save_model` (or plain safetensors) into ``model``; restore masks.
+
+    Returns the stored metadata. Raises :class:`CheckpointError` when the tensors do not fit the model.
+    """
+    from .masks import remove_masks, restore_masks
+
+    state, masks, meta = load_sparse(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{str(path)!r} does not fit the model: {first[1].strip() if len(first) > 1 else first[0]}"
+        ) from None
+    remove_masks(model)
+    restore_masks(model, masks)
+    return meta
