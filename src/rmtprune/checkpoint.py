@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -270,6 +271,19 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]
     return tensors, unwrapped
 
 
+def _module_exists(qualname: str) -> bool:
+    """Whether the top-level package of a pickled global is installed (looked up, not imported)."""
+    import importlib.util
+
+    top = qualname.split(".")[0]
+    if top in ("__main__", "builtins") or top in sys.modules:
+        return True
+    try:
+        return bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _torch_load(path: Path, mmap: bool) -> Any:
     import pickle
 
@@ -282,6 +296,11 @@ def _torch_load(path: Path, mmap: bool) -> Any:
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if found and not _module_exists(found.group(1)):
+            raise CheckpointError(
+                f"{str(path)!r} is truncated or corrupt: its pickle names {found.group(1)!r}, "
+                "which is not an installed module"
+            ) from None
         if found:
             raise CheckpointError(
                 f"{str(path)!r} cannot be loaded without arbitrary code execution (it pickles "
@@ -313,6 +332,21 @@ def _torch_load(path: Path, mmap: bool) -> Any:
         ) from None
 
 
+def _check_torch_zip(path: Path) -> None:
+    """A torch.save zip archive has ``<name>/data.pkl``; a cut file has no central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r} is truncated or corrupt: unreadable zip archive ({exc})"
+        ) from None
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
+
+
 class _TorchFile(_Source):
     """A ``torch.save`` state dict, loaded with ``weights_only=True`` and memory-mapped when zipped."""
 
@@ -322,6 +356,8 @@ class _TorchFile(_Source):
         self.path = path
         self.legacy = legacy
         self.format = "torch-legacy" if legacy else "torch"
+        if not legacy:
+            _check_torch_zip(path)
         obj = _torch_load(path, mmap=not legacy)
         self._tensors, self.unwrapped = _unwrap_state_dict(obj, path)
 

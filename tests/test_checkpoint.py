@@ -1,0 +1,476 @@
+"""Checkpoint reading (every format, lazily) and analysis, with every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rmtprune.checkpoint import (
+    CheckpointAnalysis,
+    TensorInfo,
+    analyze_checkpoint,
+    iter_tensors,
+    list_tensors,
+)
+from rmtprune.errors import CheckpointError
+
+
+def spiked(m: int, n: int, rank: int, seed: int, strength: float = 6.0) -> torch.Tensor:
+    """Noise with variance 1/n plus ``rank`` strong directions: a trained-layer-like spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(m, n, generator=g) / n**0.5
+    u = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+    return noise + strength * u @ v.T
+
+
+def state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "fc1.weight": spiked(80, 120, rank=3, seed=1),
+        "fc1.bias": torch.randn(80, generator=g),
+        "conv.weight": torch.randn(16, 3, 3, 3, generator=g),
+        "head.weight": torch.randn(1, 40, generator=g),
+        "emb.weight": torch.randn(50, 20, generator=g).half(),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "mask": torch.ones(12, 12, dtype=torch.bool),
+        "c1d.weight": torch.randn(8, 4, 3, generator=g),
+    }
+
+
+EXPECTED = {
+    "fc1.weight": ((80, 120), "float32"),
+    "fc1.bias": ((80,), "float32"),
+    "conv.weight": ((16, 3, 3, 3), "float32"),
+    "head.weight": ((1, 40), "float32"),
+    "emb.weight": ((50, 20), "float16"),
+    "bn.num_batches_tracked": ((), "int64"),
+    "mask": ((12, 12), "bool"),
+    "c1d.weight": ((8, 4, 3), "float32"),
+}
+
+
+def _shards(sd: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    names = sorted(sd)
+    return [{k: sd[k] for k in names[:4]}, {k: sd[k] for k in names[4:]}]
+
+
+def write(kind: str, tmp_path: Path, sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``sd`` in the layout ``kind`` under ``tmp_path`` and return the path to analyse."""
+    sd = state_dict() if sd is None else sd
+    if kind == "safetensors":
+        save_file(sd, tmp_path / "model.safetensors")
+        return tmp_path / "model.safetensors"
+    if kind in ("shards", "shards-index", "index-file"):
+        d = tmp_path / "ckpt"
+        d.mkdir()
+        weight_map = {}
+        for i, part in enumerate(_shards(sd), start=1):
+            name = f"model-{i:05d}-of-00002.safetensors"
+            save_file(part, d / name)
+            weight_map.update(dict.fromkeys(part, name))
+        if kind == "shards":
+            return d
+        index = d / "model.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        return d if kind == "shards-index" else index
+    if kind == "pt":
+        torch.save(sd, tmp_path / "model.pt")
+        return tmp_path / "model.pt"
+    if kind == "pt-legacy":
+        torch.save(sd, tmp_path / "model.pth", _use_new_zipfile_serialization=False)
+        return tmp_path / "model.pth"
+    if kind == "nested":
+        torch.save({"epoch": 3, "state_dict": sd, "hparams": {"lr": 0.1}}, tmp_path / "model.ckpt")
+        return tmp_path / "model.ckpt"
+    if kind == "with-optimizer":
+        model = torch.nn.Linear(4, 4)
+        opt = torch.optim.Adam(model.parameters())
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        torch.save({"model": sd, "optimizer": opt.state_dict()}, tmp_path / "model.bin")
+        return tmp_path / "model.bin"
+    raise AssertionError(kind)
+
+
+FORMATS = {
+    "safetensors": "safetensors",
+    "shards": "safetensors-sharded",
+    "shards-index": "safetensors-sharded",
+    "index-file": "safetensors-sharded",
+    "pt": "torch",
+    "pt-legacy": "torch-legacy",
+    "nested": "torch",
+    "with-optimizer": "torch",
+}
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_list_tensors_every_format(kind: str, tmp_path: Path) -> None:
+    infos = list_tensors(write(kind, tmp_path))
+    assert all(isinstance(i, TensorInfo) for i in infos)
+    assert {i.name: (i.shape, i.dtype) for i in infos} == EXPECTED
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_iter_tensors_round_trip(kind: str, tmp_path: Path) -> None:
+    sd = state_dict()
+    got = dict(iter_tensors(write(kind, tmp_path, sd)))
+    assert set(got) == set(sd)
+    for name, t in sd.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_analyze_same_result_in_every_format(kind: str, tmp_path: Path) -> None:
+    res = analyze_checkpoint(write(kind, tmp_path))
+    assert res.format == FORMATS[kind]
+    by_name = {la.name: la for la in res.layers}
+    assert set(by_name) == {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}
+    assert by_name["fc1.weight"].verdict == "fit"
+    assert by_name["fc1.weight"].fit.n_spikes == 3
+    assert by_name["head.weight"].verdict == "too-small"
+    assert by_name["emb.weight"].dtype == "float16"
+    assert by_name["conv.weight"].fit.shape == (16, 27)
+    assert res.ignored_counts == {"non-float": 2, "1-d": 1, "other-ndim": 1, "empty": 0}
+    assert {t.name: t.reason for t in res.ignored}["c1d.weight"] == "other-ndim"
+    assert res.n_tensors == res.n_matched == 8
+    assert not res.has_invalid
+
+
+def test_nested_state_dict_is_unwrapped(tmp_path: Path) -> None:
+    res = analyze_checkpoint(write("nested", tmp_path))
+    assert res.unwrapped == ("state_dict",)
+    assert analyze_checkpoint(write("with-optimizer", tmp_path)).unwrapped == ("model",)
+
+
+def test_ambiguous_nesting_keeps_prefixes(tmp_path: Path) -> None:
+    sd = {"w": torch.randn(20, 30)}
+    torch.save({"model": sd, "ema": {"w": sd["w"] * 0.5}}, tmp_path / "two.pt")
+    assert sorted(i.name for i in list_tensors(tmp_path / "two.pt")) == ["ema.w", "model.w"]
+
+
+def test_list_tensors_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write("safetensors", tmp_path)
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("safe_open must not be called to list tensors")
+
+    monkeypatch.setattr("safetensors.safe_open", boom)
+    assert len(list_tensors(path)) == 8
+
+
+def test_iter_tensors_reads_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors
+
+    path = write("shards-index", tmp_path)
+    reads: list[str] = []
+    real = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self) -> Counting:
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.inner.__exit__(*exc)
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            reads.append(name)
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    it = iter_tensors(path)
+    first_name, _ = next(it)
+    assert reads == [first_name]
+    next(it)
+    assert len(reads) == 2
+    assert len(list(it)) == 6 and len(reads) == 8
+
+
+def test_torch_files_are_loaded_safely_and_mmapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+    real = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    list_tensors(write("pt", tmp_path))
+    list_tensors(write("pt-legacy", tmp_path))
+    assert calls[0] == {"weights_only": True, "mmap": True, "map_location": "cpu"}
+    assert calls[1]["weights_only"] is True and calls[1]["mmap"] is False  # legacy files cannot be mmapped
+
+
+def test_iter_tensors_subset_and_unknown_name(tmp_path: Path) -> None:
+    path = write("safetensors", tmp_path)
+    assert [n for n, _ in iter_tensors(path, names=["mask", "fc1.weight"])] == ["fc1.weight", "mask"]
+    with pytest.raises(CheckpointError, match="no tensor named 'nope'"):
+        list(iter_tensors(path, names=["nope"]))
+
+
+def _safetensors_bytes() -> bytes:
+    from safetensors.torch import save
+
+    return save({"w": torch.randn(30, 40, generator=torch.Generator().manual_seed(0))})
+
+
+def _bad_file(kind: str, tmp_path: Path) -> Path:
+    rnd = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(3)).tolist())
+    rnd = b"\x00" + rnd[1:]  # not the zip, pickle or safetensors magic
+    good = _safetensors_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    files = {
+        "empty.safetensors": b"",
+        "empty.pt": b"",
+        "header-cut.safetensors": good[: 8 + n // 2],
+        "data-cut.safetensors": good[: len(good) - 100],
+        "random.safetensors": rnd,
+        "random.bin": rnd,
+        "random.dat": rnd,
+        "notes.pt": b"these are my notes, not a model\n",
+        "config.json": b'{\n  "hidden_size": 768, "layers": {"n": 12}\n}\n',
+        "plain.pkl": pickle.dumps({"w": [1.0, 2.0]}),
+    }
+    if kind in files:
+        path = tmp_path / kind
+        path.write_bytes(files[kind])
+        return path
+    path = tmp_path / f"{kind}.pt"
+    if kind == "module":
+        torch.save(torch.nn.Linear(3, 3), path)
+    elif kind == "truncated-zip":
+        torch.save(state_dict(), path)
+        path.write_bytes(path.read_bytes()[:3000])
+    elif kind == "truncated-legacy":
+        torch.save(state_dict(), path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "single-tensor":
+        torch.save(torch.randn(4, 4), path)
+    elif kind == "list":
+        torch.save([torch.randn(4, 4)], path)
+    elif kind == "no-tensors":
+        torch.save({"epoch": 3, "lr": 0.1}, path)
+    elif kind == "other-zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("hello.txt", "hi")
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+BAD_FILES = {
+    "empty.safetensors": r"is empty \(0 bytes\)",
+    "empty.pt": r"is empty \(0 bytes\)",
+    "header-cut.safetensors": r"is truncated: its safetensors header declares \d+ bytes",
+    "data-cut.safetensors": r"is truncated: its header says the tensor data takes \d+ bytes but only \d+",
+    "random.safetensors": r"is not a safetensors file",
+    "random.bin": r"is not a PyTorch checkpoint",
+    "random.dat": r"is not a checkpoint: expected a \.safetensors file",
+    "notes.pt": r"is not a PyTorch checkpoint",
+    "config.json": r"is not a checkpoint",
+    "plain.pkl": r"is a Python pickle but not a torch\.save checkpoint",
+    "module": r"without arbitrary code execution \(it pickles torch\.nn\.modules\.linear\.Linear"
+    r".*refuses for safety.*safetensors",
+    "truncated-zip": r"is truncated or corrupt",
+    "truncated-legacy": r"is truncated",
+    "single-tensor": r"holds a single tensor, not a state dict",
+    "list": r"holds a list, not a state dict",
+    "no-tensors": r"holds no tensors \(keys: 'epoch', 'lr'\)",
+    "other-zip": r"is a zip archive but not a PyTorch checkpoint",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_files_give_one_line_errors_naming_the_file(kind: str, tmp_path: Path) -> None:
+    path = _bad_file(kind, tmp_path)
+    with pytest.raises(CheckpointError, match=BAD_FILES[kind]) as info:
+        list_tensors(path)
+    msg = str(info.value)
+    assert path.name in msg and "\n" not in msg
+
+
+def test_code_execution_pickle_of_a_custom_class(tmp_path: Path) -> None:
+    torch.save({"w": torch.randn(3, 3), "meta": Path("x")}, tmp_path / "obj.pt")
+    with pytest.raises(CheckpointError, match=r"arbitrary code execution .*pathlib.*refuses for safety"):
+        analyze_checkpoint(tmp_path / "obj.pt")
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"'.*nope\.safetensors' does not exist"):
+        analyze_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_directory_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"directory '.*empty' holds no \*\.safetensors files$"):
+        list_tensors(empty)
+    (empty / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"holds no \*\.safetensors files \(it has pytorch_model\.bin"):
+        list_tensors(empty)
+
+    d = write("shards-index", tmp_path)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError, match=r"shard 'model-00002-of-00002\.safetensors' named by index .* missing"
+    ):
+        list_tensors(d)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path: Path) -> None:
+    d = write("shards-index", tmp_path)
+    index = d / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(
+        CheckpointError, match=r"puts tensor 'ghost\.weight' in shard .* which does not hold it"
+    ):
+        list_tensors(d)
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"index .* is not readable JSON"):
+        list_tensors(d)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match=r"has no 'weight_map'"):
+        list_tensors(d)
+
+
+def test_duplicate_tensors_across_unindexed_shards(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(20, 20)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.randn(20, 20)}, tmp_path / "b.safetensors")
+    with pytest.raises(CheckpointError, match=r"tensor 'w' is in both 'a\.safetensors' and 'b\.safetensors'"):
+        list_tensors(tmp_path)
+
+
+def test_nan_and_inf_layers_are_invalid_and_others_continue(tmp_path: Path) -> None:
+    sd = state_dict()
+    sd["fc1.weight"][3, 4] = float("nan")
+    sd["conv.weight"][0, 0, 0, 0] = float("inf")
+    res = analyze_checkpoint(write("safetensors", tmp_path, sd))
+    verdicts = {la.name: la.verdict for la in res.layers}
+    assert verdicts == {
+        "conv.weight": "invalid",
+        "emb.weight": "fit",
+        "fc1.weight": "invalid",
+        "head.weight": "too-small",
+    }
+    assert res.has_invalid and res.invalid_layers == ["conv.weight", "fc1.weight"]
+    assert "'fc1.weight' contains NaN or Inf" in {la.name: la.message for la in res.layers}["fc1.weight"]
+    assert res.counts == {"fit": 1, "no-mp-bulk": 0, "too-small": 1, "invalid": 2}
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (None, None, {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}),
+        (r"^fc", None, {"fc1.weight"}),
+        ([r"^fc", r"conv"], None, {"fc1.weight", "conv.weight"}),
+        (None, r"\.weight$", set()),
+        (r"weight", [r"head", r"emb"], {"fc1.weight", "conv.weight"}),
+    ],
+)
+def test_include_exclude(include: object, exclude: object, expected: set[str], tmp_path: Path) -> None:
+    res = analyze_checkpoint(write("safetensors", tmp_path), include=include, exclude=exclude)
+    assert {la.name for la in res.layers} == expected
+    assert res.n_tensors == 8
+    kept_ignored = {t.name for t in res.ignored}
+    assert res.n_matched == len(expected) + len(kept_ignored)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"include": "fc1("}, ValueError, r"include pattern 'fc1\(' is not a valid regular expression"),
+        ({"exclude": ["ok", "[z-a]"]}, ValueError, r"exclude pattern '\[z-a\]' is not a valid regular"),
+        ({"include": "^nothing$"}, ValueError, r"no tensor of .* matches include=\['\^nothing\$'\]"),
+        ({"include": [3]}, TypeError, r"include patterns must be strings, got int"),
+        ({"alpha": 0.5}, ValueError, r"alpha=0\.5 must be in \(0, 0\.5\)"),
+        ({"beta": 0.0}, ValueError, r"beta=0\.0 must be in \[0\.01, 0\.99\]"),
+        ({"ks_max": 2}, ValueError, r"ks_max=2 must be in \[0, 1\]"),
+        ({"ks_max": "0.1"}, TypeError, r"ks_max='0\.1' must be a number"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type, match: str, tmp_path: Path) -> None:
+    with pytest.raises(error, match=match):
+        analyze_checkpoint(write("safetensors", tmp_path), **kwargs)
+
+
+def test_bad_arguments_fail_before_reading(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        analyze_checkpoint(tmp_path / "missing.pt", include="(")
+
+
+def test_ks_gate_and_to_dict(tmp_path: Path) -> None:
+    path = write("safetensors", tmp_path)
+    strict = analyze_checkpoint(path, ks_max=0.0)
+    assert {la.verdict for la in strict.layers if la.fit is not None} == {"no-mp-bulk"}
+    res = analyze_checkpoint(path)
+    d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert d["format"] == "safetensors" and d["ks_max"] == 0.1 and d["n_tensors"] == 8
+    assert d["counts"] == res.counts and d["ignored_counts"]["non-float"] == 2
+    fc1 = next(x for x in d["layers"] if x["layer"] == "fc1.weight")
+    assert fc1["n_spikes"] == 3 and fc1["shape"] == [80, 120] and fc1["verdict"] == "fit"
+    head = next(x for x in d["layers"] if x["layer"] == "head.weight")
+    assert head["ks"] is None and head["verdict"] == "too-small"
+    assert isinstance(res, CheckpointAnalysis)
+    assert re.fullmatch(
+        r"4 layers analysed \(.*\); 4 tensors ignored \(2 non-float, 1 1-D/scalar, 1 3-D.*\)", res.summary()
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float8_e4m3fn])
+def test_low_and_high_precision_dtypes(dtype: torch.dtype, tmp_path: Path) -> None:
+    w = spiked(60, 90, rank=2, seed=5).to(dtype)
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    (la,) = analyze_checkpoint(tmp_path / "m.safetensors").layers
+    assert la.dtype == str(dtype).replace("torch.", "")
+    assert la.verdict == "fit" and la.fit.n_spikes == 2
+
+
+def test_empty_and_zero_tensors(tmp_path: Path) -> None:
+    save_file({"e": torch.zeros(0, 5), "z": torch.zeros(20, 30)}, tmp_path / "m.safetensors")
+    res = analyze_checkpoint(tmp_path / "m.safetensors")
+    assert [t.reason for t in res.ignored] == ["empty"]
+    (z,) = res.layers
+    assert z.verdict == "no-mp-bulk" and "no positive bulk" in z.message
+
+
+@pytest.mark.slow
+def test_real_mnist_trained_layer(tmp_path: Path, data_dir: Path) -> None:
+    """A layer trained for a few steps on real MNIST: BEMA finds an MP bulk with spikes above it."""
+    import gzip
+
+    import numpy as np
+
+    path = data_dir / "mnist" / "train-images-idx3-ubyte.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    with gzip.open(path) as fh:
+        raw = fh.read(16 + 256 * 784)
+    x = torch.tensor(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 784) / 255.0, dtype=torch.float32)
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(784, 128)
+    dec = torch.nn.Linear(128, 784)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=3e-3)
+    for _ in range(25):  # a tiny auto-encoder: learns the leading directions of the digits
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(dec(torch.relu(enc(x))), x)
+        loss.backward()
+        opt.step()
+    save_file({"enc.weight": enc.weight.detach().contiguous()}, tmp_path / "ae.safetensors")
+    (la,) = analyze_checkpoint(tmp_path / "ae.safetensors").layers
+    assert la.verdict == "fit", la.message
+    assert 1 <= la.fit.n_spikes < 64
