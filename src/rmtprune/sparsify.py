@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -45,10 +44,13 @@ from torch import nn
 
 from ._progress import progress
 from .analysis import LayerAnalysis, analyze_tensor, as_matrix
+from .config import match_pattern
 from .errors import InvalidWeightsError
 from .finetune import evaluate, finetune
+from .lowrank import LowRankModule
 from .masks import count_nonzeros, get_mask, masks_of, prunable_layers, remove_masks, restore_masks, set_mask
-from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P
+from .surgery import _fit_censored
 
 __all__ = [
     "BUDGETS",
@@ -99,10 +101,13 @@ class SparsifyConfig:
     alpha: float = field(default=DEFAULT_ALPHA, metadata=_meta("BEMA trim fraction"))
     beta: float = field(default=DEFAULT_BETA, metadata=_meta("Tracy-Widom level of the edge"))
     ks_max: float = field(default=DEFAULT_KS_MAX, metadata=_meta("gate: a fit with ks above is rejected"))
-    include: list[str] | None = field(
-        default=None, metadata=_meta("regexes (full match on the layer or its factored parent); None = all")
+    include: list[str] = field(
+        default_factory=list,
+        metadata=_meta(
+            "layer-name patterns (glob, exact name or suffix; a factor matches its parent); [] = all"
+        ),
     )
-    exclude: list[str] = field(default_factory=list, metadata=_meta("regexes of layers never pruned"))
+    exclude: list[str] = field(default_factory=list, metadata=_meta("layer-name patterns never pruned"))
     cycle_steps: int = field(
         default=100, metadata=_meta("regularised fine-tuning steps per cycle (with data)")
     )
@@ -127,7 +132,7 @@ class SparsifyConfig:
         _check_real("alpha", self.alpha, 0.0, 0.5, lo_open=True, hi_open=True)
         _check_real("beta", self.beta, 0.01, 0.99)
         _check_real("ks_max", self.ks_max, 0.0, 1.0)
-        self.include = None if self.include is None else _check_patterns("include", self.include)
+        self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
         _check_int("cycle_steps", self.cycle_steps, 0)
         for name in ("l1", "l2", "group_lasso", "finetune_epochs"):
@@ -193,13 +198,8 @@ def _check_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
 def _check_patterns(name: str, patterns: Any) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name} must be a list of regex strings")
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise ValueError(f"{name} pattern {p!r} is not a valid regex: {exc}") from None
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+        raise TypeError(f"{name}={patterns!r} must be a list of non-empty pattern strings")
     return list(patterns)
 
 
@@ -514,8 +514,10 @@ def _json_default(obj: Any) -> Any:
 class _Layer:
     name: str
     module: nn.Module
-    factored_parent: str | None
+    factored_parent: str | None = None
+    parent_module: nn.Module | None = None
     analysis: LayerAnalysis | None = None
+    sigma: float = float("nan")
     sv_info: dict[str, float] | None = None
     nnz_before: int = 0
 
@@ -530,54 +532,152 @@ class _Layer:
 
     @property
     def fitted(self) -> bool:
-        return self.analysis is not None and self.analysis.verdict == "fit"
+        return self.analysis is not None and self.analysis.verdict == "fit" and math.isfinite(self.sigma)
 
 
-def _is_lowrank(module: nn.Module) -> bool:
-    return type(module).__name__.startswith("LowRank")
-
-
-def _select(model: nn.Module, config: SparsifyConfig) -> list[_Layer]:
-    parents: dict[str, str] = {}
+def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], list[str]]:
+    """Selected layers (factors of low-rank layers included) and warnings for unmatched patterns."""
+    parents: dict[str, tuple[str, nn.Module]] = {}
     for name, mod in model.named_modules():
-        if _is_lowrank(mod):
-            for child, _ in mod.named_modules():
-                if child:
-                    parents[f"{name}.{child}" if name else child] = name
+        if isinstance(mod, LowRankModule):
+            for child in ("first", "second"):
+                parents[f"{name}.{child}" if name else child] = (name, mod)
     out = []
+    names_seen: list[str] = []
     for name, mod in prunable_layers(model):
-        parent = parents.get(name)
+        parent, parent_mod = parents.get(name, (None, None))
         names = [name] + ([parent] if parent else [])
+        names_seen += names
 
         def hit(pats: list[str], names: list[str] = names) -> bool:
-            return any(re.fullmatch(p, n) for p in pats for n in names)
+            return any(match_pattern(n, p) for p in pats for n in names)
 
-        if config.include is not None and not hit(config.include):
+        if config.include and not hit(config.include):
             continue
         if hit(config.exclude):
             continue
-        out.append(_Layer(name, mod, parent))
-    return out
+        out.append(_Layer(name, mod, parent, parent_mod))
+    warnings = [
+        f"{kind} pattern {p!r} matches no prunable layer"
+        for kind, pats in (("include", config.include), ("exclude", config.exclude))
+        for p in pats
+        if not any(match_pattern(n, p) for n in names_seen)
+    ]
+    return out, warnings
 
 
-def _analyze(layer: _Layer, config: SparsifyConfig) -> LayerAnalysis:
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _analyze_plain(layer: _Layer, config: SparsifyConfig) -> None:
     mod = layer.module
+    w = mod.weight.detach()
     if getattr(mod, "groups", 1) != 1:
-        w = mod.weight
-        return LayerAnalysis(
-            layer.name,
-            tuple(w.shape),
-            str(w.dtype).replace("torch.", ""),
-            "grouped",
-            None,
-            f"grouped convolution (groups={mod.groups}): no fit of the mixed groups",
-        )
-    return analyze_tensor(layer.name, mod.weight.detach(), config.alpha, config.beta, config.ks_max)
+        why = f"grouped convolution (groups={mod.groups}): no fit of the mixed groups"
+        layer.analysis = LayerAnalysis(layer.name, tuple(w.shape), _dtype(w), "grouped", None, why)
+        return
+    layer.analysis = analyze_tensor(layer.name, w, config.alpha, config.beta, config.ks_max)
+    fit = layer.analysis.fit
+    layer.sigma = math.sqrt(fit.sigma2) if layer.analysis.verdict == "fit" and fit is not None else math.nan
+
+
+def _analyze_factored(parent: str, module: nn.Module, factors: list[_Layer], config: SparsifyConfig) -> None:
+    """Fit the product ``A @ B`` of a low-rank layer (its k kept values read as the top of a
+    p-value MP spectrum) and give each factor the typical entry size of its bulk columns/rows."""
+    s = module.singular_values().numpy()
+    m, n = module.matrix_shape
+    w = module.second.weight
+    fit = _fit_censored(s, (m, n), config.alpha, config.beta) if min(m, n) >= MIN_P else None
+    if fit is None:
+        why = f"rank {s.size} of {min(m, n)}: too few kept bulk values to fit"
+        analysis = LayerAnalysis(parent, (m, n), _dtype(w), "no-mp-bulk", None, why)
+    elif fit.accepted(config.ks_max):
+        analysis = LayerAnalysis(parent, (m, n), _dtype(w), "fit", fit, "")
+    else:
+        why = "no positive bulk" if not fit.sigma2 > 0 else f"ks={fit.ks:.3f} > ks_max={config.ks_max}"
+        analysis = LayerAnalysis(parent, (m, n), _dtype(w), "no-mp-bulk", fit, why)
+    bulk = s[fit.n_spikes :] if analysis.verdict == "fit" else s[:0]  # type: ignore[union-attr]
+    if analysis.verdict == "fit" and bulk.size == 0:
+        why = f"all {s.size} kept triplets are spikes: no noise left to prune"
+        analysis = LayerAnalysis(parent, (m, n), _dtype(w), "spikes-only", fit, why)
+    for layer in factors:
+        layer.analysis = analysis
+        if bulk.size:
+            # A = U sqrt(S) has entries of variance s_i / m in column i; B = sqrt(S) V^T, s_i / n in row i
+            dim = m if layer.module is module.second else n
+            layer.sigma = math.sqrt(float(np.mean(bulk)) / dim)
+
+
+def _analyze_all(layers: list[_Layer], config: SparsifyConfig, show: bool | None) -> None:
+    groups: dict[str, list[_Layer]] = {}
+    for layer in layers:
+        if layer.factored_parent is not None:
+            groups.setdefault(layer.factored_parent, []).append(layer)
+    for layer in progress(layers, total=len(layers), desc="fit", enable=show):
+        if layer.factored_parent is None:
+            _analyze_plain(layer, config)
+        elif layer is groups[layer.factored_parent][0]:
+            _analyze_factored(
+                layer.factored_parent, layer.parent_module, groups[layer.factored_parent], config
+            )
 
 
 def _sigma(layer: _Layer) -> float:
-    fit = layer.analysis.fit if layer.analysis else None
-    return math.sqrt(fit.sigma2) if fit is not None and fit.sigma2 > 0 else float("nan")
+    return layer.sigma
+
+
+def _sv_step(layers: list[_Layer], config: SparsifyConfig, show: bool | None) -> None:
+    """Step 1 on every fitted layer; a low-rank layer is thresholded on the SVD of its product."""
+    done: set[str] = set()
+    for layer in progress(layers, total=len(layers), desc="singular vectors", enable=show):
+        if not layer.fitted or config.theta == 0:
+            continue
+        fit = layer.analysis.fit  # type: ignore[union-attr]
+        if layer.factored_parent is None:
+            w = layer.module.weight
+            new, layer.sv_info = sparsify_singular_vectors(
+                w, fit.s_plus, config.theta, config.c_min, config.q
+            )
+            mask = get_mask(layer.module)
+            with torch.no_grad():
+                w.copy_(new if mask is None else new * mask.to(new.dtype))
+            continue
+        if layer.factored_parent in done:
+            continue
+        done.add(layer.factored_parent)
+        mod = layer.parent_module
+        if get_mask(mod.first) is not None or get_mask(mod.second) is not None:
+            continue  # re-balancing masked factors would scramble their masks: keep them as they are
+        A, B, info = _sparsify_factors(mod, fit.s_plus, config)
+        mod.set_factors(A, B)
+        for other in layers:
+            if other.factored_parent == layer.factored_parent:
+                other.sv_info = info
+
+
+def _sparsify_factors(module: nn.Module, s_plus: float, config: SparsifyConfig) -> tuple[Any, Any, dict]:
+    """Threshold the singular vectors of ``A @ B``; return factors ``U' sqrt(S)``, ``sqrt(S) V'^T``."""
+    U, S, Vh = module.svd(torch.float64)
+    m, n = module.matrix_shape
+    t = torch.from_numpy(
+        singular_vector_thresholds(S.cpu().numpy(), s_plus, config.theta, config.c_min, config.q)
+    )
+    t = t.to(U.device)
+    keep_u = U.abs() >= (t / math.sqrt(m))[None, :]
+    keep_v = Vh.abs() >= (t / math.sqrt(n))[:, None]
+    root = S.sqrt()
+    A = U * keep_u * root[None, :]
+    B = root[:, None] * (Vh * keep_v)
+    old_A, old_B = module.factors()
+    before = old_A.detach().double() @ old_B.detach().double()
+    norm = float(torch.linalg.norm(before))
+    info = {
+        "zeroed_u": 1.0 - float(keep_u.double().mean()),
+        "zeroed_v": 1.0 - float(keep_v.double().mean()),
+        "rel_change": float(torch.linalg.norm(A @ B - before)) / norm if norm > 0 else 0.0,
+    }
+    return A, B, info
 
 
 def _allocate(layers: list[_Layer], config: SparsifyConfig, target: float) -> tuple[list[int], int]:
@@ -651,7 +751,7 @@ def _layer_record(layer: _Layer) -> LayerSparsity:
         n_bulk=fit.n_bulk if fit is not None else None,
         ks=fit.ks if fit is not None else None,
         s_plus=fit.s_plus if fit is not None else None,
-        sigma=_sigma(layer) if fit is not None and fit.sigma2 > 0 else None,
+        sigma=layer.sigma if math.isfinite(layer.sigma) else None,
         score=fit.bulk_fraction if fit is not None else None,
         sv_zeroed_u=sv.get("zeroed_u"),
         sv_zeroed_v=sv.get("zeroed_v"),
@@ -673,8 +773,8 @@ def _check_config(config: SparsifyConfig | None) -> SparsifyConfig:
     return config
 
 
-def _prepare(model: nn.Module, config: SparsifyConfig, show: bool | None) -> list[_Layer]:
-    layers = _select(model, config)
+def _prepare(model: nn.Module, config: SparsifyConfig, show: bool | None) -> tuple[list[_Layer], list[str]]:
+    layers, warnings = _select(model, config)
     if not layers:
         raise ValueError(
             f"no prunable layer (Linear/Conv1d/Conv2d) selected by include={config.include} "
@@ -685,9 +785,8 @@ def _prepare(model: nn.Module, config: SparsifyConfig, show: bool | None) -> lis
             raise InvalidWeightsError(f"layer {layer.name!r} weight contains NaN or Inf")
         layer.nnz_before = layer.numel - layer.pruned
     if config.budget in _RMT_BUDGETS or config.sv_sparsify:
-        for layer in progress(layers, total=len(layers), desc="fit", enable=show):
-            layer.analysis = _analyze(layer, config)
-    return layers
+        _analyze_all(layers, config, show)
+    return layers, warnings
 
 
 def _report(
@@ -710,6 +809,7 @@ def _report(
             )
         )
     dense = [r.name for r in records if r.verdict not in ("fit", "not-fitted") and r.nnz_after == r.params]
+    dense += [r.name for r in records if r.verdict == "fit" and r.sigma is None and r.nnz_after == r.params]
     if dense and config.budget in _RMT_BUDGETS:
         warnings.append(f"{len(dense)} layer(s) left dense without an accepted MP fit: {', '.join(dense)}")
     return SparsifyReport(
@@ -736,7 +836,7 @@ def plan_sparsity(
     real run can differ a little under the ``noise`` and ``global`` budgets.
     """
     config = _check_config(config)
-    layers = _prepare(model, config, show)
+    layers, select_warnings = _prepare(model, config, show)
     counts, wanted = _allocate(layers, config, config.target)
     records = []
     for layer, k in zip(layers, counts, strict=True):
@@ -750,7 +850,7 @@ def plan_sparsity(
     report.selected_nnz = sum(r.nnz_after for r in records)
     report.achieved = 1 - report.selected_nnz / report.selected_params
     report.stored_values = report.total_params - sum(r.params - r.nnz_after for r in records)
-    report.warnings = [w for w in report.warnings if not w.startswith("target=")]
+    report.warnings = select_warnings + [w for w in report.warnings if not w.startswith("target=")]
     pruned = report.selected_params - report.selected_nnz
     if pruned != wanted:
         report.warnings.insert(
@@ -808,30 +908,16 @@ def _sparsify(
     eval_data: Any,
     show: bool | None,
 ) -> tuple[nn.Module, SparsifyReport]:
-    layers = _prepare(model, config, show)
+    layers, select_warnings = _prepare(model, config, show)
     eval_before = evaluate(model, eval_data, loss_fn) if eval_data is not None else None
     if config.sv_sparsify:
-        for layer in progress(layers, total=len(layers), desc="singular vectors", enable=show):
-            if not layer.fitted or config.theta == 0:
-                continue
-            w = layer.module.weight
-            new, layer.sv_info = sparsify_singular_vectors(
-                w,
-                layer.analysis.fit.s_plus,
-                config.theta,
-                config.c_min,
-                config.q,  # type: ignore[union-attr]
-            )
-            mask = get_mask(layer.module)
-            with torch.no_grad():
-                w.copy_(new if mask is None else new * mask.to(new.dtype))
+        _sv_step(layers, config, show)
     cycles = []
     wanted = 0
     for c in range(1, config.n_cycles + 1):
         t = config.target * c / config.n_cycles
         if config.refit and c > 1:
-            for layer in layers:
-                layer.analysis = _analyze(layer, config)
+            _analyze_all(layers, config, show=False)
         counts, wanted = _allocate(layers, config, t)
         for layer, k in zip(layers, counts, strict=True):
             old = get_mask(layer.module)
@@ -857,6 +943,7 @@ def _sparsify(
     if data is not None and config.finetune_epochs > 0:
         final = finetune(model, data, epochs=config.finetune_epochs, lr=config.lr, loss_fn=loss_fn).to_dict()
     report = _report(model, layers, config, config.target, wanted, dry=False)
+    report.warnings = select_warnings + report.warnings
     report.cycles = cycles
     report.final_finetune = final
     report.eval_before = eval_before
