@@ -108,6 +108,64 @@ def test_pruner_rejects_bad_arguments(kwargs, exc, match):
         RMTPruner(**kwargs)
 
 
+class Spiked(nn.Module):
+    """One 120 x 240 layer and a head; :meth:`plant` makes fc Gaussian noise + 3 strong spikes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(240, 120)
+        self.head = nn.Linear(120, 4)
+
+    def plant(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        u = torch.linalg.qr(torch.randn(120, 3, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(240, 3, generator=g))[0]
+        w = (
+            torch.randn(120, 240, generator=g) / 240**0.5
+            + u @ torch.diag(torch.tensor([6.0, 5.0, 4.0])) @ v.T
+        )
+        with torch.no_grad():
+            self.fc.weight.copy_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x)))
+
+
+def test_maybe_prune_cuts_on_schedule_and_rebuilds_the_optimizer():
+    from rmtprune.lowrank import LowRankLinear
+
+    model = Spiked()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    model(torch.randn(8, 240)).sum().backward()
+    opt.step()  # momentum buffers for every parameter
+    model.plant()  # in place: same parameter objects
+    lines: list[str] = []
+    pruner = RMTPruner(every=2, keep_bulk=0.0, log=lines.append, exclude=["head"])
+    assert pruner.maybe_prune(model, 1, opt) is opt and isinstance(model.fc, nn.Linear)
+    assert pruner.history_ == []
+    assert pruner.maybe_prune(model, 2, opt) is opt
+    assert isinstance(model.fc, LowRankLinear) and model.fc.rank == 3
+    rows = {r["layer"]: r for r in pruner.history_}
+    fc = rows["fc"]
+    assert (fc["epoch"], fc["action"], fc["rank_before"], fc["rank_after"], fc["n_spikes"]) == (
+        2,
+        "factor",
+        120,
+        3,
+        3,
+    )
+    assert fc["n_bulk"] == 117 and fc["sigma2"] == pytest.approx(1 / 240, rel=0.1) and fc["ks"] < 0.1
+    assert rows["head"]["action"] == "skip"
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert "momentum_buffer" in opt.state[model.head.weight]
+    assert any("fresh state" in line for line in lines) and any(
+        "fc: factor rank 120 -> 3" in x for x in lines
+    )
+    event = pruner.events_[-1]
+    assert event["params_after"] == 3 * (240 + 120) + 120 + 120 * 4 + 4 < event["params_before"]
+
+
 # -- optimizer surgery --------------------------------------------------------------------------
 
 
@@ -316,6 +374,8 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     assert state["epoch"] == 2 and path.name == CHECKPOINT
     resumed = train(out=tmp_path / "cut", resume=True)
     assert resumed.resumed_from == 2
+    assert type(full.model.fc1).__name__ == "LowRankLinear"  # the resumed model was restructured
+    assert resumed.model.fc1.rank == full.model.fc1.rank < 48
     _compare(full.metrics, resumed.metrics)
     full_sd, res_sd = full.model.state_dict(), resumed.model.state_dict()
     assert list(full_sd) == list(res_sd)

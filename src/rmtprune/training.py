@@ -203,9 +203,10 @@ class RMTPruner:
         ``start=0`` is asked for: an untrained layer is all bulk and would lose most of its rank).
     keep_bulk : constant fraction of the bulk kept, in [0, 1] (the 2023 notebook used 0.45).
     decay_T : if given, ``f(epoch) = max(0, 1 - epoch / decay_T)`` instead (papers: 200 or 300).
-    ks_max, min_rank, alpha, beta, include, exclude, and any other keyword : passed to
-        :class:`rmtprune.CompressionConfig` (``keep_bulk`` is set from ``f`` at each cut).
-    config : a base :class:`rmtprune.CompressionConfig`; keywords override its fields.
+    config : a base :class:`rmtprune.CompressionConfig` (rule, gate ``ks_max``, ``min_rank``,
+        ``include``/``exclude`` patterns, per-layer ``overrides``...); default ``CompressionConfig()``.
+        Its ``keep_bulk`` is replaced by ``f(epoch)`` at each cut.
+    **config_overrides : fields of the config to replace (``ks_max=0.2``, ``min_rank=4``, ...).
     log : called with one line per decision and per optimizer rebuild (default: silent).
 
     Attributes
@@ -223,7 +224,6 @@ class RMTPruner:
         keep_bulk: float = 0.45,
         decay_T: float | None = None,
         *,
-        ks_max: float = DEFAULT_KS_MAX,
         config: Any = None,
         log: LogFn | None = None,
         **config_overrides: Any,
@@ -241,7 +241,6 @@ class RMTPruner:
             if not (decay_T > 0 and math.isfinite(decay_T)):
                 raise ValueError(f"decay_T={decay_T!r} must be a positive finite number")
         self.decay_T = None if decay_T is None else float(decay_T)
-        self.ks_max = ks_max
         self.config = config
         self.config_overrides = dict(config_overrides)
         self.log = log
@@ -272,7 +271,7 @@ class RMTPruner:
     def _base_config(self, keep_bulk: float | None = None) -> Any:
         from .config import CompressionConfig
 
-        fields: dict[str, Any] = {"ks_max": self.ks_max, **self.config_overrides}
+        fields: dict[str, Any] = dict(self.config_overrides)
         if keep_bulk is not None:
             fields["keep_bulk"] = keep_bulk
         if self.config is None:
@@ -418,6 +417,9 @@ class TrainConfig:
     )
     ks_max: float = field(default=DEFAULT_KS_MAX, metadata={"help": "KS gate of the MP fit"})
     min_rank: int = field(default=1, metadata={"help": "never cut a layer below this rank"})
+    keep_output_rank: bool = field(
+        default=True, metadata={"help": "never cut the output (logits) layer below its full rank"}
+    )
     exclude: list[str] = field(default_factory=list, metadata={"help": "layer patterns never pruned"})
     train_subset: int | None = field(default=None, metadata={"help": "use the first n training samples"})
     test_subset: int | None = field(default=None, metadata={"help": "use the first n test samples"})
@@ -428,6 +430,9 @@ class TrainConfig:
         for name in ("dataset", "model", "optimizer", "lr_schedule", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a string")
+        for name in ("prune", "track_spectra", "keep_output_rank"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -532,20 +537,33 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
     return lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
 
 
-def _make_pruner(cfg: TrainConfig, log: LogFn | None) -> RMTPruner | None:
+def _compression_config(cfg: TrainConfig, model: nn.Module) -> Any:
+    """The compression config of a run: the gate, ``min_rank``, exclusions, the output layer's guard."""
+    from .config import CompressionConfig
+
+    overrides: dict[str, dict[str, Any]] = {}
+    out = _output_layer(model) if cfg.keep_output_rank else None
+    if out is not None:
+        overrides[out[0]] = {"min_rank": out[1]}
+    return CompressionConfig(
+        keep_bulk=cfg.keep_bulk,
+        ks_max=cfg.ks_max,
+        min_rank=cfg.min_rank,
+        exclude=list(cfg.exclude),
+        overrides=overrides,
+    )
+
+
+def _make_pruner(cfg: TrainConfig, compression: Any, log: LogFn | None) -> RMTPruner | None:
     if not cfg.prune:
         return None
-    overrides: dict[str, Any] = {"min_rank": cfg.min_rank}
-    if cfg.exclude:
-        overrides["exclude"] = list(cfg.exclude)
     return RMTPruner(
         every=cfg.prune_every,
         start=cfg.prune_start,
         keep_bulk=cfg.keep_bulk,
         decay_T=cfg.decay_T,
-        ks_max=cfg.ks_max,
+        config=compression,
         log=log,
-        **overrides,
     )
 
 
@@ -962,7 +980,8 @@ def train(
     loader_gen = seed_everything(cfg.seed)
     train_ds, test_ds = _load_data(cfg, data_dir)
     model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
-    pruner = _make_pruner(cfg, log)
+    compression = _compression_config(cfg, model)
+    pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []
     done = 0
     if state is not None:
@@ -1003,7 +1022,17 @@ def train(
     try:
         for epoch in range(done + 1, cfg.epochs + 1):
             row = _run_epoch(
-                cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, progress_bar, batch_callback
+                cfg,
+                model,
+                optimizer,
+                scheduler,
+                loader,
+                test_ds,
+                pruner,
+                epoch,
+                progress_bar,
+                batch_callback,
+                compression,
             )
             for key in timings:
                 if key != "io":
@@ -1069,6 +1098,7 @@ def _run_epoch(
     epoch: int,
     progress_bar: bool | None,
     batch_callback: Callable[[int, int], None] | None,
+    compression: Any = None,
 ) -> dict[str, Any]:
     """One epoch: train, step the schedule, cut if due, evaluate, fit spectra; return its metrics row."""
     t0 = time.perf_counter()
@@ -1115,7 +1145,7 @@ def _run_epoch(
     t_eval += time.perf_counter() - t0
     t0 = time.perf_counter()
     if not pruned:
-        layers = _layer_stats(model, cfg, fits=cfg.track_spectra)
+        layers = _layer_stats(model, compression, fits=cfg.track_spectra)
     t_spectra = time.perf_counter() - t0
     return {
         "epoch": epoch,
@@ -1140,23 +1170,130 @@ def _run_epoch(
 
 
 def _architecture(model: nn.Module) -> dict[str, Any]:
-    """The ranks of the factored layers, enough to restructure a freshly built model."""
-    return {}
+    """``{layer: {"type": LowRank class name, "rank": k}}`` of the factored layers of ``model``.
+
+    With it a freshly built model of the same spec can be restructured (:func:`_restructure`)
+    before the checkpoint's state dict is loaded.
+    """
+    from .lowrank import LowRankModule
+
+    return {
+        name: {"type": type(mod).__name__, "rank": int(mod.rank)}
+        for name, mod in model.named_modules()
+        if isinstance(mod, LowRankModule)
+    }
 
 
 def _restructure(model: nn.Module, architecture: dict[str, Any]) -> None:
-    """Factor a freshly built model's layers to the ranks in ``architecture`` (weights follow)."""
-    if architecture:
-        raise NotImplementedError
+    """Replace the dense layers named in ``architecture`` by factored ones of the stored rank.
+
+    The factors are zeros: the state dict loaded next fills them. Raises ``ValueError`` naming
+    the layer when the model does not have it or it is of another kind.
+    """
+    from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+
+    kinds: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
+        "LowRankLinear": (nn.Linear, LowRankLinear),
+        "LowRankConv2d": (nn.Conv2d, LowRankConv2d),
+        "LowRankConv1d": (nn.Conv1d, LowRankConv1d),
+    }
+    for name, spec in architecture.items():
+        kind, rank = spec.get("type"), spec.get("rank")
+        if kind not in kinds:
+            raise ValueError(f"layer {name!r} has unknown factored type {kind!r}")
+        dense_type, lowrank_type = kinds[kind]
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r}") from None
+        if isinstance(dense, lowrank_type):
+            continue
+        if type(dense) is not dense_type:
+            raise ValueError(f"layer {name!r} is {type(dense).__name__}, expected {dense_type.__name__}")
+        w = dense.weight
+        m, n = w.shape[0], w[0].numel()
+        A = torch.zeros(m, rank, dtype=w.dtype, device=w.device)
+        B = torch.zeros(rank, n, dtype=w.dtype, device=w.device)
+        if lowrank_type is LowRankLinear:
+            new = LowRankLinear.from_factors(A, B, dense.bias)
+        else:
+            new = lowrank_type.from_conv(dense, A, B)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _save_model(model: nn.Module, path: Path) -> None:
-    pass
+    from .io import save
+
+    save(model, path)
+
+
+def _report_rows(report: Any) -> list[dict[str, Any]]:
+    """One flat dict per layer of a compression report (:class:`rmtprune.Plan`)."""
+    rows = []
+    for lp in report:
+        fit = lp.fit or {}
+        rows.append(
+            {
+                "layer": lp.name,
+                "action": lp.action,
+                "rank_before": lp.rank_before,
+                "rank_after": lp.rank,
+                "n_spikes": fit.get("n_spikes"),
+                "n_bulk": fit.get("n_bulk"),
+                "sigma2": fit.get("sigma2"),
+                "ks": fit.get("ks"),
+                "params_before": lp.params_before,
+                "params_after": lp.params_after,
+                "reason": lp.reason,
+            }
+        )
+    return rows
 
 
 def _layer_columns(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row.get(k) for k in ("rank", "sigma2", "n_spikes", "n_bulk", "ks")}
+    """The per-layer metrics columns from a decision row (the rank is the one after the cut)."""
+    return {
+        "rank": row.get("rank_after"),
+        "sigma2": row.get("sigma2"),
+        "n_spikes": row.get("n_spikes"),
+        "n_bulk": row.get("n_bulk"),
+        "ks": row.get("ks"),
+    }
 
 
-def _layer_stats(model: nn.Module, cfg: TrainConfig, fits: bool = True) -> dict[str, dict[str, Any]]:
-    return {}
+def _layer_stats(model: nn.Module, compression: Any, fits: bool = True) -> dict[str, dict[str, Any]]:
+    """Per prunable layer: current rank and, with ``fits``, the BEMA fit (sigma2, n_spikes, n_bulk, ks)."""
+    from .surgery import handler_for, plan
+
+    if fits:
+        report = plan(model, compression)
+        return {
+            row["layer"]: {**_layer_columns(row), "rank": row["rank_before"]}
+            for row in _report_rows(report)
+            if row["action"] != "skip"
+        }
+    out = {}
+    for name, mod in model.named_modules():
+        h = handler_for(mod)
+        if h is not None and not h.unsupported(mod) and not any(name.startswith(k + ".") for k in out):
+            out[name] = {
+                "rank": h.current_rank(mod),
+                "sigma2": None,
+                "n_spikes": None,
+                "n_bulk": None,
+                "ks": None,
+            }
+    return out
+
+
+def _output_layer(model: nn.Module) -> tuple[str, int] | None:
+    """Name and ``p`` of the last prunable layer (the logits layer of the reference models)."""
+    from .surgery import handler_for
+
+    last = None
+    for name, mod in model.named_modules():
+        h = handler_for(mod)
+        if h is not None and not h.unsupported(mod) and (last is None or not name.startswith(last[0] + ".")):
+            last = (name, min(h.matrix_shape(mod)))
+    return last

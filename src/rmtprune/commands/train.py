@@ -104,6 +104,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="do not fit the layers' spectra on epochs without a cut (faster on big models)",
     )
+    p.add_argument(
+        "--prune-output",
+        dest="keep_output_rank",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="let the output (logits) layer be cut below its full rank too (by default it is not)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(_names=tuple(defaults))
