@@ -90,6 +90,8 @@ def plot_esd(
     far = has_bulk and lam_max > view_hi
     if not far:
         view_hi = max(view_hi, 1.05 * lam_max)
+    if not view_hi > 0:  # all eigenvalues zero
+        view_hi = 1.0
     if log_x is None:
         log_x = bool(far and lam_max > 20.0 * lam_plus)
     nbins = bins or int(np.clip(np.sqrt(p) * 2, 20, 120))
@@ -109,7 +111,7 @@ def plot_esd(
     ax.bar(
         centers[bulk_bins], dens[bulk_bins], width=width, color=_BULK, alpha=0.75, label="eigenvalues (bulk)"
     )
-    if (~bulk_bins).any():
+    if (dens[~bulk_bins] > 0).any():
         ax.bar(
             centers[~bulk_bins], dens[~bulk_bins], width=width, color=_SPIKE, alpha=0.75, label="above edge"
         )
