@@ -666,7 +666,7 @@ def _plan_layer(e: _Entry, cfg: CompressionConfig, positions: int | None, keep_s
     lp.decision = decision.to_dict()
     k = min(max(decision.rank, cfg.min_rank), p)
     why = decision.reason + (f", raised to min_rank={cfg.min_rank}" if decision.rank < cfg.min_rank else "")
-    if k >= k_now:
+    if k > k_now or (k == k_now and (h.factored or cfg.factor_only_if_smaller)):
         lp.reason = f"{why}; rank {k} >= current rank {k_now}: nothing to cut"
         return lp
     smaller = k * (m + n) < m * n

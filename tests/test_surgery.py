@@ -1,0 +1,357 @@
+"""plan / apply / compress: planted ranks, exactness, re-cut, skips, bad input, restore on failure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rmtprune
+from rmtprune import CompressionConfig, LowRankConv2d, LowRankLinear
+from rmtprune.errors import InvalidWeightsError, RmtpruneError
+from rmtprune.surgery import (
+    LayerHandler,
+    LinearHandler,
+    Plan,
+    TransposedLinearHandler,
+    _fit_censored,
+    handler_for,
+    register_handler,
+)
+
+SIGMA = 0.02
+
+
+def planted(m: int, n: int, r: int, seed: int, sigma: float = SIGMA) -> torch.Tensor:
+    """sigma * Gaussian noise plus r spikes at 3-6x the MP edge ``sigma (sqrt(m) + sqrt(n))``."""
+    g = torch.Generator().manual_seed(seed)
+    W = sigma * torch.randn(m, n, generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    s = torch.linspace(3.0, 6.0, r, dtype=torch.float64) * sigma * (math.sqrt(m) + math.sqrt(n))
+    return (W + U @ torch.diag(s) @ V.T).float()
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=2, dilation=2)
+        self.fc = nn.Linear(32 * 4 * 4, 60)
+        self.head = nn.Linear(60, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return self.head(torch.relu(self.fc(x)))
+
+
+def planted_mlp(ranks=(6, 4), seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 150), nn.ReLU(), nn.Linear(150, 10))
+    with torch.no_grad():
+        net[0].weight.copy_(planted(200, 300, ranks[0], seed + 1))
+        net[2].weight.copy_(planted(150, 200, ranks[1], seed + 2))
+    return net
+
+
+def planted_cnn(rank=5, seed=0) -> TinyCNN:
+    torch.manual_seed(seed)
+    net = TinyCNN()
+    with torch.no_grad():
+        net.conv2.weight.copy_(planted(32, 144, rank, seed + 3).reshape(32, 16, 3, 3))
+        net.fc.weight.copy_(planted(60, 512, rank + 2, seed + 4))
+    return net
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, snap: dict) -> bool:
+    sd = model.state_dict()
+    return set(sd) == set(snap) and all(torch.equal(sd[k], snap[k]) for k in snap)
+
+
+# ---------------------------------------------------------------------- the default rule finds planted ranks
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_rule_cuts_mlp_to_planted_rank(seed: int) -> None:
+    net = planted_mlp((6, 4), seed)
+    p = rmtprune.plan(net)
+    assert (p["0"].action, p["0"].rank, p["0"].n_spikes) == ("factor", 6, 6)
+    assert (p["2"].action, p["2"].rank) == ("factor", 4)
+
+
+def test_default_rule_cuts_cnn_to_planted_rank() -> None:
+    net = planted_cnn(5)
+    p = rmtprune.plan(net)
+    assert (p["conv2"].action, p["conv2"].rank) == ("factor", 5)
+    assert (p["fc"].action, p["fc"].rank) == ("factor", 7)
+    assert p["head"].action == "keep" and "too small" in p["head"].reason
+
+
+# ---------------------------------------------------------------------- plan is read-only, serializable
+def test_plan_does_not_modify_model_and_round_trips() -> None:
+    net = planted_cnn()
+    snap = snapshot(net)
+    net.train()
+    p = rmtprune.plan(net, example_input=torch.randn(2, 3, 16, 16), keep_svd=True)
+    assert same_state(net, snap) and net.training and isinstance(net.conv2, nn.Conv2d)
+    q = Plan.from_json(p.to_json())
+    assert q.to_dict() == p.to_dict()
+    assert [lp.name for lp in q] == ["conv1", "conv2", "fc", "head"]
+    assert p["conv2"].macs_before == 32 * 144 * 8 * 8  # 16x16 -> stride 2, dilation 2 -> 8x8
+    assert p["conv2"].macs_after == 5 * (32 + 144) * 8 * 8
+    assert p.model_params_after < p.model_params_before
+    assert "conv2" in p.table() and "| conv2 |" in p.to_markdown()
+
+
+# ---------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_rank_compress_reproduces_outputs(dtype: torch.dtype) -> None:
+    net = planted_cnn().to(dtype)
+    x = torch.randn(3, 3, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        y = net(x)
+    cfg = CompressionConfig(rule="fixed", ratio=1.0, factor_only_if_smaller=False, ks_max=math.inf)
+    _, report = rmtprune.compress(net, cfg)
+    assert [lp.action for lp in report] == ["factor"] * 3 + ["keep"]  # head: p=5 is too small
+    assert isinstance(net.conv2, LowRankConv2d) and net.conv2.first.weight.dtype == dtype
+    assert net.conv2.stride == (2, 2) and net.conv2.dilation == (2, 2) and net.conv2.padding == (2, 2)
+    with torch.no_grad():
+        err = (net(x) - y).abs().max().item()
+    assert err <= (1e-4 if dtype == torch.float32 else 1e-10) * y.abs().max().item()
+
+
+def test_after_compress_forward_backward_and_step_work() -> None:
+    net = planted_mlp()
+    rmtprune.compress(net)
+    assert isinstance(net[0], LowRankLinear) and net[0].rank == 6
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(8, 300), torch.randint(0, 10, (8,))
+    before = net[0].first.weight.detach().clone()
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, net[0].first.weight)
+    assert torch.isfinite(net(x)).all()
+
+
+def test_weight_error_is_frobenius_tail_through_compress() -> None:
+    net = planted_mlp()
+    W = net[2].weight.detach().double().clone()
+    s = torch.linalg.svdvals(W)
+    rmtprune.compress(net, rule="fixed", rank=9, include=["2"])
+    err = torch.linalg.matrix_norm(net[2].dense_weight().double() - W).item()
+    assert err == pytest.approx(s[9:].square().sum().sqrt().item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- re-cut
+def test_recut_is_consistent_with_direct_cut() -> None:
+    a, b = planted_mlp(), planted_mlp()
+    rmtprune.compress(a, rule="fixed", rank=12, include=["0", "2"])
+    _, rep = rmtprune.compress(a, rule="fixed", rank=5)
+    rmtprune.compress(b, rule="fixed", rank=5)
+    assert rep["0"].layer_type == "LowRankLinear" and rep["0"].rank_before == 12 and rep["0"].rank == 5
+    for name in ("0", "2", "4"):
+        wa, wb = a.get_submodule(name).dense_weight(), b.get_submodule(name).dense_weight()
+        assert torch.allclose(wa, wb, atol=1e-5)
+
+
+def test_compressing_twice_with_the_default_rule_is_stable() -> None:
+    net = planted_mlp()
+    rmtprune.compress(net)
+    x = torch.randn(4, 300)
+    with torch.no_grad():
+        y = net(x)
+    _, rep = rmtprune.compress(net)
+    assert all(lp.action == "keep" for lp in rep)
+    assert net[0].rank == 6 and net[2].rank == 4
+    with torch.no_grad():
+        assert torch.equal(net(x), y)
+
+
+def test_recut_with_shrinking_bulk_fraction_refits_the_bulk() -> None:
+    net = planted_mlp()
+    _, first = rmtprune.compress(net, keep_bulk=0.4)
+    assert first["0"].rank == 6 + math.floor(0.4 * 194)
+    _, second = rmtprune.compress(net, keep_bulk=0.2)
+    lp = second["0"]
+    assert lp.action == "factor" and lp.n_spikes == 6 and lp.rank == 6 + math.floor(0.2 * 194)
+    assert lp.sigma2 == pytest.approx(first["0"].sigma2, rel=0.05)  # censored refit of the same bulk
+    assert net[0].rank == lp.rank
+
+
+def test_censored_fit_equals_plain_fit_when_nothing_in_window_was_cut() -> None:
+    s = torch.linalg.svdvals(planted(100, 200, 3, 5).double()).numpy()
+    full = rmtprune.fit_bulk(s, (100, 200))
+    cut = _fit_censored(s[:80], (100, 200), 0.25, 0.1)  # p - k = 20 < ceil(0.25 p)
+    assert cut.sigma2 == pytest.approx(full.sigma2, rel=1e-12) and cut.n_spikes == full.n_spikes
+    assert _fit_censored(s[:4], (100, 200), 0.25, 0.1) is None
+
+
+# ---------------------------------------------------------------------- actions and skips
+def test_dense_truncate_or_keep_when_factoring_does_not_pay() -> None:
+    net = planted_mlp()
+    cfg = dict(rule="fixed", ratio=0.9, include=["0"])
+    p = rmtprune.plan(net, CompressionConfig(**cfg))
+    assert p["0"].action == "keep" and "would not save parameters" in p["0"].reason
+    _, rep = rmtprune.compress(net, CompressionConfig(**cfg, dense_truncate=True))
+    assert rep["0"].action == "dense-truncate" and isinstance(net[0], nn.Linear)
+    s = torch.linalg.svdvals(net[0].weight.detach().double())
+    assert s[179] > 1e-3 * s[0] and s[180] < 1e-5 * s[0]
+    assert rep["2"].action == "skip" and "include" in rep["2"].reason
+
+
+class Odd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 20)
+        self.grouped = nn.Conv2d(4, 8, 3, groups=2)
+        self.attn = nn.MultiheadAttention(20, 2)
+        self.fc = nn.Linear(20, 30)
+        self.conv3 = nn.Conv3d(2, 3, 2)
+
+
+def test_unsupported_layers_are_skipped_with_a_reason() -> None:
+    p = rmtprune.plan(Odd(), CompressionConfig(exclude=["fc"]))
+    reasons = {lp.name: (lp.action, lp.reason) for lp in p}
+    assert reasons["emb"] == ("skip", "unsupported layer type Embedding")
+    assert reasons["grouped"][0] == "skip" and "groups=2" in reasons["grouped"][1]
+    assert reasons["attn"][0] == "skip" and "MultiheadAttention" in reasons["attn"][1]
+    assert "attn.out_proj" not in reasons
+    assert reasons["fc"] == ("skip", "excluded by pattern 'fc'")
+    assert reasons["conv3"] == ("skip", "unsupported layer type Conv3d")
+
+
+def test_patterns_matching_nothing_warn() -> None:
+    with pytest.warns(UserWarning, match="include pattern 'nope' matches no layer") as record:
+        p = rmtprune.plan(planted_mlp(), CompressionConfig(include=["0", "nope"], overrides={"zz": {}}))
+    expected = ["include pattern 'nope' matches no layer", "override pattern 'zz' matches no layer"]
+    assert p.warnings == expected and [str(w.message) for w in record] == expected
+
+
+# ---------------------------------------------------------------------- bad input
+def test_nan_weights_name_the_layer_and_leave_the_model() -> None:
+    net = planted_mlp()
+    with torch.no_grad():
+        net[2].weight[3, 4] = float("nan")
+    snap = snapshot(net)
+    with pytest.raises(InvalidWeightsError, match="layer '2' has NaN or Inf"):
+        rmtprune.compress(net)
+    assert isinstance(net[0], nn.Linear) and isinstance(net[2], nn.Linear)
+    sd = net.state_dict()
+    assert all(torch.allclose(sd[k], snap[k], equal_nan=True) for k in snap)
+
+
+def test_rank_larger_than_possible_names_the_layer() -> None:
+    with pytest.raises(ValueError, match=r"rank=250 must be in \[1, 200\].*layer '0'"):
+        rmtprune.plan(planted_mlp(), CompressionConfig(rule="fixed", rank=250))
+
+
+def test_model_without_prunable_layer() -> None:
+    with pytest.raises(RmtpruneError, match="has no prunable layer"):
+        rmtprune.plan(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="unknown config field"):
+        rmtprune.compress(planted_mlp(), keepbulk=0.3)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        rmtprune.plan("model")  # type: ignore[arg-type]
+
+
+def test_apply_restores_every_layer_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = planted_cnn()
+    snap = snapshot(net)
+    p = rmtprune.plan(net)
+    changed = [lp.name for lp in p if lp.changes]
+    assert "conv2" in changed and changed[-1] == "fc"
+    orig = LinearHandler.build
+
+    def boom(self, module, A, B):  # fails on the second layer to cut (fc), after conv2 was replaced
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(LinearHandler, "build", boom)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        rmtprune.apply(net, p)
+    assert isinstance(net.conv2, nn.Conv2d) and same_state(net, snap) and not p.applied
+    monkeypatch.setattr(LinearHandler, "build", orig)
+    rmtprune.apply(net, p)
+    assert isinstance(net.conv2, LowRankConv2d) and p.applied
+    with pytest.raises(ValueError, match="already applied"):
+        rmtprune.apply(net, p)
+
+
+def test_apply_rejects_a_plan_for_another_model() -> None:
+    p = rmtprune.plan(planted_mlp())
+    other = nn.Sequential(nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 150), nn.ReLU(), nn.Linear(150, 10))
+    with pytest.raises(ValueError, match="layer '0' has matrix"):
+        rmtprune.apply(other, p)
+    with pytest.raises(ValueError, match="layer '0' is missing"):
+        rmtprune.apply(nn.Sequential(), p)
+
+
+def test_apply_recomputes_the_svd_when_weights_changed_after_plan() -> None:
+    net = planted_mlp()
+    p = rmtprune.plan(net, keep_svd=True)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    W = net[0].weight.detach().double().clone()
+    rmtprune.apply(net, p)
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    ref = (U[:, :6] * s[:6]) @ Vh[:6]
+    assert torch.allclose(net[0].dense_weight().double(), ref, atol=1e-4)
+
+
+def test_trainability_and_mode_are_carried_over() -> None:
+    net = planted_mlp()
+    net[0].weight.requires_grad_(False)
+    net.eval()
+    rmtprune.compress(net)
+    assert not net[0].first.weight.requires_grad and net[0].second.bias.requires_grad
+    assert net[2].first.weight.requires_grad and not net[0].training
+
+
+# ---------------------------------------------------------------------- registry, transposed weights
+class FakeConv1D(nn.Module):
+    """Mimics transformers' Conv1D: weight stored ``in x out``, ``y = x @ W + b``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.empty(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_registered_transposed_linear_is_compressed() -> None:
+    register_handler(FakeConv1D, TransposedLinearHandler())
+    layer = FakeConv1D(120, 200)
+    with torch.no_grad():
+        layer.weight.copy_(planted(120, 200, 5, 9).T)
+        layer.bias.normal_()
+    net = nn.Sequential(layer)
+    x = torch.randn(3, 200)
+    _, rep = rmtprune.compress(net)
+    assert rep["0"].matrix_shape == (120, 200) and rep["0"].rank == 5
+    assert isinstance(net[0], LowRankLinear) and net[0].original_type == "FakeConv1D"
+    with torch.no_grad():
+        y = layer(x)
+    full = nn.Sequential(layer)
+    rmtprune.compress(full, rule="fixed", ratio=1.0, factor_only_if_smaller=False, ks_max=math.inf)
+    with torch.no_grad():
+        assert torch.allclose(full(x), y, atol=1e-4)
+    with pytest.raises(TypeError, match="must be an nn.Module subclass"):
+        register_handler(int, LayerHandler())
+
+
+def test_transformers_conv1d_when_installed() -> None:
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    layer = pytorch_utils.Conv1D(60, 40)
+    assert isinstance(handler_for(layer), TransposedLinearHandler)
