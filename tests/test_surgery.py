@@ -228,7 +228,7 @@ def test_unsupported_layers_are_skipped_with_a_reason() -> None:
 
 
 def test_patterns_matching_nothing_warn() -> None:
-    with pytest.warns(UserWarning, match="include pattern 'nope' matches no layer") as record:
+    with pytest.warns(UserWarning) as record:
         p = rmtprune.plan(planted_mlp(), CompressionConfig(include=["0", "nope"], overrides={"zz": {}}))
     expected = ["include pattern 'nope' matches no layer", "override pattern 'zz' matches no layer"]
     assert p.warnings == expected and [str(w.message) for w in record] == expected
