@@ -106,6 +106,7 @@ DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 _CHUNK = 1 << 16
+_GATHER_BYTES = 16 << 20  # FastLoader gathers this much at a time
 _MEMORY: dict[tuple[str, str, str], Dataset] = {}
 
 
@@ -586,12 +587,19 @@ class FastLoader:
             for start in range(0, stop, bs):
                 yield x[start : start + bs], y[start : start + bs]
             return
-        perm = torch.randperm(n, generator=self.generator)
+        perm = torch.randperm(n, generator=self.generator)[:stop]
         if perm.device != x.device:
             perm = perm.to(x.device)
-        for start in range(0, stop, bs):
-            idx = perm[start : start + bs]
-            yield x.index_select(0, idx), y.index_select(0, idx)
+        # Gather whole chunks of batches (about _GATHER_BYTES each), then yield views: one
+        # parallel gather per chunk instead of per batch. On a busy machine, per-batch gathers
+        # with 2 threads were 20x slower than this (thread hand-offs), and memory stays bounded.
+        row_bytes = max(1, x[:1].numel() * x.element_size())
+        chunk = bs * max(1, _GATHER_BYTES // (bs * row_bytes))
+        for c0 in range(0, stop, chunk):
+            idx = perm[c0 : c0 + chunk]
+            xc, yc = x.index_select(0, idx), y.index_select(0, idx)
+            for start in range(0, idx.shape[0], bs):
+                yield xc[start : start + bs], yc[start : start + bs]
 
 
 def batches(
