@@ -152,6 +152,12 @@ def test_local_checksum_mismatch_is_an_error(no_env: Path, tmp_path: Path) -> No
         D.load_dataset("mnist", "test", data_dir=tmp_path / "bad")
 
 
+def test_files_of_the_other_dataset_are_named(no_env: Path) -> None:
+    # data_dir pointing straight at the MNIST folder, asked for Fashion-MNIST
+    with pytest.raises(RmtpruneError, match="is the mnist file, not fashion-mnist"):
+        D.load_dataset("fashion-mnist", "test", data_dir=SHARED / "mnist", download=False)
+
+
 # ----------------------------------------------------------------------------- digits
 
 

@@ -426,6 +426,12 @@ def _decode_split(name: str, folder: Path, split: str, verify: bool = True) -> t
         for f in (images_file, labels_file):
             digest = sha256_file(f)
             if digest != SHA256[name][f.name]:
+                other = [k for k, sums in SHA256.items() if k != name and digest in sums.values()]
+                if other:
+                    raise RmtpruneError(
+                        f"{str(f)!r} is the {other[0]} file, not {name}: keep each dataset in its own "
+                        f"folder (<dir>/{name}/ and <dir>/{other[0]}/)"
+                    )
                 raise RmtpruneError(
                     f"sha256 mismatch for {str(f)!r}: expected {SHA256[name][f.name]}, got {digest}; "
                     "the file is corrupt or not the original: delete it (it will be downloaded again) "
