@@ -111,6 +111,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="let the output (logits) layer be cut below its full rank too (by default it is not)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice); resume is bit-identical with the same N",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(_names=tuple(defaults))
@@ -188,6 +195,12 @@ def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune train``."""
     from ..training import train
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     log = None if args.quiet else (lambda line: print(line, flush=True))
     progress_bar = False if args.no_progress else None
     try:
