@@ -1,0 +1,332 @@
+"""``rmtprune compress``: cut the noise of every prunable layer as low-rank factors and save the model.
+
+Input: ``--model MODULE:FACTORY`` (a zero-argument callable returning the ``nn.Module``) or a
+reference model spec (``--model mlp:1000 --dataset mnist``), with optional ``--weights FILE``
+(safetensors, an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``);
+or ``CHECKPOINT``, a file written by rmtprune whose manifest records how to rebuild the model.
+Output: ``OUT`` (``.safetensors`` with the manifest embedded), ``OUT`` with suffix ``.json`` (the
+manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``; every file is written
+atomically, and a failure half way removes the files this run wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+#: CLI flag -> (CompressionConfig field, type, metavar).
+_FLAGS: dict[str, tuple[str, type, str | None]] = {
+    "--rule": ("rule", str, None),
+    "--keep-bulk": ("keep_bulk", float, "F"),
+    "--alpha": ("alpha", float, "A"),
+    "--beta": ("beta", float, "B"),
+    "--ks-max": ("ks_max", float, "KS"),
+    "--min-rank": ("min_rank", int, "K"),
+    "--energy": ("energy", float, "FRACTION"),
+    "--ratio": ("ratio", float, "R"),
+    "--rank": ("rank", int, "K"),
+    "--sigma": ("sigma", float, "SIGMA"),
+    "--svd-dtype": ("svd_dtype", str, None),
+}
+
+_EPILOG = """\
+actions: factor (replaced by two thin layers), dense-truncate (rank-k weight written back dense),
+keep (analysed, left as is: no MP-like bulk, too small, or factoring would not pay), skip (not
+analysed: unsupported type, grouped conv, or not selected by --include/--exclude).
+patterns: shell globs on dotted layer names; a name without wildcards also matches as a suffix.
+outputs: OUT (.safetensors), OUT.json (manifest), OUT.report.json and OUT.report.md (stem-based).
+exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, missing directory).
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``compress`` and its options."""
+    from ..config import CompressionConfig
+    from ..spectral import RULES
+
+    fields = {f.name: f for f in dataclasses.fields(CompressionConfig)}
+    p = subparsers.add_parser(
+        "compress",
+        help="replace noisy layers by low-rank factors (Marchenko-Pastur / BEMA rank)",
+        description=(
+            "Fit the Marchenko-Pastur bulk of every Linear/Conv1d/Conv2d layer, keep the spikes above "
+            "the Tracy-Widom edge (plus --keep-bulk of the bulk), and store each layer whose rank drops "
+            "as two thin layers. Prints the per-layer plan and totals; writes OUT and its report."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="[CHECKPOINT] OUT",
+        help="CHECKPOINT: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+    )
+    p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
+    p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
+    p.add_argument("--dataset", metavar="NAME", help="dataset giving input shape and classes of a model spec")
+    p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset files")
+    p.add_argument(
+        "--input-shape", metavar="C,H,W", help="shape of one input sample, for conv MACs (and model specs)"
+    )
+    p.add_argument("--num-classes", type=int, metavar="N", help="output classes of a model spec")
+    p.add_argument("--config", metavar="JSON", help="CompressionConfig as a JSON file (flags override it)")
+    choices = {"rule": sorted(RULES), "svd_dtype": ["float64", "float32"]}
+    for flag, (name, typ, metavar) in _FLAGS.items():
+        f = fields[name]
+        p.add_argument(
+            flag,
+            dest=name,
+            type=typ,
+            metavar=metavar,
+            choices=choices.get(name),
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+        )
+    p.add_argument(
+        "--include", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help="layers to compress"
+    )
+    p.add_argument(
+        "--exclude", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help="layers to leave"
+    )
+    p.add_argument(
+        "--dense-truncate",
+        dest="dense_truncate",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="where factoring would not save parameters, write the rank-k weight back dense",
+    )
+    p.add_argument(
+        "--factor-always",
+        dest="factor_only_if_smaller",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="factor even when k(m+n) >= mn",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
+    p.add_argument("--quiet", action="store_true", help="print only the totals")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+# ---------------------------------------------------------------------- arguments
+def _paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    paths = list(args.paths)
+    if len(paths) > 2:
+        raise ValueError(f"expected [CHECKPOINT] OUT, got {len(paths)} paths")
+    if len(paths) == 2:
+        return paths[0], paths[1]
+    if len(paths) == 1:
+        if args.model:
+            return None, paths[0]
+        if args.dry_run:
+            return paths[0], None
+        raise ValueError("give CHECKPOINT OUT, or --model MODULE:FACTORY with OUT")
+    if args.model and args.dry_run:
+        return None, None
+    raise ValueError("give [CHECKPOINT] OUT (or --model MODULE:FACTORY --dry-run)")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from ..config import CompressionConfig
+
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            base = CompressionConfig.from_json(Path(args.config)).to_dict()
+        except (OSError, ValueError, TypeError) as exc:
+            raise type(exc)(f"--config {args.config!r}: {exc}") from None
+    names = [f for f, _, _ in _FLAGS.values()] + [
+        "include",
+        "exclude",
+        "dense_truncate",
+        "factor_only_if_smaller",
+    ]
+    for name in names:
+        if hasattr(args, name):
+            base[name] = getattr(args, name)
+    given = vars(args)  # flags left out are absent (argparse.SUPPRESS)
+    if ("ratio" in given or "rank" in given) and "rule" not in given:
+        base["rule"] = "fixed"  # --ratio/--rank alone mean the fixed rule
+    if "ratio" in given and "rank" not in given:
+        base["rank"] = None
+    if "rank" in given and "ratio" not in given:
+        base["ratio"] = None
+    if "energy" in given and "rule" not in given:
+        base["rule"] = "energy"
+    return CompressionConfig(**base)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28") from None
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape {text!r} must be positive ints")
+    return shape
+
+
+def _factory_args(args: argparse.Namespace) -> dict[str, Any]:
+    """input_shape / num_classes for a reference model spec, from --dataset or the flags."""
+    out: dict[str, Any] = {}
+    if args.dataset:
+        from ..data import load_dataset
+
+        ds = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+        out = {"input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes)}
+    if args.input_shape:
+        out["input_shape"] = list(_shape(args.input_shape))
+    if args.num_classes is not None:
+        out["num_classes"] = int(args.num_classes)
+    return out
+
+
+def _is_spec(spec: str) -> bool:
+    from ..models import MODEL_FAMILIES
+
+    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
+
+
+def _load_weights(model: Any, path: str) -> None:
+    import torch
+
+    from .. import io as rio
+    from ..errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"--weights {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        rio.load(path, model)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"--weights {path!r} is not a readable torch state dict ({exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--weights {path!r} does not hold a state dict of tensors")
+    rio.check_tensors(model, {k: tuple(v.shape) for k, v in state.items()}, Path(path))
+    model.load_state_dict(state, strict=False)
+
+
+def _load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str | None, dict[str, Any], int]:
+    """The model, its factory (for OUT's manifest), factory args, and the input file size."""
+    from .. import io as rio
+    from ..errors import CheckpointError
+
+    fargs = _factory_args(args)
+    if ckpt is not None:
+        if args.weights:
+            raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
+        manifest = rio.read_manifest(ckpt) or {}
+        factory = args.model or manifest.get("factory")
+        if not factory:
+            raise CheckpointError(
+                f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
+            )
+        if not args.model:
+            fargs = {**manifest.get("factory_args", {}), **fargs}
+        fargs = fargs if _is_spec(factory) else {}
+        model = rio.build_factory(factory, **fargs)
+        rio.load(ckpt, model)
+        return model, factory, fargs, os.path.getsize(ckpt)
+    fargs = fargs if _is_spec(args.model) else {}
+    model = rio.build_factory(args.model, **fargs)
+    if args.weights:
+        _load_weights(model, args.weights)
+        size = os.path.getsize(args.weights)
+    else:
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model, args.model, fargs, size
+
+
+# ---------------------------------------------------------------------- run
+def _human_bytes(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``rmtprune compress``."""
+    import torch
+
+    from .. import io as rio
+    from .._atomic import atomic_write_text, check_writable_dir
+    from ..surgery import apply, plan
+
+    ckpt, out = _paths(args)
+    config = _config(args)
+    if out is not None and not args.dry_run:
+        out_path = Path(out).expanduser()
+        if out_path.suffix != ".safetensors":
+            raise ValueError(f"OUT {out!r} must end in .safetensors")
+        check_writable_dir(out_path)
+    model, factory, fargs, size_before = _load_model(args, ckpt)
+
+    example = None
+    shape = fargs.get("input_shape") or (_shape(args.input_shape) if args.input_shape else None)
+    if shape:
+        ref = next(model.parameters(), None)
+        example = torch.zeros(1, *shape, dtype=ref.dtype if ref is not None else torch.float32)
+    show = False if args.no_progress else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        the_plan = plan(model, config, example_input=example, progress=show, keep_svd=not args.dry_run)
+    for w in caught:
+        print(f"rmtprune: warning: {w.message}", file=sys.stderr)
+
+    if args.dry_run:
+        print(the_plan.table() if not args.quiet else "\n".join(the_plan.summary_lines()))
+        print("dry run: nothing written")
+        return 0
+    apply(model, the_plan, progress=show)
+    out_path = Path(out).expanduser()
+    stem = out_path.with_suffix("")
+    report_json, report_md = Path(f"{stem}.report.json"), Path(f"{stem}.report.md")
+    written: list[Path] = []
+    try:
+        rio.save(model, out_path, plan=the_plan, factory=factory, factory_args=fargs)
+        written += [out_path, rio.manifest_path(out_path)]
+        size_after = os.path.getsize(out_path)
+        files = {"input": ckpt or args.weights, "size_before": size_before, "output": str(out_path)}
+        files["size_after"] = size_after
+        data = the_plan.to_dict()
+        data["files"] = files
+        data["command"] = " ".join(["rmtprune", *sys.argv[1:]]) if sys.argv else "rmtprune compress"
+        atomic_write_text(report_json, json.dumps(data, indent=2) + "\n")
+        written.append(report_json)
+        md = [
+            f"# rmtprune compress: {out_path.name}",
+            "",
+            f"rmtprune {the_plan.rmtprune_version}, rule `{config.rule}`, config in `{report_json.name}`.",
+            "",
+            the_plan.to_markdown(),
+            f"- file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}",
+            "",
+        ]
+        atomic_write_text(report_md, "\n".join(md))
+        written.append(report_md)
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
+    if not args.quiet:
+        print(the_plan.table(), end="")
+    else:
+        print("\n".join(the_plan.summary_lines()))
+    print(f"file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}")
+    print(f"wrote {out_path}, {rio.manifest_path(out_path).name}, {report_json.name}, {report_md.name}")
+    return 0
