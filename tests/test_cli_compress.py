@@ -1,4 +1,4 @@
-"""``rmtprune compress``: outputs, dry run, re-compressing a checkpoint, and every bad input (exit 2, no files)."""
+"""``rmtprune compress``: outputs, dry run, checkpoint re-compress, and bad input (exit 2, no files)."""
 
 from __future__ import annotations
 
