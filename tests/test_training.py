@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import rmtprune
 from rmtprune.errors import CheckpointError, RmtpruneError
 from rmtprune.training import (
     CHECKPOINT,
@@ -380,6 +381,9 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     full_sd, res_sd = full.model.state_dict(), resumed.model.state_dict()
     assert list(full_sd) == list(res_sd)
     assert all(torch.equal(full_sd[k], res_sd[k]) for k in full_sd)
+    saved = rmtprune.load(tmp_path / "cut" / "model.safetensors")  # rebuilt from the recorded spec
+    assert saved.fc1.rank == full.model.fc1.rank
+    assert all(torch.equal(saved.state_dict()[k], full_sd[k]) for k in full_sd)
 
 
 def test_resume_refuses_a_changed_configuration_but_allows_more_epochs(tmp_path):

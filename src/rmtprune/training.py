@@ -1073,7 +1073,7 @@ def train(
     if out_dir is not None:
         t0 = time.perf_counter()
         _write_plots(out_dir, metrics)
-        _save_model(model, out_dir / "model.safetensors")
+        _save_model(model, out_dir / "model.safetensors", cfg, train_ds)
         timings["io"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_run
     return TrainResult(
@@ -1222,12 +1222,16 @@ def _restructure(model: nn.Module, architecture: dict[str, Any]) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _save_model(model: nn.Module, path: Path) -> None:
-    try:  # TEMPORARY until rmtprune.io lands (being written in parallel)
-        from .io import save
-    except ModuleNotFoundError:
-        return
-    save(model, path)
+def _save_model(model: nn.Module, path: Path, cfg: TrainConfig, data: Any) -> None:
+    """The final model as safetensors + manifest; ``rmtprune.load(path)`` rebuilds it from the spec."""
+    from .io import save
+
+    save(
+        model,
+        path,
+        factory=cfg.model,
+        factory_args={"input_shape": list(data.input_shape), "num_classes": int(data.num_classes)},
+    )
 
 
 def _report_rows(report: Any) -> list[dict[str, Any]]:
