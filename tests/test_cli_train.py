@@ -44,12 +44,30 @@ def _args(out, *extra: str) -> list[str]:
 
 def test_train_prints_epochs_and_a_final_table(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_args(out, "--prune-every", "1", "--keep-bulk", "0.3", "--l1", "1e-6", "--l2", "1e-6")) == 0
+    assert (
+        main(
+            _args(
+                out,
+                "--prune-every",
+                "1",
+                "--keep-bulk",
+                "0.3",
+                "--l1",
+                "1e-6",
+                "--l2",
+                "1e-6",
+                "--eval-before-prune",
+            )
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "epoch   1/2" in text and "epoch   2/2" in text
     assert "first" in text and "last" in text and "pruning" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics] == [1, 2]
+    assert all(r["pruned"] and r["test_acc_before_prune"] is not None for r in metrics)
+    assert "test acc before the cut" in text and "% of the training time" in text
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["prune_every"], cfg["keep_bulk"], cfg["l1"]) == (1, 0.3, 1e-6)
     assert (out / "decisions.csv").is_file() and (out / "ranks.png").is_file()

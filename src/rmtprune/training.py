@@ -387,7 +387,7 @@ _CORRUPT = "checkpoint.corrupt.pt"
 _FORMAT = "rmtprune-train-checkpoint"
 _VERSION = 1
 #: Config fields that may differ when a run is resumed (they do not change what was trained).
-_RESUME_MAY_CHANGE = ("epochs", "device", "track_spectra")
+_RESUME_MAY_CHANGE = ("epochs", "device", "track_spectra", "eval_before_prune")
 
 
 @dataclass
@@ -423,6 +423,9 @@ class TrainConfig:
     exclude: list[str] = field(default_factory=list, metadata={"help": "layer patterns never pruned"})
     train_subset: int | None = field(default=None, metadata={"help": "use the first n training samples"})
     test_subset: int | None = field(default=None, metadata={"help": "use the first n test samples"})
+    eval_before_prune: bool = field(
+        default=False, metadata={"help": "also measure test accuracy just before each cut"}
+    )
     track_spectra: bool = field(default=True, metadata={"help": "fit every layer's spectrum every epoch"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
@@ -430,7 +433,7 @@ class TrainConfig:
         for name in ("dataset", "model", "optimizer", "lr_schedule", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a string")
-        for name in ("prune", "track_spectra", "keep_output_rank"):
+        for name in ("prune", "track_spectra", "keep_output_rank", "eval_before_prune"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.optimizer not in OPTIMIZERS:
@@ -915,10 +918,9 @@ def _format_epoch(row: dict[str, Any], epochs: int) -> str:
         f"params {row['params']:,}  ({row['seconds_train']:.1f} s"
     )
     if row["pruned"]:
-        line += (
-            f", pruned f={row['f']:.3f} in {row['seconds_prune']:.2f} s, "
-            f"test acc before the cut {100 * row['test_acc_before_prune']:.2f}%"
-        )
+        line += f", pruned f={row['f']:.3f} in {row['seconds_prune']:.2f} s"
+        if row.get("test_acc_before_prune") is not None:
+            line += f", test acc before the cut {100 * row['test_acc_before_prune']:.2f}%"
     return line + ")"
 
 
@@ -1133,9 +1135,10 @@ def _run_epoch(
     acc_before = None
     layers: dict[str, dict[str, Any]] = {}
     if pruned:
-        t0 = time.perf_counter()
-        _, acc_before = evaluate(model, test_ds, cfg.device)
-        t_eval += time.perf_counter() - t0
+        if cfg.eval_before_prune:
+            t0 = time.perf_counter()
+            _, acc_before = evaluate(model, test_ds, cfg.device)
+            t_eval += time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner.prune(model, epoch, optimizer)
         t_prune = time.perf_counter() - t0

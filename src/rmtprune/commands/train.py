@@ -98,6 +98,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="train without pruning (the baseline)",
     )
     p.add_argument(
+        "--eval-before-prune",
+        dest="eval_before_prune",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="also measure test accuracy just before each cut (one more evaluation per cut)",
+    )
+    p.add_argument(
         "--no-track-spectra",
         dest="track_spectra",
         action="store_false",
@@ -183,9 +190,11 @@ def summary(result: Any) -> str:
         out.append(_table(lrows, right={1, 2, 3, 4, 5}))
     cuts = sum(1 for r in m if r.get("pruned"))
     if run > 0:
+        train_s = t.get("train", 0.0)
+        rel = f"{100 * t.get('prune', 0) / train_s:.1f}% of the training time, " if train_s > 0 else ""
         out.append(
-            f"time: train {t.get('train', 0):.1f} s, pruning {t.get('prune', 0):.2f} s over {cuts} cut(s) "
-            f"({100 * t.get('prune', 0) / run:.1f}% of the run), evaluation {t.get('eval', 0):.1f} s, "
+            f"time: train {train_s:.1f} s, pruning {t.get('prune', 0):.2f} s over {cuts} cut(s) "
+            f"({rel}{100 * t.get('prune', 0) / run:.1f}% of the run), evaluation {t.get('eval', 0):.1f} s, "
             f"spectra {t.get('spectra', 0):.1f} s, files {t.get('io', 0):.1f} s"
         )
     return "\n\n".join(out)
