@@ -224,10 +224,13 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), shared with other jobs)",
-        f"- command: `{args.command}`",
+        "- commands:"
+        + "".join(sorted({f" `{r['command']}`;" for r in results.values() if r.get("command")}))
+        + (f" then `{args.command}`" if args.render else ""),
         f"- total time: {seconds / 60:.1f} min",
         f"- model: `{SPEC}` ({results[next(iter(results))]['dense']['total']:,} parameters), trained "
-        f"{args.epochs} epochs (Adam 1e-3, cosine, batch 128) on {args.train_subset or 60000} training "
+        f"{', '.join(f'{n} epoch(s) on {ds}' for ds, n in args.epochs_of.items())} "
+        f"(Adam 1e-3, cosine, batch 128) on {args.train_subset or 60000} training "
         f"images; accuracy on {'the first ' + str(args.test_subset) if args.test_subset else 'all 10,000'} "
         "test images",
         f"- short fine-tune (same for every method): {args.cycles} cycles with the target ramping linearly, "
@@ -329,7 +332,9 @@ def _verdict(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist"])
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument(
+        "--epochs", default="fashion-mnist=2,mnist=1", help="training epochs: N, or DATASET=N,... per dataset"
+    )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
@@ -337,20 +342,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--headline", default="0.5", help="sparsities run with every seed (others: seed 0)")
     p.add_argument("--seeds", type=int, default=3, help="fine-tune seeds at the headline sparsities")
     p.add_argument("--cycles", type=int, default=3)
-    p.add_argument("--cycle-steps", type=int, default=30)
-    p.add_argument("--ft-epochs", type=float, default=0.25)
+    p.add_argument("--cycle-steps", type=int, default=10)
+    p.add_argument("--ft-epochs", type=float, default=0.15)
     p.add_argument("--ft-lr", type=float, default=3e-4)
     p.add_argument("--keep-bulk", default="0,0.25,0.5")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 6000 images, 3 sparsities")
     p.add_argument("--out", type=Path, default=RESULTS / "sparsify_vit.md")
     p.add_argument("--json", type=Path, default=None, help="raw results (default: beside --out)")
+    p.add_argument(
+        "--render",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="only write the report and plot from raw results JSON files (of parallel runs)",
+    )
     args = p.parse_args(argv)
     args.command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sparsify_vit.py", *sys.argv[1:]])
     if args.quick:
-        args.epochs, args.train_subset, args.test_subset = 1, 6000, 2000
+        args.epochs, args.train_subset, args.test_subset = "1", 6000, 2000
         args.sparsities, args.ft_sparsities, args.headline, args.seeds = "0.3,0.5,0.7", "0.5", "0.5", 2
     torch.set_num_threads(args.threads)
+    if args.render:
+        results = {}
+        for path in args.render:
+            results.update(json.loads(path.read_text()))
+        args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
+        seconds = sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"] + res["lowrank"])
+        _write(args, results, seconds)
+        return 0
+    args.epochs_of = _epochs(args.epochs, args.datasets)
     os.environ.setdefault("RMTPRUNE_DATA", str(ROOT.parent / "shared" / "data"))
     sparsities = [float(v) for v in args.sparsities.split(",")]
     ft_sparsities = [float(v) for v in args.ft_sparsities.split(",")]
@@ -360,15 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or args.out.with_suffix(".json")
     for ds in args.datasets:
         _log(f"[{ds}] training / loading the ViT")
-        base, info = train_vit(ds, 0, args.epochs, args.train_subset)
+        base, info = train_vit(ds, 0, args.epochs_of[ds], args.train_subset)
         train_ds = load_dataset(ds, "train")
         if args.train_subset:
             train_ds = train_ds.subset(args.train_subset)
         test_ds = load_dataset(ds, "test")
         test = batches(test_ds.subset(args.test_subset) if args.test_subset else test_ds, 1000)
         dense = {"accuracy": evaluate(base, test)["accuracy"], **count_nonzeros(base), **info}
+        dense["epochs"] = args.epochs_of[ds]
         _log(f"[{ds}] dense accuracy {100 * dense['accuracy']:.2f}%")
-        res: dict[str, Any] = {"dense": dense, "sparse": [], "lowrank": []}
+        res: dict[str, Any] = {"dense": dense, "sparse": [], "lowrank": [], "command": args.command}
         results[ds] = res
         jobs = []
         for t in sparsities:
@@ -396,12 +418,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"stored={row['stored']:,}"
                 )
         atomic_write_text(json_path, json.dumps(results, indent=1))
-    seconds = time.perf_counter() - t0
+    _write(args, results, time.perf_counter() - t0)
+    return 0
+
+
+def _epochs(text: str, datasets: list[str]) -> dict[str, int]:
+    if "=" not in text:
+        return {ds: int(text) for ds in datasets}
+    pairs = dict(item.split("=") for item in text.split(","))
+    missing = [ds for ds in datasets if ds not in pairs]
+    if missing:
+        raise SystemExit(f"--epochs {text!r} gives no epochs for {missing}")
+    return {ds: int(pairs[ds]) for ds in datasets}
+
+
+def _write(args: argparse.Namespace, results: dict[str, Any], seconds: float) -> None:
     _plot(args.out.with_suffix(".png"), results)
     text = _report(args, results, seconds)
     atomic_write_text(args.out, text)
     print(text)
-    return 0
 
 
 if __name__ == "__main__":
