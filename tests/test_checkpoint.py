@@ -474,3 +474,17 @@ def test_real_mnist_trained_layer(tmp_path: Path, data_dir: Path) -> None:
     (la,) = analyze_checkpoint(tmp_path / "ae.safetensors").layers
     assert la.verdict == "fit", la.message
     assert 1 <= la.fit.n_spikes < 64
+
+
+def test_sharded_torch_bin_directory(tmp_path: Path) -> None:
+    """Hugging Face ``pytorch_model-*.bin`` shards plus their index, in a directory without safetensors."""
+    sd = state_dict()
+    weight_map = {}
+    for i, part in enumerate(_shards(sd), start=1):
+        name = f"pytorch_model-{i:05d}-of-00002.bin"
+        torch.save(part, tmp_path / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    res = analyze_checkpoint(tmp_path)
+    assert res.format == "torch-sharded" and res.n_tensors == 8
+    assert {la.name for la in res.layers} == {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}
