@@ -130,3 +130,43 @@ def test_resume_with_a_changed_option_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--lr", "0.9"]) == 2
     assert "lr=0.9 differs from the run being resumed (lr=0.05)" in capsys.readouterr().err
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_mnist(tmp_path, monkeypatch):
+    """No MNIST anywhere and no way to download it (a refused local port), so the demo falls back."""
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("RMTPRUNE_DATA", str(empty))
+    monkeypatch.setenv("RMTPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RMTPRUNE_MIRRORS", "http://127.0.0.1:9/")
+    return empty
+
+
+def test_demo_falls_back_to_digits_and_prints_a_before_after_table(tmp_path, capsys, monkeypatch, no_mnist):
+    import rmtprune
+    from rmtprune.commands import demo
+
+    monkeypatch.setattr(demo, "DEMO_EPOCHS", {"mnist": 1, "digits": 3})
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "falling back to scikit-learn's bundled 8x8 digits" in text
+    for word in ("before", "after", "test accuracy", "parameters", "latency (batch 256, median)", "faster"):
+        assert word in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "digits"
+    assert summary["after"]["params"] < summary["before"]["params"]
+    assert summary["before"]["test_acc"] > 0.8
+    assert (out / "esd_fc1.png").stat().st_size > 10_000
+    model = rmtprune.load(out / "model.safetensors")  # rebuilt from the recorded spec
+    assert sum(p.numel() for p in model.parameters()) == summary["after"]["params"]
+
+
+def test_demo_unwritable_output(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file" / "demo")]) == 2
+    assert "cannot create output directory" in capsys.readouterr().err

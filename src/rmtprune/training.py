@@ -856,15 +856,20 @@ def _resume_config(
     return cfg
 
 
-def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
-    out_dir = Path(out).expanduser()
+def writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create directory ``path`` if needed and prove it writable with a real write, or raise.
+
+    Raises :class:`RmtpruneError` with the path and the system's reason (``os.access`` is not
+    enough: it says yes to root on a read-only file system).
+    """
+    out_dir = Path(path).expanduser()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RmtpruneError(
             f"cannot create output directory {str(out_dir)!r}: {exc.strerror or exc}"
         ) from exc
-    try:  # a real write: os.access says yes to root on a read-only file system
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
         os.close(fd)
         os.unlink(probe)
@@ -872,6 +877,11 @@ def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
         raise RmtpruneError(
             f"output directory {str(out_dir)!r} is not writable: {exc.strerror or exc}"
         ) from exc
+    return out_dir
+
+
+def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
+    out_dir = writable_dir(out)
     if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS_CHECKPOINT).exists()):
         raise RmtpruneError(
             f"output directory {str(out_dir)!r} already holds a run ({CHECKPOINT}); pass resume=True "
