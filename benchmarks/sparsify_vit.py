@@ -205,6 +205,9 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
                     f"kb={r['keep_bulk']:g}", (r["stored"] / r["total"], 100 * r["accuracy"]), fontsize=7
                 )
         ax.axhline(100 * dense_acc, color="gray", lw=0.8, label="dense")
+        if "accuracy_ft" in res["dense"]:
+            acc_ft = 100 * res["dense"]["accuracy_ft"]
+            ax.axhline(acc_ft, color="gray", lw=0.8, ls=":", label="dense + same fine-tune")
         ax.set_xlabel("parameters stored / dense")
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.set_ylim(max(0, 100 * dense_acc - 30), 100 * dense_acc + 2)
@@ -244,12 +247,13 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
     ]
     for ds, res in results.items():
         dense = res["dense"]
-        lines += [
-            f"## {ds}",
-            "",
-            f"Dense: {100 * dense['accuracy']:.2f}% ({dense['total']:,} parameters).",
-            "",
-        ]
+        head = f"Dense: {100 * dense['accuracy']:.2f}% ({dense['total']:,} parameters)"
+        if "accuracy_ft" in dense:
+            head += (
+                "; the dense model given the same fine-tune (steps, lr, L1/L2, no masks): "
+                f"{100 * dense['accuracy_ft']:.2f}%"
+            )
+        lines += [f"## {ds}", "", head + ".", ""]
         lines += [
             "| sparsity | fine-tune | global magnitude | uniform magnitude | RMT-guided | RMT - global (pp) "
             "| seeds |",
@@ -305,10 +309,14 @@ def _verdict(results: dict[str, Any]) -> list[str]:
         if not math.isnan(half):
             loss = 100 * (dense - half)
             ok = "met" if loss <= 1.0 else "NOT met"
-            out.append(
-                f"- {ds}, 50% sparsity after the short fine-tune: RMT-guided loses {loss:.2f} pp "
-                f"(target <= 1 pp: {ok})."
+            text = (
+                f"- {ds}, 50% sparsity after the short fine-tune: RMT-guided loses {loss:.2f} pp against "
+                f"the dense model (target <= 1 pp: {ok})"
             )
+            if "accuracy_ft" in res["dense"]:
+                gap = 100 * (res["dense"]["accuracy_ft"] - half)
+                text += f"; {gap:.2f} pp against the dense model fine-tuned alike"
+            out.append(text + ".")
         for ft in (False, True):
             worse = []
             for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
@@ -389,6 +397,15 @@ def main(argv: list[str] | None = None) -> int:
         test = batches(test_ds.subset(args.test_subset) if args.test_subset else test_ds, 1000)
         dense = {"accuracy": evaluate(base, test)["accuracy"], **count_nonzeros(base), **info}
         dense["epochs"] = args.epochs_of[ds]
+        if ft_sparsities:  # the dense model given the same fine-tune: what the fine-tune alone does
+            from rmtprune.finetune import finetune
+
+            tuned = copy.deepcopy(base)
+            loader = batches(train_ds, 128, shuffle=True, generator=torch.Generator().manual_seed(1000))
+            steps = args.cycles * args.cycle_steps + int(round(args.ft_epochs * len(loader)))
+            finetune(tuned, loader, steps=steps, lr=args.ft_lr, l1=1e-6, l2=1e-6)
+            dense["accuracy_ft"] = evaluate(tuned, test)["accuracy"]
+            _log(f"[{ds}] dense + same fine-tune {100 * dense['accuracy_ft']:.2f}%")
         _log(f"[{ds}] dense accuracy {100 * dense['accuracy']:.2f}%")
         res: dict[str, Any] = {"dense": dense, "sparse": [], "lowrank": [], "command": args.command}
         results[ds] = res
