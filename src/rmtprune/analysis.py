@@ -50,6 +50,10 @@ def as_matrix(weight: Any) -> torch.Tensor:
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
     """Singular values of a 2-D tensor, descending, computed in float64 on the CPU."""
     m = matrix.detach().to(device="cpu", dtype=torch.float64)
+    if m.shape[0] < m.shape[1]:
+        # Same values; LAPACK is 3-5x faster on the tall orientation (measured: 768x3072 2.8 s
+        # vs 0.63 s for its transpose on 2 cores).
+        m = m.T
     return torch.linalg.svdvals(m).numpy()
 
 
