@@ -77,20 +77,29 @@ def same_state(model: nn.Module, snap: dict) -> bool:
 
 
 # ---------------------------------------------------------------------- the default rule finds planted ranks
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# The Tracy-Widom margin is the (1 - beta) quantile of the top noise value: at the default beta=0.1
+# one noise value crosses the edge in ~10% of layers, so the default rule may keep planted + 1; at
+# beta=0.01 the planted rank is found exactly.
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_default_rule_cuts_mlp_to_planted_rank(seed: int) -> None:
     net = planted_mlp((6, 4), seed)
     p = rmtprune.plan(net)
-    assert (p["0"].action, p["0"].rank, p["0"].n_spikes) == ("factor", 6, 6)
-    assert (p["2"].action, p["2"].rank) == ("factor", 4)
+    for name, r in (("0", 6), ("2", 4)):
+        assert p[name].action == "factor" and r <= p[name].rank <= r + 1
+        assert p[name].rank == p[name].n_spikes
+    strict = rmtprune.plan(net, CompressionConfig(beta=0.01))
+    assert (strict["0"].rank, strict["2"].rank) == (6, 4)
 
 
-def test_default_rule_cuts_cnn_to_planted_rank() -> None:
-    net = planted_cnn(5)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_rule_cuts_cnn_to_planted_rank(seed: int) -> None:
+    net = planted_cnn(5, seed)
     p = rmtprune.plan(net)
-    assert (p["conv2"].action, p["conv2"].rank) == ("factor", 5)
-    assert (p["fc"].action, p["fc"].rank) == ("factor", 7)
+    assert p["conv2"].action == "factor" and 5 <= p["conv2"].rank <= 6
+    assert p["fc"].action == "factor" and 7 <= p["fc"].rank <= 8
     assert p["head"].action == "keep" and "too small" in p["head"].reason
+    strict = rmtprune.plan(net, CompressionConfig(beta=0.01))
+    assert (strict["conv2"].rank, strict["fc"].rank) == (5, 7)
 
 
 # ---------------------------------------------------------------------- plan is read-only, serializable
@@ -128,8 +137,8 @@ def test_full_rank_compress_reproduces_outputs(dtype: torch.dtype) -> None:
 
 def test_after_compress_forward_backward_and_step_work() -> None:
     net = planted_mlp()
-    rmtprune.compress(net)
-    assert isinstance(net[0], LowRankLinear) and net[0].rank == 6
+    _, rep = rmtprune.compress(net)
+    assert isinstance(net[0], LowRankLinear) and net[0].rank == rep["0"].rank >= 6
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = torch.randn(8, 300), torch.randint(0, 10, (8,))
     before = net[0].first.weight.detach().clone()
@@ -163,22 +172,22 @@ def test_recut_is_consistent_with_direct_cut() -> None:
 
 def test_compressing_twice_with_the_default_rule_is_stable() -> None:
     net = planted_mlp()
-    rmtprune.compress(net)
+    _, first = rmtprune.compress(net)
     x = torch.randn(4, 300)
     with torch.no_grad():
         y = net(x)
     _, rep = rmtprune.compress(net)
     assert all(lp.action == "keep" for lp in rep)
-    assert net[0].rank == 6 and net[2].rank == 4
+    assert net[0].rank == first["0"].rank and net[2].rank == first["2"].rank
     with torch.no_grad():
         assert torch.equal(net(x), y)
 
 
 def test_recut_with_shrinking_bulk_fraction_refits_the_bulk() -> None:
     net = planted_mlp()
-    _, first = rmtprune.compress(net, keep_bulk=0.4)
+    _, first = rmtprune.compress(net, keep_bulk=0.4, beta=0.01)
     assert first["0"].rank == 6 + math.floor(0.4 * 194)
-    _, second = rmtprune.compress(net, keep_bulk=0.2)
+    _, second = rmtprune.compress(net, keep_bulk=0.2, beta=0.01)
     lp = second["0"]
     assert lp.action == "factor" and lp.n_spikes == 6 and lp.rank == 6 + math.floor(0.2 * 194)
     assert lp.sigma2 == pytest.approx(first["0"].sigma2, rel=0.05)  # censored refit of the same bulk
@@ -303,7 +312,8 @@ def test_apply_recomputes_the_svd_when_weights_changed_after_plan() -> None:
     W = net[0].weight.detach().double().clone()
     rmtprune.apply(net, p)
     U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-    ref = (U[:, :6] * s[:6]) @ Vh[:6]
+    k = p["0"].rank
+    ref = (U[:, :k] * s[:k]) @ Vh[:k]
     assert torch.allclose(net[0].dense_weight().double(), ref, atol=1e-4)
 
 
