@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rmtprune import io as rio
 from rmtprune.cli import main
 from rmtprune.masks import masks_of
-from rmtprune.sparse_format import load_model
+from rmtprune.sparse_format import load_checkpoint, manifest_from_metadata, read_metadata
 
 FACTORY = """
 import torch
@@ -57,10 +58,11 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert report["achieved"] == pytest.approx(0.5, abs=1e-4) and report["target"] == 0.5
     assert (tmp_path / "out.report.md").read_text().startswith("# rmtprune sparsify report")
-    model = _model(factory)
-    meta = load_model(out, model)
-    assert meta["model"] == f"{factory}:make" and meta["sparsify"]["target"] == 0.5
-    assert len(masks_of(model)) >= 2
+    assert rio.read_manifest(out)["factory"] == f"{factory}:make"
+    assert (tmp_path / "out.json").is_file()  # the manifest beside it, as rmtprune compress writes
+    assert manifest_from_metadata(read_metadata(out))  # sparse storage
+    model = load_checkpoint(out)  # rebuilt from the recorded factory
+    assert len(masks_of(model)) >= 2 and _sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -81,9 +83,7 @@ def test_resparsify_from_its_own_output(factory, tmp_path):
     assert (
         main(["sparsify", str(first), str(second), "--target", "0.6", "--budget", "global", "--quiet"]) == 0
     )
-    a, b = _model(factory), _model(factory)
-    load_model(first, a)
-    load_model(second, b)
+    a, b = load_checkpoint(first), load_checkpoint(second)
     for key, mask in masks_of(a).items():
         assert not torch.any(masks_of(b)[key] & ~mask)
     assert _sparsity(b) == pytest.approx(0.6, abs=1e-3)
@@ -146,8 +146,13 @@ def test_bad_values_exit_2(factory, tmp_path, capsys, extra, match):
         (["--model", "{factory}:missing", "OUT"], "has no attribute 'missing'"),
         (["--model", "{factory}:not_callable", "OUT"], "is not callable"),
         (["--model", "{factory}", "OUT"], "MODULE:FACTORY"),
+        (["--model", "mlp:10", "--input-shape", "1,x", "OUT"], "comma-separated ints"),
         (["--model", "vit:dim=32", "OUT"], "give --dataset"),
-        (["OUT"], "give INPUT"),
+        (["OUT"], "give [CHECKPOINT] OUT"),
+        (
+            ["--model", "{factory}:make", "--weights", "w.pt", "IN", "OUT"],
+            "--weights goes with --model alone",
+        ),
         (["missing.safetensors", "OUT"], "does not exist"),
         (["--model", "{factory}:make", "--weights", "nope.pt", "OUT"], "does not exist"),
         (["--model", "{factory}:make", "out.bin"], "must end in .safetensors"),
@@ -155,6 +160,7 @@ def test_bad_values_exit_2(factory, tmp_path, capsys, extra, match):
     ],
 )
 def test_bad_input_exit_2(factory, tmp_path, capsys, argv, match):
+    (tmp_path / "IN").write_bytes(b"")
     argv = [a.replace("{factory}", factory).replace("OUT", str(tmp_path / "o.safetensors")) for a in argv]
     assert main(["sparsify", *argv]) == 2
     assert match in capsys.readouterr().err
@@ -166,4 +172,38 @@ def test_weights_that_do_not_fit(factory, tmp_path, capsys):
     rc = main(
         ["sparsify", "--model", f"{factory}:make", "--weights", str(bad), str(tmp_path / "o.safetensors")]
     )
-    assert rc == 2 and "does not fit the model" in capsys.readouterr().err
+    assert rc == 2 and "does not match the model: layer '1'" in capsys.readouterr().err
+
+
+def test_spec_with_shape_flags_and_dry_run_quiet(tmp_path, capsys):
+    argv = ["sparsify", "--model", "mlp:32", "--input-shape", "1,8,8", "--num-classes", "10"]
+    assert main([*argv, str(tmp_path / "m.safetensors"), "--dry-run", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "planned=50.00%" in out and "nothing written" in out
+
+
+def _io_stores_masks(tmp_path) -> bool:
+    from rmtprune.masks import set_mask
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    set_mask(net[0], torch.eye(4, dtype=torch.bool))
+    rio.save(net, tmp_path / "probe.safetensors")
+    return manifest_from_metadata(read_metadata(tmp_path / "probe.safetensors")) is not None
+
+
+def test_compressed_checkpoint_then_sparsify(tmp_path, capsys):
+    low, sparse = tmp_path / "low.safetensors", tmp_path / "sparse.safetensors"
+    base = ["--model", "mlp:64,64", "--input-shape", "1,8,8", "--num-classes", "10"]
+    assert main(["compress", *base, str(low), "--keep-bulk", "0.5", "--factor-always", "--quiet"]) == 0
+    argv = ["sparsify", str(low), str(sparse), "--target", "0.4", "--budget", "global", "--no-sv", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "sparse.report.json").read_text())
+    kinds = {r["name"]: r["kind"] for r in report["layers"]}
+    assert "factored+sparse" in kinds.values(), kinds
+    assert rio.read_manifest(sparse)["layers"]  # the factored structure is recorded
+    if _io_stores_masks(tmp_path):
+        model = load_checkpoint(sparse)
+        assert any(k.endswith(".first.weight") for k in masks_of(model))
+    else:  # rmtprune.io without sparse storage cannot rebuild factored+sparse files yet
+        with pytest.raises(Exception, match="cannot read sparse storage"):
+            load_checkpoint(sparse)

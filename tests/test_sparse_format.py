@@ -184,3 +184,27 @@ def test_model_round_trip_restores_masks(tmp_path):
     )
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 5)))
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 20)
+        self.proj = torch.nn.Linear(20, 20)
+        self.out = torch.nn.Linear(20, 12, bias=False)
+        self.out.weight = self.emb.weight  # tied
+
+
+def test_tied_weights_stored_once(tmp_path):
+    torch.manual_seed(0)
+    net = _Tied()
+    set_mask(net.proj, torch.rand(20, 20) < 0.5)
+    path = tmp_path / "tied.safetensors"
+    manifest = save_model(path, net)
+    assert set(manifest) == {"proj.weight"}
+    state, _, _ = load_sparse(path)
+    assert ("emb.weight" in state) != ("out.weight" in state)
+    fresh = _Tied()
+    load_model(path, fresh)
+    assert torch.equal(fresh.out.weight, net.emb.weight) and fresh.out.weight is fresh.emb.weight
+    assert torch.equal(masks_of(fresh)["proj.weight"], masks_of(net)["proj.weight"])

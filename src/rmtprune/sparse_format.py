@@ -21,6 +21,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,11 @@ __all__ = [
     "load_sparse",
     "save_model",
     "load_model",
+    "manifest_from_metadata",
+    "dense_shapes",
+    "read_metadata",
+    "save_checkpoint",
+    "load_checkpoint",
 ]
 
 #: Storage formats of a masked tensor; ``auto`` picks the smaller of the two per tensor.
@@ -172,9 +178,14 @@ def encode_state_dict(
         raise KeyError(f"masks for keys not in the state dict: {unknown}")
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict[str, dict] = {}
+    seen: set[tuple] = set()
     for key, value in state_dict.items():
         if _SEP in key:
             raise ValueError(f"state dict key {key!r} contains the reserved separator {_SEP!r}")
+        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if value.numel() and key not in masks and ident in seen:
+            continue  # a tied tensor, already stored under another name (load_state_dict re-ties it)
+        seen.add(ident)
         if key in masks:
             parts, entry = encode_tensor(value, masks[key], fmt)
             for part, t in parts.items():
@@ -206,6 +217,31 @@ def decode_state_dict(
             raise CheckpointError(f"manifest names sparse tensor {key!r} but the file lacks its parts")
         state[key], masks[key] = decode_tensor(grouped[key], entry)
     return state, masks
+
+
+def manifest_from_metadata(metadata: Mapping[str, str] | None) -> dict[str, dict] | None:
+    """The sparse manifest in a safetensors header's metadata, or None when the file has none."""
+    if not metadata or METADATA_KEY not in metadata:
+        return None
+    try:
+        manifest = json.loads(metadata[METADATA_KEY])["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"corrupt sparse manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError("corrupt sparse manifest: 'tensors' is not a mapping")
+    return manifest
+
+
+def dense_shapes(
+    shapes: Mapping[str, tuple[int, ...]], manifest: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of an encoded file as the model sees them: sparse parts folded into their tensor."""
+    if not manifest:
+        return dict(shapes)
+    out = {k: tuple(v) for k, v in shapes.items() if _SEP not in k}
+    for key, entry in manifest.items():
+        out[key] = tuple(int(v) for v in entry["shape"])
+    return out
 
 
 def stored_nonzeros(state_dict: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> int:
@@ -261,9 +297,9 @@ def load_sparse(
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
     try:
-        manifest = json.loads(meta[METADATA_KEY])["tensors"] if METADATA_KEY in meta else {}
+        manifest = manifest_from_metadata(meta) or {}
         user = json.loads(meta["rmtprune.metadata"]) if "rmtprune.metadata" in meta else {}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (CheckpointError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {exc}") from None
     state, masks = decode_state_dict(tensors, manifest)
     return state, masks, user
@@ -290,12 +326,87 @@ def load_model(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str
 
     state, masks, meta = load_sparse(path)
     try:
-        model.load_state_dict(state)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise CheckpointError(
             f"{str(path)!r} does not fit the model: {first[1].strip() if len(first) > 1 else first[0]}"
         ) from None
+    sd = model.state_dict()
+    loaded = {sd[k].data_ptr() for k in state if k in sd}
+    missing = [k for k in result.missing_keys if sd[k].data_ptr() not in loaded or not sd[k].numel()]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise CheckpointError(f"{str(path)!r} does not fit the model: {what}")
     remove_masks(model)
     restore_masks(model, masks)
     return meta
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of a safetensors file's header (empty when it has none)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str], **io_kwargs: Any) -> Path:
+    """:func:`rmtprune.io.save` with masked layers stored sparsely (same manifest, same ``.json``).
+
+    Where ``rmtprune.io`` already stores masks sparsely this is exactly ``io.save``; otherwise the
+    weights file is rewritten (atomically) with the sparse encoding and io's header metadata.
+    """
+    from safetensors.torch import save_file
+
+    from . import io as rio
+    from .masks import masks_of
+
+    target = rio.save(model, path, **io_kwargs)
+    masks = masks_of(model)
+    meta = read_metadata(target)
+    if masks and manifest_from_metadata(meta) is None:
+        tensors, sparse = encode_state_dict(model.state_dict(), masks)
+        meta[METADATA_KEY] = json.dumps({"version": 1, "tensors": sparse}, sort_keys=True)
+        with atomic_path(target, suffix=".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+    return target
+
+
+def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """:func:`rmtprune.io.load` that also restores sparse layers and their masks.
+
+    ``model=None`` builds the architecture from the factory recorded in the manifest. Files with
+    factored layers *and* sparse storage need an ``rmtprune.io`` that reads sparse storage.
+    """
+    from . import io as rio
+    from .masks import masks_of
+
+    meta = read_metadata(path)
+    sparse = manifest_from_metadata(meta)
+    if model is None:
+        manifest = rio.read_manifest(path)
+        if manifest is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no rmtprune manifest: pass the model")
+        model = rio.build_from_manifest(manifest)
+    if sparse is None:
+        return rio.load(path, model)
+    try:
+        rio.load(path, model)
+        if masks_of(model) or not any(e["nnz"] < math.prod(e["shape"]) for e in sparse.values()):
+            return model
+    except CheckpointError:
+        pass
+    manifest = rio.read_manifest(path) or {}
+    if manifest.get("layers"):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds factored and sparse layers; this rmtprune.io cannot read "
+            "sparse storage (see rmtprune.sparse_format)"
+        )
+    load_model(path, model)
+    return model

@@ -1,17 +1,20 @@
 """``rmtprune sparsify``: prune a model's weights to a global sparsity with RMT-guided budgets.
 
-Input: ``--model MODULE:FACTORY`` (a zero-argument callable returning the ``nn.Module``) or a
-reference model spec (``--model vit:dim=64,depth=4 --dataset fashion-mnist``), with optional
-``--weights FILE`` (safetensors, sparse or not, or a torch state dict); or a file written by
-``rmtprune sparsify`` (it records how to rebuild its model) or by ``rmtprune compress`` as the
-first positional argument. Output: ``OUT`` (safetensors, sparse layers stored sparsely), plus
-``OUT``'s report as JSON and Markdown; every file is written atomically.
+Same input/output conventions as ``rmtprune compress``. Input: ``--model MODULE:FACTORY`` (a
+zero-argument callable returning the ``nn.Module``) or a reference model spec (``--model
+vit:dim=64,depth=4 --dataset fashion-mnist``), with optional ``--weights FILE`` (safetensors or
+an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``); or
+``CHECKPOINT``, a file written by ``rmtprune compress`` or ``rmtprune sparsify`` whose manifest
+records how to rebuild the model (factored layers and masks included). Output: ``OUT``
+(``.safetensors``, sparse layers stored sparsely, manifest embedded), ``OUT`` with suffix
+``.json`` (the manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``;
+every file is written atomically, and a failure half way removes the files this run wrote.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -61,8 +64,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="[INPUT] OUT",
-        help="INPUT: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+        metavar="[CHECKPOINT] OUT",
+        help="CHECKPOINT: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
     )
     p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
     p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
@@ -81,10 +84,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             else f"{helps[name]} (default: {defaults[name]})",
         )
     p.add_argument(
-        "--include", action="append", metavar="REGEX", default=argparse.SUPPRESS, help=helps["include"]
+        "--include", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help=helps["include"]
     )
     p.add_argument(
-        "--exclude", action="append", metavar="REGEX", default=argparse.SUPPRESS, help=helps["exclude"]
+        "--exclude", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help=helps["exclude"]
     )
     p.add_argument(
         "--no-sv", dest="sv_sparsify", action="store_false", default=argparse.SUPPRESS, help="skip step 1"
@@ -93,7 +96,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--refit", dest="refit", action="store_true", default=argparse.SUPPRESS, help=helps["refit"]
     )
     p.add_argument(
-        "--dataset", metavar="NAME", help="fine-tune on this dataset's train split, evaluate on test"
+        "--dataset",
+        metavar="NAME",
+        help="fine-tune on this dataset's train split, evaluate on its test split (and shape --model specs)",
+    )
+    p.add_argument("--input-shape", metavar="C,H,W", help="input shape for a --model spec without --dataset")
+    p.add_argument(
+        "--num-classes", type=int, metavar="N", help="classes for a --model spec without --dataset"
     )
     p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset files")
     p.add_argument("--batch-size", type=int, default=128, metavar="N", help="fine-tuning batch size (128)")
@@ -128,56 +137,54 @@ def _config(args: argparse.Namespace) -> Any:
     return SparsifyConfig(**base)
 
 
-def _import_factory(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--model {spec!r} must be MODULE:FACTORY or a model spec such as vit:dim=64")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"--model {spec!r}: cannot import module {module_name!r} ({exc})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise TypeError(f"--model {spec!r}: {attr!r} is not callable")
-    return obj
-
-
-def _build(spec: str, dataset: str | None, data_dir: str | None) -> Any:
-    from torch import nn
-
-    from ..models import MODEL_FAMILIES, build_model
-
-    family = spec.partition(":")[0].strip().lower()
-    if family in MODEL_FAMILIES:
-        if not dataset:
-            raise ValueError(
-                f"--model {spec!r} is a reference model spec: give --dataset for its input shape"
-            )
+def _factory_args(args: argparse.Namespace) -> dict[str, Any]:
+    """input_shape / num_classes for a reference model spec, from --dataset or the flags."""
+    out: dict[str, Any] = {}
+    if args.dataset:
         from ..data import load_dataset
 
-        ds = load_dataset(dataset, "test", data_dir=data_dir)
-        return build_model(spec, ds.input_shape, ds.num_classes)
-    model = _import_factory(spec)()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+        ds = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+        out = {"input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes)}
+    if args.input_shape:
+        try:
+            shape = [int(v) for v in args.input_shape.split(",")]
+        except ValueError:
+            raise ValueError(f"--input-shape {args.input_shape!r} must be comma-separated ints") from None
+        out["input_shape"] = shape
+    if args.num_classes is not None:
+        out["num_classes"] = int(args.num_classes)
+    return out
+
+
+def _is_spec(spec: str) -> bool:
+    from ..models import MODEL_FAMILIES
+
+    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
+
+
+def _build(spec: str, fargs: dict[str, Any]) -> Any:
+    from .. import io as rio
+
+    if _is_spec(spec):
+        if not {"input_shape", "num_classes"} <= set(fargs):
+            raise ValueError(
+                f"--model {spec!r} is a reference model spec: "
+                "give --dataset (or --input-shape and --num-classes)"
+            )
+        return rio.build_factory(spec, **fargs)
+    return rio.build_factory(spec)
 
 
 def _load_weights(model: Any, path: str) -> None:
     import torch
 
     from ..errors import CheckpointError
-    from ..sparse_format import load_model
+    from ..sparse_format import load_checkpoint
 
     if not Path(path).is_file():
         raise CheckpointError(f"--weights {path!r} does not exist")
     if path.endswith(".safetensors"):
-        load_model(path, model)
+        load_checkpoint(path, model)
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -194,42 +201,34 @@ def _load_weights(model: Any, path: str) -> None:
         ) from None
 
 
-def _load_input(args: argparse.Namespace, src: str | None) -> tuple[Any, dict[str, Any]]:
-    """The model to sparsify and how to rebuild it (recorded in OUT's metadata)."""
+def _load_input(args: argparse.Namespace, src: str | None) -> tuple[Any, str, dict[str, Any]]:
+    """The model to sparsify, its factory and factory args (recorded in OUT's manifest)."""
+    from .. import io as rio
     from ..errors import CheckpointError
+    from ..sparse_format import load_checkpoint
 
-    if args.model:
-        if src is not None:
-            raise ValueError("give either INPUT or --model, not both")
-        model = _build(args.model, args.dataset, args.data_dir)
+    fargs = _factory_args(args)
+    if src is None:
+        if not args.model:
+            raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")
+        model = _build(args.model, fargs)
         if args.weights:
             _load_weights(model, args.weights)
-        return model, {"model": args.model, "dataset": args.dataset}
-    if src is None:
-        raise ValueError("give INPUT (a model file written by rmtprune) or --model MODULE:FACTORY")
+        return model, args.model, fargs if _is_spec(args.model) else {}
     if args.weights:
-        raise ValueError("--weights goes with --model; INPUT already holds the weights")
-    from ..sparse_format import load_model, load_sparse
-
+        raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
     if not Path(src).is_file():
-        raise CheckpointError(f"INPUT {src!r} does not exist")
-    meta: dict[str, Any] = {}
-    try:
-        _, _, meta = load_sparse(src)
-    except CheckpointError:
-        meta = {}
-    if meta.get("model"):  # written by rmtprune sparsify: rebuild from its recorded factory
-        model = _build(meta["model"], meta.get("dataset") or args.dataset, args.data_dir)
-        load_model(src, model)
-        return model, {"model": meta["model"], "dataset": meta.get("dataset") or args.dataset}
-    try:
-        from .. import io as rio
-    except ImportError:
-        raise CheckpointError(
-            f"INPUT {src!r} records no model factory; use --model MODULE:FACTORY --weights {src}"
-        ) from None
-    model = rio.load(src)
-    return model, {"source": str(src)}
+        raise CheckpointError(f"CHECKPOINT {src!r} does not exist")
+    manifest = rio.read_manifest(src) or {}
+    factory = args.model or manifest.get("factory")
+    if not factory:
+        raise CheckpointError(f"CHECKPOINT {src!r} records no model factory; add --model MODULE:FACTORY")
+    if not args.model:
+        fargs = {**manifest.get("factory_args", {}), **fargs}
+    fargs = fargs if _is_spec(factory) else {}
+    model = _build(factory, fargs)
+    load_checkpoint(src, model)
+    return model, factory, fargs
 
 
 def _data(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -249,40 +248,56 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune sparsify``."""
+    from .. import io as rio
     from .._atomic import atomic_write_text, check_writable_dir
-    from ..sparse_format import save_model
+    from ..sparse_format import save_checkpoint
     from ..sparsify import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
-        raise ValueError(f"expected [INPUT] OUT, got {len(args.paths)} paths")
+        raise ValueError(f"expected [CHECKPOINT] OUT, got {len(args.paths)} paths")
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
     show = False if args.no_progress else None
-    if not out.endswith(".safetensors"):
+    out_path = Path(out).expanduser()
+    if out_path.suffix != ".safetensors":
         raise ValueError(f"OUT {out!r} must end in .safetensors")
-    prefix = args.report or str(Path(out).with_suffix("")) + ".report"
+    prefix = args.report or str(out_path.with_suffix("")) + ".report"
     if not args.dry_run:
-        check_writable_dir(out)
+        check_writable_dir(out_path)
         check_writable_dir(prefix + ".json")
-    model, source = _load_input(args, src)
+    model, factory, fargs = _load_input(args, src)
     if args.dry_run:
         report = plan_sparsity(model, config, show=show)
-        print(report.table())
-        print(report.summary())
+        print(report.table() if not args.quiet else report.summary())
+        if not args.quiet:
+            print(report.summary())
         for w in report.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            print(f"rmtprune: warning: {w}", file=sys.stderr)
+        print("dry run: nothing written")
         return 0
     data, eval_data = _data(args)
     model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
-    save_model(out, model, metadata={**source, "sparsify": config.to_dict()}, fmt=config.storage)
-    atomic_write_text(prefix + ".json", report.to_json() + "\n")
-    atomic_write_text(prefix + ".md", report.to_markdown())
+    written: list[Path] = []
+    try:
+        save_checkpoint(model, out_path, factory=factory, factory_args=fargs)
+        written += [out_path, rio.manifest_path(out_path)]
+        atomic_write_text(prefix + ".json", report.to_json() + "\n")
+        written.append(Path(prefix + ".json"))
+        atomic_write_text(prefix + ".md", report.to_markdown())
+    except BaseException:
+        for path in written:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     if not args.quiet:
         print(report.table())
         print()
     for w in report.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"rmtprune: warning: {w}", file=sys.stderr)
     print(report.summary())
-    size = os.path.getsize(out)
-    print(f"wrote {out} ({size / 1024:.1f} KiB), {prefix}.json, {prefix}.md")
+    size = os.path.getsize(out_path)
+    print(
+        f"wrote {out_path} ({size / 1024:.1f} KiB), {rio.manifest_path(out_path).name}, "
+        f"{prefix}.json, {prefix}.md"
+    )
     return 0
