@@ -58,17 +58,27 @@ def _pdf_unit(x: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def _cdf_unit(x: np.ndarray, gamma: float) -> np.ndarray:
-    """Closed-form cdf of the unit-scale law: exactly 0 below ``a`` and exactly 1 above ``b``."""
+    """Closed-form cdf of the unit-scale law: exactly 0 below ``a`` and exactly 1 above ``b``.
+
+    With ``theta = 2 asin(sqrt((x - a) / (b - a)))`` and ``phi = 2 asin(sqrt(b (x - a) / (x (b - a))))``
+    (both running from 0 at ``a`` to ``pi`` at ``b``) the antiderivative of the density is
+    ``F = (sqrt((b - x)(x - a)) + (1 + gamma) theta - (1 - gamma) phi) / (2 pi gamma)``. Written with
+    half-angle square roots, nothing cancels catastrophically near either edge, so tiny levels keep
+    their relative accuracy (the textbook ``asin((2x - a - b) / (b - a))`` form loses it at the
+    hard edge of ``gamma = 1``).
+    """
     a, b = mp_support(gamma)
     width = b - a
     xs = np.clip(x, a, b)
-    r = np.sqrt(np.maximum((b - xs) * (xs - a), 0.0))
-    g = r + (1.0 + gamma) * np.arcsin(np.clip((2.0 * xs - a - b) / width, -1.0, 1.0))
+    d = xs - a
+    r = np.sqrt(np.maximum((b - xs) * d, 0.0))
+    theta = 2.0 * np.arcsin(np.sqrt(np.clip(d / width, 0.0, 1.0)))
+    g = r + (1.0 + gamma) * theta
     if gamma < 1.0:
         # The (1 - gamma) term vanishes at gamma = 1, where a = 0 and the ratio is 0/0.
-        g = g - (1.0 - gamma) * np.arcsin(np.clip(((a + b) * xs - 2.0 * a * b) / (xs * width), -1.0, 1.0))
-    out = (g + np.pi * gamma) / (2.0 * np.pi * gamma)
-    out = np.clip(out, 0.0, 1.0)
+        phi = 2.0 * np.arcsin(np.sqrt(np.clip(b * d / (xs * width), 0.0, 1.0)))
+        g = g - (1.0 - gamma) * phi
+    out = np.clip(g / (2.0 * np.pi * gamma), 0.0, 1.0)
     return np.where(x <= a, 0.0, np.where(x >= b, 1.0, out))
 
 
@@ -88,7 +98,8 @@ def _ppf_table(gamma: float) -> tuple[np.ndarray, np.ndarray]:
 
 def _x_of_theta(theta: np.ndarray, gamma: float) -> np.ndarray:
     a, b = mp_support(gamma)
-    return a + (b - a) * 0.5 * (1.0 - np.cos(theta))
+    # (1 - cos t) / 2 written as sin(t / 2)**2: exact for tiny angles (1 - cos t underflows to 0).
+    return a + (b - a) * np.sin(0.5 * theta) ** 2
 
 
 def _ppf_unit(q: np.ndarray, gamma: float) -> np.ndarray:
@@ -123,15 +134,19 @@ def mp_pdf(x: ArrayLike, gamma: float, sigma2: float = 1.0) -> np.ndarray:
 def mp_cdf(x: ArrayLike, gamma: float, sigma2: float = 1.0) -> np.ndarray:
     """Cdf of the MP law at ``x``: exactly 0 below the support and exactly 1 above it."""
     gamma, sigma2 = _check_params(gamma, sigma2)
-    return _cdf_unit(np.asarray(x, dtype=np.float64) / sigma2, gamma)
+    x = np.asarray(x, dtype=np.float64)
+    a, b = mp_support(gamma, sigma2)
+    # Compare with the scaled edges too, so that x == mp_support(...)[1] gives exactly 1 despite rounding.
+    return np.where(x <= a, 0.0, np.where(x >= b, 1.0, _cdf_unit(x / sigma2, gamma)))
 
 
 def mp_ppf(q: ArrayLike, gamma: float, sigma2: float = 1.0) -> np.ndarray:
     """Quantile function (inverse cdf) of the MP law at levels ``q`` in ``[0, 1]``."""
     gamma, sigma2 = _check_params(gamma, sigma2)
     q = np.asarray(q, dtype=np.float64)
-    if np.any(~np.isfinite(q)) or np.any((q < 0.0) | (q > 1.0)):
-        raise ValueError("levels q must lie in [0, 1]")
+    bad = ~np.isfinite(q) | (q < 0.0) | (q > 1.0)
+    if np.any(bad):
+        raise ValueError(f"q={q[bad].ravel()[0]!r} must lie in [0, 1] (levels of the MP quantile function)")
     return sigma2 * _ppf_unit(q, gamma)
 
 
