@@ -165,7 +165,8 @@ def test_recut_is_consistent_with_direct_cut() -> None:
     _, rep = rmtprune.compress(a, rule="fixed", rank=5)
     rmtprune.compress(b, rule="fixed", rank=5)
     assert rep["0"].layer_type == "LowRankLinear" and rep["0"].rank_before == 12 and rep["0"].rank == 5
-    for name in ("0", "2", "4"):
+    assert rep["4"].action == "keep" and "protect_last" in rep["4"].reason
+    for name in ("0", "2"):
         wa, wb = a.get_submodule(name).dense_weight(), b.get_submodule(name).dense_weight()
         assert torch.allclose(wa, wb, atol=1e-5)
 
@@ -348,13 +349,15 @@ def test_registered_transposed_linear_is_compressed() -> None:
         layer.bias.normal_()
     net = nn.Sequential(layer)
     x = torch.randn(3, 200)
-    _, rep = rmtprune.compress(net)
+    _, rep = rmtprune.compress(net, protect_last=False)
     assert rep["0"].matrix_shape == (120, 200) and rep["0"].rank == 5
     assert isinstance(net[0], LowRankLinear) and net[0].original_type == "FakeConv1D"
     with torch.no_grad():
         y = layer(x)
     full = nn.Sequential(layer)
-    rmtprune.compress(full, rule="fixed", ratio=1.0, factor_only_if_smaller=False, ks_max=math.inf)
+    rmtprune.compress(
+        full, rule="fixed", ratio=1.0, factor_only_if_smaller=False, ks_max=math.inf, protect_last=False
+    )
     with torch.no_grad():
         assert torch.allclose(full(x), y, atol=1e-4)
     with pytest.raises(TypeError, match="must be an nn.Module subclass"):

@@ -97,6 +97,9 @@ class CompressionConfig:
         into the dense weight (True) or keep the layer as it is (False).
     svd_dtype : precision of the SVD, ``float64`` (default) or ``float32`` (faster on big layers;
         the fit always runs in float64).
+    protect_last : keep the last prunable layer of the model (in registration order: the logits
+        layer of a classifier) uncut; it is still analysed and reported. The output-width guard of
+        METHOD.md section 6: a 10-class head cut to rank 1 by a noisy fit destroys the classifier.
     """
 
     rule: str = field(default="bema", metadata={"help": "rank rule: bema, gavish_donoho, energy, fixed"})
@@ -119,6 +122,9 @@ class CompressionConfig:
         default=False, metadata={"help": "write the rank-k weight back when factoring does not pay"}
     )
     svd_dtype: str = field(default="float64", metadata={"help": "SVD precision: float64 or float32"})
+    protect_last: bool = field(
+        default=True, metadata={"help": "never cut the last prunable layer (a classifier's logits)"}
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.rule, str):
@@ -147,7 +153,7 @@ class CompressionConfig:
             self.sigma = _check_number("sigma", self.sigma, 0.0, math.inf, lo_open=True, hi_open=True)
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
-        for flag in ("factor_only_if_smaller", "dense_truncate"):
+        for flag in ("factor_only_if_smaller", "dense_truncate", "protect_last"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
         if self.svd_dtype not in _SVD_DTYPES:

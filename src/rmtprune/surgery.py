@@ -748,10 +748,17 @@ def plan(
     _check_finite(todo)
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
+    supported = [e.name for e in entries if e.handler is not None and not e.reason]
+    last = supported[-1] if config.protect_last and supported else None
     done: dict[str, LayerPlan] = {}
     for e in _progress(todo, total=len(todo), desc="plan", enable=progress):
         positions = pos.get(e.name, e.handler.default_positions(e.module))
-        done[e.name] = _plan_layer(e, config.for_layer(e.name), positions, keep_svd)
+        lp = _plan_layer(e, config.for_layer(e.name), positions, keep_svd)
+        if e.name == last and lp.changes:
+            lp.reason = f"{lp.reason}; last prunable layer (logits) kept: protect_last=True"
+            lp.action, lp.rank, lp._svd = "keep", lp.rank_before, None
+            lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
+        done[e.name] = lp
     layers = []
     for e in entries:
         if e.name in done:

@@ -110,6 +110,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="factor even when k(m+n) >= mn",
     )
+    p.add_argument(
+        "--cut-last",
+        dest="protect_last",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="also cut the last prunable layer (the logits; kept by default)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
