@@ -269,6 +269,7 @@ class RMTPruner:
     # -- the cut -------------------------------------------------------------------------------
 
     def _base_config(self, keep_bulk: float | None = None) -> Any:
+        """The compression config of a cut: ``config`` with the overrides and ``keep_bulk = f``."""
         from .config import CompressionConfig
 
         fields: dict[str, Any] = dict(self.config_overrides)
@@ -276,11 +277,13 @@ class RMTPruner:
             fields["keep_bulk"] = keep_bulk
         if self.config is None:
             return CompressionConfig(**fields)
-        return (
-            self.config.replace(**fields)
-            if hasattr(self.config, "replace")
-            else _dc_replace(self.config, fields)
-        )
+        if not isinstance(self.config, CompressionConfig):
+            raise TypeError(f"config must be a rmtprune.CompressionConfig, got {type(self.config).__name__}")
+        known = {f.name for f in dataclasses.fields(CompressionConfig)}
+        bad = sorted(set(fields) - known)
+        if bad:
+            raise TypeError(f"unknown CompressionConfig field(s) {bad}; valid: {', '.join(sorted(known))}")
+        return dataclasses.replace(self.config, **fields)
 
     def maybe_prune(
         self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
@@ -298,8 +301,6 @@ class RMTPruner:
         self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.Optimizer | None:
         """Cut ``model`` in place now, whatever the schedule, with ``f(epoch)``; return the optimizer."""
-        import time
-
         from .surgery import compress
 
         if not isinstance(model, nn.Module):
@@ -346,17 +347,6 @@ class RMTPruner:
         """Restore the decision log saved by :meth:`state_dict`."""
         self.history_ = [dict(r) for r in state.get("history", [])]
         self.events_ = [dict(e) for e in state.get("events", [])]
-
-
-def _dc_replace(obj: Any, fields: dict[str, Any]) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(obj, **fields)
-
-
-def _report_rows(report: Any) -> list[dict[str, Any]]:
-    """One flat dict per layer from a compression report (placeholder until the report is known)."""
-    raise NotImplementedError
 
 
 def _format_decision(row: dict[str, Any]) -> str:
@@ -540,20 +530,16 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
     return lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
 
 
-def _compression_config(cfg: TrainConfig, model: nn.Module) -> Any:
+def _compression_config(cfg: TrainConfig) -> Any:
     """The compression config of a run: the gate, ``min_rank``, exclusions, the output layer's guard."""
     from .config import CompressionConfig
 
-    overrides: dict[str, dict[str, Any]] = {}
-    out = _output_layer(model) if cfg.keep_output_rank else None
-    if out is not None:
-        overrides[out[0]] = {"min_rank": out[1]}
     return CompressionConfig(
         keep_bulk=cfg.keep_bulk,
         ks_max=cfg.ks_max,
         min_rank=cfg.min_rank,
         exclude=list(cfg.exclude),
-        overrides=overrides,
+        protect_last=cfg.keep_output_rank,
     )
 
 
@@ -992,7 +978,7 @@ def train(
     loader_gen = seed_everything(cfg.seed)
     train_ds, test_ds = _load_data(cfg, data_dir)
     model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
-    compression = _compression_config(cfg, model)
+    compression = _compression_config(cfg)
     pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []
     done = 0
@@ -1304,15 +1290,3 @@ def _layer_stats(model: nn.Module, compression: Any, fits: bool = True) -> dict[
                 "ks": None,
             }
     return out
-
-
-def _output_layer(model: nn.Module) -> tuple[str, int] | None:
-    """Name and ``p`` of the last prunable layer (the logits layer of the reference models)."""
-    from .surgery import handler_for
-
-    last = None
-    for name, mod in model.named_modules():
-        h = handler_for(mod)
-        if h is not None and not h.unsupported(mod) and (last is None or not name.startswith(last[0] + ".")):
-            last = (name, min(h.matrix_shape(mod)))
-    return last
