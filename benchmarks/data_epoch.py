@@ -84,11 +84,11 @@ def _measure(ds, bs: int, repeats: int) -> dict[str, float]:  # noqa: ANN001
     ]:
         out[label] = statistics.median(_timed(fn) for _ in range(repeats))
     # the two training variants alternate, so drifts in machine load hit both alike
-    fast, pre = [], []
+    t_fast, t_pre = [], []
     for _ in range(repeats):
-        fast.append(_timed(train_fast))
-        pre.append(_timed(train_pregathered))
-    out[TRAIN_FAST], out[TRAIN_PRE] = statistics.median(fast), statistics.median(pre)
+        t_fast.append(_timed(train_fast))
+        t_pre.append(_timed(train_pregathered))
+    out[TRAIN_FAST], out[TRAIN_PRE] = statistics.median(t_fast), statistics.median(t_pre)
     return out
 
 
