@@ -492,8 +492,9 @@ class TrainResult:
     """What :func:`train` returns: the trained (pruned) model and everything it measured.
 
     ``metrics`` has one dict per epoch (see ``metrics.json``), ``decisions`` one per layer per
-    cut, ``timings`` the seconds spent training, pruning, evaluating, fitting spectra for the
-    metrics and writing files over the whole run (the resumed part only, after a resume).
+    cut, ``initial_params`` the parameter count of the model as built (before any cut),
+    ``timings`` the seconds spent training, pruning, evaluating, fitting spectra for the metrics
+    and writing files over the whole run (the resumed part only, after a resume).
     """
 
     model: nn.Module
@@ -503,6 +504,7 @@ class TrainResult:
     timings: dict[str, float]
     out: Path | None = None
     resumed_from: int | None = None
+    initial_params: int = 0
 
     @property
     def final(self) -> dict[str, Any]:
@@ -978,6 +980,7 @@ def train(
     loader_gen = seed_everything(cfg.seed)
     train_ds, test_ds = _load_data(cfg, data_dir)
     model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
+    initial_params = sum(p.numel() for p in model.parameters())
     compression = _compression_config(cfg)
     pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []
@@ -1082,6 +1085,7 @@ def train(
         timings=timings,
         out=out_dir,
         resumed_from=done if state is not None else None,
+        initial_params=initial_params,
     )
 
 

@@ -157,6 +157,7 @@ def summary(result: Any) -> str:
     run = sum(t.get(k, 0.0) for k in ("train", "prune", "eval", "spectra", "io"))
     rows = [
         ["", "epoch", "test acc", "test loss", "params"],
+        ["built", "0", "-", "-", f"{result.initial_params:,}"],
         [
             "first",
             str(first["epoch"]),
