@@ -6,10 +6,11 @@ prunes a copy with
 
 - ``global``: one magnitude threshold over all Linear/Conv weights (the usual baseline),
 - ``uniform``: the same sparsity in every layer, by magnitude,
-- ``rmt``: :func:`rmtprune.sparsify` (singular-vector step, ``noise`` budget),
+- ``rmt``: :func:`rmtprune.sparsify` (singular-vector step, ``energy`` budget, the default),
+- ``rmt-noise``: the same with the ``noise`` budget,
 
 each without fine-tuning and with the *same* short fine-tune (identical cycles, regularisation,
-steps, learning rate and batch order). All three go through :func:`rmtprune.sparsify` with only
+steps, learning rate and batch order). All go through :func:`rmtprune.sparsify` with only
 ``budget``/``sv_sparsify`` changed, so the comparison is one to one. Low-rank compression of the
 same trained ViT (BEMA default, ``keep_bulk`` in {0, 0.25, 0.5}) is measured with and without the
 same fine-tune and plotted next to the sparse results (x: parameters as stored).
@@ -52,7 +53,14 @@ SPEC = "vit:dim=64,depth=4,heads=4,patch=7,mlp_ratio=2"
 METHODS = {
     "global": {"budget": "global", "sv_sparsify": False},
     "uniform": {"budget": "uniform", "sv_sparsify": False},
-    "rmt": {"budget": "noise", "sv_sparsify": True},
+    "rmt": {"budget": "energy", "sv_sparsify": True},
+    "rmt-noise": {"budget": "noise", "sv_sparsify": True},
+}
+LABELS = {
+    "global": "global magnitude",
+    "uniform": "uniform magnitude",
+    "rmt": "RMT (energy budget)",
+    "rmt-noise": "RMT (noise budget)",
 }
 
 
@@ -174,7 +182,7 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
     datasets = list(results)
     fig = Figure(figsize=(6 * len(datasets), 4.5))
     FigureCanvasAgg(fig)
-    colors = {"global": "tab:blue", "uniform": "tab:orange", "rmt": "tab:green"}
+    colors = {"global": "tab:blue", "uniform": "tab:orange", "rmt": "tab:green", "rmt-noise": "tab:purple"}
     for i, ds in enumerate(datasets):
         ax = fig.add_subplot(1, len(datasets), i + 1)
         res = results[ds]
@@ -188,7 +196,9 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
                     sel = [r for r in rows if r["target"] == t]
                     xs.append(statistics.mean(r["stored"] / r["total"] for r in sel))
                     ys.append(100 * statistics.mean(r["accuracy"] for r in sel))
-                label = f"{method} ({'fine-tuned' if ft else 'no fine-tune'})"
+                if not rows:
+                    continue
+                label = f"{LABELS[method]} ({'fine-tuned' if ft else 'no fine-tune'})"
                 ax.plot(xs, ys, style, color=color, marker="o", ms=3, label=label)
         for ft, marker in ((False, "x"), (True, "s")):
             rows = [r for r in res["lowrank"] if r["ft"] == ft]
@@ -255,16 +265,15 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
             )
         lines += [f"## {ds}", "", head + ".", ""]
         lines += [
-            "| sparsity | fine-tune | global magnitude | uniform magnitude | RMT-guided | RMT - global (pp) "
-            "| seeds |",
-            "|---|---|---|---|---|---|---|",
+            "| sparsity | fine-tune | " + " | ".join(LABELS.values()) + " | RMT - global (pp) | seeds |",
+            "|---|---|" + "---|" * len(LABELS) + "---|---|",
         ]
         rows = res["sparse"]
         for t in sorted({r["target"] for r in rows}):
             for ft in (False, True):
                 cells, means = [], {}
                 n_seeds = 0
-                for m in METHODS:
+                for m in LABELS:
                     accs = [
                         r["accuracy"] for r in rows if r["target"] == t and r["ft"] == ft and r["method"] == m
                     ]
@@ -354,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ft-epochs", type=float, default=0.15)
     p.add_argument("--ft-lr", type=float, default=3e-4)
     p.add_argument("--keep-bulk", default="0,0.25,0.5")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
+    p.add_argument("--no-lowrank", action="store_true", help="skip the low-rank runs")
+    p.add_argument("--no-dense-ft", action="store_true", help="skip the dense + fine-tune reference")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 6000 images, 3 sparsities")
     p.add_argument("--out", type=Path, default=RESULTS / "sparsify_vit.md")
@@ -372,9 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         args.sparsities, args.ft_sparsities, args.headline, args.seeds = "0.3,0.5,0.7", "0.5", "0.5", 2
     torch.set_num_threads(args.threads)
     if args.render:
-        results = {}
-        for path in args.render:
-            results.update(json.loads(path.read_text()))
+        results: dict[str, Any] = {}
+        for path in args.render:  # rows of several runs on the same dataset are merged
+            for ds, res in json.loads(path.read_text()).items():
+                if ds not in results:
+                    results[ds] = res
+                    continue
+                results[ds]["sparse"] += res["sparse"]
+                results[ds]["lowrank"] += res["lowrank"]
+                results[ds]["dense"] = {**res["dense"], **results[ds]["dense"]}
+                results[ds]["command"] = f"{results[ds]['command']}` and `{res['command']}"
         args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
         seconds = sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"] + res["lowrank"])
         _write(args, results, seconds)
@@ -382,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     args.epochs_of = _epochs(args.epochs, args.datasets)
     os.environ.setdefault("RMTPRUNE_DATA", str(ROOT.parent / "shared" / "data"))
     sparsities = [float(v) for v in args.sparsities.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
     ft_sparsities = [float(v) for v in args.ft_sparsities.split(",")]
     headline = [float(v) for v in args.headline.split(",")]
     t0 = time.perf_counter()
@@ -397,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         test = batches(test_ds.subset(args.test_subset) if args.test_subset else test_ds, 1000)
         dense = {"accuracy": evaluate(base, test)["accuracy"], **count_nonzeros(base), **info}
         dense["epochs"] = args.epochs_of[ds]
-        if ft_sparsities:  # the dense model given the same fine-tune: what the fine-tune alone does
+        if ft_sparsities and not args.no_dense_ft:  # the dense model given the same fine-tune
             from rmtprune.finetune import finetune
 
             tuned = copy.deepcopy(base)
@@ -416,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 seeds = range(args.seeds) if (t in headline and ft) else range(1)
                 for seed in seeds:
-                    for m in METHODS:
+                    for m in methods:
                         jobs.append((m, t, ft, seed))
         for i, (m, t, ft, seed) in enumerate(jobs, 1):
             row = run_sparse(base, m, t, ft, args, train_ds, test, seed)
@@ -426,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f} s)"
             )
             atomic_write_text(json_path, json.dumps(results, indent=1))
-        for kb in [float(v) for v in args.keep_bulk.split(",")]:
+        for kb in [] if args.no_lowrank else [float(v) for v in args.keep_bulk.split(",")]:
             for ft in (False, True):
                 row = run_lowrank(base, kb, ft, args, train_ds, test)
                 res["lowrank"].append(row)
