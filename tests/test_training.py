@@ -465,6 +465,12 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
         ({"model": "resnet:18"}, "unknown model family 'resnet'.*valid: mlp, cnn, vit"),
         ({"model": "cnn:8,8,8,8"}, "conv blocks halve image_size"),  # too deep for 8x8 digits
         ({"train_subset": 10**6}, "train_subset=1000000 is larger than"),
+        ({"device": "abacus"}, "device='abacus' is not a torch device"),
+        pytest.param(
+            {"device": "cuda"},
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here"),
+        ),
     ],
 )
 def test_bad_dataset_or_model_is_a_clear_error(tmp_path, kwargs, match):

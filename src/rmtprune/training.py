@@ -591,6 +591,7 @@ def _rng_state(loader_gen: torch.Generator) -> dict[str, Any]:
         },
         "python": random.getstate(),
         "loader": loader_gen.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -609,6 +610,8 @@ def _set_rng_state(state: dict[str, Any], loader_gen: torch.Generator) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     loader_gen.set_state(state["loader"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -702,6 +705,16 @@ def load_checkpoint(out: str | os.PathLike[str], log: LogFn | None = None) -> tu
 
 
 # -- output files ------------------------------------------------------------------------------
+
+
+def _write_outputs(out: Path, write: Callable[[], Any]) -> None:
+    """Run ``write``; turn a failed write (full disk, permissions) into one clear error."""
+    try:
+        write()
+    except OSError as exc:
+        kept = out / CHECKPOINT
+        note = f"; the last complete checkpoint {str(kept)!r} is kept" if kept.exists() else ""
+        raise RmtpruneError(f"could not write to {str(out)!r}: {exc.strerror or exc}{note}") from exc
 
 
 def _flatten(row: dict[str, Any]) -> dict[str, Any]:
@@ -887,6 +900,19 @@ def _check_names(cfg: TrainConfig) -> None:
     if key not in DATASETS and key.replace("-", "") not in ("fashion", "fmnist", "fashionmnist"):
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     parse_spec(cfg.model)
+    _check_device(cfg.device)
+
+
+def _check_device(device: str) -> None:
+    """Raise ``ValueError`` for a device string torch does not know or a device that is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device ({_short(exc)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} asked for but MPS is not available; use device='cpu'")
 
 
 def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
@@ -1059,7 +1085,9 @@ def train(
                         "pruner": pruner.state_dict() if pruner is not None else {},
                     },
                 )
-                _write_tables(out_dir, metrics, pruner.history_ if pruner is not None else [])
+                _write_outputs(
+                    out_dir, lambda: _write_tables(out_dir, metrics, pruner.history_ if pruner else [])
+                )
                 timings["io"] += time.perf_counter() - t0
     except KeyboardInterrupt:
         if log is not None and out_dir is not None:
@@ -1073,8 +1101,8 @@ def train(
 
     if out_dir is not None:
         t0 = time.perf_counter()
-        _write_plots(out_dir, metrics)
-        _save_model(model, out_dir / "model.safetensors", cfg, train_ds)
+        _write_outputs(out_dir, lambda: _write_plots(out_dir, metrics))
+        _write_outputs(out_dir, lambda: _save_model(model, out_dir / "model.safetensors", cfg, train_ds))
         timings["io"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_run
     return TrainResult(
