@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -185,7 +186,7 @@ def test_threshold_counts_global_and_capped():
 # ----------------------------------------------------------------------------- sparsify end to end
 
 
-@pytest.mark.parametrize("budget", ["noise", "bulk", "global", "uniform"])
+@pytest.mark.parametrize("budget", ["energy", "noise", "bulk", "global", "uniform"])
 @pytest.mark.parametrize("target", [0.0, 0.3, 0.5])
 def test_target_is_met_exactly(budget, target):
     model = Tiny()
@@ -212,12 +213,27 @@ def test_layers_without_fit_are_left_dense_and_reported():
     assert next(r for r in report.layers if r.name == "head").verdict == "not-fitted"
 
 
-def test_noise_budget_prunes_the_noisy_layer_harder():
+@pytest.mark.parametrize("budget", ["noise", "energy"])
+def test_rmt_budgets_prune_the_noisy_layer_harder(budget):
     model = Tiny()
-    _, report = sparsify(model, SparsifyConfig(target=0.4, sv_sparsify=False))
+    _, report = sparsify(model, SparsifyConfig(target=0.4, budget=budget, sv_sparsify=False))
     by = {r.name: r for r in report.layers}
     assert by["noise"].n_spikes == 0 and by["signal"].n_spikes >= 4
     assert by["noise"].sparsity > by["signal"].sparsity + 0.1
+
+
+def test_energy_budget_is_global_magnitude_on_pure_noise():
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 96), nn.Linear(96, 64)]
+    with torch.no_grad():
+        layers[1].weight.mul_(0.5)  # smaller scale: global magnitude prunes it harder
+    a = nn.Sequential(*layers)
+    b = copy.deepcopy(a)
+    _, ra = sparsify(a, SparsifyConfig(target=0.5, budget="energy", sv_sparsify=False))
+    _, rb = sparsify(b, SparsifyConfig(target=0.5, budget="global", sv_sparsify=False))
+    got = [r.sparsity for r in ra.layers]
+    assert got[1] > got[0] + 0.2
+    assert got == pytest.approx([r.sparsity for r in rb.layers], abs=0.03)
 
 
 def test_bulk_budget_follows_bulk_fraction():
@@ -331,9 +347,9 @@ def test_plan_leaves_model_untouched_and_matches_target():
 def test_report_serialises():
     _, report = sparsify(Tiny(), SparsifyConfig(target=0.3))
     data = json.loads(report.to_json())
-    assert data["budget"] == "noise" and len(data["layers"]) == 3
+    assert data["budget"] == "energy" and len(data["layers"]) == 3
     assert data["layers"][0]["sparsity"] == pytest.approx(report.layers[0].sparsity)
-    assert "noise" in report.table() and report.summary().startswith("budget=noise")
+    assert "noise" in report.table() and report.summary().startswith("budget=energy")
 
 
 # ----------------------------------------------------------------------------- low rank + sparse

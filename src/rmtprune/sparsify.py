@@ -10,11 +10,13 @@ low-rank layer) with an accepted Marchenko-Pastur fit:
    almost none: a denoising of the noise part before pruning.
 2. **Magnitude pruning with an RMT budget**, over ``n_cycles`` cycles whose global target ramps
    linearly to ``target``. The budget rule decides how many entries each layer loses:
-   ``noise`` (default) prunes entries whose magnitude is small *in units of the layer's fitted
-   noise level* ``sigma = sqrt(sigma2)`` (one global threshold on ``|w| / sigma``, so a layer
-   that is mostly noise loses more than a layer full of signal); ``bulk`` gives each layer a
-   sparsity proportional to ``bulk_fraction ** budget_power``. ``global`` and ``uniform`` are
-   the plain magnitude-pruning baselines (no fit needed). Budgets are normalised so the global
+   ``energy`` (default) is one global threshold on ``|w| / bulk_energy ** budget_power``, where
+   ``bulk_energy`` is the share of ``||W||_F**2`` in the MP bulk: a pure-noise layer (share 1)
+   is pruned like plain global magnitude pruning, a layer whose energy sits in spikes is
+   protected. ``noise`` thresholds ``|w| / sigma`` with ``sigma = sqrt(sigma2)`` the fitted noise
+   level (entries small *in units of the layer's noise*); ``bulk`` gives each layer a sparsity
+   proportional to ``bulk_fraction ** budget_power``. ``global`` and ``uniform`` are the plain
+   magnitude-pruning baselines (no fit needed). Budgets are normalised so the global
    target, counted over all selected layers, is met exactly (up to ``max_layer_sparsity``).
 3. **Regularised fine-tuning** (``l1``, ``l2``, optional ``group_lasso`` over rows) for
    ``cycle_steps`` steps after each cycle, with pruned entries frozen by masks; then
@@ -66,8 +68,8 @@ __all__ = [
 ]
 
 #: Budget rules: RMT-guided (``noise``, ``bulk``; need a fit) and the baselines (``global``, ``uniform``).
-BUDGETS = ("noise", "bulk", "global", "uniform")
-_RMT_BUDGETS = ("noise", "bulk")
+BUDGETS = ("noise", "energy", "bulk", "global", "uniform")
+_RMT_BUDGETS = ("noise", "energy", "bulk")
 _STORAGE = ("auto", "bitmask", "csr")
 
 
@@ -87,12 +89,14 @@ class SparsifyConfig:
     """
 
     target: float = field(default=0.5, metadata=_meta("global sparsity over the selected layers, in [0, 1)"))
-    budget: str = field(default="noise", metadata=_meta(f"per-layer budget rule, one of {BUDGETS}"))
+    budget: str = field(default="energy", metadata=_meta(f"per-layer budget rule, one of {BUDGETS}"))
     n_cycles: int = field(default=3, metadata=_meta("pruning cycles; cycle c targets target * c / n_cycles"))
     max_layer_sparsity: float = field(
         default=0.95, metadata=_meta("cap on any one layer's sparsity (noise/bulk/uniform budgets)")
     )
-    budget_power: float = field(default=1.0, metadata=_meta("bulk budget: sparsity ~ bulk_fraction ** power"))
+    budget_power: float = field(
+        default=1.0, metadata=_meta("strength p of the energy (|w| / bulk_energy**p) and bulk budgets")
+    )
     refit: bool = field(default=False, metadata=_meta("refit the MP bulk before every cycle (else once)"))
     sv_sparsify: bool = field(default=True, metadata=_meta("step 1: sparsify singular vectors and recompose"))
     theta: float = field(default=1.0, metadata=_meta("singular-vector threshold scale, units of 1/sqrt(dim)"))
@@ -623,6 +627,12 @@ def _analyze_all(layers: list[_Layer], config: SparsifyConfig, show: bool | None
             )
 
 
+def _bulk_energy(layer: _Layer) -> float:
+    """Share of the layer's ``sum(s**2)`` in the MP bulk: 1 for pure noise, small for strong signal."""
+    fit = layer.analysis.fit  # type: ignore[union-attr]
+    return max(float(fit.bulk_energy), 1e-12)
+
+
 def _sigma(layer: _Layer) -> float:
     return layer.sigma
 
@@ -691,10 +701,12 @@ def _allocate(layers: list[_Layer], config: SparsifyConfig, target: float) -> tu
     cap_frac = 1.0 if config.budget == "global" else config.max_layer_sparsity
     caps = [max(int(math.floor(cap_frac * layers[i].numel)), f) for i, f in zip(active, floors, strict=True)]
     budget = max(wanted - fixed, sum(floors))
-    if config.budget in ("global", "noise"):
+    if config.budget in ("global", "noise", "energy"):
         scores = []
         for i in active:
             w = layers[i].module.weight.detach().abs().to(torch.float64).reshape(-1).cpu()
+            if config.budget == "energy":
+                w = w / _bulk_energy(layers[i]) ** config.budget_power
             if config.budget == "noise":
                 w = w / _sigma(layers[i])
             mask = get_mask(layers[i].module)
