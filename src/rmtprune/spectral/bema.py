@@ -199,7 +199,8 @@ def fit_bulk(
     to ``r`` (Weyl interlacing), which biases ``sigma2`` up by ``O(r / p)`` (1.4% at ``p = 100``
     with 3 spikes). So the fit is repeated on the ``p - r`` smallest values as the spectrum of a
     ``(p - r) x (N - r)`` noise matrix, the bulk of ``X + rank-r`` being that of the noise with
-    the spike directions projected out, until the spike count is stable (a few passes at most).
+    the spike directions projected out, until the spike count is stable (a few passes at most;
+    only while ``r <= alpha p / 2``, else the one-pass fit stands; ``ks`` is always the one-pass value).
     ``deflate=False`` is the one-pass fit of METHOD.md section 3. ``lambda_plus`` is always
     reported on the full-matrix scale, ``s_plus**2 / N``.
 
@@ -239,16 +240,21 @@ def fit_bulk(
     n_spikes = int(np.count_nonzero(s_desc > s_plus))
     if deflate:
         # Refit on the p - r bulk values as a (p - r) x (N - r) noise matrix until the count is stable.
+        # Only a small-r correction: past r_cap the spectrum is not "MP bulk + a few spikes" and the
+        # one-pass fit stands. ks stays the one-pass value (METHOD.md section 4), so deflation can never
+        # make a non-MP spectrum pass the gate.
+        r_cap = math.floor(alpha * p / 2)
+        one_pass = (sigma2, s_plus, n_spikes)
         seen = {0}
-        r_max = p - max(MIN_P, 2)
-        while n_spikes not in seen and 0 < n_spikes <= r_max:
+        while n_spikes not in seen and 0 < n_spikes <= r_cap:
             seen.add(n_spikes)
-            r = n_spikes
-            fit_r = _match_bulk(s_desc[r:], p - r, N - r, alpha, t_beta)
-            if not fit_r[0] > 0 or _trim_window(p - r, alpha)[1] < _trim_window(p - r, alpha)[0]:
+            sig_r, s_plus_r, _ = _match_bulk(s_desc[n_spikes:], p - n_spikes, N - n_spikes, alpha, t_beta)
+            if not sig_r > 0:
                 break
-            sigma2, s_plus, ks = fit_r
+            sigma2, s_plus = sig_r, s_plus_r
             n_spikes = int(np.count_nonzero(s_desc > s_plus))
+        if n_spikes > r_cap:
+            sigma2, s_plus, n_spikes = one_pass
     lambda_plus = s_plus**2 / N
     return SpectrumFit(
         shape=(m, n),

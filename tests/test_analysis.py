@@ -1,0 +1,114 @@
+"""analyze_matrix / analyze_tensor: dtypes, conv reshaping, invalid values and verdicts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rmtprune.analysis import VERDICTS, analyze_matrix, analyze_tensor, as_matrix, singular_values
+from rmtprune.errors import InvalidWeightsError
+
+
+@pytest.fixture(scope="module")
+def weight() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((120, 200))
+    W[:, :3] += 8.0 * rng.standard_normal((120, 1))  # a rank-one spike
+    return W.astype(np.float16).astype(np.float64)  # exactly representable in every float dtype below
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda w: w,
+        lambda w: w.astype(np.float32),
+        lambda w: w.astype(np.float16),
+        lambda w: torch.from_numpy(w),
+        lambda w: torch.from_numpy(w).float(),
+        lambda w: torch.from_numpy(w).half(),
+        lambda w: torch.from_numpy(w).bfloat16(),
+        lambda w: torch.from_numpy(w).float().requires_grad_(),
+    ],
+)
+def test_same_fit_for_every_float_dtype(convert, weight) -> None:
+    ref = analyze_matrix(weight)
+    fit = analyze_matrix(convert(weight))
+    if fit.shape != ref.shape:
+        raise AssertionError(fit.shape)
+    # bfloat16 rounds the values (8 bits of mantissa); every other dtype holds them exactly.
+    exact = not isinstance(convert(weight), torch.Tensor) or convert(weight).dtype != torch.bfloat16
+    if exact:
+        assert fit.to_dict() == ref.to_dict()
+        assert fit.singular_values.dtype == np.float64
+    else:
+        assert fit.sigma2 == pytest.approx(ref.sigma2, rel=1e-2) and fit.n_spikes == ref.n_spikes
+
+
+def test_conv_weight_read_as_out_by_rest() -> None:
+    w = torch.randn(32, 8, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert as_matrix(w).shape == (32, 72)
+    fit = analyze_matrix(w)
+    assert fit.shape == (32, 72)
+    np.testing.assert_allclose(fit.singular_values, np.linalg.svd(w.reshape(32, 72).double().numpy())[1])
+    assert singular_values(w.reshape(32, 72)).dtype == np.float64
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("to_torch", [False, True])
+def test_nan_inf_raise(bad: float, to_torch: bool, weight) -> None:
+    w = weight.astype(np.float32).copy()
+    w[5, 7] = bad
+    with pytest.raises(InvalidWeightsError, match=r"shape \(120, 200\) contains NaN or Inf"):
+        analyze_matrix(torch.from_numpy(w) if to_torch else w)
+
+
+@pytest.mark.parametrize(
+    ("w", "exc", "match"),
+    [
+        (np.ones((20, 30), dtype=np.int64), TypeError, "not floating point"),
+        (torch.ones(20, 30, dtype=torch.int32), TypeError, "not floating point"),
+        (np.ones((20, 30), dtype=bool), TypeError, "not floating point"),
+        ([[1.0, 2.0]], TypeError, "numpy array or torch tensor"),
+        (np.ones(30), ValueError, "not a matrix"),
+        (np.ones((1, 30)), ValueError, "too small"),
+    ],
+)
+def test_bad_input(w, exc: type, match: str) -> None:
+    with pytest.raises(exc, match=match):
+        analyze_matrix(w)
+
+
+def test_verdicts() -> None:
+    g = torch.Generator().manual_seed(2)
+    ok = analyze_tensor("fc1.weight", torch.randn(200, 300, generator=g))
+    assert ok.verdict == "fit" and ok.fit is not None and ok.fit.accepted()
+    assert ok.matrix_shape == (200, 300) and ok.dtype == "float32"
+
+    # Heavy-tailed, structured bulk: a Cauchy matrix is not MP-like.
+    cauchy = torch.from_numpy(np.random.default_rng(3).standard_cauchy((200, 300)))
+    bad = analyze_tensor("emb.weight", cauchy)
+    assert bad.verdict == "no-mp-bulk" and "ks=" in bad.message and bad.fit is not None
+
+    small = analyze_tensor("head.weight", torch.randn(1, 300, generator=g))
+    assert small.verdict == "too-small" and small.fit is None and "p=1 < 10" in small.message
+
+    w = torch.randn(50, 60, generator=g)
+    w[0, 0] = float("nan")
+    inv = analyze_tensor("fc2.weight", w)
+    assert inv.verdict == "invalid" and "'fc2.weight'" in inv.message
+
+    conv = analyze_tensor("conv.weight", torch.randn(64, 16, 3, 3, generator=g))
+    assert conv.matrix_shape == (64, 144) and conv.shape == (64, 16, 3, 3)
+    for la in (ok, bad, small, inv, conv):
+        assert la.verdict in VERDICTS
+        d = json.loads(json.dumps(la.to_dict()))
+        assert d["verdict"] == la.verdict and d["layer"] == la.name
+
+
+def test_gate_is_configurable() -> None:
+    w = torch.randn(200, 300, generator=torch.Generator().manual_seed(4))
+    la = analyze_tensor("fc", w, ks_max=0.0)
+    assert la.verdict == "no-mp-bulk" and "ks_max=0.0" in la.message
