@@ -92,7 +92,7 @@ class SparsifyConfig:
     budget: str = field(default="energy", metadata=_meta(f"per-layer budget rule, one of {BUDGETS}"))
     n_cycles: int = field(default=3, metadata=_meta("pruning cycles; cycle c targets target * c / n_cycles"))
     max_layer_sparsity: float = field(
-        default=0.95, metadata=_meta("cap on any one layer's sparsity (noise/bulk/uniform budgets)")
+        default=0.95, metadata=_meta("cap on any one layer's sparsity (every budget but global)")
     )
     budget_power: float = field(
         default=1.0, metadata=_meta("strength p of the energy (|w| / bulk_energy**p) and bulk budgets")

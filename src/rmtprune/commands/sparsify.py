@@ -90,7 +90,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--exclude", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help=helps["exclude"]
     )
     p.add_argument(
-        "--no-sv", dest="sv_sparsify", action="store_false", default=argparse.SUPPRESS, help="skip step 1"
+        "--no-sv",
+        dest="sv_sparsify",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="skip the singular-vector step",
     )
     p.add_argument(
         "--refit", dest="refit", action="store_true", default=argparse.SUPPRESS, help=helps["refit"]
