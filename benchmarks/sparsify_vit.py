@@ -169,6 +169,27 @@ def run_lowrank(
     }
 
 
+def _fits(model: nn.Module) -> list[dict[str, Any]]:
+    """Per-layer MP fit of the trained model: verdict, spikes, KS distance, bulk energy."""
+    from rmtprune.analysis import analyze_tensor
+    from rmtprune.masks import prunable_layers
+
+    out = []
+    for name, mod in prunable_layers(model):
+        a = analyze_tensor(name, mod.weight.detach())
+        fit = a.fit
+        out.append(
+            {
+                "layer": name,
+                "verdict": a.verdict,
+                "n_spikes": fit.n_spikes if fit else None,
+                "ks": fit.ks if fit else None,
+                "bulk_energy": fit.bulk_energy if fit else None,
+            }
+        )
+    return out
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{100 * values[0]:.2f}"
@@ -264,6 +285,17 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
                 f"{100 * dense['accuracy_ft']:.2f}%"
             )
         lines += [f"## {ds}", "", head + ".", ""]
+        fits = res.get("fits") or []
+        if fits:
+            ok = [f for f in fits if f["verdict"] == "fit"]
+            spikes = sorted(f["n_spikes"] for f in ok)
+            energy = sorted(f["bulk_energy"] for f in ok)
+            lines += [
+                f"Spectra of the trained model: {len(ok)} of {len(fits)} Linear/Conv layers have an accepted "
+                f"MP fit; spikes per layer median {spikes[len(spikes) // 2]} (max {spikes[-1]}); bulk energy "
+                f"median {energy[len(energy) // 2]:.2f} (min {energy[0]:.2f}).",
+                "",
+            ]
         lines += [
             "| sparsity | fine-tune | " + " | ".join(LABELS.values()) + " | RMT - global (pp) | seeds |",
             "|---|---|" + "---|" * len(LABELS) + "---|---|",
@@ -393,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[ds]["sparse"] += res["sparse"]
                 results[ds]["lowrank"] += res["lowrank"]
                 results[ds]["dense"] = {**res["dense"], **results[ds]["dense"]}
+                results[ds]["fits"] = results[ds].get("fits") or res.get("fits")
                 results[ds]["command"] = f"{results[ds]['command']}` and `{res['command']}"
         args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
         seconds = sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"] + res["lowrank"])
@@ -431,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"[{ds}] dense + same fine-tune {100 * dense['accuracy_ft']:.2f}%")
         _log(f"[{ds}] dense accuracy {100 * dense['accuracy']:.2f}%")
         res: dict[str, Any] = {"dense": dense, "sparse": [], "lowrank": [], "command": args.command}
+        res["fits"] = _fits(base)
         results[ds] = res
         jobs = []
         for t in sparsities:
