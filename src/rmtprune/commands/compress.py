@@ -56,8 +56,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "compress",
         help="replace noisy layers by low-rank factors (Marchenko-Pastur / BEMA rank)",
         description=(
-            "Fit the Marchenko-Pastur bulk of every Linear/Conv1d/Conv2d layer, keep the spikes above "
-            "the Tracy-Widom edge (plus --keep-bulk of the bulk), and store each layer whose rank drops "
+            "Fit the Marchenko-Pastur bulk of every Linear/Conv1d/Conv2d layer, keep the spikes above\n"
+            "the Tracy-Widom edge (plus --keep-bulk of the bulk), and store each layer whose rank drops\n"
             "as two thin layers. Prints the per-layer plan and totals; writes OUT and its report."
         ),
         epilog=_EPILOG,
