@@ -974,7 +974,8 @@ def train(
         weights, optimizer and scheduler state and every random number generator are restored, so
         the run ends with the same metrics as one that was never interrupted. The stored
         configuration is used; only ``epochs``, ``device`` and ``track_spectra`` may change.
-    data_dir : where the dataset files are (see :func:`rmtprune.data.load_dataset`).
+    data_dir : where the dataset files are (see :func:`rmtprune.data.load_dataset`); a resumed run
+        uses the one it was started with unless given another.
     log : called with one line per epoch and per pruning decision (``print`` for a console).
     progress_bar : a progress bar over the batches (``None``: only on a terminal).
     batch_callback : called as ``batch_callback(epoch, batch_index)`` before every batch (tests use
@@ -999,6 +1000,8 @@ def train(
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{str(ckpt_path)!r} holds an invalid run configuration: {exc}") from exc
         cfg = _resume_config(stored, config, overrides, int(state["epoch"]))
+        if data_dir is None:
+            data_dir = state.get("data_dir")
 
     from .data import FastLoader, seed_everything
     from .models import build_model
@@ -1036,7 +1039,8 @@ def train(
         metrics = [dict(r) for r in state.get("metrics", [])]
         done = int(state["epoch"])
         if log is not None:
-            log(f"resuming {str(out_dir)!r} after epoch {done} of {cfg.epochs} from {ckpt_path.name}")
+            left = "nothing left to train" if done >= cfg.epochs else f"{cfg.epochs - done} epoch(s) to go"
+            log(f"resuming {str(out_dir)!r} after epoch {done} of {cfg.epochs} from {ckpt_path.name}: {left}")
     elif pruner is not None and pruner.should_prune(0):
         pruner.prune(model, 0, optimizer)
 
@@ -1076,6 +1080,7 @@ def train(
                         "version": _VERSION,
                         "epoch": epoch,
                         "config": cfg.to_dict(),
+                        "data_dir": None if data_dir is None else str(Path(data_dir).expanduser().resolve()),
                         "architecture": _architecture(model),
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
