@@ -28,8 +28,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="train a small MLP on MNIST, compress it, print a before/after table (~1 minute)",
         description=(
             f"Train an MLP {DEMO_MODEL} on MNIST for {DEMO_EPOCHS['mnist']} epochs, compress it with the "
-            "default RMT rule (keep the spikes above the Marchenko-Pastur bulk), and print test accuracy, "
-            "parameters and CPU latency before and after. Writes the ESD plot of the first layer, the "
+            "default RMT rule (keep the spikes above the Marchenko-Pastur bulk), fine-tune it one epoch, and "
+            "print test accuracy, parameters and CPU latency before and after. Writes the ESD plot of the "
+            "first layer, the "
             "compressed model and a summary to --out. Uses scikit-learn's 8x8 digits when MNIST is not "
             "available."
         ),

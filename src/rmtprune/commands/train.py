@@ -63,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             metavar=metavar,
             choices=choices.get(name),
             default=argparse.SUPPRESS,
-            help=f"{helps[name]} (default: {defaults[name]})",
+            help=helps[name] + ("" if defaults[name] is None else f" (default: {defaults[name]})"),
         )
     f = p.add_mutually_exclusive_group()
     f.add_argument(
