@@ -476,6 +476,7 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 def test_bad_dataset_or_model_is_a_clear_error(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         train(out=tmp_path / "run", **{**TINY, "epochs": 1, **kwargs})
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
 def test_unknown_option_is_named():

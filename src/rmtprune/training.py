@@ -990,10 +990,11 @@ def train(
     if not resume:
         cfg = _resolve_config(config, overrides)
         _check_names(cfg)  # before anything is written
-    out_dir = _prepare_out(out, resume) if out is not None else None
+    out_dir = None
     if resume:
-        if out_dir is None:
+        if out is None:
             raise ValueError("resume=True needs out= (the directory of the run to continue)")
+        out_dir = _prepare_out(out, resume=True)
         state, ckpt_path = load_checkpoint(out_dir, log)
         try:
             stored = TrainConfig.from_dict(state["config"])
@@ -1010,6 +1011,8 @@ def train(
     train_ds, test_ds = _load_data(cfg, data_dir)
     model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
     initial_params = sum(p.numel() for p in model.parameters())
+    if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
+        out_dir = _prepare_out(out, resume=False)
     compression = _compression_config(cfg)
     pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []
