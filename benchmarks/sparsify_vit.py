@@ -312,6 +312,8 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
                     cells.append(_mean_std(accs) if accs else "-")
                     means[m] = statistics.mean(accs) if accs else math.nan
                     n_seeds = max(n_seeds, len(accs))
+                if n_seeds == 0:
+                    continue
                 diff = 100 * (means["rmt"] - means["global"])
                 lines.append(
                     f"| {t:.0%} | {'yes' if ft else 'no'} | "
