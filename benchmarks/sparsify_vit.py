@@ -197,58 +197,64 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _plot(path: Path, results: dict[str, Any]) -> None:
+    """Per dataset: accuracy vs parameters stored, full range (top) and zoomed near dense (bottom)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     datasets = list(results)
-    fig = Figure(figsize=(6 * len(datasets), 4.5))
+    fig = Figure(figsize=(6.5 * len(datasets), 9))
     FigureCanvasAgg(fig)
     colors = {"global": "tab:blue", "uniform": "tab:orange", "rmt": "tab:green", "rmt-noise": "tab:purple"}
     for i, ds in enumerate(datasets):
-        ax = fig.add_subplot(1, len(datasets), i + 1)
         res = results[ds]
-        dense_acc = res["dense"]["accuracy"]
-        for method, color in colors.items():
-            for ft, style in ((False, "--"), (True, "-")):
-                rows = [r for r in res["sparse"] if r["method"] == method and r["ft"] == ft]
-                targets = sorted({r["target"] for r in rows})
-                xs, ys = [], []
-                for t in targets:
-                    sel = [r for r in rows if r["target"] == t]
-                    xs.append(statistics.mean(r["stored"] / r["total"] for r in sel))
-                    ys.append(100 * statistics.mean(r["accuracy"] for r in sel))
-                if not rows:
+        dense_acc = 100 * res["dense"]["accuracy"]
+        for row in (0, 1):
+            ax = fig.add_subplot(2, len(datasets), row * len(datasets) + i + 1)
+            for method, color in colors.items():
+                for ft, style in ((False, "--"), (True, "-")):
+                    rows = [r for r in res["sparse"] if r["method"] == method and r["ft"] == ft]
+                    if not rows:
+                        continue
+                    xs, ys = [], []
+                    for t in sorted({r["target"] for r in rows}):
+                        sel = [r for r in rows if r["target"] == t]
+                        xs.append(statistics.mean(r["stored"] / r["total"] for r in sel))
+                        ys.append(100 * statistics.mean(r["accuracy"] for r in sel))
+                    label = f"{LABELS[method]} ({'fine-tuned' if ft else 'no fine-tune'})"
+                    ax.plot(xs, ys, style, color=color, marker="o", ms=3, label=label)
+            for ft, marker in ((False, "x"), (True, "s")):
+                lr_rows = [r for r in res["lowrank"] if r["ft"] == ft]
+                if not lr_rows:
                     continue
-                label = f"{LABELS[method]} ({'fine-tuned' if ft else 'no fine-tune'})"
-                ax.plot(xs, ys, style, color=color, marker="o", ms=3, label=label)
-        for ft, marker in ((False, "x"), (True, "s")):
-            rows = [r for r in res["lowrank"] if r["ft"] == ft]
-            ax.scatter(
-                [r["stored"] / r["total"] for r in rows],
-                [100 * r["accuracy"] for r in rows],
-                marker=marker,
-                color="tab:red",
-                label=f"low rank ({'fine-tuned' if ft else 'no fine-tune'})",
-                zorder=3,
-            )
-            for r in rows:
-                ax.annotate(
-                    f"kb={r['keep_bulk']:g}", (r["stored"] / r["total"], 100 * r["accuracy"]), fontsize=7
+                pts = [(r["stored"] / r["total"], 100 * r["accuracy"], r["keep_bulk"]) for r in lr_rows]
+                ax.scatter(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker=marker,
+                    color="tab:red",
+                    label=f"low rank, keep_bulk 0/0.25/0.5 ({'fine-tuned' if ft else 'no fine-tune'})",
+                    zorder=3,
                 )
-        ax.axhline(100 * dense_acc, color="gray", lw=0.8, label="dense")
-        if "accuracy_ft" in res["dense"]:
-            acc_ft = 100 * res["dense"]["accuracy_ft"]
-            ax.axhline(acc_ft, color="gray", lw=0.8, ls=":", label="dense + same fine-tune")
-        ax.set_xlabel("parameters stored / dense")
-        ax.set_ylabel("test top-1 accuracy (%)")
-        ax.set_ylim(max(0, 100 * dense_acc - 30), 100 * dense_acc + 2)
-        ax.set_title(f"ViT dim 64 depth 4 on {ds}")
-        ax.grid(alpha=0.3)
-        if i == 0:
-            ax.legend(fontsize=7, loc="lower right")
+                for x, y, kb in pts:
+                    ax.annotate(f"kb={kb:g}", (x, y), fontsize=7)
+            ax.axhline(dense_acc, color="gray", lw=0.8, label="dense")
+            if "accuracy_ft" in res["dense"]:
+                acc_ft = 100 * res["dense"]["accuracy_ft"]
+                ax.axhline(acc_ft, color="gray", lw=0.8, ls=":", label="dense + same fine-tune")
+            ax.set_xlabel("parameters stored / dense")
+            ax.set_ylabel("test top-1 accuracy (%)")
+            if row == 0:
+                ax.set_ylim(0, 100)
+                ax.set_title(f"ViT dim 64 depth 4 on {ds}")
+            else:
+                ax.set_ylim(dense_acc - 6, dense_acc + 1)
+                ax.set_title(f"{ds}: zoom near the dense accuracy")
+            ax.grid(alpha=0.3)
+            if i == 0 and row == 0:
+                ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -> str:
