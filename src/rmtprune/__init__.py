@@ -29,6 +29,11 @@ _LAZY: dict[str, str] = {
     "analyze_tensor": "rmtprune.analysis",
     "LayerAnalysis": "rmtprune.analysis",
     "analyze_checkpoint": "rmtprune.checkpoint",
+    # data and reference models
+    "load_dataset": "rmtprune.data",
+    "seed_everything": "rmtprune.data",
+    "build_model": "rmtprune.models",
+    "count_parameters": "rmtprune.models",
     # compression
     "CompressionConfig": "rmtprune.config",
     "Plan": "rmtprune.surgery",
