@@ -163,6 +163,8 @@ def test_maybe_prune_cuts_on_schedule_and_rebuilds_the_optimizer():
     assert any("fresh state" in line for line in lines) and any(
         "fc: factor rank 120 -> 3" in x for x in lines
     )
+    assert "momentum_buffer" in opt.state[model.fc.second.bias]  # the bias kept its momentum
+    assert model.fc.first.weight not in opt.state
     event = pruner.events_[-1]
     assert event["params_after"] == 3 * (240 + 120) + 120 + 120 * 4 + 4 < event["params_before"]
 
@@ -181,8 +183,8 @@ def test_rebuild_keeps_hyperparameters_and_momentum_of_untouched_parameters():
     info = rebuild_optimizer(opt, model, old)
 
     assert info["removed"] == ["fc1.weight", "fc1.bias"]
-    assert info["added"] == ["fc1.first.weight", "fc1.second.weight", "fc1.second.bias"]
-    assert info["kept"] == ["fc2.weight", "fc2.bias"]
+    assert info["added"] == ["fc1.first.weight", "fc1.second.weight", "fc1.second.bias"]  # bias not copied
+    assert info["kept"] == ["fc2.weight", "fc2.bias"] and info["carried"] == []
     group = opt.param_groups[0]
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (
@@ -196,6 +198,23 @@ def test_rebuild_keeps_hyperparameters_and_momentum_of_untouched_parameters():
     assert all(p not in opt.state for p in old.values() if p not in set(model.parameters()))
     _step(model, opt)  # the optimizer trains the new parameters
     assert "momentum_buffer" in opt.state[model.fc1.first.weight]
+
+
+def test_rebuild_carries_the_state_of_a_bias_copied_into_the_new_layer():
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _step(model, opt)
+    buf = opt.state[model.fc1.bias]["momentum_buffer"].clone()
+    old = dict(model.named_parameters())
+    bias = model.fc1.bias.detach().clone()
+    _factor_fc1(model)
+    with torch.no_grad():
+        model.fc1.second.bias.copy_(bias)  # what compress does: the bias moves into the second factor
+    info = rebuild_optimizer(opt, model, old)
+    assert info["carried"] == ["fc1.second.bias"]
+    assert info["added"] == ["fc1.first.weight", "fc1.second.weight"]
+    assert torch.equal(opt.state[model.fc1.second.bias]["momentum_buffer"], buf)
 
 
 def test_rebuild_puts_new_parameters_in_the_group_of_the_layer_they_replace():

@@ -90,8 +90,9 @@ def rebuild_optimizer(
     Parameters still present (same object) keep their group and their state (momentum, Adam
     moments); parameters that were removed lose theirs; new parameters (the factors of a layer
     that was cut) join the group of the old parameter closest to them in the module tree and
-    start with fresh state. Group hyper-parameters, ``lr`` included, are untouched, so a learning
-    rate scheduler attached to ``optimizer`` continues where it was.
+    start with fresh state, except a tensor copied unchanged into the new layer (its bias),
+    which takes over the state of the one it copies. Group hyper-parameters, ``lr`` included,
+    are untouched, so a learning rate scheduler attached to ``optimizer`` continues where it was.
 
     Parameters
     ----------
@@ -101,7 +102,8 @@ def rebuild_optimizer(
 
     Returns
     -------
-    dict with the parameter names that were ``kept``, ``added`` (fresh state) and ``removed``.
+    dict with the parameter names that were ``kept``, ``carried`` (new tensor, state taken over
+    from the identical old one), ``added`` (fresh state) and ``removed``.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -120,7 +122,8 @@ def rebuild_optimizer(
         for g in optimizer.param_groups
     ]
     new_lists: list[list[torch.Tensor]] = [[] for _ in optimizer.param_groups]
-    kept, added = [], []
+    kept, added, carried = [], [], []
+    removed = [n for n, p in old_params.items() if id(p) not in new_ids and id(p) in group_of]
     for name, p in new_named:
         if id(p) in group_of:
             new_lists[group_of[id(p)]].append(p)
@@ -132,15 +135,43 @@ def rebuild_optimizer(
         if old is None or id(old_params[old]) not in group_of:
             continue
         new_lists[group_of[id(old_params[old])]].append(p)
-        added.append(name)
-    removed = [n for n, p in old_params.items() if id(p) not in new_ids and id(p) in group_of]
+        twin = _same_tensor(name, p, old_params, removed)
+        if twin is not None and old_params[twin] in optimizer.state:
+            # A tensor copied unchanged into the new layer (the bias of a cut layer): same state.
+            optimizer.state[p] = _clone_state(optimizer.state[old_params[twin]])
+            carried.append(name)
+        else:
+            added.append(name)
 
     for gi, group in enumerate(optimizer.param_groups):
         group["params"] = new_lists[gi] + foreign[gi]
     live = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for p in [p for p in optimizer.state if id(p) not in live]:
         del optimizer.state[p]
-    return {"kept": kept, "added": added, "removed": removed}
+    return {"kept": kept, "carried": carried, "added": added, "removed": removed}
+
+
+def _same_tensor(
+    name: str, p: torch.Tensor, old_params: dict[str, nn.Parameter], removed: list[str]
+) -> str | None:
+    """A removed parameter of the same layer, leaf name and value as ``p`` (a bias moved into a factor)."""
+    leaf = name.rpartition(".")[2]
+    path = _module_path(name)
+    for old in removed:
+        o = old_params[old]
+        same_place = path == _module_path(old) or path.startswith(_module_path(old) + ".")
+        if (
+            same_place
+            and old.rpartition(".")[2] == leaf
+            and o.shape == p.shape
+            and torch.equal(o.data, p.data)
+        ):
+            return old
+    return None
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,9 +363,11 @@ class RMTPruner:
             for row in rows:
                 self.log(_format_decision(row))
             if opt_info is not None and opt_info["added"]:
+                carried = f", {', '.join(opt_info['carried'])} take over the state of the tensor they copy"
                 self.log(
                     f"epoch {epoch}: optimizer rebuilt: {len(opt_info['kept'])} parameters keep their state, "
                     f"{len(opt_info['added'])} new ({', '.join(opt_info['added'])}) start with fresh state"
+                    + (carried if opt_info["carried"] else "")
                 )
             self.log(f"epoch {epoch}: f={f:.3f}, parameters {before:,} -> {after:,} ({seconds:.2f} s)")
         return optimizer
