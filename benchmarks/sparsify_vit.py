@@ -338,6 +338,8 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
             )
         lines.append("")
     lines += ["## Against the targets", ""] + _verdict(results) + [""]
+    if args.note:
+        lines += ["## Notes", ""] + [f"- {n}" for n in args.note] + [""]
     return "\n".join(lines)
 
 
@@ -406,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--no-lowrank", action="store_true", help="skip the low-rank runs")
     p.add_argument("--no-dense-ft", action="store_true", help="skip the dense + fine-tune reference")
+    p.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 6000 images, 3 sparsities")
     p.add_argument("--out", type=Path, default=RESULTS / "sparsify_vit.md")
@@ -437,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[ds]["command"] = f"{results[ds]['command']}` and `{res['command']}"
         args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
         seconds = sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"] + res["lowrank"])
+        atomic_write_text(args.json or args.out.with_suffix(".json"), json.dumps(results, indent=1))
         _write(args, results, seconds)
         return 0
     args.epochs_of = _epochs(args.epochs, args.datasets)
