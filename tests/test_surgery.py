@@ -368,3 +368,24 @@ def test_transformers_conv1d_when_installed() -> None:
     pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     layer = pytorch_utils.Conv1D(60, 40)
     assert isinstance(handler_for(layer), TransposedLinearHandler)
+
+
+class TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 30)
+        self.fc = nn.Linear(30, 30)
+        self.again = self.fc  # the same module under a second name
+        self.out = nn.Linear(30, 40, bias=False)
+        self.out.weight = self.emb.weight  # tied to the embedding
+        self.last = nn.Linear(40, 12)
+
+
+def test_shared_weights_and_modules_are_skipped_not_untied() -> None:
+    p = rmtprune.plan(TiedHead(), CompressionConfig(rule="fixed", rank=2))
+    assert (
+        p["out"].action == "skip"
+        and p["out"].reason == "weight is tied to 'emb'; cutting it would untie them"
+    )
+    assert p["fc"].action == "skip" and "registered under several names ('fc', 'again')" in p["fc"].reason
+    assert p["last"].action == "keep" and "protect_last" in p["last"].reason

@@ -97,8 +97,8 @@ class CompressionConfig:
         into the dense weight (True) or keep the layer as it is (False).
     svd_dtype : precision of the SVD, ``float64`` (default) or ``float32`` (faster on big layers;
         the fit always runs in float64).
-    protect_last : keep the last prunable layer of the model (in registration order: the logits
-        layer of a classifier) uncut; it is still analysed and reported. The output-width guard of
+    protect_last : keep the model's last layer of a prunable type (in registration order: the
+        logits layer of a classifier) uncut; it is still analysed and reported. The output-width guard of
         METHOD.md section 6: a 10-class head cut to rank 1 by a noisy fit destroys the classifier.
     """
 

@@ -494,8 +494,17 @@ def _collect(model: nn.Module) -> list[_Entry]:
     """Every layer a plan speaks about: supported ones, and unsupported ones owning a >= 2-D weight."""
     entries: list[_Entry] = []
     claimed: list[str] = []  # prefixes of modules handled as a whole (their children are not layers)
+    # Who holds each parameter and each module: surgery on a shared one would silently untie it.
+    param_owners: dict[int, list[str]] = {}
+    module_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+        for prm in module.parameters(recurse=False):
+            owners = param_owners.setdefault(id(prm), [])
+            if name not in owners:
+                owners.append(name)
     for name, module in model.named_modules():
-        if any(name.startswith(c + ".") for c in claimed):
+        if claimed and name.startswith(claimed[-1] + "."):  # pre-order: children follow their parent
             continue
         if isinstance(module, nn.MultiheadAttention):
             # It reads out_proj.weight directly: replacing out_proj by two layers would break it.
@@ -504,13 +513,33 @@ def _collect(model: nn.Module) -> list[_Entry]:
             continue
         h = handler_for(module)
         if h is not None:
-            entries.append(_Entry(name, module, h, h.unsupported(module) or ""))
+            why = h.unsupported(module) or _shared(name, module, h, param_owners, module_names)
+            entries.append(_Entry(name, module, h, why))
             claimed.append(name)
             continue
         own = [p for p in module.parameters(recurse=False) if p.ndim >= 2]
         if own:
             entries.append(_Entry(name, module, None, f"unsupported layer type {type(module).__name__}"))
     return entries
+
+
+def _shared(
+    name: str,
+    module: nn.Module,
+    h: LayerHandler,
+    param_owners: dict[int, list[str]],
+    module_names: dict[int, list[str]],
+) -> str:
+    """Why a layer cannot be replaced because it is shared (tied weights, one module under two names)."""
+    names = module_names.get(id(module), [name])
+    if len(names) > 1:
+        listed = ", ".join(repr(n) for n in names)
+        return f"module is registered under several names ({listed}); cutting it would untie them"
+    for w in h.weights(module):
+        others = [o for o in param_owners.get(id(w), []) if o != name and not o.startswith(name + ".")]
+        if others:
+            return f"weight is tied to {others[0]!r}; cutting it would untie them"
+    return ""
 
 
 def _fit_censored(s_k: np.ndarray, shape: tuple[int, int], alpha: float, beta: float) -> SpectrumFit | None:
@@ -748,8 +777,9 @@ def plan(
     _check_finite(todo)
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
-    supported = [e.name for e in entries if e.handler is not None and not e.reason]
-    last = supported[-1] if config.protect_last and supported else None
+    # The model's last layer of a prunable type (even if skipped, e.g. a head tied to the embedding).
+    handled = [e.name for e in entries if e.handler is not None]
+    last = handled[-1] if config.protect_last and handled else None
     done: dict[str, LayerPlan] = {}
     for e in _progress(todo, total=len(todo), desc="plan", enable=progress):
         positions = pos.get(e.name, e.handler.default_positions(e.module))
