@@ -389,3 +389,11 @@ def test_shared_weights_and_modules_are_skipped_not_untied() -> None:
     )
     assert p["fc"].action == "skip" and "registered under several names ('fc', 'again')" in p["fc"].reason
     assert p["last"].action == "keep" and "protect_last" in p["last"].reason
+
+
+def test_float32_svd_gives_the_same_ranks() -> None:
+    a, b = planted_mlp(), planted_mlp()
+    _, r64 = rmtprune.compress(a)
+    _, r32 = rmtprune.compress(b, svd_dtype="float32")
+    assert [lp.rank for lp in r64] == [lp.rank for lp in r32]
+    assert torch.allclose(a[0].dense_weight(), b[0].dense_weight(), atol=1e-4)
