@@ -6,7 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that spin while waiting make LAPACK up to 100x slower on a busy 2-core box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
