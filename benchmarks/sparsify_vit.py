@@ -264,10 +264,9 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), shared with other jobs)",
-        "- commands:"
-        + "".join(sorted({f" `{r['command']}`;" for r in results.values() if r.get("command")}))
-        + (f" then `{args.command}`" if args.render else ""),
-        f"- total time: {seconds / 60:.1f} min",
+        "- rerun: `python benchmarks/sparsify_vit.py` (every table and the plot below, sequentially; "
+        "trained models are cached in ~/.cache/rmtprune/bench)",
+        f"- time of the sparsify/fine-tune/evaluate runs: {seconds / 60:.1f} min (shared CPU)",
         f"- model: `{SPEC}` ({results[next(iter(results))]['dense']['total']:,} parameters), trained "
         f"{', '.join(f'{n} epoch(s) on {ds}' for ds, n in args.epochs_of.items())} "
         f"(Adam 1e-3, cosine, batch 128) on {args.train_subset or 60000} training "
@@ -338,8 +337,15 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
             )
         lines.append("")
     lines += ["## Against the targets", ""] + _verdict(results) + [""]
-    if args.note:
-        lines += ["## Notes", ""] + [f"- {n}" for n in args.note] + [""]
+    commands = sorted({r["command"] for r in results.values() if r.get("command")})
+    if args.render:
+        commands = [c for item in commands for c in item.split("` and `")]
+        commands.append(args.render_command)
+    notes = list(args.note)
+    if commands:
+        notes.insert(0, "Produced by: " + "; ".join(f"`{c}`" for c in commands) + ".")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
@@ -392,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist"])
     p.add_argument(
-        "--epochs", default="fashion-mnist=2,mnist=1", help="training epochs: N, or DATASET=N,... per dataset"
+        "--epochs", default="fashion-mnist=2,mnist=3", help="training epochs: N, or DATASET=N,... per dataset"
     )
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
@@ -421,7 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         help="only write the report and plot from raw results JSON files (of parallel runs)",
     )
     args = p.parse_args(argv)
-    args.command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sparsify_vit.py", *sys.argv[1:]])
+    argv_all = sys.argv[1:] if argv is None else argv
+    args.command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sparsify_vit.py", *argv_all])
+    shown, skip = [], False
+    for a in argv_all:  # the render command without its (long) --note texts
+        if skip:
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        shown.append(a)
+    args.render_command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sparsify_vit.py", *shown])
     if args.quick:
         args.epochs, args.train_subset, args.test_subset = "1", 6000, 2000
         args.sparsities, args.ft_sparsities, args.headline, args.seeds = "0.3,0.5,0.7", "0.5", "0.5", 2
