@@ -48,6 +48,7 @@ _LAZY: dict[str, str] = {
     "load": "rmtprune.io",
     # training
     "RMTPruner": "rmtprune.training",
+    "TrainConfig": "rmtprune.training",
     "train": "rmtprune.training",
     # sparsification
     "SparsifyConfig": "rmtprune.sparsify",
