@@ -53,6 +53,8 @@ _LAZY: dict[str, str] = {
     # sparsification
     "SparsifyConfig": "rmtprune.sparsify",
     "sparsify": "rmtprune.sparsify",
+    "plan_sparsity": "rmtprune.sparsify",
+    "SparsifyReport": "rmtprune.sparsify",
 }
 
 __all__ = ["__version__", *_LAZY]

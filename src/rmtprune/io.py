@@ -137,9 +137,14 @@ def save(
     factory_args : keyword arguments for the factory (for model specs: ``input_shape``, ``num_classes``).
 
     Both files are written atomically; tensors shared between names (tied weights) are stored once.
-    Returns the weights path.
+    Layers sparsified by :func:`rmtprune.sparsify` (those carrying a mask) are stored sparsely
+    (:mod:`rmtprune.sparse_format`), so the file shrinks with their nonzeros; :func:`load` restores
+    them with their masks. Returns the weights path.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
+
+    from .masks import masks_of
+    from .sparse_format import METADATA_KEY, encode_state_dict
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,8 +154,15 @@ def save(
     check_writable_dir(target)
     manifest = _manifest(model, plan, factory, factory_args)
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
+    meta = {_META_KEY: json.dumps(manifest, default=_json_default)}
+    masks = masks_of(model)
     with atomic_path(target) as tmp_w, atomic_path(manifest_path(target)) as tmp_j:
-        save_model(model, str(tmp_w), metadata={_META_KEY: json.dumps(manifest, default=_json_default)})
+        if masks:
+            tensors, sparse = encode_state_dict(model.state_dict(), masks)
+            meta[METADATA_KEY] = json.dumps({"version": 1, "tensors": sparse}, sort_keys=True)
+            save_file(tensors, str(tmp_w), metadata=meta)
+        else:
+            save_model(model, str(tmp_w), metadata=meta)
         tmp_j.write_text(text, encoding="utf-8")
     return target
 
@@ -332,8 +344,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     """
     from safetensors.torch import load_file
 
+    from .masks import remove_masks, restore_masks
+    from .sparse_format import decode_state_dict, dense_shapes, manifest_from_metadata
+
     path = Path(path).expanduser()
     meta, shapes = _open(path)
+    sparse = manifest_from_metadata(meta)
+    shapes = dense_shapes(shapes, sparse)
     manifest = read_manifest(path) if _META_KEY in meta else None
     if model is None:
         if manifest is None:
@@ -354,7 +371,12 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             raise CheckpointError(
                 f"checkpoint {str(path)!r} cannot be read (truncated or corrupt?): {exc}"
             ) from None
+        masks: dict[str, torch.Tensor] = {}
+        if sparse:
+            state, masks = decode_state_dict(state, sparse)
         model.load_state_dict(state, strict=False)
+        remove_masks(model)  # the file's masks replace any the model carried
+        restore_masks(model, masks)
     except BaseException:
         for parent, child, old in reversed(undo):
             setattr(parent, child, old)
