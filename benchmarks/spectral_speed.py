@@ -54,6 +54,11 @@ def _repeats(shape: tuple[int, int]) -> int:
     return 2 if size > 4e9 else 3 if size > 2e8 else 5
 
 
+def _tall(w: torch.Tensor) -> torch.Tensor:
+    """The matrix in LAPACK's fast (tall) orientation: the fair bare baseline (same singular values)."""
+    return w if w.shape[0] >= w.shape[1] else w.T
+
+
 def bench_layers(shapes: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for shape in shapes:
@@ -65,7 +70,7 @@ def bench_layers(shapes: list[tuple[int, int]]) -> list[dict]:
         r = _repeats(shape)
         # Interleave the two so that load from other processes hits both alike.
         t_svd, t_full = _paired_median(
-            lambda w64=w64: torch.linalg.svdvals(w64), lambda w=w: analyze_matrix(w), r
+            lambda w64=w64: torch.linalg.svdvals(_tall(w64)), lambda w=w: analyze_matrix(w), r
         )
         t_fit = _median_time(lambda s=s, shape=shape: fit_bulk(s, shape), 50)
         rows.append({"shape": shape, "svd": t_svd, "full": t_full, "fit": t_fit, "repeats": r})
@@ -83,7 +88,9 @@ def bench_model(shapes: list[tuple[int, int]]) -> dict:
     for w in ws[:4]:
         analyze_matrix(w)
     t_svd, t_full = _paired_median(
-        lambda: [torch.linalg.svdvals(w.double()) for w in ws], lambda: [analyze_matrix(w) for w in ws], 2
+        lambda: [torch.linalg.svdvals(_tall(w.double())) for w in ws],
+        lambda: [analyze_matrix(w) for w in ws],
+        2,
     )
     svs = [torch.linalg.svdvals(w.double()).numpy() for w in ws]
     t_fit = _median_time(lambda: [fit_bulk(s, tuple(w.shape)) for s, w in zip(svs, ws, strict=True)], 5)
@@ -155,7 +162,8 @@ def main() -> None:
         f"{'' if args.threads == 1 else f' --threads {args.threads}'}` "
         f"(total {total:.0f} s)",
         "- Weights are float32 random normal; `svdvals` is `torch.linalg.svdvals` on the same matrix in "
-        "float64; `analyze` is `analyze_matrix` (float64 conversion, NaN/Inf check, svdvals, BEMA fit); "
+        "float64, in its faster (tall) orientation, as rmtprune computes it; "
+        "`analyze` is `analyze_matrix` (float64 conversion, NaN/Inf check, svdvals, BEMA fit); "
         "`fit` is `fit_bulk` given the singular values (median of 50). Medians of the repeats shown.",
         "",
         "| shape | repeats | svdvals (ms) | analyze (ms) | analyze / svdvals | fit (ms) |",
