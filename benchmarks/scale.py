@@ -190,7 +190,7 @@ def run_cli(ckpt: Path, json_out: Path, threads: int, log: Path) -> dict[str, An
 
 
 def bare_svdvals(specs: list[TensorSpec], ckpt: Path) -> dict[str, float]:
-    """Load each matrix alone, cast to float64, ``svdvals``: summed load, cast and SVD times (s)."""
+    """Load each matrix alone, cast to float64, ``svdvals`` (tall side): summed load, cast, SVD times (s)."""
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     totals = {"load": 0.0, "cast": 0.0, "svdvals": 0.0, "svdvals_cpu": 0.0}
     for spec in specs:
@@ -201,6 +201,8 @@ def bare_svdvals(specs: list[TensorSpec], ckpt: Path) -> dict[str, float]:
             w = f.get_tensor(spec.name)
         t1 = time.perf_counter()
         w64 = w.reshape(w.shape[0], -1).to(torch.float64)
+        if w64.shape[0] < w64.shape[1]:
+            w64 = w64.T  # the tall orientation, as rmtprune does: same values, LAPACK is faster on it
         t2, c2 = time.perf_counter(), time.process_time()
         torch.linalg.svdvals(w64)
         totals["svdvals"] += time.perf_counter() - t2
@@ -222,10 +224,10 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else []
 
 
-def spike_check(specs: list[TensorSpec], records: list[dict[str, Any]]) -> tuple[int, int, dict[str, int]]:
-    """(matrices whose n_spikes equals the planted count, matrices fitted, verdict counts)."""
+def spike_check(specs: list[TensorSpec], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Found vs planted spike counts: exact hits, one extra, other misses; verdict counts."""
     planted = {s.name: s.spikes for s in specs if len(s.shape) == 2}
-    hits = fitted = 0
+    hits = fitted = extra_one = 0
     verdicts: dict[str, int] = {}
     for rec in records:
         name = rec.get("layer", rec.get("name"))
@@ -234,7 +236,8 @@ def spike_check(specs: list[TensorSpec], records: list[dict[str, Any]]) -> tuple
         if name in planted and rec.get("n_spikes") is not None:
             fitted += 1
             hits += int(rec["n_spikes"] == planted[name])
-    return hits, fitted, verdicts
+            extra_one += int(rec["n_spikes"] == planted[name] + 1)
+    return {"hits": hits, "fitted": fitted, "extra_one": extra_one, "verdicts": verdicts}
 
 
 def versions() -> str:
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print(log_tail)
             raise SystemExit(f"rmtprune analyze failed with exit code {cli['rc']}")
         records = read_report(json_out)
-        hits, fitted, verdicts = spike_check(specs, records)
+        check = spike_check(specs, records)
         base = None if args.skip_baseline else bare_svdvals(specs, ckpt)
         print(f"baseline: {base}", flush=True)
     finally:
@@ -359,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
             ("analyze CPU / svdvals CPU", f"{cli['cpu'] / base['svdvals_cpu']:.2f}"),
         ]
     rows += [
-        ("verdicts", ", ".join(f"{k}: {v}" for k, v in sorted(verdicts.items()))),
-        ("planted spike count recovered exactly", f"{hits}/{fitted} fitted matrices"),
+        ("verdicts", ", ".join(f"{k}: {v}" for k, v in sorted(check["verdicts"].items()))),
+        (
+            "planted spike count recovered",
+            f"exactly: {check['hits']}/{check['fitted']} matrices; one extra (the noise edge eigenvalue "
+            f"above the TW 0.9 quantile, expected ~10% of the time at beta=0.1): {check['extra_one']}; "
+            f"other: {check['fitted'] - check['hits'] - check['extra_one']}",
+        ),
         ("generation time (not part of the benchmark)", "reused (--ckpt)" if args.ckpt else f"{gen_s:.0f} s"),
     ]
     lines = [

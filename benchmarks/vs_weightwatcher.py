@@ -414,8 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=12, help="blocks of the synthetic stack")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2-block stack, 1 repeat, 10k MNIST images")
+    parser.add_argument(
+        "--models", default="mlp,cnn,stack", help="comma-separated subset of mlp, cnn, stack (default: all)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
     args = parser.parse_args(argv)
+    wanted = {m.strip() for m in args.models.split(",") if m.strip()}
+    if not wanted or wanted - {"mlp", "cnn", "stack"}:
+        parser.error(f"--models={args.models!r}: choose from mlp, cnn, stack")
     if args.quick:
         args.blocks, args.repeats, args.ww_repeats, args.stack_repeats, args.stack_ww_repeats = 2, 1, 1, 1, 1
 
@@ -431,10 +437,12 @@ def main(argv: list[str] | None = None) -> int:
             x, y = x[:10000], y[:10000]
         models: list[tuple[str, nn.Module, dict[str, int] | None]] = []
         builders = (
-            ("MLP 784-1000-10", lambda: MLP(784, [1000], 10)),
-            ("CNN conv32-conv64-fc128", lambda: CNN(1, 10, channels=(32, 64), hidden=128)),
+            ("mlp", "MLP 784-1000-10", lambda: MLP(784, [1000], 10)),
+            ("cnn", "CNN conv32-conv64-fc128", lambda: CNN(1, 10, channels=(32, 64), hidden=128)),
         )
-        for label, build in builders:
+        for key, label, build in builders:
+            if key not in wanted:
+                continue
             torch.manual_seed(args.seed)
             model = build()
             t0 = time.perf_counter()
@@ -443,10 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"trained {label}: 1 epoch, train acc {acc:.3f}, {time.perf_counter() - t0:.1f}s", flush=True
             )
             models.append((f"{label}, MNIST 1 epoch (train acc {acc:.3f})", model, None))
-        stack, planted = planted_stack(args.blocks, 768, 3072, args.seed)
-        models.append(
-            (f"stack {args.blocks} x (4 x 768x768, 768x3072, 3072x768), planted spikes", stack, planted)
-        )
+        if "stack" in wanted:
+            stack, planted = planted_stack(args.blocks, 768, 3072, args.seed)
+            models.append(
+                (f"stack {args.blocks} x (4 x 768x768, 768x3072, 3072x768), planted spikes", stack, planted)
+            )
 
         results = []
         for label, model, pl in models:
