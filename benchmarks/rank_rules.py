@@ -509,6 +509,14 @@ def _interp(points: list[dict[str, Any]], frac: float, key: str) -> float | None
     return float(np.interp(frac, xs, ys))
 
 
+def statistics_counts(items: Sequence[str]) -> str:
+    """``"factor 4, keep 21"``: how often each value occurs, in first-seen order."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it] = counts.get(it, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def _speedup(lat: dict[str, Any], bs: str, label: str) -> str:
     """``wall x / cpu x``: dense median over ``label``'s median, wall clock and CPU time."""
     d = lat.get(bs)
@@ -517,10 +525,26 @@ def _speedup(lat: dict[str, Any], bs: str, label: str) -> str:
     return f"{d['wall']['dense'] / d['wall'][label]:.2f}x / {d['cpu']['dense'] / d['cpu'][label]:.2f}x"
 
 
+def _range(vals: Sequence[float], fmt: str = "{:g}") -> str:
+    vals = sorted(vals)
+    if not vals:
+        return "-"
+    if vals[0] == vals[-1]:
+        return fmt.format(vals[0])
+    return f"{fmt.format(vals[0])}..{fmt.format(vals[-1])} (median {fmt.format(statistics.median(vals))})"
+
+
 def _ranks_text(r: dict[str, int | None] | None) -> str:
+    """Per-layer ranks; for more than 4 layers a summary (range and median of the factored ranks)."""
     if not r:
         return ""
-    return ", ".join(f"{k}:{'dense' if v is None else v}" for k, v in r.items())
+    if len(r) <= 4:
+        return ", ".join(f"{k}:{'dense' if v is None else v}" for k, v in r.items())
+    cut = [v for v in r.values() if v is not None]
+    dense = len(r) - len(cut)
+    if not cut:
+        return f"all {dense} dense"
+    return f"{len(cut)} factored, k {_range(cut)}" + (f"; {dense} dense" if dense else "")
 
 
 def model_section(name: str, res: dict[str, Any]) -> str:
@@ -535,8 +559,9 @@ def model_section(name: str, res: dict[str, Any]) -> str:
         + ", ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "?")])),
         f"- dense test accuracy {_ms([res['seeds'][s]['dense_acc'] for s in seeds])}%; after the same "
         f"fine-tuning as the compressed models {_ms([res['seeds'][s]['dense_ft_acc'] for s in seeds])}%; "
-        f"prunable weights {dense_w:,} in {', '.join(first['layers'])} "
-        f"(model total {first['total_params']:,})",
+        f"prunable weights {dense_w:,} in "
+        + (", ".join(first["layers"]) if len(first["layers"]) <= 6 else f"{len(first['layers'])} layers")
+        + f" (model total {first['total_params']:,})",
         f"- fine-tuning: one pass over {first.get('ft_images', 60000):,} training images, "
         f"{MODELS[name]['ft_opt'].upper()} lr {MODELS[name]['ft_lr']:g}"
         + (" momentum 0.9" if MODELS[name]["ft_opt"] == "sgd" else "")
@@ -585,7 +610,7 @@ def model_section(name: str, res: dict[str, Any]) -> str:
         md_table(
             [
                 "method", "weights kept", "acc", "acc +FT", "magnitude acc", "magnitude +FT",
-                "uniform (interp.)", "speed-up b256", "speed-up b1", "ranks",
+                "uniform (interp.)", "speed-up b256 wall / CPU", "speed-up b1 wall / CPU", "ranks",
             ],
             rows,
         ),
@@ -596,7 +621,8 @@ def model_section(name: str, res: dict[str, Any]) -> str:
         lines += [
             f"Dense median latency: {1e3 * w256:.2f} ms at batch 256, {1e3 * w1:.3f} ms at batch 1 (wall); "
             f"CPU time {1e3 * lat['256']['cpu']['dense']:.2f} / {1e3 * lat['1']['cpu']['dense']:.3f} ms. "
-            "Speed-up cells: wall-clock ratio / CPU-time ratio."
+            "Speed-up cells: wall-clock ratio / CPU-time ratio (on this loaded machine the wall clock of a "
+            "20 ms call includes waits for a core; the CPU-time ratio is the steadier measure)."
             + (
                 f" Masked model (magnitude @50%, zeros stored in the dense weights): "
                 f"{_speedup(lat, '256', 'masked')} at batch 256, {_speedup(lat, '1', 'masked')} at batch 1."
@@ -610,9 +636,19 @@ def model_section(name: str, res: dict[str, Any]) -> str:
     for p in first["points"]:
         if p["family"] not in ("bema", "gavish_donoho", "energy") or not p.get("plan"):
             continue
-        for lname, v in p["plan"].items():
-            if lname not in first["layers"]:
-                continue
+        plan = {k: v for k, v in p["plan"].items() if k in first["layers"]}
+        if len(plan) > 6:  # one summary row per method
+            acts = statistics_counts([v["action"] for v in plan.values()])
+            spikes = [v["n_spikes"] for v in plan.values() if v.get("n_spikes") is not None]
+            kss = [v["ks"] for v in plan.values() if v.get("ks") is not None]
+            kept = [v["reason"] for v in plan.values() if v["action"] == "keep"]
+            example = f"e.g. kept: {kept[0]}" if kept else next(iter(plan.values()))["reason"]
+            prow.append(
+                [p["label"], f"all {len(plan)}", acts, _ranks_text(p.get("ranks")), _range(spikes),
+                 _range(kss, "{:.3f}"), example]
+            )  # fmt: skip
+            continue
+        for lname, v in plan.items():
             ks = "-" if v.get("ks") is None else f"{v['ks']:.3f}"
             spikes = "-" if v.get("n_spikes") is None else str(v["n_spikes"])
             prow.append([p["label"], lname, v["action"], v.get("rank"), spikes, ks, v["reason"]])
@@ -637,6 +673,8 @@ def model_section(name: str, res: dict[str, Any]) -> str:
                 if not cands:
                     continue
                 lab, pts = min(cands, key=lambda c: abs(statistics.fmean(p["frac"] for p in c[1]) - b))
+                if abs(statistics.fmean(p["frac"] for p in pts) - b) > 0.15:
+                    continue  # no setting of this family near the budget
                 how = f"closest: {lab}"
             if not pts:
                 continue
@@ -648,7 +686,8 @@ def model_section(name: str, res: dict[str, Any]) -> str:
     lines += [
         "At three budgets (fraction of the dense prunable weights). The uniform-rank ratio is solved for "
         "each budget and magnitude pruning hits it exactly; BEMA, Gavish-Donoho and energy have no budget "
-        "knob, so the row shows the setting of the family closest to the budget with its actual size.",
+        "knob, so the row shows the setting of the family closest to the budget with its actual size (no "
+        "row when none is within 15 points of the budget).",
         "",
         md_table(["budget", "family", "setting", "weights kept", "acc", "acc +FT"], rows),
         "",
