@@ -51,7 +51,7 @@ def _paired_median(fa, fb, repeats: int) -> tuple[float, float]:
 
 def _repeats(shape: tuple[int, int]) -> int:
     size = shape[0] * shape[1] * min(shape)
-    return 2 if size > 4e9 else 3 if size > 2e8 else 5
+    return 2 if size > 4e9 else 3 if size > 2e8 else 5 if size > 5e7 else 25
 
 
 def _tall(w: torch.Tensor) -> torch.Tensor:
@@ -162,8 +162,9 @@ def main() -> None:
         f"{'' if args.threads == 1 else f' --threads {args.threads}'}` "
         f"(total {total:.0f} s)",
         "- Weights are float32 random normal; `svdvals` is `torch.linalg.svdvals` on the same matrix in "
-        "float64, in its faster (tall) orientation, as rmtprune computes it; "
-        "`analyze` is `analyze_matrix` (float64 conversion, NaN/Inf check, svdvals, BEMA fit); "
+        "float64, in its faster (tall) orientation; "
+        "`analyze` is `analyze_matrix` (float64 conversion, NaN/Inf check, singular values from the "
+        "Gram eigenvalues, BEMA fit); "
         "`fit` is `fit_bulk` given the singular values (median of 50). Medians of the repeats shown.",
         "",
         "| shape | repeats | svdvals (ms) | analyze (ms) | analyze / svdvals | fit (ms) |",

@@ -10,6 +10,7 @@ import torch
 
 from rmtprune.analysis import VERDICTS, analyze_matrix, analyze_tensor, as_matrix, singular_values
 from rmtprune.errors import InvalidWeightsError
+from rmtprune.spectral import fit_bulk
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,28 @@ def test_gate_is_configurable() -> None:
     w = torch.randn(200, 300, generator=torch.Generator().manual_seed(4))
     la = analyze_tensor("fc", w, ks_max=0.0)
     assert la.verdict == "no-mp-bulk" and "ks_max=0.0" in la.message
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (200, 200)])
+def test_gram_singular_values_match_svdvals(shape: tuple[int, int]) -> None:
+    # The default Gram-eigenvalue route agrees with LAPACK's svdvals, spikes and a rank deficit included.
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(*shape, generator=g, dtype=torch.float64)
+    W[:, :3] *= 40.0  # strong spikes
+    W[:, -5:] = 0.0  # exact rank deficit where there are columns to spare
+    gram = singular_values(W)
+    svd = singular_values(W, method="svd")
+    assert gram.shape == svd.shape == (min(shape),)
+    assert np.all(np.diff(gram) <= 0)
+    big = svd > 1e-6 * svd[0]
+    np.testing.assert_allclose(gram[big], svd[big], rtol=1e-8)
+    assert np.all(np.abs(gram[~big]) <= 1e-6 * svd[0])
+    f_gram = fit_bulk(gram, shape)
+    f_svd = fit_bulk(svd, shape)
+    assert f_gram.n_spikes == f_svd.n_spikes
+    assert f_gram.sigma2 == pytest.approx(f_svd.sigma2, rel=1e-9)
+
+
+def test_singular_values_unknown_method() -> None:
+    with pytest.raises(ValueError, match="method='qr' must be"):
+        singular_values(torch.ones(3, 3), method="qr")
