@@ -43,7 +43,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def add_common_args(parser: argparse.ArgumentParser, *, seeds: int, epochs: int, name: str) -> None:
     """``--seeds --epochs --quick --out --cache --refresh --threads --data-dir``."""
     parser.add_argument(
-        "--seeds", default=str(seeds), help=f"number of seeds (0..n-1) or a comma list (default {seeds})"
+        "--seeds",
+        default=str(seeds),
+        help=f"number of seeds n (runs seeds 0..n-1), or a comma list such as 3,4 or 2, (default {seeds})",
     )
     parser.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     parser.add_argument(

@@ -27,10 +27,11 @@ from rmtprune.surgery import compress
 from rmtprune.training import TrainConfig
 
 NAME = "exp_fashion_cnn"
-POST_KEEP_BULK = (0.0, 0.25, 0.5)
+#: (keep_bulk, ks_max) of the post-training arms: the default gate, then a loosened one
+POST = ((0.0, 0.1), (0.25, 0.1), (0.5, 0.1), (0.0, 0.3), (0.25, 0.3), (0.5, 0.3))
 
 
-def config(args: Any, seed: int, prune: bool) -> TrainConfig:
+def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfig:
     cfg = dict(
         dataset="fashion-mnist",
         model=args.model,
@@ -45,6 +46,7 @@ def config(args: Any, seed: int, prune: bool) -> TrainConfig:
         prune_every=1,
         prune_start=1,
         keep_bulk=args.keep_bulk,
+        ks_max=ks_max,
         track_spectra=False,
     )
     if args.quick:
@@ -83,23 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         dm = dense["model"].eval()
         rec = {"seed": seed, "dense": summary(dm, test), "dense_time": dense["timings"]}
         rec["post"] = {}
-        for kb in POST_KEEP_BULK:
+        for kb, ks in POST:
             m = C.clone(dm)
-            _, report = compress(m, config=CompressionConfig(keep_bulk=kb))
-            rec["post"][kb] = summary(m, test)
-            rec["post"][kb]["plan"] = report.to_markdown()
-            C.log(
-                f"[s{seed}] post keep_bulk={kb}: {100 * rec['post'][kb]['acc']:.2f}% "
-                f"{rec['post'][kb]['ranks']}"
-            )
+            _, report = compress(m, config=CompressionConfig(keep_bulk=kb, ks_max=ks))
+            post = summary(m, test)
+            post["plan"] = report.to_markdown()
+            rec["post"][kb, ks] = post
+            C.log(f"[s{seed}] post keep_bulk={kb} ks_max={ks}: {100 * post['acc']:.2f}% {post['ranks']}")
         pruned = C.train_cached(
             config(args, seed, True), args, "fashion-cnn-pruned", prefix=f"[pruned s{seed}] "
         )
+        loose = C.train_cached(
+            config(args, seed, True, ks_max=0.3),
+            args,
+            "fashion-cnn-pruned",
+            prefix=f"[pruned-ks0.3 s{seed}] ",
+        )
+        rec["pruned_loose"] = summary(loose["model"].eval(), test)
+        rec["pruned_loose_time"] = loose["timings"]
         rec["pruned"] = summary(pruned["model"].eval(), test)
         rec["pruned_time"] = pruned["timings"]
         rec["decisions"] = pruned["decisions"]
         recs.append(rec)
-    C.dump_json(args.out.with_suffix(".json"), recs)
+    C.dump_json(
+        args.out.with_suffix(".json"),
+        [
+            {**r, "post": {f"keep_bulk={kb},ks_max={ks}": v for (kb, ks), v in r["post"].items()}}
+            for r in recs
+        ],
+    )
 
     dense_acc = [r["dense"]["acc"] for r in recs]
     dense_params = recs[0]["dense"]["params"]
@@ -122,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
         f"pruned during training (keep_bulk={args.keep_bulk:g}, cuts after every epoch)",
         [r["pruned"] for r in recs],
     )
-    for kb in POST_KEEP_BULK:
-        add(f"post-training compress keep_bulk={kb:g}, no fine-tuning", [r["post"][kb] for r in recs])
+    add(
+        f"pruned during training (keep_bulk={args.keep_bulk:g}), gate loosened to ks_max=0.3",
+        [r["pruned_loose"] for r in recs],
+    )
+    for kb, ks in POST:
+        gate = "default gate ks_max=0.1" if ks == 0.1 else f"gate loosened to ks_max={ks:g}"
+        add(
+            f"post-training compress keep_bulk={kb:g}, {gate}, no fine-tuning",
+            [r["post"][kb, ks] for r in recs],
+        )
     drows = [
         [d.get("epoch"), d.get("layer"), d.get("action"), d.get("rank_before"), d.get("rank_after"),
          d.get("n_spikes"), "-" if d.get("ks") is None else f"{d['ks']:.3f}", (d.get("reason") or "")[:70]]
@@ -143,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         f"lr {args.lr:g}, cosine over {args.epochs} epochs, batch 128. Pruned arm: `RMTPruner(every=1, "
         "start=1, "
         f"keep_bulk={args.keep_bulk:g})`, i.e. factoring during training, cuts after every epoch "
-        "(with a constant f only the first cut changes a layer). Conv weights are read as out x (in*3*3): "
+        "(with a constant f a later cut changes a layer only if its spike count fell). Conv weights are "
+        "read as out x (in*3*3): "
         "conv1 is 16 x 9 (p = 9 < 10, too small to fit, never cut), conv2 32 x 144. Ranks below: "
         "f<k> = factored at rank k, d<p> = dense. Small and short on purpose (2 shared CPU cores).",
         "## Results (mean +- std over seeds)\n\n"
@@ -162,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         + C.md_table(
             ["epoch", "layer", "action", "rank before", "rank after", "n_spikes", "ks", "reason"], drows
         ),
-        "## Post-training plan, keep_bulk=0 (seed 0)\n\n" + recs[0]["post"][0.0]["plan"],
+        "## Post-training plan, keep_bulk=0, default gate (seed 0)\n\n" + recs[0]["post"][0.0, 0.1]["plan"],
+        "## Post-training plan, keep_bulk=0, gate ks_max=0.3 (seed 0)\n\n"
+        + recs[0]["post"][0.0, 0.3]["plan"],
         "## Run times (s)\n\n"
         + C.md_table(["seed", "dense total", "pruned total", "of which pruning"], times),
     ]

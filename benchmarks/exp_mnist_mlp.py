@@ -34,7 +34,7 @@ from rmtprune.training import TrainConfig
 NAME = "exp_mnist_mlp"
 # test accuracy just before each cut (bookkeeping only; older TrainConfig versions always did it)
 EVAL_BEFORE = {"eval_before_prune": True} if "eval_before_prune" in TrainConfig.__dataclass_fields__ else {}
-POST_KEEP_BULK = (0.0, 0.1, 0.25, 0.45)
+POST_KEEP_BULK = (0.0, 0.05, 0.1, 0.25, 0.45)
 EXTRA_K = (125, 150, 200, 300, 400, 784)
 
 
