@@ -17,7 +17,9 @@ head (``CompressionConfig.protect_last``, the library default, keeps the head; m
 leaves it alone too). Parameters are counted as stored, weights only (biases are identical for
 all methods): a factored layer counts ``k (m + n)``, a dense one ``m n``, a masked one its
 nonzeros. Then the same with one epoch of fine-tuning (same optimiser, learning rate and batch
-order for every method; masks kept fixed through ``torch.nn.utils.prune``'s reparametrisation).
+order for every method; masks kept fixed through ``torch.nn.utils.prune``'s reparametrisation;
+``--ft-images N``: one pass over a fixed random subset of N training images instead, where a full
+epoch per result does not fit the time budget).
 Latency: median CPU forward time at batch 256 and batch 1, interleaved with the dense model,
 for every low-rank result and for a masked model (zeros in a dense matmul: no speed-up).
 
@@ -102,6 +104,9 @@ RULE_CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("bema", "BEMA spikes", dict(rule="bema", keep_bulk=0.0)),
     ("bema", "BEMA +25% bulk", dict(rule="bema", keep_bulk=0.25)),
     ("bema", "BEMA +50% bulk", dict(rule="bema", keep_bulk=0.5)),
+    # KS distance is <= 1: ks_max=1 switches the gate off (shows what BEMA would cut where the gate refuses)
+    ("bema", "BEMA spikes (no gate)", dict(rule="bema", keep_bulk=0.0, ks_max=1.0)),
+    ("bema", "BEMA +25% bulk (no gate)", dict(rule="bema", keep_bulk=0.25, ks_max=1.0)),
     ("gavish_donoho", "Gavish-Donoho", dict(rule="gavish_donoho")),
     ("energy", "energy 90%", dict(rule="energy", energy=0.90)),
     ("energy", "energy 95%", dict(rule="energy", energy=0.95)),
@@ -117,6 +122,10 @@ FAMILY_LABEL = {
     "uniform": "uniform rank",
     "magnitude": "magnitude (masks)",
 }
+
+
+#: Heading of the hand-written discussion at the end of the report, kept when the tables are rewritten.
+DISCUSSION = "## Discussion"
 
 
 def log(msg: str) -> None:
@@ -374,6 +383,10 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     for b in BUDGETS:
         r = uniform_ratio_for(dense, names, int(b * dense_w))
         configs.append(("uniform", f"uniform @{int(100 * b)}%", dict(rule="fixed", ratio=round(r, 6))))
+    budgets = BUDGETS
+    if args.only:  # add these results to a stored run
+        configs = [c for c in configs if c[1] in args.only]
+        budgets = ()
     points: list[dict[str, Any]] = []
     models: dict[str, nn.Module] = {}
     for family, label, cfg in configs:
@@ -396,7 +409,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         )
     # magnitude at every low-rank count and at the budgets (deduplicated)
     targets: dict[int, str] = {}
-    for b in BUDGETS:
+    for b in budgets:
         targets[int(b * dense_w)] = f"magnitude @{int(100 * b)}%"
     for p in points:
         targets.setdefault(p["weights"], f"magnitude = {p['label']}")
@@ -581,9 +594,10 @@ def model_section(name: str, res: dict[str, Any]) -> str:
         for s in seeds:
             pts_s = res["seeds"][s]["points"]
             own = [p for p in pts_s if p["label"] == label]
-            mag += [
+            same = [
                 q for q in pts_s if q["family"] == "magnitude" and own and q["weights"] == own[0]["weights"]
             ]
+            mag += sorted(same, key=lambda q: q.get("acc_ft") is None)[:1]  # prefer a fine-tuned one
         uni_acc = None if fam == "uniform" else _interp(uni, frac, "acc")
         lat_cells = [_speedup(lat, bs, label) for bs in ("256", "1")]
         rows.append(
@@ -715,7 +729,7 @@ def plot_model(name: str, res: dict[str, Any], path: Path) -> None:
     }
     for ax, key, title in (
         (axes[0], "acc", "post-training, no fine-tuning"),
-        (axes[1], "acc_ft", f"+ fine-tuning, 1 pass over {s0.get('ft_images', 60000):,} images"),
+        (axes[1], "acc_ft", f"+ fine-tuning ({s0.get('ft_images', 60000):,} images)"),
     ):
         dense = s0["dense_acc"] if key == "acc" else s0["dense_ft_acc"]
         if dense is not None:
@@ -737,8 +751,8 @@ def plot_model(name: str, res: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("stored weights of the prunable layers (% of dense)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{TITLES.get(name, name)}: {title}", fontsize=9)
-        lo = 100 * (s0["dense_acc"] or 0)
-        ax.set_ylim(max(0, lo - 25), lo + 2)
+        vals = [100 * p[key] for p in s0["points"] if p.get(key) is not None]
+        ax.set_ylim(max(0.0, min(vals, default=0.0) - 2), 100 * s0["dense_acc"] + 2)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
     with atomic_path(path, suffix=".png") as tmp:
@@ -772,13 +786,38 @@ def write_report(args: argparse.Namespace) -> None:
     if args.quick:
         head.insert(2, "- QUICK smoke run (6000 training images), not a result")
     sections = [model_section(n, r) for n, r in results.items()]
-    atomic_write_text(out, "\n".join(head) + "\n" + "\n".join(sections) + "\n" + (args.discussion or ""))
+    discussion = args.discussion
+    if not discussion and out.is_file():  # keep the hand-written discussion of the previous report
+        old = out.read_text(encoding="utf-8")
+        if DISCUSSION in old:
+            discussion = old[old.index(DISCUSSION) :]
+    atomic_write_text(out, "\n".join(head) + "\n" + "\n".join(sections) + "\n" + (discussion or ""))
     log(f"wrote {out}")
     for n, r in results.items():
         plot_model(n, r, out.with_name(f"{out.stem}_{n}.png"))
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def merge_seed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Add the points of an ``--only`` run to a stored seed result (same labels are replaced).
+
+    The new latencies were measured against this run's own dense model: they are stored rescaled
+    to the stored dense time, so every ratio is the one measured in the new run.
+    """
+    labels = {p["label"] for p in new["points"]}
+    old["points"] = [p for p in old["points"] if p["label"] not in labels] + new["points"]
+    for bs, d in new.get("latency", {}).items():
+        if bs not in old.get("latency", {}):
+            continue
+        for clock in ("wall", "cpu"):
+            scale = old["latency"][bs][clock]["dense"] / d[clock]["dense"]
+            for label, t in d[clock].items():
+                if label not in ("dense", "masked"):
+                    old["latency"][bs][clock][label] = t * scale
+    old.setdefault("added", []).append(sorted(labels))
+    return old
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -808,6 +847,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(f"{r:g}" for r in SWEEP),
         help="uniform rank ratios swept besides the three budget ratios (comma list)",
     )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma list of rule labels (e.g. 'BEMA spikes (no gate)') to compute and add to the stored run",
+    )
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--reps", type=int, default=15, help="latency repeats at batch 256 (x10 at batch 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -815,11 +859,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--report-only", action="store_true", help="rewrite the markdown and plots from stored results"
     )
-    p.add_argument("--discussion", type=Path, default=None, help="markdown appended to the report")
+    p.add_argument(
+        "--discussion",
+        type=Path,
+        default=None,
+        help=f"markdown appended to the report (default: keep the '{DISCUSSION}' part of the existing one)",
+    )
     args = p.parse_args(argv)
     bad = [m for m in args.models.split(",") if m and m not in MODELS]
     if bad:
         p.error(f"--models: unknown {bad}; valid: {', '.join(MODELS)}")
+    args.only = [t.strip() for t in str(args.only).split(",") if t.strip()]
+    valid = [c[1] for c in RULE_CONFIGS]
+    bad = [t for t in args.only if t not in valid]
+    if bad:
+        p.error(f"--only: unknown label(s) {bad}; valid: {', '.join(valid)}")
     args.sweep = [float(t) for t in str(args.sweep).split(",") if t.strip()]
     args.model_list = [m for m in args.models.split(",") if m]
     s = str(args.seeds)
@@ -852,7 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = json.loads(f.read_text()) if f.is_file() else {"seeds": {}}
             for seed in args.seed_list:
                 log(f"== {name} seed {seed}")
-                res["seeds"][str(seed)] = run_seed(name, seed, args)
+                new = run_seed(name, seed, args)
+                old = res["seeds"].get(str(seed))
+                res["seeds"][str(seed)] = merge_seed(old, new) if (args.only and old) else new
                 cmds = res.setdefault("commands", [])
                 if command not in cmds:
                     cmds.append(command)
