@@ -209,7 +209,8 @@ def trajectory_table(all_runs: dict[str, Any], init: dict[int, Any]) -> dict[str
     """arm -> layer -> stat -> array seeds x (epochs + 1), epoch 0 being the initialisation."""
     out: dict[str, Any] = {}
     for arm, runs in all_runs.items():
-        layers = [n for n in runs[0]["metrics"][0]["layers"] if n in init[runs[0]["seed"]]]
+        # the 10 x 500 logits layer (p = 10) is left out: its "fit" on 10 values is meaningless
+        layers = [n for n in runs[0]["metrics"][0]["layers"] if n in init[runs[0]["seed"]] and n != "head"]
         out[arm] = {}
         for name in layers:
             out[arm][name] = {}
@@ -242,7 +243,7 @@ def setup_text(args: Any) -> str:
         f"{E2.schedule_text(args)}), seeds {', '.join(map(str, args.seed_list))}. "
         "BEMA fit with alpha 0.25, beta 0.1 (TW 90%); a layer's bulk 'fits' when KS <= 0.1. The 10 x 500 "
         "logits "
-        "layer (p = 10) is too small to fit and is never cut in the sweeps (it does get noise in part 3). "
+        "layer (p = 10) is too small to fit: it is left out of parts 1 and 2 (it does get noise in part 3). "
         "Epoch 0 is the initial weights, rebuilt with the run's seed exactly as `rmtprune.train` builds "
         "them. "
         "Train loss is measured on the first 10,000 training images, test loss/accuracy on the full test "
@@ -276,7 +277,7 @@ def randomness_section(args: Any, traj: dict[str, Any], init: dict[int, Any], fi
     erows = []
     seeds = list(init)
     for arm in SWEEP_ARMS:
-        for name in init[seeds[0]]:
+        for name in [n for n in init[seeds[0]] if n != "head"]:
             e0 = [init[s][name]["bulk_energy"] for s in seeds]
             e1 = [final[arm][s][name]["bulk_energy"] for s in seeds]
             erows.append([E2.ARM_LABEL[arm], name, C.pm(e0, 100), C.pm(e1, 100)])
