@@ -907,6 +907,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seed in args.seed_list:
                 log(f"== {name} seed {seed}")
                 new = run_seed(name, seed, args)
+                if f.is_file():  # re-read: another invocation may have stored other seeds meanwhile
+                    res = json.loads(f.read_text())
                 old = res["seeds"].get(str(seed))
                 res["seeds"][str(seed)] = merge_seed(old, new) if (args.only and old) else new
                 cmds = res.setdefault("commands", [])
