@@ -192,7 +192,8 @@ METHOD_NOTES = """\
 - **Matrix of a layer.** Ours: a conv weight is read as `out x (in*kh*kw)`. WeightWatcher: one
   `out x in` slice per kernel position (`kh*kw` slices), the eigenvalues of all slices pooled
   into one ESD; the spike count of a conv layer is over that pool, so it is a different object.
-- **Spectrum and SVD.** Ours: `lambda = s**2 / N` from float64 torch `svdvals`. WeightWatcher:
+- **Spectrum and SVD.** Ours: `lambda = s**2 / N` from the float64 Gram eigenvalues
+  (torch `eigvalsh`). WeightWatcher:
   `s**2` per slice from float64 `scipy.linalg.svd(compute_uv=False)` on CPU (OpenBLAS here;
   torch is used only with CUDA), rescaled to mean 1 before the fit.
 - **Scale fit.** Ours (BEMA): least squares through the origin of the middle quantiles (ranks
