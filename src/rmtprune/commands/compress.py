@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ._model_input import load_model, shape_arg
+
 #: CLI flag -> (CompressionConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--rule": ("rule", str, None),
@@ -171,92 +173,6 @@ def _config(args: argparse.Namespace) -> Any:
     return CompressionConfig(**base)
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28") from None
-    if not shape or any(v < 1 for v in shape):
-        raise ValueError(f"--input-shape {text!r} must be positive ints")
-    return shape
-
-
-def _factory_args(args: argparse.Namespace) -> dict[str, Any]:
-    """input_shape / num_classes for a reference model spec, from --dataset or the flags."""
-    out: dict[str, Any] = {}
-    if args.dataset:
-        from ..data import load_dataset
-
-        ds = load_dataset(args.dataset, "test", data_dir=args.data_dir)
-        out = {"input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes)}
-    if args.input_shape:
-        out["input_shape"] = list(_shape(args.input_shape))
-    if args.num_classes is not None:
-        out["num_classes"] = int(args.num_classes)
-    return out
-
-
-def _is_spec(spec: str) -> bool:
-    from ..models import MODEL_FAMILIES
-
-    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
-
-
-def _load_weights(model: Any, path: str) -> None:
-    import torch
-
-    from .. import io as rio
-    from ..errors import CheckpointError
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"--weights {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        rio.load(path, model)
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"--weights {path!r} is not a readable torch state dict ({exc})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"--weights {path!r} does not hold a state dict of tensors")
-    rio.check_tensors(model, {k: tuple(v.shape) for k, v in state.items()}, Path(path))
-    model.load_state_dict(state, strict=False)
-
-
-def _load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str | None, dict[str, Any], int]:
-    """The model, its factory (for OUT's manifest), factory args, and the input file size."""
-    from .. import io as rio
-    from ..errors import CheckpointError
-
-    fargs = _factory_args(args)
-    if ckpt is not None:
-        if args.weights:
-            raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
-        manifest = rio.read_manifest(ckpt) or {}
-        factory = args.model or manifest.get("factory")
-        if not factory:
-            raise CheckpointError(
-                f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
-            )
-        if not args.model:
-            fargs = {**manifest.get("factory_args", {}), **fargs}
-        fargs = fargs if _is_spec(factory) else {}
-        model = rio.build_factory(factory, **fargs)
-        rio.load(ckpt, model)
-        return model, factory, fargs, os.path.getsize(ckpt)
-    fargs = fargs if _is_spec(args.model) else {}
-    model = rio.build_factory(args.model, **fargs)
-    if args.weights:
-        _load_weights(model, args.weights)
-        size = os.path.getsize(args.weights)
-    else:
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return model, args.model, fargs, size
-
-
 # ---------------------------------------------------------------------- run
 def _human_bytes(n: int) -> str:
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -280,10 +196,10 @@ def run(args: argparse.Namespace) -> int:
         if out_path.suffix != ".safetensors":
             raise ValueError(f"OUT {out!r} must end in .safetensors")
         check_writable_dir(out_path)
-    model, factory, fargs, size_before = _load_model(args, ckpt)
+    model, factory, fargs, size_before = load_model(args, ckpt)
 
     example = None
-    shape = fargs.get("input_shape") or (_shape(args.input_shape) if args.input_shape else None)
+    shape = fargs.get("input_shape") or (shape_arg(args.input_shape) if args.input_shape else None)
     if shape:
         ref = next(model.parameters(), None)
         example = torch.zeros(1, *shape, dtype=ref.dtype if ref is not None else torch.float32)

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._model_input import load_model
+
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--target": ("target", float, "S"),
@@ -141,100 +143,6 @@ def _config(args: argparse.Namespace) -> Any:
     return SparsifyConfig(**base)
 
 
-def _factory_args(args: argparse.Namespace) -> dict[str, Any]:
-    """input_shape / num_classes for a reference model spec, from --dataset or the flags."""
-    out: dict[str, Any] = {}
-    if args.dataset:
-        from ..data import load_dataset
-
-        ds = load_dataset(args.dataset, "test", data_dir=args.data_dir)
-        out = {"input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes)}
-    if args.input_shape:
-        try:
-            shape = [int(v) for v in args.input_shape.split(",")]
-        except ValueError:
-            raise ValueError(f"--input-shape {args.input_shape!r} must be comma-separated ints") from None
-        out["input_shape"] = shape
-    if args.num_classes is not None:
-        out["num_classes"] = int(args.num_classes)
-    return out
-
-
-def _is_spec(spec: str) -> bool:
-    from ..models import MODEL_FAMILIES
-
-    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
-
-
-def _build(spec: str, fargs: dict[str, Any]) -> Any:
-    from .. import io as rio
-
-    if _is_spec(spec):
-        if not {"input_shape", "num_classes"} <= set(fargs):
-            raise ValueError(
-                f"--model {spec!r} is a reference model spec: "
-                "give --dataset (or --input-shape and --num-classes)"
-            )
-        return rio.build_factory(spec, **fargs)
-    return rio.build_factory(spec)
-
-
-def _load_weights(model: Any, path: str) -> None:
-    import torch
-
-    from ..errors import CheckpointError
-    from ..sparse_format import load_checkpoint
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"--weights {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        load_checkpoint(path, model)
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"--weights {path!r} is not a readable torch state dict ({exc})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"--weights {path!r} does not fit the model: {str(exc).splitlines()[0]}"
-        ) from None
-
-
-def _load_input(args: argparse.Namespace, src: str | None) -> tuple[Any, str, dict[str, Any]]:
-    """The model to sparsify, its factory and factory args (recorded in OUT's manifest)."""
-    from .. import io as rio
-    from ..errors import CheckpointError
-    from ..sparse_format import load_checkpoint
-
-    fargs = _factory_args(args)
-    if src is None:
-        if not args.model:
-            raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")
-        model = _build(args.model, fargs)
-        if args.weights:
-            _load_weights(model, args.weights)
-        return model, args.model, fargs if _is_spec(args.model) else {}
-    if args.weights:
-        raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
-    if not Path(src).is_file():
-        raise CheckpointError(f"CHECKPOINT {src!r} does not exist")
-    manifest = rio.read_manifest(src) or {}
-    factory = args.model or manifest.get("factory")
-    if not factory:
-        raise CheckpointError(f"CHECKPOINT {src!r} records no model factory; add --model MODULE:FACTORY")
-    if not args.model:
-        fargs = {**manifest.get("factory_args", {}), **fargs}
-    fargs = fargs if _is_spec(factory) else {}
-    model = _build(factory, fargs)
-    load_checkpoint(src, model)
-    return model, factory, fargs
-
-
 def _data(args: argparse.Namespace) -> tuple[Any, Any]:
     if not args.dataset:
         return None, None
@@ -269,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         check_writable_dir(out_path)
         check_writable_dir(prefix + ".json")
-    model, factory, fargs = _load_input(args, src)
+    model, factory, fargs, _ = load_model(args, src)
     if args.dry_run:
         report = plan_sparsity(model, config, show=show)
         print(report.table() if not args.quiet else report.summary())

@@ -1,0 +1,120 @@
+"""Model input shared by ``rmtprune compress`` and ``rmtprune sparsify``.
+
+Both take either ``--model MODULE:FACTORY|SPEC [--weights FILE]`` or a CHECKPOINT written by
+rmtprune (whose manifest records the factory), and record the factory in OUT's manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["shape_arg", "factory_args", "is_spec", "build", "load_weights", "load_model"]
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    """Parse ``--input-shape C,H,W``."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28") from None
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape {text!r} must be positive ints")
+    return shape
+
+
+def factory_args(args: argparse.Namespace) -> dict[str, Any]:
+    """input_shape / num_classes for a reference model spec, from --dataset or the flags."""
+    out: dict[str, Any] = {}
+    if args.dataset:
+        from ..data import load_dataset
+
+        ds = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+        out = {"input_shape": list(ds.input_shape), "num_classes": int(ds.num_classes)}
+    if args.input_shape:
+        out["input_shape"] = list(shape_arg(args.input_shape))
+    if args.num_classes is not None:
+        out["num_classes"] = int(args.num_classes)
+    return out
+
+
+def is_spec(spec: str) -> bool:
+    """Whether ``spec`` names a reference model family (``mlp``, ``cnn``, ``vit``) of rmtprune.models."""
+    from ..models import MODEL_FAMILIES
+
+    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
+
+
+def build(spec: str, fargs: dict[str, Any]) -> Any:
+    """Build the model of a factory string; a reference spec needs input shape and classes."""
+    from .. import io as rio
+
+    if not is_spec(spec):
+        return rio.build_factory(spec)
+    if not {"input_shape", "num_classes"} <= set(fargs):
+        raise ValueError(
+            f"--model {spec!r} is a reference model spec: give --dataset (or --input-shape and --num-classes)"
+        )
+    return rio.build_factory(spec, **fargs)
+
+
+def load_weights(model: Any, path: str) -> None:
+    """Load ``--weights``: an rmtprune/plain safetensors file or a torch state dict (weights_only)."""
+    import torch
+
+    from .. import io as rio
+    from ..errors import CheckpointError
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"--weights {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        rio.load(path, model)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"--weights {path!r} is not a readable torch state dict ({exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--weights {path!r} does not hold a state dict of tensors")
+    rio.check_tensors(model, {k: tuple(v.shape) for k, v in state.items()}, Path(path))
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, dict[str, Any], int]:
+    """The model, its factory (for OUT's manifest), factory args, and the input's size in bytes."""
+    from .. import io as rio
+    from ..errors import CheckpointError
+
+    fargs = factory_args(args)
+    if ckpt is not None:
+        if args.weights:
+            raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
+        if not Path(ckpt).is_file():
+            raise CheckpointError(f"CHECKPOINT {ckpt!r} does not exist")
+        manifest = rio.read_manifest(ckpt) or {}
+        factory = args.model or manifest.get("factory")
+        if not factory:
+            raise CheckpointError(
+                f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
+            )
+        if not args.model:
+            fargs = {**manifest.get("factory_args", {}), **fargs}
+        fargs = fargs if is_spec(factory) else {}
+        model = build(factory, fargs)
+        rio.load(ckpt, model)
+        return model, factory, fargs, os.path.getsize(ckpt)
+    if not args.model:
+        raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")
+    fargs = fargs if is_spec(args.model) else {}
+    model = build(args.model, fargs)
+    if args.weights:
+        load_weights(model, args.weights)
+        size = os.path.getsize(args.weights)
+    else:
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model, args.model, fargs, size
