@@ -683,7 +683,9 @@ def model_section(name: str, res: dict[str, Any]) -> str:
                 pts = by.get(f"{'uniform' if fam == 'uniform' else 'magnitude'} @{pct}", [])
                 how = "exact budget" if fam == "magnitude" else "ratio solved for the budget"
             else:
-                cands = [(lab, ps) for lab, ps in by.items() if ps[0]["family"] == fam]
+                cands = [
+                    (lab, ps) for lab, ps in by.items() if ps[0]["family"] == fam and "no gate" not in lab
+                ]
                 if not cands:
                     continue
                 lab, pts = min(cands, key=lambda c: abs(statistics.fmean(p["frac"] for p in c[1]) - b))
