@@ -137,6 +137,8 @@ def test_property_cdf_monotone_in_unit_interval(gamma: float, sigma2: float) -> 
 
 @settings(max_examples=60, deadline=None)
 @given(gamma=gammas, sigma2=sigma2s, q=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20))
+# Found by hypothesis: a tiny level at a soft edge that is almost hard needed more than 6 Newton steps.
+@example(gamma=0.984375, sigma2=1.0, q=[1.0335133235444751e-09])
 def test_property_ppf_inverts_cdf(gamma: float, sigma2: float, q: list[float]) -> None:
     q = np.asarray(q)
     x = mp_ppf(q, gamma, sigma2)
