@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from rmtprune import io as rio
 from rmtprune.cli import main
 from rmtprune.masks import masks_of
-from rmtprune.sparse_format import load_checkpoint, manifest_from_metadata, read_metadata
+from rmtprune.sparse_format import manifest_from_metadata, read_metadata
 
 FACTORY = """
 import torch
@@ -61,7 +61,7 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     assert rio.read_manifest(out)["factory"] == f"{factory}:make"
     assert (tmp_path / "out.json").is_file()  # the manifest beside it, as rmtprune compress writes
     assert manifest_from_metadata(read_metadata(out))  # sparse storage
-    model = load_checkpoint(out)  # rebuilt from the recorded factory
+    model = rio.load(out)  # rebuilt from the recorded factory
     assert len(masks_of(model)) >= 2 and _sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -83,7 +83,7 @@ def test_resparsify_from_its_own_output(factory, tmp_path):
     assert (
         main(["sparsify", str(first), str(second), "--target", "0.6", "--budget", "global", "--quiet"]) == 0
     )
-    a, b = load_checkpoint(first), load_checkpoint(second)
+    a, b = rio.load(first), rio.load(second)
     for key, mask in masks_of(a).items():
         assert not torch.any(masks_of(b)[key] & ~mask)
     assert _sparsity(b) == pytest.approx(0.6, abs=1e-3)
@@ -182,13 +182,14 @@ def test_spec_with_shape_flags_and_dry_run_quiet(tmp_path, capsys):
     assert "planned=50.00%" in out and "nothing written" in out
 
 
-def _io_stores_masks(tmp_path) -> bool:
+def test_io_save_stores_masked_layers_sparsely(tmp_path):
     from rmtprune.masks import set_mask
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 4))
     set_mask(net[0], torch.eye(4, dtype=torch.bool))
     rio.save(net, tmp_path / "probe.safetensors")
-    return manifest_from_metadata(read_metadata(tmp_path / "probe.safetensors")) is not None
+    sparse = manifest_from_metadata(read_metadata(tmp_path / "probe.safetensors"))
+    assert sparse is not None and sparse["0.weight"]["nnz"] == 4
 
 
 def test_compressed_checkpoint_then_sparsify(tmp_path, capsys):
@@ -201,9 +202,5 @@ def test_compressed_checkpoint_then_sparsify(tmp_path, capsys):
     kinds = {r["name"]: r["kind"] for r in report["layers"]}
     assert "factored+sparse" in kinds.values(), kinds
     assert rio.read_manifest(sparse)["layers"]  # the factored structure is recorded
-    if _io_stores_masks(tmp_path):
-        model = load_checkpoint(sparse)
-        assert any(k.endswith(".first.weight") for k in masks_of(model))
-    else:  # rmtprune.io without sparse storage cannot rebuild factored+sparse files yet
-        with pytest.raises(Exception, match="cannot read sparse storage"):
-            load_checkpoint(sparse)
+    model = rio.load(sparse)  # rebuilt from the recorded factory, factors and masks restored
+    assert any(k.endswith(".first.weight") for k in masks_of(model))

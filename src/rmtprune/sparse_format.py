@@ -46,8 +46,6 @@ __all__ = [
     "manifest_from_metadata",
     "dense_shapes",
     "read_metadata",
-    "save_checkpoint",
-    "load_checkpoint",
 ]
 
 #: Storage formats of a masked tensor; ``auto`` picks the smaller of the two per tensor.
@@ -354,59 +352,3 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
-
-
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str], **io_kwargs: Any) -> Path:
-    """:func:`rmtprune.io.save` with masked layers stored sparsely (same manifest, same ``.json``).
-
-    Where ``rmtprune.io`` already stores masks sparsely this is exactly ``io.save``; otherwise the
-    weights file is rewritten (atomically) with the sparse encoding and io's header metadata.
-    """
-    from safetensors.torch import save_file
-
-    from . import io as rio
-    from .masks import masks_of
-
-    target = rio.save(model, path, **io_kwargs)
-    masks = masks_of(model)
-    meta = read_metadata(target)
-    if masks and manifest_from_metadata(meta) is None:
-        tensors, sparse = encode_state_dict(model.state_dict(), masks)
-        meta[METADATA_KEY] = json.dumps({"version": 1, "tensors": sparse}, sort_keys=True)
-        with atomic_path(target, suffix=".safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-    return target
-
-
-def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """:func:`rmtprune.io.load` that also restores sparse layers and their masks.
-
-    ``model=None`` builds the architecture from the factory recorded in the manifest. Files with
-    factored layers *and* sparse storage need an ``rmtprune.io`` that reads sparse storage.
-    """
-    from . import io as rio
-    from .masks import masks_of
-
-    meta = read_metadata(path)
-    sparse = manifest_from_metadata(meta)
-    if model is None:
-        manifest = rio.read_manifest(path)
-        if manifest is None:
-            raise CheckpointError(f"checkpoint {str(path)!r} has no rmtprune manifest: pass the model")
-        model = rio.build_from_manifest(manifest)
-    if sparse is None:
-        return rio.load(path, model)
-    try:
-        rio.load(path, model)
-        if masks_of(model) or not any(e["nnz"] < math.prod(e["shape"]) for e in sparse.values()):
-            return model
-    except CheckpointError:
-        pass
-    manifest = rio.read_manifest(path) or {}
-    if manifest.get("layers"):
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds factored and sparse layers; this rmtprune.io cannot read "
-            "sparse storage (see rmtprune.sparse_format)"
-        )
-    load_model(path, model)
-    return model

@@ -162,7 +162,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune sparsify``."""
     from .. import io as rio
     from .._atomic import atomic_write_text, check_writable_dir
-    from ..sparse_format import save_checkpoint
     from ..sparsify import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
@@ -191,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
     written: list[Path] = []
     try:
-        save_checkpoint(model, out_path, factory=factory, factory_args=fargs)
+        rio.save(model, out_path, factory=factory, factory_args=fargs)
         written += [out_path, rio.manifest_path(out_path)]
         atomic_write_text(prefix + ".json", report.to_json() + "\n")
         written.append(Path(prefix + ".json"))
