@@ -67,7 +67,8 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+def factored_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{name: spec}`` of the factored layers of ``model``: what :func:`restructure` needs."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankModule) and not any(name.startswith(k + ".") for k in out):
@@ -109,7 +110,7 @@ def _manifest(
         "factory": factory,
         "factory_args": factory_args or {},
         "params": sum(p.numel() for p in model.parameters()),
-        "layers": _layers(model),
+        "layers": factored_layers(model),
         "rule": None if config is None else config["rule"],
         "config": config,
         "fits": fits,
@@ -261,8 +262,14 @@ def build_factory(spec: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def _restructure(model: nn.Module, layers: dict[str, dict[str, Any]], undo: list[Any]) -> None:
-    """Replace each recorded layer by an (all-zero) factored layer of the stored rank."""
+def restructure(model: nn.Module, layers: dict[str, dict[str, Any]], undo: list[Any] | None = None) -> None:
+    """Replace each layer of :func:`factored_layers` specs by an (all-zero) factored layer of its rank.
+
+    The state dict loaded next fills the factors. A layer that is missing or of another kind or
+    shape raises :class:`CheckpointError` naming it; ``undo`` collects ``(parent, child, old)``
+    for the caller to put the model back.
+    """
+    undo = [] if undo is None else undo
     from .surgery import handler_for
 
     for name, spec in layers.items():
@@ -363,7 +370,7 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     undo: list[Any] = []
     try:
         if manifest is not None:
-            _restructure(model, manifest.get("layers", {}), undo)
+            restructure(model, manifest.get("layers", {}), undo)
         check_tensors(model, shapes, path)
         try:
             state = load_file(str(path), device="cpu")

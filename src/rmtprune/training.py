@@ -38,6 +38,7 @@ from torch import nn
 from ._atomic import atomic_path, atomic_write_text
 from ._progress import progress
 from .errors import CheckpointError, RmtpruneError
+from .io import factored_layers, restructure
 from .spectral import DEFAULT_KS_MAX
 
 __all__ = [
@@ -1052,7 +1053,7 @@ def train(
     done = 0
     if state is not None:
         try:
-            _restructure(model, state["architecture"])
+            restructure(model, state["architecture"])
             model.load_state_dict(state["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
@@ -1117,7 +1118,7 @@ def train(
                         "epoch": epoch,
                         "config": cfg.to_dict(),
                         "data_dir": None if data_dir is None else str(Path(data_dir).expanduser().resolve()),
-                        "architecture": _architecture(model),
+                        "architecture": factored_layers(model),
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
@@ -1239,59 +1240,6 @@ def _run_epoch(
 
 
 # -- the parts that depend on the low-rank layers ---------------------------------------------
-
-
-def _architecture(model: nn.Module) -> dict[str, Any]:
-    """``{layer: {"type": LowRank class name, "rank": k}}`` of the factored layers of ``model``.
-
-    With it a freshly built model of the same spec can be restructured (:func:`_restructure`)
-    before the checkpoint's state dict is loaded.
-    """
-    from .lowrank import LowRankModule
-
-    return {
-        name: {"type": type(mod).__name__, "rank": int(mod.rank)}
-        for name, mod in model.named_modules()
-        if isinstance(mod, LowRankModule)
-    }
-
-
-def _restructure(model: nn.Module, architecture: dict[str, Any]) -> None:
-    """Replace the dense layers named in ``architecture`` by factored ones of the stored rank.
-
-    The factors are zeros: the state dict loaded next fills them. Raises ``ValueError`` naming
-    the layer when the model does not have it or it is of another kind.
-    """
-    from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
-
-    kinds: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-        "LowRankLinear": (nn.Linear, LowRankLinear),
-        "LowRankConv2d": (nn.Conv2d, LowRankConv2d),
-        "LowRankConv1d": (nn.Conv1d, LowRankConv1d),
-    }
-    for name, spec in architecture.items():
-        kind, rank = spec.get("type"), spec.get("rank")
-        if kind not in kinds:
-            raise ValueError(f"layer {name!r} has unknown factored type {kind!r}")
-        dense_type, lowrank_type = kinds[kind]
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the model has no layer {name!r}") from None
-        if isinstance(dense, lowrank_type):
-            continue
-        if type(dense) is not dense_type:
-            raise ValueError(f"layer {name!r} is {type(dense).__name__}, expected {dense_type.__name__}")
-        w = dense.weight
-        m, n = w.shape[0], w[0].numel()
-        A = torch.zeros(m, rank, dtype=w.dtype, device=w.device)
-        B = torch.zeros(rank, n, dtype=w.dtype, device=w.device)
-        if lowrank_type is LowRankLinear:
-            new = LowRankLinear.from_factors(A, B, dense.bias)
-        else:
-            new = lowrank_type.from_conv(dense, A, B)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _save_model(model: nn.Module, path: Path, cfg: TrainConfig, data: Any) -> None:
