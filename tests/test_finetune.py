@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rmtprune.finetune import evaluate, finetune, regularizer
+from rmtprune.finetune import evaluate, finetune, lr_factor, regularizer
 from rmtprune.masks import get_mask, set_mask
 
 
@@ -71,3 +71,35 @@ def test_empty_data():
         finetune(_net(), [], steps=2)
     with pytest.raises(ValueError, match="no batches"):
         evaluate(_net(), [])
+
+
+def test_lr_factor_warmup_then_cosine():
+    f = lr_factor(10, "cosine", warmup=0.2)
+    vals = [f(i) for i in range(10)]
+    assert vals[:2] == [0.5, 1.0]  # ceil(0.2 * 10) = 2 warmup steps
+    assert vals[2] == 1.0 and all(a > b for a, b in zip(vals[2:-1], vals[3:], strict=True))  # decaying
+    assert 0 < vals[-1] < 0.05  # never exactly zero: the last step still moves the weights
+    assert [lr_factor(5)(i) for i in range(5)] == [1.0] * 5  # default: constant, no warmup
+
+
+def test_finetune_applies_schedule(monkeypatch):
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    finetune(_net(), _problem(), steps=8, lr=1e-2, schedule="cosine", warmup=0.25)
+    expected = [1e-2 * lr_factor(8, "cosine", 0.25)(i) for i in range(8)]
+    assert seen == pytest.approx(expected)
+    assert seen[0] < seen[1] and seen[-1] < seen[2]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match", [({"schedule": "step"}, "schedule='step'"), ({"warmup": 1.0}, "warmup=1.0")]
+)
+def test_finetune_rejects_bad_schedule(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        finetune(_net(), _problem(), steps=2, **kwargs)

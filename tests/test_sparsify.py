@@ -91,6 +91,8 @@ def test_config_json_round_trip():
         ({"include": [""]}, TypeError, "non-empty pattern"),
         ({"storage": "coo"}, ValueError, "storage='coo'"),
         ({"refit": 1}, TypeError, "refit must be a bool"),
+        ({"schedule": "linear"}, ValueError, "schedule='linear'"),
+        ({"warmup": 1.0}, ValueError, r"warmup=1.0 must be in \[0, 1\)"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, exc, match):

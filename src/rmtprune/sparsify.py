@@ -48,7 +48,7 @@ from ._progress import progress
 from .analysis import LayerAnalysis, analyze_tensor, as_matrix
 from .config import match_pattern
 from .errors import InvalidWeightsError
-from .finetune import evaluate, finetune
+from .finetune import SCHEDULES, evaluate, finetune
 from .lowrank import LowRankModule
 from .masks import count_nonzeros, get_mask, masks_of, prunable_layers, remove_masks, restore_masks, set_mask
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P
@@ -120,6 +120,12 @@ class SparsifyConfig:
     group_lasso: float = field(default=0.0, metadata=_meta("group-lasso weight over weight rows"))
     finetune_epochs: float = field(default=1.0, metadata=_meta("final short fine-tune on data, in epochs"))
     lr: float = field(default=1e-4, metadata=_meta("Adam learning rate of both fine-tunes"))
+    schedule: str = field(
+        default="cosine", metadata=_meta(f"learning-rate schedule of every fine-tune, one of {SCHEDULES}")
+    )
+    warmup: float = field(
+        default=0.05, metadata=_meta("linear learning-rate warmup, as a fraction of each fine-tune's steps")
+    )
     storage: str = field(default="auto", metadata=_meta(f"sparse storage format, one of {_STORAGE}"))
 
     def __post_init__(self) -> None:
@@ -142,6 +148,8 @@ class SparsifyConfig:
         for name in ("l1", "l2", "group_lasso", "finetune_epochs"):
             _check_real(name, getattr(self, name), 0.0, math.inf)
         _check_real("lr", self.lr, 0.0, math.inf, lo_open=True)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_real("warmup", self.warmup, 0.0, 1.0, hi_open=True)
         _check_choice("storage", self.storage, _STORAGE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -947,13 +955,23 @@ def _sparsify(
                 l2=config.l2,
                 group_lasso=config.group_lasso,
                 loss_fn=loss_fn,
+                schedule=config.schedule,
+                warmup=config.warmup,
             )
             record["finetune"] = ft.to_dict()
         record["eval"] = evaluate(model, eval_data, loss_fn) if eval_data is not None else None
         cycles.append(record)
     final = None
     if data is not None and config.finetune_epochs > 0:
-        final = finetune(model, data, epochs=config.finetune_epochs, lr=config.lr, loss_fn=loss_fn).to_dict()
+        final = finetune(
+            model,
+            data,
+            epochs=config.finetune_epochs,
+            lr=config.lr,
+            loss_fn=loss_fn,
+            schedule=config.schedule,
+            warmup=config.warmup,
+        ).to_dict()
     report = _report(model, layers, config, config.target, wanted, dry=False)
     report.warnings = select_warnings + report.warnings
     report.cycles = cycles

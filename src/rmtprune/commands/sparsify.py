@@ -41,6 +41,8 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--group-lasso": ("group_lasso", float, "MU"),
     "--finetune-epochs": ("finetune_epochs", float, "E"),
     "--lr": ("lr", float, "LR"),
+    "--lr-schedule": ("schedule", str, None),
+    "--warmup": ("warmup", float, "F"),
     "--storage": ("storage", str, None),
 }
 
@@ -49,6 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sparsify`` and its options."""
     import dataclasses
 
+    from ..finetune import SCHEDULES
     from ..sparsify import BUDGETS, SparsifyConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(SparsifyConfig)}
@@ -72,7 +75,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
     p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
     p.add_argument("--config", metavar="JSON", help="SparsifyConfig as a JSON file (flags override it)")
-    choices = {"budget": BUDGETS, "storage": ("auto", "bitmask", "csr")}
+    choices = {"budget": BUDGETS, "storage": ("auto", "bitmask", "csr"), "schedule": SCHEDULES}
     for flag, (name, typ, metavar) in _FLAGS.items():
         p.add_argument(
             flag,
