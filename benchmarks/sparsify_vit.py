@@ -54,28 +54,42 @@ METHODS = {
     "global": {"budget": "global", "sv_sparsify": False},
     "uniform": {"budget": "uniform", "sv_sparsify": False},
     "rmt": {"budget": "energy", "sv_sparsify": True},
+    "rmt-nosv": {"budget": "energy", "sv_sparsify": False},
+    "sv-global": {"budget": "global", "sv_sparsify": True},
     "rmt-noise": {"budget": "noise", "sv_sparsify": True},
 }
 LABELS = {
     "global": "global magnitude",
     "uniform": "uniform magnitude",
-    "rmt": "RMT (energy budget)",
+    "rmt": "RMT (default: SV step + energy budget)",
+    "rmt-nosv": "energy budget, no SV step",
+    "sv-global": "SV step + global budget",
     "rmt-noise": "RMT (noise budget)",
 }
+DEFAULT_METHODS = ("global", "uniform", "rmt", "rmt-nosv", "sv-global")
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def train_vit(dataset: str, seed: int, epochs: int, subset: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or load from the cache) the reference ViT: Adam, lr 1e-3 cosine to 0, batch 128."""
+def _tag(spec: str) -> str:
+    """Cache-file prefix of a model spec (the reference ViT keeps its historical name)."""
+    if spec == SPEC:
+        return "vit64x4"
+    return spec.replace(":", "_").replace(",", "_").replace("=", "")
+
+
+def train_vit(
+    dataset: str, seed: int, epochs: int, subset: int | None, spec: str = SPEC
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or load from the cache) a ViT: Adam, lr 1e-3 cosine to 0, batch 128."""
     train_ds = load_dataset(dataset, "train")
     if subset:
         train_ds = train_ds.subset(subset)
     torch.manual_seed(seed)
-    model = build_model(SPEC, train_ds.input_shape, train_ds.num_classes)
-    tag = f"vit64x4_{dataset}_s{seed}_e{epochs}_n{len(train_ds)}"
+    model = build_model(spec, train_ds.input_shape, train_ds.num_classes)
+    tag = f"{_tag(spec)}_{dataset}_s{seed}_e{epochs}_n{len(train_ds)}"
     path = CACHE / f"{tag}.safetensors"
     info_path = CACHE / f"{tag}.json"
     if path.is_file() and info_path.is_file():
@@ -97,7 +111,7 @@ def train_vit(dataset: str, seed: int, epochs: int, subset: int | None) -> tuple
         _log(f"  {dataset} seed {seed} epoch {epoch + 1}/{epochs} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     info = {"train_seconds": time.perf_counter() - t0, "epochs": epochs, "train_images": len(train_ds)}
-    save_model(path, model, metadata={"spec": SPEC})
+    save_model(path, model, metadata={"spec": spec})
     atomic_write_text(info_path, json.dumps(info))
     return model, info
 
@@ -121,6 +135,8 @@ def run_sparse(
         cycle_steps=args.cycle_steps,
         finetune_epochs=args.ft_epochs,
         lr=args.ft_lr,
+        schedule="cosine",
+        warmup=args.warmup,
         **METHODS[method],
     )
     loader = None
@@ -144,24 +160,35 @@ def run_sparse(
     }
 
 
-def run_lowrank(
-    base: nn.Module, keep_bulk: float, ft: bool, args: argparse.Namespace, data: Any, test: Any
-) -> dict:
-    """Low-rank compression of a copy (BEMA, ``keep_bulk``); with ``ft``, as many fine-tune steps."""
+def same_finetune(model: nn.Module, data: Any, args: argparse.Namespace) -> None:
+    """The fine-tune every sparse run gets, without masks: per cycle ``cycle_steps`` regularised
+    steps, then ``ft_epochs`` epoch(s); each call warms up and decays (cosine) like sparsify's."""
     from rmtprune.finetune import finetune
+
+    kw = {"lr": args.ft_lr, "schedule": "cosine", "warmup": args.warmup}
+    for _ in range(args.cycles if args.cycle_steps else 0):
+        finetune(model, data, steps=args.cycle_steps, l1=1e-6, l2=1e-6, **kw)
+    finetune(model, data, epochs=args.ft_epochs, **kw)
+
+
+def run_lowrank(
+    base: nn.Module, keep_bulk: float, ft: bool, args: argparse.Namespace, data: Any, test: Any, seed: int
+) -> dict:
+    """Low-rank compression of a copy (BEMA, ``keep_bulk``); with ``ft``, the same fine-tune."""
     from rmtprune.surgery import compress
 
     model = copy.deepcopy(base)
     _, plan = compress(model, keep_bulk=keep_bulk)
     if ft:
-        loader = batches(data, 128, shuffle=True, generator=torch.Generator().manual_seed(1000))
-        steps = args.cycles * args.cycle_steps + int(round(args.ft_epochs * len(loader)))
-        finetune(model, loader, steps=steps, lr=args.ft_lr)
+        torch.manual_seed(seed)
+        loader = batches(data, 128, shuffle=True, generator=torch.Generator().manual_seed(1000 + seed))
+        same_finetune(model, loader, args)
     counts = count_nonzeros(model)
     return {
         "method": f"lowrank kb={keep_bulk:g}",
         "keep_bulk": keep_bulk,
         "ft": ft,
+        "seed": seed,
         "accuracy": evaluate(model, test)["accuracy"],
         "stored": counts["stored"],
         "total": sum(p.numel() for p in base.parameters()),
@@ -204,7 +231,14 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
     datasets = list(results)
     fig = Figure(figsize=(6.5 * len(datasets), 9))
     FigureCanvasAgg(fig)
-    colors = {"global": "tab:blue", "uniform": "tab:orange", "rmt": "tab:green", "rmt-noise": "tab:purple"}
+    colors = {
+        "global": "tab:blue",
+        "uniform": "tab:orange",
+        "rmt": "tab:green",
+        "rmt-nosv": "tab:olive",
+        "sv-global": "tab:cyan",
+        "rmt-noise": "tab:purple",
+    }
     for i, ds in enumerate(datasets):
         res = results[ds]
         dense_acc = 100 * res["dense"]["accuracy"]
@@ -215,18 +249,26 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
                     rows = [r for r in res["sparse"] if r["method"] == method and r["ft"] == ft]
                     if not rows:
                         continue
-                    xs, ys = [], []
+                    xs, ys, es = [], [], []
                     for t in sorted({r["target"] for r in rows}):
                         sel = [r for r in rows if r["target"] == t]
+                        accs = [100 * r["accuracy"] for r in sel]
                         xs.append(statistics.mean(r["stored"] / r["total"] for r in sel))
-                        ys.append(100 * statistics.mean(r["accuracy"] for r in sel))
+                        ys.append(statistics.mean(accs))
+                        es.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
                     label = f"{LABELS[method]} ({'fine-tuned' if ft else 'no fine-tune'})"
-                    ax.plot(xs, ys, style, color=color, marker="o", ms=3, label=label)
+                    ax.errorbar(
+                        xs, ys, yerr=es, fmt=style, color=color, marker="o", ms=3, capsize=2, label=label
+                    )
             for ft, marker in ((False, "x"), (True, "s")):
-                lr_rows = [r for r in res["lowrank"] if r["ft"] == ft]
-                if not lr_rows:
+                pts = []
+                for kb in sorted({r["keep_bulk"] for r in res["lowrank"]}):
+                    sel = [r for r in res["lowrank"] if r["keep_bulk"] == kb and r["ft"] == ft]
+                    if sel:
+                        x = statistics.mean(r["stored"] / r["total"] for r in sel)
+                        pts.append((x, statistics.mean(100 * r["accuracy"] for r in sel), kb))
+                if not pts:
                     continue
-                pts = [(r["stored"] / r["total"], 100 * r["accuracy"], r["keep_bulk"]) for r in lr_rows]
                 ax.scatter(
                     [p[0] for p in pts],
                     [p[1] for p in pts],
@@ -245,7 +287,7 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
             ax.set_ylabel("test top-1 accuracy (%)")
             if row == 0:
                 ax.set_ylim(0, 100)
-                ax.set_title(f"ViT dim 64 depth 4 on {ds}")
+                ax.set_title(f"{res.get('spec', SPEC)} on {ds}", fontsize=9)
             else:
                 ax.set_ylim(dense_acc - 6, dense_acc + 1)
                 ax.set_title(f"{ds}: zoom near the dense accuracy")
@@ -258,37 +300,45 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
 
 
 def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -> str:
+    first = results[next(iter(results))]
     lines = [
         "# Sparsifying a small ViT: RMT-guided budgets vs magnitude pruning, and low rank",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), shared with other jobs)",
-        "- rerun: `python benchmarks/sparsify_vit.py` (every table and the plot below, sequentially; "
-        "trained models are cached in ~/.cache/rmtprune/bench)",
-        f"- time of the sparsify/fine-tune/evaluate runs: {seconds / 60:.1f} min (shared CPU)",
-        f"- model: `{SPEC}` ({results[next(iter(results))]['dense']['total']:,} parameters), trained "
+        "- rerun: the commands under Notes (they ran in parallel, one data set each; the same command "
+        "without --datasets/--out/--json runs both data sets sequentially); trained models are cached "
+        "in ~/.cache/rmtprune/bench",
+        f"- time of the sparse runs (sparsify, fine-tune, evaluate), summed: {seconds / 60:.1f} min",
+        f"- model: `{first.get('spec', SPEC)}` ({first['dense']['total']:,} parameters), "
+        f"{max(r['dense'].get('n_seeds', 1) for r in results.values())} independently trained seed(s) "
+        "per data set, each trained "
         f"{', '.join(f'{n} epoch(s) on {ds}' for ds, n in args.epochs_of.items())} "
-        f"(Adam 1e-3, cosine, batch 128) on {args.train_subset or 60000} training "
+        f"(Adam 1e-3, cosine to 0, batch 128) on {args.train_subset or 60000} training "
         f"images; accuracy on {'the first ' + str(args.test_subset) if args.test_subset else 'all 10,000'} "
-        "test images",
-        f"- short fine-tune (same for every method): {args.cycles} cycles with the target ramping linearly, "
-        f"{args.cycle_steps} Adam steps (lr {args.ft_lr:g}, L1 = L2 = 1e-6) after each, then "
-        f"{args.ft_epochs:g} epoch at lr {args.ft_lr:g}; batch 128, same batch order for every method",
+        "test images; seed s also seeds the fine-tune batches and is paired across methods; "
+        "cells are mean ± std over seeds",
+        f"- short fine-tune (same for every method, and for the dense and low-rank references): "
+        f"{args.cycles} cycles with the target ramping linearly, {args.cycle_steps} Adam steps "
+        f"(L1 = L2 = 1e-6) after each, then {args.ft_epochs:g} epoch; every fine-tune call warms up over "
+        f"{args.warmup:.0%} of its steps to lr {args.ft_lr:g}, then decays it to 0 (cosine); batch 128, "
+        "same batch order for every method",
         "- sparsity is over all Linear/Conv weights (patch embedding, q/k/v/out, MLPs, head); "
         "'stored' counts every parameter as the sparse file stores it (biases, norms, embeddings dense)",
         "",
-        "![accuracy vs stored parameters](sparsify_vit.png)",
+        f"![accuracy vs stored parameters]({args.out.with_suffix('.png').name})",
         "",
     ]
     for ds, res in results.items():
         dense = res["dense"]
-        head = f"Dense: {100 * dense['accuracy']:.2f}% ({dense['total']:,} parameters)"
+        head = f"Dense: {_pm(dense, 'accuracy')} ({dense['total']:,} parameters)"
         if "accuracy_ft" in dense:
             head += (
-                "; the dense model given the same fine-tune (steps, lr, L1/L2, no masks): "
-                f"{100 * dense['accuracy_ft']:.2f}%"
+                "; the dense model given the same fine-tune (steps, lr schedule, L1/L2, no masks): "
+                f"{_pm(dense, 'accuracy_ft')}"
             )
+        head += f"; training took {dense['train_seconds'] / 60:.1f} min per model"
         lines += [f"## {ds}", "", head + ".", ""]
         fits = res.get("fits") or []
         if fits:
@@ -301,40 +351,46 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
                 f"median {energy[len(energy) // 2]:.2f} (min {energy[0]:.2f}).",
                 "",
             ]
-        lines += [
-            "| sparsity | fine-tune | " + " | ".join(LABELS.values()) + " | RMT - global (pp) | seeds |",
-            "|---|---|" + "---|" * len(LABELS) + "---|---|",
-        ]
         rows = res["sparse"]
+        present = [m for m in LABELS if any(r["method"] == m for r in rows)]
+        lines += [
+            "| sparsity | fine-tune | "
+            + " | ".join(LABELS[m] for m in present)
+            + " | RMT - global (pp, paired) | seeds |",
+            "|---|---|" + "---|" * len(present) + "---|---|",
+        ]
         for t in sorted({r["target"] for r in rows}):
             for ft in (False, True):
-                cells, means = [], {}
-                n_seeds = 0
-                for m in LABELS:
+                cells, n_seeds = [], 0
+                for m in present:
                     accs = [
                         r["accuracy"] for r in rows if r["target"] == t and r["ft"] == ft and r["method"] == m
                     ]
                     cells.append(_mean_std(accs) if accs else "-")
-                    means[m] = statistics.mean(accs) if accs else math.nan
                     n_seeds = max(n_seeds, len(accs))
                 if n_seeds == 0:
                     continue
-                diff = 100 * (means["rmt"] - means["global"])
                 lines.append(
                     f"| {t:.0%} | {'yes' if ft else 'no'} | "
                     + " | ".join(cells)
-                    + f" | {diff:+.2f} | {n_seeds} |"
+                    + f" | {_diff_text(rows, t, ft)} | {n_seeds} |"
                 )
         lines += ["", "Low rank (BEMA; `keep_bulk=0` is the default rule):", ""]
         lines += [
             "| keep_bulk | fine-tune | factored layers | stored / dense | accuracy |",
             "|---|---|---|---|---|",
         ]
-        for r in res["lowrank"]:
-            lines.append(
-                f"| {r['keep_bulk']:g} | {'yes' if r['ft'] else 'no'} | {r['factored']} | "
-                f"{r['stored'] / r['total']:.1%} | {100 * r['accuracy']:.2f} |"
-            )
+        for kb in sorted({r["keep_bulk"] for r in res["lowrank"]}):
+            for ft in (False, True):
+                sel = [r for r in res["lowrank"] if r["keep_bulk"] == kb and r["ft"] == ft]
+                if not sel:
+                    continue
+                stored = statistics.mean(r["stored"] / r["total"] for r in sel)
+                factored = statistics.mean(r["factored"] for r in sel)
+                lines.append(
+                    f"| {kb:g} | {'yes' if ft else 'no'} | {factored:.1f} | {stored:.1%} | "
+                    f"{_mean_std([r['accuracy'] for r in sel])} |"
+                )
         lines.append("")
     lines += ["## Against the targets", ""] + _verdict(results) + [""]
     commands = sorted({r["command"] for r in results.values() if r.get("command")})
@@ -349,8 +405,30 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
     return "\n".join(lines)
 
 
+def _paired(rows: list[dict[str, Any]], a: str, b: str, t: float, ft: bool) -> list[float]:
+    """Per-seed accuracy differences ``a - b`` at sparsity ``t`` (seeds present for both)."""
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in rows if r["target"] == t and r["ft"] == ft}
+    seeds = sorted({s for m, s in acc if m == a} & {s for m, s in acc if m == b})
+    return [acc[(a, s)] - acc[(b, s)] for s in seeds]
+
+
+def _diff_text(rows: list[dict[str, Any]], t: float, ft: bool) -> str:
+    d = _paired(rows, "rmt", "global", t, ft)
+    if not d:
+        return "-"
+    if len(d) == 1:
+        return f"{100 * d[0]:+.2f}"
+    return f"{100 * statistics.mean(d):+.2f} ± {100 * statistics.stdev(d):.2f}"
+
+
+def _pm(dense: dict[str, Any], key: str) -> str:
+    if dense.get("n_seeds", 1) > 1:
+        return f"{100 * dense[key]:.2f} ± {100 * dense[key + '_std']:.2f}%"
+    return f"{100 * dense[key]:.2f}%"
+
+
 def _verdict(results: dict[str, Any]) -> list[str]:
-    """The issue's targets, checked on the numbers above (mean over seeds where there are several)."""
+    """The issue's targets, checked on the numbers above (means over seeds, differences paired by seed)."""
     out = []
     for ds, res in results.items():
         dense = res["dense"]["accuracy"]
@@ -362,34 +440,42 @@ def _verdict(results: dict[str, Any]) -> list[str]:
             ]
             return statistics.mean(accs) if accs else math.nan
 
-        half = mean("rmt", 0.5, True)
-        if not math.isnan(half):
-            loss = 100 * (dense - half)
+        for m in [m for m in ("rmt", "global", "uniform") if not math.isnan(mean(m, 0.5, True))]:
+            loss = 100 * (dense - mean(m, 0.5, True))
             ok = "met" if loss <= 1.0 else "NOT met"
             text = (
-                f"- {ds}, 50% sparsity after the short fine-tune: RMT-guided loses {loss:.2f} pp against "
+                f"- {ds}, 50% sparsity after the short fine-tune: {LABELS[m]} loses {loss:.2f} pp against "
                 f"the dense model (target <= 1 pp: {ok})"
             )
             if "accuracy_ft" in res["dense"]:
-                gap = 100 * (res["dense"]["accuracy_ft"] - half)
+                gap = 100 * (res["dense"]["accuracy_ft"] - mean(m, 0.5, True))
                 text += f"; {gap:.2f} pp against the dense model fine-tuned alike"
             out.append(text + ".")
         for ft in (False, True):
-            worse = []
+            worse, within = [], []
             for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
-                if t < 0.3 - 1e-9:
+                d = _paired(rows, "rmt", "global", t, ft)
+                if t < 0.3 - 1e-9 or not d:
                     continue
-                d = 100 * (mean("rmt", t, ft) - mean("global", t, ft))
-                if d < 0:
-                    worse.append(f"{t:.0%} ({d:+.2f} pp)")
+                mu = 100 * statistics.mean(d)
+                sd = 100 * statistics.stdev(d) if len(d) > 1 else 0.0
+                if mu < 0:
+                    (within if sd and -mu <= 2 * sd / math.sqrt(len(d)) else worse).append(
+                        f"{t:.0%} ({mu:+.2f} ± {sd:.2f} pp)"
+                    )
             tag = "with" if ft else "without"
+            if not worse and not within:
+                out.append(
+                    f"- {ds}, {tag} fine-tune: RMT-guided >= global magnitude at every sparsity >= 30%."
+                )
             if worse:
                 out.append(
                     f"- {ds}, {tag} fine-tune: RMT-guided is below global magnitude at {', '.join(worse)}."
                 )
-            else:
+            if within:
                 out.append(
-                    f"- {ds}, {tag} fine-tune: RMT-guided >= global magnitude at every sparsity >= 30%."
+                    f"- {ds}, {tag} fine-tune: RMT-guided is below global magnitude, but within two standard "
+                    f"errors of the paired seed differences, at {', '.join(within)}."
                 )
     return out
 
@@ -397,21 +483,24 @@ def _verdict(results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist"])
-    p.add_argument(
-        "--epochs", default="fashion-mnist=2,mnist=3", help="training epochs: N, or DATASET=N,... per dataset"
-    )
+    p.add_argument("--epochs", default="15", help="training epochs: N, or DATASET=N,... per dataset")
     p.add_argument("--train-subset", type=int, default=None, help="train on the first N images")
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7")
-    p.add_argument("--ft-sparsities", default="0.3,0.5,0.7", help="sparsities also run with the fine-tune")
-    p.add_argument("--headline", default="0.5", help="sparsities run with every seed (others: seed 0)")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tune seeds at the headline sparsities")
+    p.add_argument(
+        "--ft-sparsities", default="0.3,0.4,0.5,0.6,0.7", help="sparsities also run with the fine-tune"
+    )
+    p.add_argument(
+        "--seeds", type=int, default=3, help="independently trained models (seed s also seeds its fine-tunes)"
+    )
+    p.add_argument("--spec", default=SPEC, help="the ViT to train (a rmtprune model spec)")
     p.add_argument("--cycles", type=int, default=3)
-    p.add_argument("--cycle-steps", type=int, default=10)
-    p.add_argument("--ft-epochs", type=float, default=0.15)
+    p.add_argument("--cycle-steps", type=int, default=20)
+    p.add_argument("--ft-epochs", type=float, default=0.5)
     p.add_argument("--ft-lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=float, default=0.05, help="fine-tune warmup fraction (then cosine to 0)")
     p.add_argument("--keep-bulk", default="0,0.25,0.5")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--no-lowrank", action="store_true", help="skip the low-rank runs")
     p.add_argument("--no-dense-ft", action="store_true", help="skip the dense + fine-tune reference")
     p.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
@@ -441,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     args.render_command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/sparsify_vit.py", *shown])
     if args.quick:
         args.epochs, args.train_subset, args.test_subset = "1", 6000, 2000
-        args.sparsities, args.ft_sparsities, args.headline, args.seeds = "0.3,0.5,0.7", "0.5", "0.5", 2
+        args.sparsities, args.ft_sparsities, args.seeds = "0.3,0.5,0.7", "0.5", 2
     torch.set_num_threads(args.threads)
     if args.render:
         results: dict[str, Any] = {}
@@ -452,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 results[ds]["sparse"] += res["sparse"]
                 results[ds]["lowrank"] += res["lowrank"]
-                results[ds]["dense"] = {**res["dense"], **results[ds]["dense"]}
+                seen = {d["seed"] for d in results[ds].get("dense_seeds", [])}
+                extra = [d for d in res.get("dense_seeds", []) if d["seed"] not in seen]
+                if extra:
+                    results[ds]["dense_seeds"] = results[ds].get("dense_seeds", []) + extra
+                    results[ds]["dense"] = _dense_summary(results[ds]["dense_seeds"], res["dense"]["epochs"])
                 results[ds]["fits"] = results[ds].get("fits") or res.get("fits")
                 results[ds]["command"] = f"{results[ds]['command']}` and `{res['command']}"
         args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
@@ -468,61 +561,86 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
     ft_sparsities = [float(v) for v in args.ft_sparsities.split(",")]
-    headline = [float(v) for v in args.headline.split(",")]
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     json_path = args.json or args.out.with_suffix(".json")
     for ds in args.datasets:
-        _log(f"[{ds}] training / loading the ViT")
-        base, info = train_vit(ds, 0, args.epochs_of[ds], args.train_subset)
         train_ds = load_dataset(ds, "train")
         if args.train_subset:
             train_ds = train_ds.subset(args.train_subset)
         test_ds = load_dataset(ds, "test")
         test = batches(test_ds.subset(args.test_subset) if args.test_subset else test_ds, 1000)
-        dense = {"accuracy": evaluate(base, test)["accuracy"], **count_nonzeros(base), **info}
-        dense["epochs"] = args.epochs_of[ds]
-        if ft_sparsities and not args.no_dense_ft:  # the dense model given the same fine-tune
-            from rmtprune.finetune import finetune
-
-            tuned = copy.deepcopy(base)
-            loader = batches(train_ds, 128, shuffle=True, generator=torch.Generator().manual_seed(1000))
-            steps = args.cycles * args.cycle_steps + int(round(args.ft_epochs * len(loader)))
-            finetune(tuned, loader, steps=steps, lr=args.ft_lr, l1=1e-6, l2=1e-6)
-            dense["accuracy_ft"] = evaluate(tuned, test)["accuracy"]
-            _log(f"[{ds}] dense + same fine-tune {100 * dense['accuracy_ft']:.2f}%")
-        _log(f"[{ds}] dense accuracy {100 * dense['accuracy']:.2f}%")
-        res: dict[str, Any] = {"dense": dense, "sparse": [], "lowrank": [], "command": args.command}
-        res["fits"] = _fits(base)
+        res: dict[str, Any] = {
+            "dense": {},
+            "dense_seeds": [],
+            "sparse": [],
+            "lowrank": [],
+            "command": args.command,
+        }
+        res["spec"] = args.spec
         results[ds] = res
-        jobs = []
-        for t in sparsities:
-            for ft in (False, True):
-                if ft and t not in ft_sparsities:
-                    continue
-                seeds = range(args.seeds) if (t in headline and ft) else range(1)
-                for seed in seeds:
-                    for m in methods:
-                        jobs.append((m, t, ft, seed))
-        for i, (m, t, ft, seed) in enumerate(jobs, 1):
-            row = run_sparse(base, m, t, ft, args, train_ds, test, seed)
-            res["sparse"].append(row)
+        for seed in range(args.seeds):
+            _log(f"[{ds}] seed {seed}: training / loading the ViT")
+            base, info = train_vit(ds, seed, args.epochs_of[ds], args.train_subset, args.spec)
+            dense = {
+                "seed": seed,
+                "accuracy": evaluate(base, test)["accuracy"],
+                **count_nonzeros(base),
+                **info,
+            }
+            if ft_sparsities and not args.no_dense_ft:  # the dense model given the same fine-tune
+                dense["accuracy_ft"] = run_sparse(base, "global", 0.0, True, args, train_ds, test, seed)[
+                    "accuracy"
+                ]
             _log(
-                f"[{ds}] {i}/{len(jobs)} {m:8s} s={t:.0%} ft={ft!s:5s} seed={seed} "
-                f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f} s)"
+                f"[{ds}] seed {seed}: dense {100 * dense['accuracy']:.2f}%, + fine-tune "
+                f"{100 * dense.get('accuracy_ft', math.nan):.2f}%"
             )
-            atomic_write_text(json_path, json.dumps(results, indent=1))
-        for kb in [] if args.no_lowrank else [float(v) for v in args.keep_bulk.split(",")]:
-            for ft in (False, True):
-                row = run_lowrank(base, kb, ft, args, train_ds, test)
-                res["lowrank"].append(row)
+            res["dense_seeds"].append(dense)
+            res["dense"] = _dense_summary(res["dense_seeds"], args.epochs_of[ds])
+            if seed == 0:
+                res["fits"] = _fits(base)
+            jobs = [
+                (m, t, ft)
+                for t in sparsities
+                for ft in (False, True)
+                for m in methods
+                if not ft or t in ft_sparsities
+            ]
+            for i, (m, t, ft) in enumerate(jobs, 1):
+                row = run_sparse(base, m, t, ft, args, train_ds, test, seed)
+                res["sparse"].append(row)
                 _log(
-                    f"[{ds}] lowrank kb={kb:g} ft={ft} acc={100 * row['accuracy']:.2f}% "
-                    f"stored={row['stored']:,}"
+                    f"[{ds}] seed {seed} {i}/{len(jobs)} {m:9s} s={t:.0%} ft={ft!s:5s} "
+                    f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f} s)"
                 )
-        atomic_write_text(json_path, json.dumps(results, indent=1))
-    _write(args, results, time.perf_counter() - t0)
+                atomic_write_text(json_path, json.dumps(results, indent=1))
+            for kb in [] if args.no_lowrank else [float(v) for v in args.keep_bulk.split(",")]:
+                for ft in (False, True):
+                    row = run_lowrank(base, kb, ft, args, train_ds, test, seed)
+                    res["lowrank"].append(row)
+                    _log(
+                        f"[{ds}] seed {seed} lowrank kb={kb:g} ft={ft} acc={100 * row['accuracy']:.2f}% "
+                        f"stored={row['stored']:,}"
+                    )
+            atomic_write_text(json_path, json.dumps(results, indent=1))
+    _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min")
+    _write(args, results, sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"]))
     return 0
+
+
+def _dense_summary(seeds: list[dict[str, Any]], epochs: int) -> dict[str, Any]:
+    """Mean dense accuracy (and dense + fine-tune) over the trained seeds, with their spread."""
+    out = {k: v for k, v in seeds[0].items() if k not in ("seed", "accuracy", "accuracy_ft")}
+    out["epochs"] = epochs
+    out["n_seeds"] = len(seeds)
+    for key in ("accuracy", "accuracy_ft"):
+        vals = [d[key] for d in seeds if key in d]
+        if vals:
+            out[key] = statistics.mean(vals)
+            out[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    out["train_seconds"] = statistics.mean(d["train_seconds"] for d in seeds)
+    return out
 
 
 def _epochs(text: str, datasets: list[str]) -> dict[str, int]:
