@@ -11,12 +11,12 @@ from torch import nn
 import rmtprune
 from rmtprune import CompressionConfig, LowRankConv2d, LowRankLinear
 from rmtprune.errors import InvalidWeightsError, RmtpruneError
+from rmtprune.spectral import fit_censored
 from rmtprune.surgery import (
     LayerHandler,
     LinearHandler,
     Plan,
     TransposedLinearHandler,
-    _fit_censored,
     handler_for,
     register_handler,
 )
@@ -198,9 +198,9 @@ def test_recut_with_shrinking_bulk_fraction_refits_the_bulk() -> None:
 def test_censored_fit_equals_plain_fit_when_nothing_in_window_was_cut() -> None:
     s = torch.linalg.svdvals(planted(100, 200, 3, 5).double()).numpy()
     full = rmtprune.fit_bulk(s, (100, 200))
-    cut = _fit_censored(s[:80], (100, 200), 0.25, 0.1)  # p - k = 20 < ceil(0.25 p)
+    cut = fit_censored(s[:80], (100, 200), 0.25, 0.1)  # p - k = 20 < ceil(0.25 p)
     assert cut.sigma2 == pytest.approx(full.sigma2, rel=1e-12) and cut.n_spikes == full.n_spikes
-    assert _fit_censored(s[:4], (100, 200), 0.25, 0.1) is None
+    assert fit_censored(s[:4], (100, 200), 0.25, 0.1) is None
 
 
 # ---------------------------------------------------------------------- actions and skips

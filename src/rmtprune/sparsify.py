@@ -51,8 +51,7 @@ from .errors import InvalidWeightsError
 from .finetune import SCHEDULES, evaluate, finetune
 from .lowrank import LowRankModule
 from .masks import count_nonzeros, get_mask, masks_of, prunable_layers, remove_masks, restore_masks, set_mask
-from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P
-from .surgery import _fit_censored
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, fit_censored
 
 __all__ = [
     "BUDGETS",
@@ -600,7 +599,7 @@ def _analyze_factored(parent: str, module: nn.Module, factors: list[_Layer], con
     s = module.singular_values().numpy()
     m, n = module.matrix_shape
     w = module.second.weight
-    fit = _fit_censored(s, (m, n), config.alpha, config.beta) if min(m, n) >= MIN_P else None
+    fit = fit_censored(s, (m, n), config.alpha, config.beta) if min(m, n) >= MIN_P else None
     if fit is None:
         why = f"rank {s.size} of {min(m, n)}: too few kept bulk values to fit"
         analysis = LayerAnalysis(parent, (m, n), _dtype(w), "no-mp-bulk", None, why)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from ._progress import progress as _progress
 from .config import CompressionConfig, match_pattern
 from .errors import InvalidWeightsError, RmtpruneError
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankModule
-from .spectral import MIN_P, SpectrumFit, fit_bulk, mp_cdf, mp_ppf, tw1_quantile
+from .spectral import MIN_P, fit_bulk, fit_censored
 
 __all__ = [
     "ACTIONS",
@@ -542,47 +541,6 @@ def _shared(
     return ""
 
 
-def _fit_censored(s_k: np.ndarray, shape: tuple[int, int], alpha: float, beta: float) -> SpectrumFit | None:
-    """BEMA fit of a rank-``k`` matrix whose ``p - k`` smallest singular values were cut to zero.
-
-    The ``k`` kept values are read as the top order statistics of a ``p``-value spectrum: the
-    least-squares match of METHOD.md section 3 runs over the ranks of the trimmed window that were
-    kept (the cut ones are only known to lie below), the KS distance over the same ranks (the
-    zeros count in the empirical cdf, where the cut values would be). With no cut value inside the
-    window this is exactly :func:`fit_bulk` on the zero-padded spectrum. Returns None when fewer
-    than 5 ranks of the window are kept (nothing left to match).
-    """
-    m, n = shape
-    p, N = min(m, n), max(m, n)
-    k = s_k.size
-    s_full = np.zeros(p)
-    s_full[:k] = np.sort(s_k)[::-1][:p]
-    lo, hi = max(1, math.ceil(alpha * p)), math.floor((1.0 - alpha) * p)
-    first_kept = p - k + 1  # ascending 1-based rank of the smallest kept value
-    if first_kept <= lo:
-        return fit_bulk(s_full, shape, alpha=alpha, beta=beta)
-    ranks = np.arange(first_kept, hi + 1)
-    if ranks.size < 5:
-        return None
-    gamma = p / N
-    lam = s_full[::-1] ** 2 / N  # ascending
-    window = lam[ranks - 1]
-    q = mp_ppf((ranks - 0.5) / p, gamma)
-    sigma2 = float(q @ window) / float(q @ q)
-    if not sigma2 > 0:
-        return None
-    r = math.sqrt(gamma)
-    t = float(tw1_quantile(1.0 - beta))
-    lambda_plus = sigma2 * ((1 + r) ** 2 + t * N ** (-2 / 3) * gamma ** (-1 / 6) * (1 + r) ** (4 / 3))
-    s_plus = math.sqrt(N * lambda_plus)
-    n_spikes = int(np.count_nonzero(s_full > s_plus))
-    f_emp = np.searchsorted(lam, window, side="right") / p
-    ks = float(np.max(np.abs(f_emp - mp_cdf(window, gamma, sigma2))))
-    return SpectrumFit(
-        (m, n), gamma, sigma2, lambda_plus, s_plus, n_spikes, p - n_spikes, ks, alpha, beta, s_full
-    )
-
-
 def _positions(model: nn.Module, entries: list[_Entry], example_input: Any) -> dict[str, int]:
     """Output positions per sample of each entry, from one forward pass on ``example_input``."""
     found: dict[str, int] = {}
@@ -679,7 +637,7 @@ def _plan_layer(e: _Entry, cfg: CompressionConfig, positions: int | None, keep_s
         s_t = h.singular_values(mod, dtype)
     s = s_t.detach().to("cpu", torch.float64).numpy()
     if h.factored:
-        fit = _fit_censored(s[:p], (m, n), cfg.alpha, cfg.beta)
+        fit = fit_censored(s[:p], (m, n), cfg.alpha, cfg.beta)
         s_full = np.zeros(p)
         s_full[: min(s.size, p)] = s[:p]
     else:

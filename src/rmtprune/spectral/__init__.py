@@ -8,6 +8,7 @@ from .bema import (
     SpectrumFit,
     check_shape,
     fit_bulk,
+    fit_censored,
 )
 from .mp import MarchenkoPastur, mp_cdf, mp_pdf, mp_ppf, mp_support
 from .rules import (
@@ -37,6 +38,7 @@ __all__ = [
     "tw1_quantile",
     "SpectrumFit",
     "fit_bulk",
+    "fit_censored",
     "check_shape",
     "RankDecision",
     "RankRule",

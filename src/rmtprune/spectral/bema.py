@@ -26,6 +26,7 @@ from .tracy_widom import tw1_quantile
 __all__ = [
     "SpectrumFit",
     "fit_bulk",
+    "fit_censored",
     "check_shape",
     "DEFAULT_ALPHA",
     "DEFAULT_BETA",
@@ -268,4 +269,45 @@ def fit_bulk(
         alpha=float(alpha),
         beta=float(beta),
         singular_values=s_desc,
+    )
+
+
+def fit_censored(s_k: np.ndarray, shape: tuple[int, int], alpha: float, beta: float) -> SpectrumFit | None:
+    """BEMA fit of a rank-``k`` matrix whose ``p - k`` smallest singular values were cut to zero.
+
+    The ``k`` kept values are read as the top order statistics of a ``p``-value spectrum: the
+    least-squares match of METHOD.md section 3 runs over the ranks of the trimmed window that were
+    kept (the cut ones are only known to lie below), the KS distance over the same ranks (the
+    zeros count in the empirical cdf, where the cut values would be). With no cut value inside the
+    window this is exactly :func:`fit_bulk` on the zero-padded spectrum. Returns None when fewer
+    than 5 ranks of the window are kept (nothing left to match).
+    """
+    m, n = shape
+    p, N = min(m, n), max(m, n)
+    k = s_k.size
+    s_full = np.zeros(p)
+    s_full[:k] = np.sort(s_k)[::-1][:p]
+    lo, hi = max(1, math.ceil(alpha * p)), math.floor((1.0 - alpha) * p)
+    first_kept = p - k + 1  # ascending 1-based rank of the smallest kept value
+    if first_kept <= lo:
+        return fit_bulk(s_full, shape, alpha=alpha, beta=beta)
+    ranks = np.arange(first_kept, hi + 1)
+    if ranks.size < 5:
+        return None
+    gamma = p / N
+    lam = s_full[::-1] ** 2 / N  # ascending
+    window = lam[ranks - 1]
+    q = mp_ppf((ranks - 0.5) / p, gamma)
+    sigma2 = float(q @ window) / float(q @ q)
+    if not sigma2 > 0:
+        return None
+    r = math.sqrt(gamma)
+    t = float(tw1_quantile(1.0 - beta))
+    lambda_plus = sigma2 * ((1 + r) ** 2 + t * N ** (-2 / 3) * gamma ** (-1 / 6) * (1 + r) ** (4 / 3))
+    s_plus = math.sqrt(N * lambda_plus)
+    n_spikes = int(np.count_nonzero(s_full > s_plus))
+    f_emp = np.searchsorted(lam, window, side="right") / p
+    ks = float(np.max(np.abs(f_emp - mp_cdf(window, gamma, sigma2))))
+    return SpectrumFit(
+        (m, n), gamma, sigma2, lambda_plus, s_plus, n_spikes, p - n_spikes, ks, alpha, beta, s_full
     )
