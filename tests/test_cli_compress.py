@@ -159,3 +159,19 @@ def test_pattern_matching_nothing_warns_on_stderr(work: Path, capsys) -> None:
         == 0
     )
     assert "rmtprune: warning: include pattern 'fc9' matches no layer" in capsys.readouterr().err
+
+
+def test_reference_spec_with_dataset_needs_no_data_files(
+    work: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # No data anywhere and downloads impossible: the dataset only sets the input shape.
+    from rmtprune import data
+
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setenv(data.CACHE_ENV, str(work / "empty-cache"))
+    monkeypatch.setattr(data, "download_dataset", lambda *a, **k: pytest.fail("tried to download"))
+    data.clear_cache()
+    argv = ["compress", "--model", "mlp:32", "--dataset", "fashion-mnist", "--dry-run", "--no-progress"]
+    assert main(argv) == 0
+    assert "32x784" in capsys.readouterr().out  # fc1 built for 28x28 inputs
+    assert not (work / "empty-cache").exists()

@@ -446,3 +446,10 @@ def test_checksums_match_shared_file(data_dir: Path) -> None:
         folder, fname = name.split("/")
         sums.setdefault(folder, {})[fname] = digest
     assert sums == D.SHA256
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "digits"])
+def test_dataset_shape_matches_the_loaded_data(name: str) -> None:
+    ds = D.load_dataset(name, "test", data_dir=SHARED if name != "digits" else None)
+    assert D.dataset_shape(name) == (ds.input_shape, ds.num_classes)
+    assert D.dataset_shape(name.upper().replace("-", "_")) == D.dataset_shape(name)

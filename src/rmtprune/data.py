@@ -33,11 +33,13 @@ from .errors import RmtpruneError
 
 __all__ = [
     "DATASETS",
+    "SHAPES",
     "Dataset",
     "FastLoader",
     "batches",
     "cache_dir",
     "clear_cache",
+    "dataset_shape",
     "download_dataset",
     "find_data_dir",
     "load_dataset",
@@ -50,6 +52,13 @@ __all__ = [
 
 #: Names accepted by :func:`load_dataset`.
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "digits")
+
+#: ``(input_shape, num_classes)`` of every dataset, known without reading its files.
+SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "mnist": ((1, 28, 28), 10),
+    "fashion-mnist": ((1, 28, 28), 10),
+    "digits": ((1, 8, 8), 10),
+}
 
 #: Environment variable naming a directory that holds ``mnist/`` and ``fashion-mnist/``.
 DATA_ENV = "RMTPRUNE_DATA"
@@ -496,6 +505,11 @@ def _normalise(name: str, images: np.ndarray) -> torch.Tensor:
         x.mul_(1.0 / 255.0)
     x.sub_(mean).div_(std)
     return x.unsqueeze(1)  # N x 1 x H x W
+
+
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+    """``(input_shape, num_classes)`` of ``name`` without loading it (to build a model for it)."""
+    return SHAPES[_canonical(name)]
 
 
 def load_dataset(
