@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--seeds", type=int, default=3, help="independently trained models (seed s also seeds its fine-tunes)"
     )
+    p.add_argument(
+        "--seed-list", default=None, help="only these seeds, e.g. 1,2 (parallel runs; merge with --render)"
+    )
     p.add_argument("--spec", default=SPEC, help="the ViT to train (a rmtprune model spec)")
     p.add_argument("--cycles", type=int, default=3)
     p.add_argument("--cycle-steps", type=int, default=20)
@@ -561,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; valid: {list(METHODS)}")
     ft_sparsities = [float(v) for v in args.ft_sparsities.split(",")]
+    seeds = [int(v) for v in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     json_path = args.json or args.out.with_suffix(".json")
@@ -579,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         res["spec"] = args.spec
         results[ds] = res
-        for seed in range(args.seeds):
+        for seed in seeds:
             _log(f"[{ds}] seed {seed}: training / loading the ViT")
             base, info = train_vit(ds, seed, args.epochs_of[ds], args.train_subset, args.spec)
             dense = {
