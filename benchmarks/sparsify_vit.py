@@ -57,6 +57,7 @@ METHODS = {
     "rmt-nosv": {"budget": "energy", "sv_sparsify": False},
     "sv-global": {"budget": "global", "sv_sparsify": True},
     "rmt-noise": {"budget": "noise", "sv_sparsify": True},
+    "rmt-signal": {"budget": "signal", "sv_sparsify": True},
 }
 LABELS = {
     "global": "global magnitude",
@@ -65,8 +66,11 @@ LABELS = {
     "rmt-nosv": "energy budget, no SV step",
     "sv-global": "SV step + global budget",
     "rmt-noise": "RMT (noise budget)",
+    "rmt-signal": "RMT signal budget (SV step + signal budget)",
 }
-DEFAULT_METHODS = ("global", "uniform", "rmt", "rmt-nosv", "sv-global")
+#: The RMT-guided methods whose difference to global magnitude is tabulated and checked.
+RMT_METHODS = ("rmt", "rmt-signal")
+DEFAULT_METHODS = ("global", "uniform", "rmt", "rmt-signal", "rmt-nosv", "sv-global")
 
 
 def _log(msg: str) -> None:
@@ -238,6 +242,7 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
         "rmt-nosv": "tab:olive",
         "sv-global": "tab:cyan",
         "rmt-noise": "tab:purple",
+        "rmt-signal": "tab:brown",
     }
     for i, ds in enumerate(datasets):
         res = results[ds]
@@ -353,11 +358,13 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
             ]
         rows = res["sparse"]
         present = [m for m in LABELS if any(r["method"] == m for r in rows)]
+        rmts = [m for m in RMT_METHODS if m in present]
         lines += [
             "| sparsity | fine-tune | "
             + " | ".join(LABELS[m] for m in present)
-            + " | RMT - global (pp, paired) | seeds |",
-            "|---|---|" + "---|" * len(present) + "---|---|",
+            + "".join(f" | {m} - global (pp, paired)" for m in rmts)
+            + " | seeds |",
+            "|---|---|" + "---|" * (len(present) + len(rmts)) + "---|",
         ]
         for t in sorted({r["target"] for r in rows}):
             for ft in (False, True):
@@ -373,8 +380,12 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
                 lines.append(
                     f"| {t:.0%} | {'yes' if ft else 'no'} | "
                     + " | ".join(cells)
-                    + f" | {_diff_text(rows, t, ft)} | {n_seeds} |"
+                    + "".join(f" | {_diff_text(rows, t, ft, m)}" for m in rmts)
+                    + f" | {n_seeds} |"
                 )
+        if not res["lowrank"]:
+            lines.append("")
+            continue
         lines += ["", "Low rank (BEMA; `keep_bulk=0` is the default rule):", ""]
         lines += [
             "| keep_bulk | fine-tune | factored layers | stored / dense | accuracy |",
@@ -412,8 +423,8 @@ def _paired(rows: list[dict[str, Any]], a: str, b: str, t: float, ft: bool) -> l
     return [acc[(a, s)] - acc[(b, s)] for s in seeds]
 
 
-def _diff_text(rows: list[dict[str, Any]], t: float, ft: bool) -> str:
-    d = _paired(rows, "rmt", "global", t, ft)
+def _diff_text(rows: list[dict[str, Any]], t: float, ft: bool, method: str) -> str:
+    d = _paired(rows, method, "global", t, ft)
     if not d:
         return "-"
     if len(d) == 1:
@@ -425,6 +436,32 @@ def _pm(dense: dict[str, Any], key: str) -> str:
     if dense.get("n_seeds", 1) > 1:
         return f"{100 * dense[key]:.2f} ± {100 * dense[key + '_std']:.2f}%"
     return f"{100 * dense[key]:.2f}%"
+
+
+def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool) -> list[str]:
+    """Where ``method`` is below global magnitude at sparsity >= 30% (paired by seed)."""
+    worse, within = [], []
+    for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
+        d = _paired(rows, method, "global", t, ft)
+        if t < 0.3 - 1e-9 or not d:
+            continue
+        mu = 100 * statistics.mean(d)
+        sd = 100 * statistics.stdev(d) if len(d) > 1 else 0.0
+        if mu < 0:
+            noisy = sd and -mu <= 2 * sd / math.sqrt(len(d))
+            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f} ± {sd:.2f} pp)")
+    who, tag = LABELS[method], "with" if ft else "without"
+    if not worse and not within:
+        return [f"- {ds}, {tag} fine-tune: {who} >= global magnitude at every sparsity >= 30%."]
+    out = []
+    if worse:
+        out.append(f"- {ds}, {tag} fine-tune: {who} is below global magnitude at {', '.join(worse)}.")
+    if within:
+        out.append(
+            f"- {ds}, {tag} fine-tune: {who} is below global magnitude, but within two standard errors "
+            f"of the paired seed differences, at {', '.join(within)}."
+        )
+    return out
 
 
 def _verdict(results: dict[str, Any]) -> list[str]:
@@ -440,7 +477,7 @@ def _verdict(results: dict[str, Any]) -> list[str]:
             ]
             return statistics.mean(accs) if accs else math.nan
 
-        for m in [m for m in ("rmt", "global", "uniform") if not math.isnan(mean(m, 0.5, True))]:
+        for m in [m for m in (*RMT_METHODS, "global", "uniform") if not math.isnan(mean(m, 0.5, True))]:
             loss = 100 * (dense - mean(m, 0.5, True))
             ok = "met" if loss <= 1.0 else "NOT met"
             text = (
@@ -451,32 +488,9 @@ def _verdict(results: dict[str, Any]) -> list[str]:
                 gap = 100 * (res["dense"]["accuracy_ft"] - mean(m, 0.5, True))
                 text += f"; {gap:.2f} pp against the dense model fine-tuned alike"
             out.append(text + ".")
-        for ft in (False, True):
-            worse, within = [], []
-            for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
-                d = _paired(rows, "rmt", "global", t, ft)
-                if t < 0.3 - 1e-9 or not d:
-                    continue
-                mu = 100 * statistics.mean(d)
-                sd = 100 * statistics.stdev(d) if len(d) > 1 else 0.0
-                if mu < 0:
-                    (within if sd and -mu <= 2 * sd / math.sqrt(len(d)) else worse).append(
-                        f"{t:.0%} ({mu:+.2f} ± {sd:.2f} pp)"
-                    )
-            tag = "with" if ft else "without"
-            if not worse and not within:
-                out.append(
-                    f"- {ds}, {tag} fine-tune: RMT-guided >= global magnitude at every sparsity >= 30%."
-                )
-            if worse:
-                out.append(
-                    f"- {ds}, {tag} fine-tune: RMT-guided is below global magnitude at {', '.join(worse)}."
-                )
-            if within:
-                out.append(
-                    f"- {ds}, {tag} fine-tune: RMT-guided is below global magnitude, but within two standard "
-                    f"errors of the paired seed differences, at {', '.join(within)}."
-                )
+        for method in [m for m in RMT_METHODS if any(r["method"] == m for r in rows)]:
+            for ft in (False, True):
+                out += _compare(ds, rows, method, ft)
     return out
 
 

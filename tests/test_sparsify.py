@@ -188,7 +188,7 @@ def test_threshold_counts_global_and_capped():
 # ----------------------------------------------------------------------------- sparsify end to end
 
 
-@pytest.mark.parametrize("budget", ["energy", "noise", "bulk", "global", "uniform"])
+@pytest.mark.parametrize("budget", ["energy", "signal", "noise", "bulk", "global", "uniform"])
 @pytest.mark.parametrize("target", [0.0, 0.3, 0.5])
 def test_target_is_met_exactly(budget, target):
     model = Tiny()
@@ -224,14 +224,27 @@ def test_rmt_budgets_prune_the_noisy_layer_harder(budget):
     assert by["noise"].sparsity > by["signal"].sparsity + 0.1
 
 
-def test_energy_budget_is_global_magnitude_on_pure_noise():
+def test_signal_budget_prunes_the_spiky_layer_harder_than_global():
+    # Same model, same target: "signal" moves pruning onto the layer with strong spikes and
+    # away from the pure-noise one, i.e. the opposite way from "energy".
+    runs = {}
+    for budget in ("global", "signal", "energy"):
+        _, report = sparsify(Tiny(), SparsifyConfig(target=0.4, budget=budget, sv_sparsify=False))
+        runs[budget] = {r.name: r.sparsity for r in report.layers}
+    assert runs["signal"]["signal"] > runs["global"]["signal"] + 0.05
+    assert runs["signal"]["noise"] < runs["global"]["noise"] - 0.05
+    assert runs["energy"]["signal"] < runs["global"]["signal"] < runs["signal"]["signal"]
+
+
+@pytest.mark.parametrize("budget", ["energy", "signal"])
+def test_energy_budget_is_global_magnitude_on_pure_noise(budget):
     torch.manual_seed(0)
     layers = [nn.Linear(64, 96), nn.Linear(96, 64)]
     with torch.no_grad():
         layers[1].weight.mul_(0.5)  # smaller scale: global magnitude prunes it harder
     a = nn.Sequential(*layers)
     b = copy.deepcopy(a)
-    _, ra = sparsify(a, SparsifyConfig(target=0.5, budget="energy", sv_sparsify=False))
+    _, ra = sparsify(a, SparsifyConfig(target=0.5, budget=budget, sv_sparsify=False))
     _, rb = sparsify(b, SparsifyConfig(target=0.5, budget="global", sv_sparsify=False))
     got = [r.sparsity for r in ra.layers]
     assert got[1] > got[0] + 0.2
