@@ -200,6 +200,22 @@ def run_lowrank(
     }
 
 
+def layer_budgets(base: nn.Module, target: float = 0.5) -> list[dict[str, Any]]:
+    """Per layer of ``base``: spikes, bulk energy, and its sparsity under each budget at ``target``
+    (no SV step, no fine-tune), to show where each rule puts the pruning."""
+    fits = {f["layer"]: f for f in _fits(base)}
+    rows: dict[str, dict[str, Any]] = {}
+    for budget in ("global", "energy", "signal", "uniform"):
+        model = copy.deepcopy(base)
+        _, report = sparsify(
+            model, SparsifyConfig(target=target, budget=budget, sv_sparsify=False), show_progress=False
+        )
+        for r in report.layers:
+            row = rows.setdefault(r.name, {"layer": r.name, "params": r.params, **fits.get(r.name, {})})
+            row[budget] = r.sparsity
+    return list(rows.values())
+
+
 def _fits(model: nn.Module) -> list[dict[str, Any]]:
     """Per-layer MP fit of the trained model: verdict, spikes, KS distance, bulk energy."""
     from rmtprune.analysis import analyze_tensor
@@ -403,6 +419,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
                     f"{_mean_std([r['accuracy'] for r in sel])} |"
                 )
         lines.append("")
+    lines += _budget_tables(results)
     lines += ["## Against the targets", ""] + _verdict(results) + [""]
     commands = sorted({r["command"] for r in results.values() if r.get("command")})
     if args.render:
@@ -414,6 +431,32 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _budget_tables(results: dict[str, Any]) -> list[str]:
+    """Where each budget rule puts the pruning at 50% (seed-0 model, no SV step, no fine-tune)."""
+    out = []
+    for ds, res in results.items():
+        rows = res.get("layer_budgets")
+        if not rows:
+            continue
+        out += [
+            f"### Where the budgets prune: {ds}, 50% sparsity, seed {res.get('layer_budgets_seed', 0)}",
+            "",
+            "| layer | params | spikes | bulk energy | KS | global | energy | signal | uniform |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            be = r.get("bulk_energy")
+            ks = r.get("ks")
+            out.append(
+                f"| {r['layer']} | {r['params']:,} | {r.get('n_spikes', '-')} | "
+                f"{'-' if be is None else f'{be:.2f}'} | {'-' if ks is None else f'{ks:.3f}'} | "
+                + " | ".join(f"{r[b]:.0%}" for b in ("global", "energy", "signal", "uniform"))
+                + " |"
+            )
+        out.append("")
+    return out
 
 
 def _paired(rows: list[dict[str, Any]], a: str, b: str, t: float, ft: bool) -> list[float]:
@@ -440,17 +483,21 @@ def _pm(dense: dict[str, Any], key: str) -> str:
 
 def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool) -> list[str]:
     """Where ``method`` is below global magnitude at sparsity >= 30% (paired by seed)."""
-    worse, within = [], []
+    worse, within, compared = [], [], 0
     for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
         d = _paired(rows, method, "global", t, ft)
         if t < 0.3 - 1e-9 or not d:
             continue
+        compared += 1
         mu = 100 * statistics.mean(d)
         sd = 100 * statistics.stdev(d) if len(d) > 1 else 0.0
         if mu < 0:
             noisy = sd and -mu <= 2 * sd / math.sqrt(len(d))
-            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f} ± {sd:.2f} pp)")
+            spread = f" ± {sd:.2f}" if len(d) > 1 else ", 1 seed"
+            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f}{spread} pp)")
     who, tag = LABELS[method], "with" if ft else "without"
+    if not compared:
+        return []
     if not worse and not within:
         return [f"- {ds}, {tag} fine-tune: {who} >= global magnitude at every sparsity >= 30%."]
     out = []
@@ -549,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs, args.train_subset, args.test_subset = "1", 6000, 2000
         args.sparsities, args.ft_sparsities, args.seeds = "0.3,0.5,0.7", "0.5", 2
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("RMTPRUNE_DATA", str(ROOT.parent / "shared" / "data"))
     if args.render:
         results: dict[str, Any] = {}
         for path in args.render:  # rows of several runs on the same dataset are merged
@@ -566,12 +614,17 @@ def main(argv: list[str] | None = None) -> int:
                 results[ds]["fits"] = results[ds].get("fits") or res.get("fits")
                 results[ds]["command"] = f"{results[ds]['command']}` and `{res['command']}"
         args.epochs_of = {ds: res["dense"]["epochs"] for ds, res in results.items()}
+        for ds, res in results.items():  # older raw results: recompute from the cached seed-0 model
+            spec = res.get("spec", SPEC)
+            cached = CACHE / f"{_tag(spec)}_{ds}_s0_e{res['dense']['epochs']}_n{res['dense']['train_images']}"
+            if "layer_budgets" not in res and cached.with_suffix(".json").is_file():
+                base, _ = train_vit(ds, 0, res["dense"]["epochs"], None, spec)
+                res["layer_budgets"], res["layer_budgets_seed"] = layer_budgets(base), 0
         seconds = sum(r.get("seconds", 0) for res in results.values() for r in res["sparse"] + res["lowrank"])
         atomic_write_text(args.json or args.out.with_suffix(".json"), json.dumps(results, indent=1))
         _write(args, results, seconds)
         return 0
     args.epochs_of = _epochs(args.epochs, args.datasets)
-    os.environ.setdefault("RMTPRUNE_DATA", str(ROOT.parent / "shared" / "data"))
     sparsities = [float(v) for v in args.sparsities.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -616,8 +669,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             res["dense_seeds"].append(dense)
             res["dense"] = _dense_summary(res["dense_seeds"], args.epochs_of[ds])
-            if seed == 0:
+            if seed == min(seeds):
                 res["fits"] = _fits(base)
+                res["layer_budgets"] = layer_budgets(base)
+                res["layer_budgets_seed"] = seed
             jobs = [
                 (m, t, ft)
                 for t in sparsities
