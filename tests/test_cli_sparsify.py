@@ -54,7 +54,7 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     rc = main(["sparsify", "--model", f"{factory}:make", str(out), "--target", "0.5", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "budget=energy target=50.0% achieved=50.00%" in text and "layer" in text
+    assert "budget=signal target=50.0% achieved=50.00%" in text and "layer" in text
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert report["achieved"] == pytest.approx(0.5, abs=1e-4) and report["target"] == 0.5
     assert (tmp_path / "out.report.md").read_text().startswith("# rmtprune sparsify report")

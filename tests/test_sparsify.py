@@ -362,9 +362,9 @@ def test_plan_leaves_model_untouched_and_matches_target():
 def test_report_serialises():
     _, report = sparsify(Tiny(), SparsifyConfig(target=0.3))
     data = json.loads(report.to_json())
-    assert data["budget"] == "energy" and len(data["layers"]) == 3
+    assert data["budget"] == "signal" and len(data["layers"]) == 3
     assert data["layers"][0]["sparsity"] == pytest.approx(report.layers[0].sparsity)
-    assert "noise" in report.table() and report.summary().startswith("budget=energy")
+    assert "noise" in report.table() and report.summary().startswith("budget=signal")
 
 
 # ----------------------------------------------------------------------------- low rank + sparse
