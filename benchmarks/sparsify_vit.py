@@ -6,8 +6,10 @@ prunes a copy with
 
 - ``global``: one magnitude threshold over all Linear/Conv weights (the usual baseline),
 - ``uniform``: the same sparsity in every layer, by magnitude,
-- ``rmt``: :func:`rmtprune.sparsify` (singular-vector step, ``energy`` budget, the default),
-- ``rmt-noise``: the same with the ``noise`` budget,
+- ``rmt-signal``: :func:`rmtprune.sparsify` with its defaults (singular-vector step, ``signal`` budget),
+- ``rmt``: the same with the paper's ``energy`` budget,
+- ablations: ``rmt-nosv`` (energy budget without the SV step), ``sv-global`` (SV step, then global
+  magnitude), ``rmt-noise`` (noise budget; not run by default),
 
 each without fine-tuning and with the *same* short fine-tune (identical cycles, regularisation,
 steps, learning rate and batch order). All go through :func:`rmtprune.sparsify` with only
@@ -62,15 +64,15 @@ METHODS = {
 LABELS = {
     "global": "global magnitude",
     "uniform": "uniform magnitude",
-    "rmt": "RMT (default: SV step + energy budget)",
+    "rmt-signal": "RMT, signal budget (+ SV step; the default)",
+    "rmt": "RMT, paper's energy budget (+ SV step)",
     "rmt-nosv": "energy budget, no SV step",
     "sv-global": "SV step + global budget",
     "rmt-noise": "RMT (noise budget)",
-    "rmt-signal": "RMT signal budget (SV step + signal budget)",
 }
 #: The RMT-guided methods whose difference to global magnitude is tabulated and checked.
-RMT_METHODS = ("rmt", "rmt-signal")
-DEFAULT_METHODS = ("global", "uniform", "rmt", "rmt-signal", "rmt-nosv", "sv-global")
+RMT_METHODS = ("rmt-signal", "rmt")
+DEFAULT_METHODS = ("global", "uniform", "rmt-signal", "rmt", "rmt-nosv", "sv-global")
 
 
 def _log(msg: str) -> None:
