@@ -483,7 +483,7 @@ def _pm(dense: dict[str, Any], key: str) -> str:
     return f"{100 * dense[key]:.2f}%"
 
 
-def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool) -> list[str]:
+def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool, n_test: int = 0) -> list[str]:
     """Where ``method`` is below global magnitude at sparsity >= 30% (paired by seed)."""
     worse, within, compared = [], [], 0
     for t in sorted({r["target"] for r in rows if r["ft"] == ft}):
@@ -496,7 +496,8 @@ def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool) -> list
         if mu < 0:
             noisy = sd and -mu <= 2 * sd / math.sqrt(len(d))
             spread = f" ± {sd:.2f}" if len(d) > 1 else ", 1 seed"
-            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f}{spread} pp)")
+            images = f"; {-mu * n_test / 100:.1f} of {n_test:,} test images" if n_test else ""
+            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f}{spread} pp{images})")
     who, tag = LABELS[method], "with" if ft else "without"
     if not compared:
         return []
@@ -539,7 +540,7 @@ def _verdict(results: dict[str, Any]) -> list[str]:
             out.append(text + ".")
         for method in [m for m in RMT_METHODS if any(r["method"] == m for r in rows)]:
             for ft in (False, True):
-                out += _compare(ds, rows, method, ft)
+                out += _compare(ds, rows, method, ft, res.get("n_test", 10_000))
     return out
 
 
@@ -651,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": args.command,
         }
         res["spec"] = args.spec
+        res["n_test"] = min(args.test_subset or len(test_ds), len(test_ds))
         results[ds] = res
         for seed in seeds:
             _log(f"[{ds}] seed {seed}: training / loading the ViT")
