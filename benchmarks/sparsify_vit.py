@@ -251,7 +251,9 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
     from matplotlib.figure import Figure
 
     datasets = list(results)
-    fig = Figure(figsize=(6.5 * len(datasets), 9))
+    fig = Figure(figsize=(max(6.5 * len(datasets), 10), 10.5))
+    handles: list[Any] = []
+    labels: list[str] = []
     FigureCanvasAgg(fig)
     colors = {
         "global": "tab:blue",
@@ -316,8 +318,9 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
                 ax.set_title(f"{ds}: zoom near the dense accuracy")
             ax.grid(alpha=0.3)
             if i == 0 and row == 0:
-                ax.legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
+                handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
