@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _env import versions
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -51,6 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "scale.md"
 MIB = 2**20
 NOISE_STD = 0.02
+
+#: Packages whose versions the report names.
+PACKAGES = ("rmtprune", "torch", "safetensors", "numpy")
 
 
 @dataclass
@@ -240,18 +244,6 @@ def spike_check(specs: list[TensorSpec], records: list[dict[str, Any]]) -> dict[
     return {"hits": hits, "fitted": fitted, "extra_one": extra_one, "verdicts": verdicts}
 
 
-def versions() -> str:
-    import importlib.metadata as md
-
-    out = []
-    for pkg in ("rmtprune", "torch", "safetensors", "numpy"):
-        try:
-            out.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -378,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "- machine: 2 CPU cores, no GPU; other processes shared the CPU during the run; "
         f"CLI and baseline ran with {args.threads} torch/BLAS thread(s); the checkpoint was in the page "
         "cache",
-        f"- versions: {versions()}, Python {platform.python_version()}",
+        f"- versions: {versions(*PACKAGES)}, Python {platform.python_version()}",
         f"- command: `{cmd}`",
         f"- CLI command measured: `rmtprune analyze CKPT_DIR --json REPORT.json --no-progress` "
         f"(OMP/MKL/OPENBLAS_NUM_THREADS={args.threads})",

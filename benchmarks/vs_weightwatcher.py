@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _env import versions
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -54,6 +55,9 @@ from rmtprune.models import CNN, MLP
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("RMTPRUNE_DATA", REPO.parent / "shared" / "data"))
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "vs_weightwatcher.md"
+
+#: Packages whose versions the report names.
+PACKAGES = ("rmtprune", "torch", "weightwatcher", "numpy", "scipy", "pandas")
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -389,18 +393,6 @@ def layer_table(rows: list[dict[str, Any]], planted: bool) -> list[str]:
     return lines
 
 
-def versions() -> str:
-    import importlib.metadata as md
-
-    out = []
-    for pkg in ("rmtprune", "torch", "weightwatcher", "numpy", "scipy", "pandas"):
-        try:
-            out.append(f"{pkg} {md.version(pkg)}")
-        except md.PackageNotFoundError:
-            out.append(f"{pkg} (not installed)")
-    return ", ".join(out)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -472,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
         f"- machine: 2 CPU cores, no GPU ({platform.processor() or platform.machine()}); other processes "
         f"shared the CPU during the run; every contender ran with {args.threads} BLAS/torch thread(s)",
-        f"- versions: {versions()}, Python {platform.python_version()}",
+        f"- versions: {versions(*PACKAGES)}, Python {platform.python_version()}",
         f"- command: `{cmd}`",
         f"- repeats (interleaved rounds, medians shown): MNIST models: svdvals and ours {args.repeats}, "
         f"WeightWatcher {args.ww_repeats}; stack: svdvals and ours {args.stack_repeats}, WeightWatcher "
