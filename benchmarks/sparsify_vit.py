@@ -328,7 +328,8 @@ def _plot(path: Path, results: dict[str, Any]) -> None:
 def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -> str:
     first = results[next(iter(results))]
     lines = [
-        "# Sparsifying a small ViT: RMT-guided budgets vs magnitude pruning, and low rank",
+        f"# Sparsifying a ViT (`{first.get('spec', SPEC)}`): RMT-guided budgets vs magnitude pruning, "
+        "and low rank",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}, "
@@ -498,9 +499,9 @@ def _compare(ds: str, rows: list[dict[str, Any]], method: str, ft: bool, n_test:
         sd = 100 * statistics.stdev(d) if len(d) > 1 else 0.0
         if mu < 0:
             noisy = sd and -mu <= 2 * sd / math.sqrt(len(d))
-            spread = f" ± {sd:.2f}" if len(d) > 1 else ", 1 seed"
+            spread = f" ± {sd:.2f} pp" if len(d) > 1 else " pp, 1 seed"
             images = f"; {-mu * n_test / 100:.1f} of {n_test:,} test images" if n_test else ""
-            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f}{spread} pp{images})")
+            (within if noisy else worse).append(f"{t:.0%} ({mu:+.2f}{spread}{images})")
     who, tag = LABELS[method], "with" if ft else "without"
     if not compared:
         return []
@@ -533,8 +534,9 @@ def _verdict(results: dict[str, Any]) -> list[str]:
         for m in [m for m in (*RMT_METHODS, "global", "uniform") if not math.isnan(mean(m, 0.5, True))]:
             loss = 100 * (dense - mean(m, 0.5, True))
             ok = "met" if loss <= 1.0 else "NOT met"
+            verb = f"loses {loss:.2f} pp" if loss >= 0 else f"gains {-loss:.2f} pp"
             text = (
-                f"- {ds}, 50% sparsity after the short fine-tune: {LABELS[m]} loses {loss:.2f} pp against "
+                f"- {ds}, 50% sparsity after the short fine-tune: {LABELS[m]} {verb} against "
                 f"the dense model (target <= 1 pp: {ok})"
             )
             if "accuracy_ft" in res["dense"]:
