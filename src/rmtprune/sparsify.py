@@ -731,7 +731,8 @@ def _allocate(layers: list[_Layer], config: SparsifyConfig, target: float) -> tu
                 # well above the edge keeps them under a perturbation small against the gap
                 # (Weyl / Davis-Kahan), so its small entries are the cheaper ones to cut. Found
                 # on one Fashion-MNIST ViT, then confirmed on held-out models (other seeds, MNIST,
-                # a larger ViT): benchmarks/results/sparsify_vit.md.
+                # a larger ViT): benchmarks/results/sparsify_vit.md. Not universal: on a Fashion
+                # MLP "energy" is the better direction (benchmarks/results/sparsify_budgets.md).
                 w = w * _bulk_energy(layers[i]) ** config.budget_power
             if config.budget == "noise":
                 w = w / _sigma(layers[i])
