@@ -151,19 +151,19 @@ def _trim_window(p: int, alpha: float) -> tuple[int, int]:
     return lo, hi
 
 
-def _match_bulk(
-    s_desc: np.ndarray, p: int, N: int, alpha: float, t_beta: float
+def _match_ranks(
+    lam: np.ndarray, ranks: np.ndarray, p: int, N: int, t_beta: float
 ) -> tuple[float, float, float]:
-    """Quantile-match the ``p`` descending singular values of a ``p x N`` noise matrix.
+    """Quantile-match the ascending eigenvalues ``lam`` of a ``p x N`` noise matrix at ``ranks``.
 
-    Returns ``(sigma2, s_plus, ks)``.
+    ``ranks`` are 1-based ascending ranks of the ``p``-value spectrum. Least squares against the
+    MP quantiles gives ``sigma2``; the edge adds the Tracy-Widom margin at ``t_beta``; the KS
+    distance is taken over the same ranks. Returns ``(sigma2, lambda_plus, ks)``, with
+    ``sigma2 = 0`` when there is no positive bulk to match.
     """
     gamma = p / N
-    lam = s_desc[::-1] ** 2 / N  # ascending
-    lo, hi = _trim_window(p, alpha)
-    k = np.arange(lo, hi + 1)
-    window = lam[k - 1]
-    q = mp_ppf((k - 0.5) / p, gamma)
+    window = lam[ranks - 1]
+    q = mp_ppf((ranks - 0.5) / p, gamma)
     denom = float(q @ q)
     sigma2 = float(q @ window) / denom if denom > 0 else 0.0
     if not sigma2 > 0:
@@ -174,6 +174,19 @@ def _match_bulk(
     )
     f_emp = np.searchsorted(lam, window, side="right") / p
     ks = float(np.max(np.abs(f_emp - mp_cdf(window, gamma, sigma2))))
+    return sigma2, lambda_plus, ks
+
+
+def _match_bulk(
+    s_desc: np.ndarray, p: int, N: int, alpha: float, t_beta: float
+) -> tuple[float, float, float]:
+    """Quantile-match the ``p`` descending singular values of a ``p x N`` noise matrix.
+
+    Returns ``(sigma2, s_plus, ks)``.
+    """
+    lam = s_desc[::-1] ** 2 / N  # ascending
+    lo, hi = _trim_window(p, alpha)
+    sigma2, lambda_plus, ks = _match_ranks(lam, np.arange(lo, hi + 1), p, N, t_beta)
     return sigma2, math.sqrt(N * lambda_plus), ks
 
 
@@ -287,6 +300,7 @@ def fit_censored(s_k: np.ndarray, shape: tuple[int, int], alpha: float, beta: fl
     k = s_k.size
     s_full = np.zeros(p)
     s_full[:k] = np.sort(s_k)[::-1][:p]
+    # Not _trim_window: an empty window here means 'nothing kept to match' (None), not an error.
     lo, hi = max(1, math.ceil(alpha * p)), math.floor((1.0 - alpha) * p)
     first_kept = p - k + 1  # ascending 1-based rank of the smallest kept value
     if first_kept <= lo:
@@ -296,18 +310,11 @@ def fit_censored(s_k: np.ndarray, shape: tuple[int, int], alpha: float, beta: fl
         return None
     gamma = p / N
     lam = s_full[::-1] ** 2 / N  # ascending
-    window = lam[ranks - 1]
-    q = mp_ppf((ranks - 0.5) / p, gamma)
-    sigma2 = float(q @ window) / float(q @ q)
+    sigma2, lambda_plus, ks = _match_ranks(lam, ranks, p, N, float(tw1_quantile(1.0 - beta)))
     if not sigma2 > 0:
         return None
-    r = math.sqrt(gamma)
-    t = float(tw1_quantile(1.0 - beta))
-    lambda_plus = sigma2 * ((1 + r) ** 2 + t * N ** (-2 / 3) * gamma ** (-1 / 6) * (1 + r) ** (4 / 3))
     s_plus = math.sqrt(N * lambda_plus)
     n_spikes = int(np.count_nonzero(s_full > s_plus))
-    f_emp = np.searchsorted(lam, window, side="right") / p
-    ks = float(np.max(np.abs(f_emp - mp_cdf(window, gamma, sigma2))))
     return SpectrumFit(
         (m, n), gamma, sigma2, lambda_plus, s_plus, n_spikes, p - n_spikes, ks, alpha, beta, s_full
     )
