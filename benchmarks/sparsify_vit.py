@@ -135,16 +135,7 @@ def run_sparse(
     """Sparsify a copy of ``base`` with ``method`` at ``target`` (with ``ft``: the short fine-tune)."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
-    cfg = SparsifyConfig(
-        target=target,
-        n_cycles=args.cycles,
-        cycle_steps=args.cycle_steps,
-        finetune_epochs=args.ft_epochs,
-        lr=args.ft_lr,
-        schedule="cosine",
-        warmup=args.warmup,
-        **METHODS[method],
-    )
+    cfg = bench_config(args, target=target, **METHODS[method])
     loader = None
     if ft:
         loader = batches(data, 128, shuffle=True, generator=torch.Generator().manual_seed(1000 + seed))
@@ -166,15 +157,17 @@ def run_sparse(
     }
 
 
-def same_finetune(model: nn.Module, data: Any, args: argparse.Namespace) -> None:
-    """The fine-tune every sparse run gets, without masks: per cycle ``cycle_steps`` regularised
-    steps, then ``ft_epochs`` epoch(s); each call warms up and decays (cosine) like sparsify's."""
-    from rmtprune.finetune import finetune
-
-    kw = {"lr": args.ft_lr, "schedule": "cosine", "warmup": args.warmup}
-    for _ in range(args.cycles if args.cycle_steps else 0):
-        finetune(model, data, steps=args.cycle_steps, l1=1e-6, l2=1e-6, **kw)
-    finetune(model, data, epochs=args.ft_epochs, **kw)
+def bench_config(args: argparse.Namespace, **kw: Any) -> SparsifyConfig:
+    """The benchmark's SparsifyConfig: its cycles and short fine-tune, with ``kw`` on top."""
+    return SparsifyConfig(
+        n_cycles=args.cycles,
+        cycle_steps=args.cycle_steps,
+        finetune_epochs=args.ft_epochs,
+        lr=args.ft_lr,
+        schedule="cosine",
+        warmup=args.warmup,
+        **kw,
+    )
 
 
 def run_lowrank(
@@ -188,7 +181,13 @@ def run_lowrank(
     if ft:
         torch.manual_seed(seed)
         loader = batches(data, 128, shuffle=True, generator=torch.Generator().manual_seed(1000 + seed))
-        same_finetune(model, loader, args)
+        # target 0: sparsify prunes nothing and runs exactly the fine-tune every sparse run gets
+        sparsify(
+            model,
+            bench_config(args, target=0.0, budget="global", sv_sparsify=False),
+            data=loader,
+            show_progress=False,
+        )
     counts = count_nonzeros(model)
     return {
         "method": f"lowrank kb={keep_bulk:g}",
