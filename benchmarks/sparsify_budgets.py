@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import CACHE, ROOT, command_line, log, machine, md_table
+from _common import CACHE, ROOT, command_line, log, machine, md_table, mean_std, pm
 from _env import versions
 
 from rmtprune._atomic import atomic_write_text
@@ -108,24 +108,22 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{t:.0%}"]
             for m in METHODS:
                 vals = acc[(m, t)]
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 got = statistics.mean(achieved[(m, t)])
                 short = f" (achieved {got:.0%})" if got < t - 0.005 else ""
-                cells.append(f"{100 * statistics.mean(vals):.2f} +- {100 * sd:.2f}{short}")
+                cells.append(pm(vals, 100) + short)
             for m in ("signal", "energy"):
                 if statistics.mean(achieved[(m, t)]) < t - 0.005:
                     cells.append("n/a: target not reached")
                     continue
                 d = [a - b for a, b in zip(acc[(m, t)], acc[("global", t)], strict=True)]
-                sd = statistics.stdev(d) if len(d) > 1 else 0.0
-                cells.append(f"{100 * statistics.mean(d):+.2f} +- {100 * sd:.2f}")
+                mu, sd = mean_std(d)
+                cells.append(f"{100 * mu:+.2f} +- {100 * sd:.2f}")
             rows.append(cells)
-        dense_sd = statistics.stdev(dense) if len(dense) > 1 else 0.0
         n_layers = len(report.layers)
         sections.append(
             f"## {title} (`{cfg['model']}`, {cfg['epochs']} epochs, seeds "
             f"{', '.join(str(r['config']['seed']) for r in runs)})\n\n"
-            f"Dense: {100 * statistics.mean(dense):.2f} +- {100 * dense_sd:.2f}%. Layers left dense by "
+            f"Dense: {pm(dense, 100)}%. Layers left dense by "
             f"`signal` for want of an accepted MP fit: {statistics.mean(layers_dense['signal']):.1f} of "
             f"{n_layers}; their weights count toward the target, so the other layers are pruned harder, and "
             "where too few weights are left the target is not reached (the cell says what was).\n\n"
