@@ -201,10 +201,12 @@ def run_lowrank(
     }
 
 
-def layer_budgets(base: nn.Module, target: float = 0.5) -> list[dict[str, Any]]:
+def layer_budgets(
+    base: nn.Module, fits: list[dict[str, Any]] | None = None, target: float = 0.5
+) -> list[dict[str, Any]]:
     """Per layer of ``base``: spikes, bulk energy, and its sparsity under each budget at ``target``
     (no SV step, no fine-tune), to show where each rule puts the pruning."""
-    fits = {f["layer"]: f for f in _fits(base)}
+    by_layer = {f["layer"]: f for f in (fits if fits is not None else _fits(base))}
     rows: dict[str, dict[str, Any]] = {}
     for budget in ("global", "energy", "signal", "uniform"):
         model = copy.deepcopy(base)
@@ -212,7 +214,7 @@ def layer_budgets(base: nn.Module, target: float = 0.5) -> list[dict[str, Any]]:
             model, SparsifyConfig(target=target, budget=budget, sv_sparsify=False), show_progress=False
         )
         for r in report.layers:
-            row = rows.setdefault(r.name, {"layer": r.name, "params": r.params, **fits.get(r.name, {})})
+            row = rows.setdefault(r.name, {"layer": r.name, "params": r.params, **by_layer.get(r.name, {})})
             row[budget] = r.sparsity
     return list(rows.values())
 
@@ -679,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
             res["dense"] = _dense_summary(res["dense_seeds"], args.epochs_of[ds])
             if seed == min(seeds):
                 res["fits"] = _fits(base)
-                res["layer_budgets"] = layer_budgets(base)
+                res["layer_budgets"] = layer_budgets(base, res["fits"])
                 res["layer_budgets_seed"] = seed
             jobs = [
                 (m, t, ft)
