@@ -68,6 +68,9 @@ _SAFETENSORS_DTYPES = {
     "C64": ("complex64", 8),
 }
 _MAX_HEADER = 100_000_000  # the safetensors format caps its JSON header at 100 MB
+_MAX_INT = 2**63  # sizes, offsets and element counts must fit an int64
+_MAX_NDIM = 64  # torch's own limit on tensor dimensions
+_MAX_DEPTH = 100  # nesting of dicts in a torch.save state dict
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save(..., _use_new_zipfile_serialization=False) starts with the pickled magic 0x1950a86a20f9469cfc6c
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -107,6 +110,12 @@ class IgnoredTensor:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "reason": self.reason}
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (at most 200 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -131,8 +140,50 @@ class _Source:
         raise NotImplementedError
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+def _parse_json(raw: bytes | str) -> Any:
+    """Strict JSON: no ``NaN``/``Infinity`` and a clear error (not a RecursionError) for deep nesting."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _as_size(value: Any, what: str) -> int:
+    """A JSON value that must be a non-negative integer below 2**63 (not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_INT:
+        raise ValueError(f"{what} {_short(value)} is not a non-negative integer below 2**63")
+    return value
+
+
+def _short(value: Any) -> str:
+    """A JSON value, shortened for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_shape(value: Any) -> tuple[int, ...]:
+    """A tensor shape: a list of at most 64 sizes whose product (zeros aside) stays below 2**63."""
+    if not isinstance(value, list):
+        raise ValueError(f"shape {_short(value)} is not a list")
+    if len(value) > _MAX_NDIM:
+        raise ValueError(f"shape has {len(value)} dimensions (at most {_MAX_NDIM})")
+    shape = tuple(_as_size(v, "shape entry") for v in value)
+    if math.prod(max(v, 1) for v in shape) >= _MAX_INT:
+        raise ValueError(f"shape {list(shape)} has more than 2**63 elements")
+    return shape
+
+
 def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header without reading tensor data (clear errors for bad files)."""
+    """Parse and check a safetensors header without reading tensor data (clear errors for bad files).
+
+    Every entry is checked as the safetensors reader would (a known dtype string, a shape of
+    non-negative integers, offsets that match the byte size and tile the data without gaps or
+    overlaps), so a crafted header fails here, naming the tensor, before anything is allocated.
+    """
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{str(path)!r} is empty (0 bytes)")
@@ -151,39 +202,72 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         raw = first + fh.read(n - 1)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = _parse_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        why = _one_line(exc)
         raise CheckpointError(
-            f"{str(path)!r} is not a safetensors file: header is not JSON ({exc})"
+            f"{str(path)!r} is not a safetensors file: header is not JSON ({why})"
         ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{str(path)!r} is not a safetensors file: header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(
+            f"{str(path)!r} is not a valid safetensors file: __metadata__ is not a map of strings"
+        )
     data_len = size - 8 - n
     out: dict[str, TensorInfo] = {}
-    end_max = 0
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(v) for v in shape)
-            begin, end = int(begin), int(end)
-        except (KeyError, TypeError, ValueError):
+            if not isinstance(entry, dict):
+                raise ValueError("entry is not an object")
+            missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+            if missing:
+                raise ValueError(f"no {missing[0]!r}")
+            code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(code, str) or not code or len(code) > 32:
+                raise ValueError(f"dtype {_short(code)} is not a dtype name")
+            shape = _check_shape(shape)
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError(f"data_offsets {_short(offsets)} is not a [begin, end] pair")
+            begin, end = (_as_size(v, "data offset") for v in offsets)
+            if begin > end:
+                raise ValueError(f"data_offsets [{begin}, {end}] end before they begin")
+        except ValueError as exc:
             raise CheckpointError(
-                f"{str(path)!r} is not a valid safetensors file: bad header entry for tensor {name!r}"
+                f"{str(path)!r} is not a valid safetensors file: tensor {_short(name)}: {exc}"
             ) from None
         dtype, itemsize = _SAFETENSORS_DTYPES.get(code, (code.lower(), None))
         if itemsize is not None and end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(
-                f"{str(path)!r} is not a valid safetensors file: tensor {name!r} of shape {shape} "
-                f"and dtype {code} has {end - begin} bytes"
+                f"{str(path)!r} is not a valid safetensors file: tensor {_short(name)} of shape "
+                f"{list(shape)} and dtype {code} has {end - begin} bytes"
             )
-        end_max = max(end_max, end)
+        spans.append((begin, end, name))
         out[name] = TensorInfo(name, shape, dtype)
+    spans.sort()
+    end_max = max((end for _, end, _ in spans), default=0)
     if end_max > data_len:
         raise CheckpointError(
             f"{str(path)!r} is truncated: its header says the tensor data takes {end_max} bytes but "
             f"only {data_len} follow the header"
+        )
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            what = "overlaps the tensor before it" if begin < pos else f"leaves a gap of {begin - pos} bytes"
+            raise CheckpointError(
+                f"{str(path)!r} is not a valid safetensors file: tensor {_short(name)} at bytes "
+                f"{begin}-{end} {what}"
+            )
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(
+            f"{str(path)!r} is not a valid safetensors file: the tensors take {pos} bytes but "
+            f"{data_len} follow the header"
         )
     return out
 
@@ -210,7 +294,11 @@ class _SafetensorsFile(_Source):
                 with safe_open(str(self.path), framework="pt", device="cpu") as fh:
                     tensor = fh.get_tensor(name)
             except Exception as exc:  # the safetensors reader raises its own error type
-                raise CheckpointError(f"{str(self.path)!r} could not be read: {exc}") from None
+                raise CheckpointError(f"{str(self.path)!r} could not be read: {_one_line(exc)}") from None
+            except BaseException as exc:  # a Rust panic (pyo3's PanicException is a BaseException)
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                    raise
+                raise CheckpointError(f"{str(self.path)!r} could not be read: {_one_line(exc)}") from None
             yield name, tensor
             del tensor
 
@@ -221,22 +309,64 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def _has_tensors(obj: Any) -> bool:
-    if _is_tensor(obj):
-        return True
-    if isinstance(obj, Mapping):
-        return any(isinstance(k, str) and _has_tensors(v) for k, v in obj.items())
-    return False
+def _check_tensor(name: str, t: Any, path: Path) -> None:
+    """Refuse tensors the analysis cannot read as plain dense CPU arrays (named in the message)."""
+    import torch
+
+    if t.is_nested:
+        kind, hint = "a nested tensor", "save its components as separate tensors"
+    elif t.layout != torch.strided:
+        kind, hint = f"a sparse tensor ({str(t.layout).replace('torch.', '')})", "save t.to_dense()"
+    elif t.is_quantized:
+        kind, hint = f"a quantized tensor ({str(t.dtype).replace('torch.', '')})", "save t.dequantize()"
+    elif t.device.type != "cpu":
+        kind, hint = f"a {t.device.type} tensor, which holds no data", "save the materialised tensor"
+    else:
+        return
+    raise CheckpointError(
+        f"{str(path)!r}: tensor {_short(name)} is {kind}; only dense tensors can be analysed ({hint})"
+    )
 
 
-def _flatten_state(obj: Mapping, prefix: str, out: dict[str, Any]) -> None:
-    for key, value in obj.items():
-        if not isinstance(key, str):
-            continue
-        if _is_tensor(value):
-            out[prefix + key] = value
-        elif isinstance(value, Mapping):
-            _flatten_state(value, f"{prefix}{key}.", out)
+def _walk(obj: Mapping, path: Path) -> Iterator[tuple[str, Any]]:
+    """Every tensor under ``obj`` as ``(dotted name, tensor)`` in key order, without recursion.
+
+    Non-string keys (an optimizer state's parameter ids) are not followed. A dict that contains
+    itself or nesting deeper than ``_MAX_DEPTH`` raises :class:`CheckpointError`.
+    """
+    stack: list[tuple[str, Iterator[tuple[Any, Any]]]] = [("", iter(obj.items()))]
+    open_ids = [id(obj)]
+    while stack:
+        prefix, items = stack[-1]
+        for key, value in items:
+            if not isinstance(key, str):
+                continue
+            if _is_tensor(value):
+                yield prefix + key, value
+            elif isinstance(value, Mapping):
+                if id(value) in open_ids:
+                    raise CheckpointError(
+                        f"{str(path)!r}: dict {_short(prefix + key)} contains itself; not a state dict"
+                    )
+                if len(stack) >= _MAX_DEPTH:
+                    raise CheckpointError(
+                        f"{str(path)!r} holds dicts nested more than {_MAX_DEPTH} levels deep "
+                        f"(at {_short(prefix + key)}); not a state dict"
+                    )
+                stack.append((f"{prefix}{key}.", iter(value.items())))
+                open_ids.append(id(value))
+                break
+        else:
+            stack.pop()
+            open_ids.pop()
+
+
+def _has_tensors(obj: Mapping, path: Path) -> bool:
+    return next(_walk(obj, path), None) is not None
+
+
+def _flatten_state(obj: Mapping, path: Path) -> dict[str, Any]:
+    return dict(_walk(obj, path))
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -257,16 +387,19 @@ def _unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, Any], list[str]]
     while True:
         direct = any(isinstance(k, str) and _is_tensor(v) for k, v in obj.items())
         bearing = [
-            k for k, v in obj.items() if isinstance(k, str) and isinstance(v, Mapping) and _has_tensors(v)
+            k
+            for k, v in obj.items()
+            if isinstance(k, str) and isinstance(v, Mapping) and _has_tensors(v, path)
         ]
         if direct or len(bearing) != 1:
             break
         unwrapped.append(bearing[0])
         obj = obj[bearing[0]]
-    tensors: dict[str, Any] = {}
-    _flatten_state(obj, "", tensors)
+    tensors = _flatten_state(obj, path)
+    for name, t in tensors.items():
+        _check_tensor(name, t, path)
     if not tensors:
-        keys = ", ".join(repr(k) for k in list(obj)[:8])
+        keys = ", ".join(_short(k) for k in list(obj)[:8])
         raise CheckpointError(f"{str(path)!r} holds no tensors (keys: {keys or 'none'})")
     return tensors, unwrapped
 
@@ -292,6 +425,11 @@ def _torch_load(path: Path, mmap: bool) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols; the errors say enough
+            if path.name.endswith(".safetensors"):
+                # torch.load hands a path named *.safetensors to the safetensors reader whatever its
+                # content; a file object makes it read the torch.save archive the magic says it is.
+                with open(path, "rb") as fh:
+                    return torch.load(fh, weights_only=True, map_location="cpu")
             return torch.load(str(path), weights_only=True, mmap=mmap, map_location="cpu")
     except pickle.UnpicklingError as exc:
         msg = str(exc)
@@ -326,9 +464,11 @@ def _torch_load(path: Path, mmap: bool) -> Any:
         if "data.pkl" in msg or "file not found" in msg:
             raise CheckpointError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint") from None
         raise CheckpointError(f"{str(path)!r} could not be loaded by torch.load: {first}") from None
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError, struct.error) as exc:
+    except CheckpointError:
+        raise
+    except Exception as exc:  # anything else torch.load raises on a crafted archive is a corrupt file
         raise CheckpointError(
-            f"{str(path)!r} is corrupt: torch.load failed ({type(exc).__name__}: {exc})"
+            f"{str(path)!r} is corrupt: torch.load failed ({type(exc).__name__}: {_one_line(exc)})"
         ) from None
 
 
@@ -440,22 +580,38 @@ def _open_file(path: Path) -> _Source:
     return _TorchFile(path, legacy=(kind == "torch-legacy"))
 
 
+def _check_shard_name(shard: str, index: Path) -> None:
+    """An index may only name plain files beside it: no directories, ``..`` or absolute paths."""
+    if (
+        not shard
+        or shard in (".", "..")
+        or "/" in shard
+        or "\\" in shard
+        or "\0" in shard
+        or Path(shard).is_absolute()
+        or Path(shard).drive
+    ):
+        raise CheckpointError(
+            f"index {str(index)!r} names shard {_short(shard)}, which is not a plain file name in the "
+            "index's directory; refused (an index may only point at files beside it)"
+        )
+
+
 def _open_index(index: Path) -> _Source:
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"index {str(index)!r} is not readable JSON: {exc}") from None
-    except (KeyError, TypeError):
-        raise CheckpointError(
-            f"index {str(index)!r} has no 'weight_map' of tensor name -> shard file"
-        ) from None
+        if index.stat().st_size > _MAX_HEADER:
+            raise CheckpointError(f"index {str(index)!r} is larger than {_MAX_HEADER} bytes; not an index")
+        data = _parse_json(index.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"index {str(index)!r} is not readable JSON: {_one_line(exc)}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"index {str(index)!r} has no 'weight_map' of tensor name -> shard file")
     if not weight_map:
         raise CheckpointError(f"index {str(index)!r} has an empty weight_map")
     shards: dict[str, _Source] = {}
     for shard in sorted(set(weight_map.values()), key=_natural_key):
+        _check_shard_name(shard, index)
         shard_path = index.parent / shard
         if not shard_path.is_file():
             n = sum(1 for v in weight_map.values() if v == shard)
@@ -465,6 +621,43 @@ def _open_index(index: Path) -> _Source:
         shards[shard] = _open_file(shard_path)
     fmt = "safetensors-sharded" if index.name.endswith(".safetensors.index.json") else "torch-sharded"
     return _Sharded(index, shards, dict(weight_map), fmt)
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _check_shard_set(path: Path, names: list[str]) -> None:
+    """Shards named ``STEM-00001-of-00003.safetensors`` must all be there (none missing, one total)."""
+    groups: dict[str, tuple[set[int], set[str], str]] = {}
+    for name in names:
+        m = _SHARD_NAME.match(name)
+        if m is None:
+            continue
+        have, totals, width = groups.setdefault(m["stem"], (set(), set(), m["i"]))
+        have.add(int(m["i"]))
+        totals.add(m["n"])
+    for stem, (have, totals, width) in groups.items():
+        if len(totals) > 1:
+            raise CheckpointError(
+                f"directory {str(path)!r}: shards of {stem!r} disagree on their number "
+                f"(-of-{', -of-'.join(sorted(totals))}); it mixes checkpoints"
+            )
+        total_s = totals.pop()
+        total = int(total_s)
+        missing = [i for i in range(1, min(total, 10**6) + 1) if i not in have]
+        extra = sorted(i for i in have if not 1 <= i <= total)
+        if extra:
+            raise CheckpointError(
+                f"directory {str(path)!r}: shard {stem}-{extra[0]:0{len(width)}d}-of-{total_s}.safetensors "
+                f"is numbered beyond {total}"
+            )
+        if missing:
+            first = f"{stem}-{missing[0]:0{len(width)}d}-of-{total_s}.safetensors"
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"directory {str(path)!r} is missing shard {first!r}{more}: "
+                f"{len(have)} of {total} shards are present"
+            )
 
 
 def _open_dir(path: Path) -> _Source:
@@ -478,6 +671,7 @@ def _open_dir(path: Path) -> _Source:
         return _open_index(indexes[0])
     files = sorted((p for p in path.glob("*.safetensors") if p.is_file()), key=lambda p: _natural_key(p.name))
     if files:
+        _check_shard_set(path, [p.name for p in files])
         if len(files) == 1:
             return _SafetensorsFile(files[0])
         shards = {p.name: _SafetensorsFile(p) for p in files}
