@@ -453,3 +453,131 @@ def test_dataset_shape_matches_the_loaded_data(name: str) -> None:
     ds = D.load_dataset(name, "test", data_dir=SHARED if name != "digits" else None)
     assert D.dataset_shape(name) == (ds.input_shape, ds.num_classes)
     assert D.dataset_shape(name.upper().replace("-", "_")) == D.dataset_shape(name)
+
+
+# ----------------------------------------------------------------------------- crafted input (issue 10)
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        # dims whose product is far beyond what the gzip file can hold: refused before allocating
+        (bytes([0, 0, 0x08, 3]) + b"\xff\xff\xff\xff" * 3, "more than a .*-byte gzip file can hold"),
+        (bytes([0, 0, 0x0E, 2]) + b"\x7f\xff\xff\xff" * 2 + b"\0" * 64, "can hold"),
+        (bytes([0, 0, 0x08, 255]) + b"\0\0\0\x02" * 255, "can hold"),
+        (bytes([0, 0, 0x08, 255]) + b"\0\0\0\x02" * 10, "truncated: header needs 1024 bytes, has 44"),
+        (b"", r"wrong magic number \(empty\)"),
+        (bytes([0, 0, 0x08, 2, 0, 0, 0, 3, 0, 0, 0, 3]) + b"\0" * 8, r"has 20 bytes .*implies 21"),
+    ],
+)
+def test_read_idx_rejects_crafted_sizes(tmp_path: Path, payload: bytes, match: str) -> None:
+    path = _idx_gz(tmp_path / "crafted-idx-ubyte.gz", payload)
+    with pytest.raises(RmtpruneError, match=match) as info:
+        D.read_idx(path)
+    assert "crafted-idx-ubyte.gz" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_idx_bad_crc_and_trailing_garbage(tmp_path: Path) -> None:
+    good = gzip.compress(_idx_bytes(np.arange(12).reshape(3, 4)))
+    bad_crc = bytearray(good)
+    bad_crc[-6] ^= 0xFF  # the CRC32 in the gzip trailer
+    (tmp_path / "crc.gz").write_bytes(bytes(bad_crc))
+    with pytest.raises(RmtpruneError, match="crc.gz.*not a valid gzip file"):
+        D.read_idx(tmp_path / "crc.gz")
+    (tmp_path / "tail.gz").write_bytes(good + b"garbage")
+    with pytest.raises(RmtpruneError, match="tail.gz.*not a valid gzip file"):
+        D.read_idx(tmp_path / "tail.gz")
+
+
+def test_known_sizes_match_the_shared_files(data_dir: Path) -> None:
+    for name, files in D.SIZES.items():
+        assert sorted(files) == sorted(D.SHA256[name])
+        for f, size in files.items():
+            assert (data_dir / name / f).stat().st_size == size, (name, f)
+
+
+def test_failed_download_leaves_no_created_tree(no_env: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "nonexistent" / "deeper" / "mnist"
+    with pytest.raises(RmtpruneError, match="could not download mnist file"):
+        D.download_dataset("mnist", dest, mirrors=[_closed_port_url()], timeout=5)
+    assert not (tmp_path / "nonexistent").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # tmp_path itself existed before: kept
+
+
+@pytest.fixture
+def partial_mirror(tmp_path: Path) -> Iterator[str]:
+    """A 127.0.0.1 mirror with only the first MNIST file: the download fails on the second."""
+    root = tmp_path / "partial"
+    root.mkdir()
+    shutil.copyfile(SHARED / "mnist" / FILES[0], root / FILES[0])
+    handler = functools.partial(_Quiet, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def test_failed_download_removes_only_what_it_created(
+    no_env: Path, tmp_path: Path, partial_mirror: str
+) -> None:
+    # a fresh tree: the first file lands, the second fails, and the whole tree goes again
+    fresh = tmp_path / "fresh" / "mnist"
+    with pytest.raises(RmtpruneError, match=f"could not download mnist file {FILES[1]}"):
+        D.download_dataset("mnist", fresh, mirrors=[partial_mirror], timeout=10)
+    assert not (tmp_path / "fresh").exists()
+    # an existing folder with a user's file: the folder, the user's file and the verified download stay
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(RmtpruneError, match="could not download"):
+        D.download_dataset("mnist", kept, mirrors=[partial_mirror], timeout=10)
+    assert _leftovers(kept) == sorted(["notes.txt", FILES[0]])
+    assert (kept / "notes.txt").read_text() == "mine"
+
+
+class _Flood(_Quiet):
+    """Sends 1000 bytes (with or without announcing them): more than the expected size."""
+
+    announce = False
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        self.send_response(200)
+        if self.announce:
+            self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"\x1f\x8b" + b"x" * 998)
+        self.close_connection = True
+
+
+class _FloodAnnounced(_Flood):
+    announce = True
+
+
+@pytest.mark.parametrize(
+    ("handler", "match"),
+    [
+        (_Flood, "sends more than the expected 100 bytes"),
+        (_FloodAnnounced, "announces 1000 bytes, more than the expected 100"),
+    ],
+)
+def test_download_is_capped_at_the_known_size(
+    no_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: type, match: str
+) -> None:
+    monkeypatch.setitem(D.SIZES, "mnist", dict.fromkeys(FILES, 100))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        with pytest.raises(RmtpruneError, match=match):
+            D.download_dataset("mnist", tmp_path / "dl", mirrors=[url], timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+    assert not (tmp_path / "dl").exists()

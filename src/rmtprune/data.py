@@ -11,10 +11,12 @@ per-sample Python, so an epoch of an MLP is not data-bound.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
 import importlib.util
+import math
 import os
 import random
 import sys
@@ -92,6 +94,22 @@ SHA256: dict[str, dict[str, str]] = {
         "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
         "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
         "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+    },
+}
+
+#: Byte size of each original file: a download is cut off (and refused) as soon as it runs past it.
+SIZES: dict[str, dict[str, int]] = {
+    "mnist": {
+        "t10k-images-idx3-ubyte.gz": 1648877,
+        "t10k-labels-idx1-ubyte.gz": 4542,
+        "train-images-idx3-ubyte.gz": 9912422,
+        "train-labels-idx1-ubyte.gz": 28881,
+    },
+    "fashion-mnist": {
+        "t10k-images-idx3-ubyte.gz": 4422102,
+        "t10k-labels-idx1-ubyte.gz": 5148,
+        "train-images-idx3-ubyte.gz": 26421880,
+        "train-labels-idx1-ubyte.gz": 29515,
     },
 }
 
@@ -300,11 +318,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, target: Path, expected: str, timeout: float) -> None:
-    """Download ``url`` to ``target`` atomically, checking length and sha256; raise on any problem."""
+def _fetch(url: str, target: Path, expected: str, timeout: float, size: int) -> None:
+    """Download ``url`` to ``target`` atomically, checking length and sha256; raise on any problem.
+
+    At most ``size + 1`` bytes are read: a server that announces or sends more than the known size
+    of the file is cut off with an error instead of filling the disk.
+    """
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http/https mirrors only)
         length = resp.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+        if total is not None and total > size:
+            raise RmtpruneError(f"the server announces {total} bytes, more than the expected {size}")
         h = hashlib.sha256()
         got = 0
         with atomic_path(target) as tmp, open(tmp, "wb") as fh:
@@ -317,12 +341,14 @@ def _fetch(url: str, target: Path, expected: str, timeout: float) -> None:
                 )
             try:
                 while True:
-                    chunk = resp.read(_CHUNK)
+                    chunk = resp.read(min(_CHUNK, size + 1 - got))
                     if not chunk:
                         break
+                    got += len(chunk)
+                    if got > size:
+                        raise RmtpruneError(f"the server sends more than the expected {size} bytes")
                     fh.write(chunk)
                     h.update(chunk)
-                    got += len(chunk)
                     if bar is not None:
                         bar.update(len(chunk))
             finally:
@@ -337,6 +363,36 @@ def _fetch(url: str, target: Path, expected: str, timeout: float) -> None:
             os.fsync(fh.fileno())
 
 
+def _make_dir(dest: Path, created: list[Path]) -> None:
+    """Create ``dest`` and its missing parents, recording (outermost first) the ones made here."""
+    if dest.is_dir():
+        return
+    missing = []
+    p = dest
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        created.extend(d for d in reversed(missing) if d.is_dir())  # parents made before the failure
+        raise RmtpruneError(f"cannot create data directory {str(dest)!r}: {exc.strerror or exc}") from exc
+    created.extend(reversed(missing))
+
+
+def _undo(created: list[Path], landed: list[Path]) -> None:
+    """After a failed download: remove the files this call wrote into directories it created, then
+    those directories if empty. Nothing that existed before the call is touched."""
+    made = set(created)
+    for f in landed:
+        if f.parent in made:
+            with contextlib.suppress(OSError):
+                f.unlink()
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty: never a tree someone else wrote into meanwhile
+
+
 def download_dataset(
     name: str,
     dest: str | os.PathLike[str],
@@ -347,7 +403,9 @@ def download_dataset(
 
     Each file is tried on each mirror in turn (``mirrors``, else ``$RMTPRUNE_MIRRORS``, else
     :data:`MIRRORS`); it is written to a temporary file and renamed only when its length and sha256
-    match, so a bad download never lands. Files already present with the right sha256 are kept.
+    match, so a bad download never lands, and reading stops at the known size (:data:`SIZES`).
+    Files already present with the right sha256 are kept. When the download fails, the directories
+    this call created (and the files it put in them) are removed again; nothing else is touched.
     Raises :class:`RmtpruneError` naming every mirror's failure and where to put the files by hand.
     """
     key = _canonical(name)
@@ -357,41 +415,46 @@ def download_dataset(
         raise ValueError(f"timeout={timeout!r} must be a positive number of seconds")
     urls = _mirrors(key, mirrors)
     dest = Path(dest).expanduser()
+    created: list[Path] = []
+    landed: list[Path] = []
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RmtpruneError(f"cannot create data directory {str(dest)!r}: {exc.strerror or exc}") from exc
-    for fname in _ALL_FILES:
-        target = dest / fname
-        expected = SHA256[key][fname]
-        if target.is_file() and sha256_file(target) == expected:
-            continue
-        errors = []
-        for base in urls:
-            url = base + fname
-            try:
-                _fetch(url, target, expected, timeout)
-                break
-            except (
-                urllib.error.URLError,
-                http.client.HTTPException,
-                OSError,
-                ValueError,
-                RmtpruneError,
-            ) as exc:
-                reason = getattr(exc, "reason", None) or exc
-                errors.append(f"{url}: {reason}")
-        else:
-            raise RmtpruneError(
-                f"could not download {key} file {fname} from any mirror ({'; '.join(errors)}). "
-                f"Offline? Put the four files {', '.join(_ALL_FILES)} in {dest} "
-                f"(or in <dir>/{key}/ and pass --data-dir <dir> or set {DATA_ENV}=<dir>)"
-            )
+        for fname in _ALL_FILES:
+            target = dest / fname
+            expected = SHA256[key][fname]
+            if target.is_file() and sha256_file(target) == expected:
+                continue
+            _make_dir(dest, created)
+            errors = []
+            for base in urls:
+                url = base + fname
+                try:
+                    _fetch(url, target, expected, timeout, SIZES[key][fname])
+                    landed.append(target)
+                    break
+                except (
+                    urllib.error.URLError,
+                    http.client.HTTPException,
+                    OSError,
+                    ValueError,
+                    RmtpruneError,
+                ) as exc:
+                    reason = getattr(exc, "reason", None) or exc
+                    errors.append(f"{url}: {reason}")
+            else:
+                raise RmtpruneError(
+                    f"could not download {key} file {fname} from any mirror ({'; '.join(errors)}). "
+                    f"Offline? Put the four files {', '.join(_ALL_FILES)} in {dest} "
+                    f"(or in <dir>/{key}/ and pass --data-dir <dir> or set {DATA_ENV}=<dir>)"
+                )
+    except BaseException:
+        _undo(created, landed)
+        raise
     return dest
 
 
 # ----------------------------------------------------------------------------- IDX decoding
 
+_MAX_DEFLATE_RATIO = 1032  # the most a deflate stream can expand (258-byte matches at 2 bits)
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -399,34 +462,70 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Decode one (gzipped) IDX file into a numpy array, validating magic, dims and length.
 
     Raises :class:`RmtpruneError` naming the file if it is not gzip, is truncated, has a wrong
-    magic number or a payload whose length does not match its header.
+    magic number or a payload whose length does not match its header. The declared size is
+    checked against what a gzip file of this length can hold before anything is allocated, and
+    the payload is read in chunks, so a crafted header or a gzip bomb cannot exhaust memory.
     """
     path = Path(path)
     try:
+        compressed = path.stat().st_size
         with gzip.open(path, "rb") as fh:
-            raw = fh.read()
+            head = fh.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+                rest = fh.read(256)  # the empty file and the 3-byte one still get "magic" as the culprit
+                raw = head + rest
+                raise RmtpruneError(
+                    f"IDX file {str(path)!r} has a wrong magic number {raw[:4].hex() or '(empty)'}"
+                )
+            ndim = head[3]
+            header = 4 + 4 * ndim
+            dim_bytes = fh.read(4 * ndim)
+            if len(dim_bytes) < 4 * ndim:
+                raise RmtpruneError(
+                    f"IDX file {str(path)!r} is truncated: header needs {header} bytes, "
+                    f"has {4 + len(dim_bytes)}"
+                )
+            dims = tuple(int(d) for d in np.frombuffer(dim_bytes, dtype=">u4"))
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            payload = math.prod(dims) * dtype.itemsize
+            # deflate expands at most ~1032:1, so a larger declared payload cannot be in this file
+            if payload > _MAX_DEFLATE_RATIO * compressed:
+                raise RmtpruneError(
+                    f"IDX file {str(path)!r} declares dims {_dims(dims)} ({payload} bytes), more than a "
+                    f"{compressed}-byte gzip file can hold; the header is corrupt"
+                )
+            chunks = []
+            got = 0
+            while got <= payload:
+                chunk = fh.read(min(_CHUNK * 16, payload + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            exact = True
+            if got > payload:  # how much more, for the message (up to 1 MiB counted)
+                extra = len(fh.read(1 << 20))
+                got += extra
+                exact = extra < 1 << 20
     except FileNotFoundError:
         raise RmtpruneError(f"IDX file {str(path)!r} does not exist") from None
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
         raise RmtpruneError(
             f"IDX file {str(path)!r} is not a valid gzip file (truncated or corrupt: {exc})"
         ) from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise RmtpruneError(f"IDX file {str(path)!r} has a wrong magic number {raw[:4].hex() or '(empty)'}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    if got != payload:
+        more = "" if exact else "+"
         raise RmtpruneError(
-            f"IDX file {str(path)!r} is truncated: header needs {header} bytes, has {len(raw)}"
+            f"IDX file {str(path)!r} has {header + got}{more} bytes but its header "
+            f"(dims {_dims(dims)}) implies {header + payload}"
         )
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise RmtpruneError(
-            f"IDX file {str(path)!r} has {len(raw)} bytes but its header (dims {dims}) implies {expected}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    raw = b"".join(chunks)
+    return np.frombuffer(raw, dtype=dtype).reshape(dims)
+
+
+def _dims(dims: tuple[int, ...]) -> str:
+    """Dims for a message (at most 8 shown)."""
+    return str(dims) if len(dims) <= 8 else f"({', '.join(map(str, dims[:8]))}, ... {len(dims)} dims)"
 
 
 def _decode_split(name: str, folder: Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
