@@ -82,9 +82,13 @@ def test_compress_writes_model_manifest_and_reports(work: Path, capsys) -> None:
 
 def test_checkpoint_recompresses_alone_and_dry_run_writes_nothing(work: Path, capsys) -> None:
     assert main(["compress", "--model", "clifactory:mlp", "--keep-bulk", "0.5", "out/a.safetensors"]) == 0
-    assert main(["compress", "out/a.safetensors", "--dry-run"]) == 0
+    # The file records the user's factory clifactory:mlp: it is only run when the user says so.
+    assert main(["compress", "out/a.safetensors", "--dry-run"]) == 2
+    assert "--trust-factory" in capsys.readouterr().err
+    assert main(["compress", "out/a.safetensors", "--dry-run", "--trust-factory"]) == 0
     assert "dry run: nothing written" in capsys.readouterr().out
-    assert main(["compress", "out/a.safetensors", "out/b.safetensors", "--keep-bulk", "0.2", "--quiet"]) == 0
+    recut = ["out/a.safetensors", "out/b.safetensors", "--keep-bulk", "0.2", "--quiet", "--trust-factory"]
+    assert main(["compress", *recut]) == 0
     b = json.loads((work / "out" / "b.report.json").read_text())
     assert b["layers"][0]["layer_type"] == "LowRankLinear" and b["layers"][0]["action"] == "factor"
     assert b["layers"][0]["rank"] < b["layers"][0]["rank_before"]

@@ -61,7 +61,7 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     assert rio.read_manifest(out)["factory"] == f"{factory}:make"
     assert (tmp_path / "out.json").is_file()  # the manifest beside it, as rmtprune compress writes
     assert manifest_from_metadata(read_metadata(out))  # sparse storage
-    model = rio.load(out)  # rebuilt from the recorded factory
+    model = rio.load(out, trust_factory=True)  # rebuilt from the recorded factory
     assert len(masks_of(model)) >= 2 and _sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -81,9 +81,22 @@ def test_resparsify_from_its_own_output(factory, tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert main(["sparsify", "--model", f"{factory}:make", str(first), "--target", "0.3", "--quiet"]) == 0
     assert (
-        main(["sparsify", str(first), str(second), "--target", "0.6", "--budget", "global", "--quiet"]) == 0
+        main(
+            [
+                "sparsify",
+                str(first),
+                str(second),
+                "--target",
+                "0.6",
+                "--budget",
+                "global",
+                "--quiet",
+                "--trust-factory",
+            ]
+        )
+        == 0
     )
-    a, b = rio.load(first), rio.load(second)
+    a, b = rio.load(first, trust_factory=True), rio.load(second, trust_factory=True)
     for key, mask in masks_of(a).items():
         assert not torch.any(masks_of(b)[key] & ~mask)
     assert _sparsity(b) == pytest.approx(0.6, abs=1e-3)
@@ -202,5 +215,7 @@ def test_compressed_checkpoint_then_sparsify(tmp_path, capsys):
     kinds = {r["name"]: r["kind"] for r in report["layers"]}
     assert "factored+sparse" in kinds.values(), kinds
     assert rio.read_manifest(sparse)["layers"]  # the factored structure is recorded
-    model = rio.load(sparse)  # rebuilt from the recorded factory, factors and masks restored
+    model = rio.load(
+        sparse, trust_factory=True
+    )  # rebuilt from the recorded factory, factors and masks restored
     assert any(k.endswith(".first.weight") for k in masks_of(model))

@@ -2,7 +2,8 @@
 
 Each command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``. User errors
 (:class:`rmtprune.errors.RmtpruneError`, and ``ValueError``/``TypeError``/``OSError`` raised while
-checking input) are printed as one line ``rmtprune: error: ...`` with exit status 2, no traceback.
+checking input) are printed as one line ``rmtprune: error: ...`` with exit status 2, no traceback;
+Ctrl-C exits 130. See ``docs/security.md`` for what commands promise about files.
 """
 
 from __future__ import annotations
@@ -64,8 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rmtprune: interrupted", file=sys.stderr)
         return 130
     except (RmtpruneError, ValueError, TypeError, OSError) as exc:
-        print(f"rmtprune: error: {exc}", file=sys.stderr)
+        print(f"rmtprune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message as one line: torch's C++ errors append a stack of frames after it."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename!r}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 1000 else line[:997] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from ._atomic import atomic_path, check_writable_dir
-from .errors import CheckpointError
+from ._atomic import atomic_paths, check_writable_dir
+from .errors import CheckpointError, RmtpruneError
 from .lowrank import LowRankModule
 
 __all__ = [
@@ -39,6 +39,11 @@ __all__ = [
     "manifest_path",
     "build_from_manifest",
     "build_factory",
+    "check_manifest",
+    "write_checkpoint",
+    "is_reference_spec",
+    "factored_layers",
+    "restructure",
     "check_tensors",
     "FORMAT",
     "FORMAT_VERSION",
@@ -124,6 +129,7 @@ def save(
     plan: Any = None,
     factory: str | None = None,
     factory_args: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``model`` to ``path`` (``.safetensors``) and its manifest to ``path`` with suffix ``.json``.
 
@@ -137,35 +143,81 @@ def save(
         lets :func:`load` and ``rmtprune compress CHECKPOINT OUT`` work without being given a model.
     factory_args : keyword arguments for the factory (for model specs: ``input_shape``, ``num_classes``).
 
-    Both files are written atomically; tensors shared between names (tied weights) are stored once.
+    force : replace an existing ``.json`` beside ``path`` even when rmtprune did not write it
+        (by default that is refused, so a user's file of that name is never lost).
+
+    Both files are written atomically, the weights renamed into place first; tensors shared
+    between names (tied weights) are stored once.
     Layers sparsified by :func:`rmtprune.sparsify` (those carrying a mask) are stored sparsely
     (:mod:`rmtprune.sparse_format`), so the file shrinks with their nonzeros; :func:`load` restores
     them with their masks. Returns the weights path.
     """
-    from safetensors.torch import save_file, save_model
-
-    from .masks import masks_of
-    from .sparse_format import METADATA_KEY, encode_state_dict
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if factory is not None and not isinstance(factory, str):
         raise TypeError(f"factory={factory!r} must be a string MODULE:FACTORY or a model spec")
     target = _check_path(path)
     check_writable_dir(target)
+    sidecar = manifest_path(target)
+    if sidecar.exists() and not force:
+        from ._outputs import is_ours
+
+        if sidecar.is_dir() or not is_ours(sidecar, "manifest"):
+            raise CheckpointError(
+                f"refusing to overwrite {str(sidecar)!r}: save() writes the manifest there and that file "
+                "was not written by rmtprune; move it, save under another name, or pass force=True"
+            )
+    # Weights are renamed into place before the manifest, and neither until both are written.
+    with atomic_paths([target, sidecar]) as (tmp_w, tmp_j):
+        write_checkpoint(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
+    return target
+
+
+def write_checkpoint(
+    model: nn.Module,
+    weights: Path,
+    manifest_file: Path,
+    *,
+    plan: Any = None,
+    factory: str | None = None,
+    factory_args: dict[str, Any] | None = None,
+) -> None:
+    """Write the weights and the manifest to the given (temporary) paths, not atomically.
+
+    The building block of :func:`save` for commands that write more files in one atomic group
+    (:func:`rmtprune._atomic.atomic_paths`). A failed write (a full disk) raises
+    :class:`~rmtprune.errors.RmtpruneError` naming the file.
+    """
+    from safetensors.torch import save_file, save_model
+
+    from .masks import masks_of
+    from .sparse_format import METADATA_KEY, encode_state_dict
+
     manifest = _manifest(model, plan, factory, factory_args)
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n"
     meta = {_META_KEY: json.dumps(manifest, default=_json_default)}
     masks = masks_of(model)
-    with atomic_path(target) as tmp_w, atomic_path(manifest_path(target)) as tmp_j:
+    try:
         if masks:
             tensors, sparse = encode_state_dict(model.state_dict(), masks)
             meta[METADATA_KEY] = json.dumps({"version": 1, "tensors": sparse}, sort_keys=True)
-            save_file(tensors, str(tmp_w), metadata=meta)
+            save_file(tensors, str(weights), metadata=meta)
         else:
-            save_model(model, str(tmp_w), metadata=meta)
-        tmp_j.write_text(text, encoding="utf-8")
-    return target
+            save_model(model, str(weights), metadata=meta)
+        manifest_file.write_text(text, encoding="utf-8")
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise RmtpruneError(f"could not write the model ({_first_line(exc)})") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError (e.g. on a full disk)
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise RmtpruneError(f"could not write the model ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _json_default(o: Any) -> Any:
@@ -203,48 +255,160 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has a corrupt rmtprune manifest: {exc}") from None
+    return check_manifest(manifest, path)
+
+
+#: Keys a reference model spec's ``factory_args`` may hold.
+_SPEC_ARGS = ("input_shape", "num_classes")
+_MAX_DIM = 2**31 - 1
+
+
+def is_reference_spec(spec: Any) -> bool:
+    """Whether ``spec`` names a model family defined by rmtprune itself (``mlp``, ``cnn``, ``vit``)."""
+    from .models import MODEL_FAMILIES
+
+    return isinstance(spec, str) and spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
+
+
+def _spec_args(spec: str, kwargs: dict[str, Any]) -> tuple[tuple[int, ...], int]:
+    """Validated ``input_shape`` and ``num_classes`` of a reference spec (from a file or the user)."""
+    unknown = sorted(set(kwargs) - set(_SPEC_ARGS))
+    if unknown:
+        raise ValueError(
+            f"model spec {spec!r}: unknown factory argument {unknown[0]!r} (valid: input_shape, num_classes)"
+        )
+    if "input_shape" not in kwargs or "num_classes" not in kwargs:
+        raise ValueError(f"model spec {spec!r} needs input_shape and num_classes to be built")
+    shape, classes = kwargs["input_shape"], kwargs["num_classes"]
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = [shape]
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_DIM for v in shape)
+    ):
+        raise ValueError(f"model spec {spec!r}: input_shape={shape!r} must be 1 to 3 positive ints")
+    if not isinstance(classes, int) or isinstance(classes, bool) or not 1 <= classes <= _MAX_DIM:
+        raise ValueError(f"model spec {spec!r}: num_classes={classes!r} must be a positive int")
+    return tuple(shape), classes
+
+
+_LOWRANK_TYPES = ("LowRankLinear", "LowRankConv1d", "LowRankConv2d")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_manifest(manifest: Any, path: Any = "<manifest>") -> dict[str, Any]:
+    """Validate a manifest's structure before anything is built or allocated from it; return it.
+
+    Checks the format and version, that ``factory`` is a string (or absent) and ``factory_args`` a
+    dict, and that every factored layer has a known low-rank type, a ``matrix_shape`` of two
+    positive ints and a rank in ``[1, min(m, n)]``. Raises :class:`CheckpointError` naming the
+    first bad field. Shapes are checked against the file's tensors by :func:`load`.
+    """
+    where = f"checkpoint {str(path)!r}"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{where} has metadata key 'rmtprune' but not an rmtprune manifest")
+    version = manifest.get("format_version", 0)
+    if not _is_int(version) or version < 0:
+        raise CheckpointError(f"{where} has a malformed manifest format_version={version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has metadata key 'rmtprune' but not an rmtprune manifest"
+            f"{where} has manifest format_version={version}; this rmtprune reads up to {FORMAT_VERSION}"
         )
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    factory = manifest.get("factory")
+    if factory is not None and not isinstance(factory, str):
+        raise CheckpointError(f"{where}: manifest factory={factory!r} must be a string or null")
+    fargs = manifest.get("factory_args")
+    if fargs is not None and not isinstance(fargs, dict):
+        raise CheckpointError(f"{where}: manifest factory_args must be an object, got {type(fargs).__name__}")
+    layers = manifest.get("layers")
+    if layers is None:
+        layers = manifest["layers"] = {}
+    if not isinstance(layers, dict):
         raise CheckpointError(
-            f"checkpoint {str(path)!r} has manifest format_version={manifest['format_version']}; "
-            f"this rmtprune reads up to {FORMAT_VERSION}"
+            f"{where}: manifest 'layers' must be an object of name -> layer, got {type(layers).__name__}"
         )
+    for name, spec in layers.items():
+        bad = f"{where}: manifest layer {name!r}"
+        if not name or not isinstance(spec, dict):
+            raise CheckpointError(f"{bad} must be a non-empty name mapped to an object")
+        if spec.get("type") not in _LOWRANK_TYPES:
+            raise CheckpointError(
+                f"{bad} has type={spec.get('type')!r}; expected one of {', '.join(_LOWRANK_TYPES)}"
+            )
+        shape = spec.get("matrix_shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(_is_int(v) and 1 <= v <= _MAX_DIM for v in shape)
+        ):
+            raise CheckpointError(f"{bad} has matrix_shape={shape!r}; expected two positive ints [m, n]")
+        rank = spec.get("rank")
+        if not _is_int(rank) or not 1 <= rank <= min(shape):
+            raise CheckpointError(
+                f"{bad} has rank={rank!r}; it must be an int in [1, {min(shape)}] for a "
+                f"{shape[0]}x{shape[1]} matrix"
+            )
+        if not isinstance(spec.get("original_type", ""), str) or not isinstance(
+            spec.get("bias", False), bool
+        ):
+            raise CheckpointError(f"{bad} has a malformed original_type or bias")
     return manifest
 
 
-def build_from_manifest(manifest: dict[str, Any]) -> nn.Module:
-    """Build a fresh (dense) model with the factory recorded in a manifest."""
+def build_from_manifest(
+    manifest: dict[str, Any], *, trust_factory: bool = False, path: Any = None
+) -> nn.Module:
+    """Build a fresh (dense) model with the factory recorded in a manifest.
+
+    Only rmtprune's own reference specs are built from a file (their arguments validated);
+    any other ``MODULE:FACTORY`` would run code named by the file and is refused unless
+    ``trust_factory=True`` (the analogue of Hugging Face's ``trust_remote_code``).
+    """
+    where = f"checkpoint {str(path)!r}" if path is not None else "the checkpoint"
     factory = manifest.get("factory")
-    args = dict(manifest.get("factory_args") or {})
+    args = manifest.get("factory_args") or {}
     if not factory:
+        raise CheckpointError(f"{where} records no factory: build the model yourself and pass it to load()")
+    if not isinstance(factory, str) or not isinstance(args, dict):
+        raise CheckpointError(f"{where} has a malformed factory ({type(factory).__name__}) or factory_args")
+    if not is_reference_spec(factory) and not trust_factory:
         raise CheckpointError(
-            "the checkpoint records no factory: build the model yourself and pass it to load()"
+            f"{where} names the factory {factory[:80]!r}, code that rmtprune does not run from a file "
+            "(a file can name any function); pass the model instead (load(path, model), --model "
+            "MODULE:FACTORY), or opt in with trust_factory=True / --trust-factory if you trust the file"
         )
-    return build_factory(factory, **args)
+    try:
+        return build_factory(factory, search_cwd=False, **args)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
-def build_factory(spec: str, **kwargs: Any) -> nn.Module:
-    """Build a model from ``"MODULE:FACTORY"`` (current directory importable) or a reference model spec.
+def build_factory(spec: str, *, search_cwd: bool = True, **kwargs: Any) -> nn.Module:
+    """Build a model from a reference model spec or ``"MODULE:FACTORY"``.
 
     Reference specs (``mlp``, ``cnn``, ``vit`` families of :mod:`rmtprune.models`) need the keyword
-    arguments ``input_shape`` and ``num_classes``.
+    arguments ``input_shape`` and ``num_classes``, and nothing else. ``MODULE:FACTORY`` imports
+    ``MODULE`` and calls ``FACTORY(**kwargs)``: it runs code, so only a name the user gave is passed
+    here (``--model``), or a file's factory the user said to trust. ``search_cwd`` puts the current
+    directory on ``sys.path`` for the import (for ``--model mymodule:build``); a trusted file's
+    factory is imported from the installed packages and ``PYTHONPATH`` only.
     """
+    if not isinstance(spec, str):
+        raise TypeError(f"factory={spec!r} must be a string MODULE:FACTORY or a model spec")
     head, _, attr = spec.partition(":")
-    try:
-        from .models import MODEL_FAMILIES, build_model
-    except ImportError:  # pragma: no cover - models is part of the package
-        MODEL_FAMILIES, build_model = {}, None
-    if head.strip().lower() in MODEL_FAMILIES:
-        if "input_shape" not in kwargs or "num_classes" not in kwargs:
-            raise ValueError(f"model spec {spec!r} needs input_shape and num_classes to be built")
-        model = build_model(spec, kwargs["input_shape"], kwargs["num_classes"])
+    if is_reference_spec(spec):
+        from .models import build_model
+
+        shape, classes = _spec_args(spec, kwargs)
+        model = build_model(spec, shape, classes)
     else:
         if not head or not attr:
             raise ValueError(f"factory {spec!r} must be MODULE:FACTORY (or a model spec such as mlp:1000)")
-        if os.getcwd() not in sys.path:
+        if search_cwd and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
             obj: Any = importlib.import_module(head)
@@ -339,38 +503,58 @@ def _fmt(shape: Any) -> str:
     return "x".join(str(int(v)) for v in shape) or "scalar"
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    trust_factory: bool = False,
+    factory_args: dict[str, Any] | None = None,
+) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (restructured in place) and return it.
 
     ``model`` is a freshly built instance of the original (dense) architecture; the layers the
     manifest records are replaced by factored layers of the stored ranks, then every tensor is
     checked by name and shape and loaded (values are cast to the model's dtype and device). With
-    ``model=None`` the architecture is built with the factory recorded at save time. A plain
-    safetensors file without a manifest loads as a state dict. Raises :class:`CheckpointError`
-    naming the first mismatching layer; the model is then left as it was.
+    ``model=None`` the architecture is built from the manifest's factory, which must be one of
+    rmtprune's reference specs (``mlp``/``cnn``/``vit``): a file never makes rmtprune import or call
+    other code unless ``trust_factory=True`` (see ``docs/security.md``). The manifest is validated
+    and the architecture checked against the file's tensors on the meta device before anything is
+    allocated; ``factory_args`` override the recorded ones for that build. A plain safetensors file
+    without a manifest loads as a state dict. Raises
+    :class:`CheckpointError` naming the first mismatching layer; the model is then left as it was.
     """
     from safetensors.torch import load_file
 
     from .masks import remove_masks, restore_masks
     from .sparse_format import decode_state_dict, dense_shapes, manifest_from_metadata
 
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path).expanduser()
     meta, shapes = _open(path)
     sparse = manifest_from_metadata(meta)
     shapes = dense_shapes(shapes, sparse)
     manifest = read_manifest(path) if _META_KEY in meta else None
+    layers = manifest["layers"] if manifest is not None else {}
     if model is None:
         if manifest is None:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} has no rmtprune manifest: pass the model to load()"
             )
-        model = build_from_manifest(manifest)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if factory_args:
+            recorded = manifest.get("factory_args") or {}
+            manifest = {**manifest, "factory_args": {**recorded, **factory_args}}
+        # Build the architecture on the meta device first (no memory) and check it against the
+        # file, so a crafted spec ("mlp:4000000" in a 34 kB file) is refused before allocating.
+        with torch.device("meta"):
+            skeleton = build_from_manifest(manifest, trust_factory=trust_factory, path=path)
+        restructure(skeleton, layers)
+        check_tensors(skeleton, shapes, path)
+        del skeleton
+        model = build_from_manifest(manifest, trust_factory=trust_factory, path=path)
     undo: list[Any] = []
     try:
-        if manifest is not None:
-            restructure(model, manifest.get("layers", {}), undo)
+        restructure(model, layers, undo)
         check_tensors(model, shapes, path)
         try:
             state = load_file(str(path), device="cpu")

@@ -12,6 +12,7 @@ logits (METHOD.md section 7: the 2023 baseline did, and one class died).
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -54,11 +55,18 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 # ----------------------------------------------------------------------------- validation helpers
 
 
+#: Largest width, depth, channel count... a reference spec may ask for (torch's sizes are int64,
+#: and no real layer comes near it; beyond it torch fails with a C++ error instead of ours).
+MAX_SIZE = 2**31 - 1
+
+
 def _check_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}={value} must be >= {minimum}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name}={value} is too large (at most {MAX_SIZE})")
     return value
 
 
@@ -296,6 +304,8 @@ class ViT(nn.Module):
             raise ValueError(f"heads={heads} must divide dim={dim} (each head gets dim / heads channels)")
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)):
             raise TypeError(f"mlp_ratio must be a number, got {type(mlp_ratio).__name__}")
+        if not math.isfinite(mlp_ratio) or dim * mlp_ratio > MAX_SIZE:
+            raise ValueError(f"mlp_ratio={mlp_ratio} must be finite with dim * mlp_ratio <= {MAX_SIZE}")
         mlp_hidden = int(round(dim * mlp_ratio))
         if mlp_hidden < 1:
             raise ValueError(
@@ -333,9 +343,53 @@ class ViT(nn.Module):
 
 def _parse_number(token: str, kind: type, spec: str) -> Any:
     try:
-        return kind(token)
+        value = kind(token)
     except ValueError:
         raise ValueError(f"bad token {token!r} in model spec {spec!r}: expected {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"bad token {token!r} in model spec {spec!r}: expected a finite number")
+    if kind is int and abs(value) > MAX_SIZE:
+        raise ValueError(f"bad token {token!r} in model spec {spec!r}: at most {MAX_SIZE}")
+    return value
+
+
+def _memory_bytes() -> int:
+    """Memory available now (``MemAvailable``), else physical memory, else a large default."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 40
+
+
+def _construct(spec: str, make: Any) -> nn.Module:
+    """Build ``make()`` after checking on the meta device (no memory) that it fits in memory.
+
+    A spec such as ``mlp:4000000`` would otherwise allocate tens of GB before anything is checked.
+    """
+    if torch.empty(0).device.type == "meta":  # already building a skeleton: nothing is allocated
+        return make()
+    try:
+        with torch.device("meta"):
+            probe = make()
+    except (RuntimeError, OverflowError, MemoryError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model spec {spec!r} cannot be built: {why[:200]}") from None
+    n = sum(p.numel() for p in probe.parameters())
+    itemsize = torch.empty(0).element_size()
+    limit = _memory_bytes()
+    if n * itemsize > limit:
+        raise ValueError(
+            f"model spec {spec!r} has {n:,} parameters ({n * itemsize / 1e9:.1f} GB), more than the "
+            f"memory available ({limit / 1e9:.0f} GB)"
+        )
+    return make()
 
 
 def parse_spec(spec: str) -> tuple[str, list[str], dict[str, str]]:
@@ -366,6 +420,9 @@ def parse_spec(spec: str) -> tuple[str, list[str], dict[str, str]]:
     return family, positional, options
 
 
+_MAX_LAYERS = 10_000
+
+
 def _widths(tokens: list[str], spec: str) -> list[int]:
     out: list[int] = []
     for token in tokens:
@@ -374,6 +431,8 @@ def _widths(tokens: list[str], spec: str) -> list[int]:
         k = _parse_number(times, int, spec) if sep else 1
         if w < 1 or k < 1:
             raise ValueError(f"bad token {token!r} in model spec {spec!r}: widths and repeats must be >= 1")
+        if len(out) + k > _MAX_LAYERS:
+            raise ValueError(f"model spec {spec!r} asks for more than {_MAX_LAYERS} layers")
         out.extend([w] * k)
     return out
 
@@ -399,7 +458,9 @@ def build_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.M
     if isinstance(input_shape, int):
         input_shape = (input_shape,)
     shape = tuple(input_shape)
-    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+    if not shape or any(
+        isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_SIZE for d in shape
+    ):
         raise ValueError(f"input_shape={shape} must be positive ints, e.g. (1, 28, 28)")
     _check_int("num_classes", num_classes)
 
@@ -408,7 +469,9 @@ def build_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.M
         widths = _widths(positional, spec) if positional else [1000]
         activation = options.get("activation", "relu").lower()
         dropout = _parse_number(options["dropout"], float, spec) if "dropout" in options else 0.0
-        return MLP(math.prod(shape), widths, num_classes, activation=activation, dropout=dropout)
+        return _construct(
+            spec, lambda: MLP(math.prod(shape), widths, num_classes, activation=activation, dropout=dropout)
+        )
 
     if len(shape) != 3:
         raise ValueError(f"{family} needs input_shape=(C, H, W), got {shape}")
@@ -418,7 +481,9 @@ def build_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.M
         channels = _widths(positional, spec) if positional else [32, 64]
         hidden = _parse_number(options["hidden"], int, spec) if "hidden" in options else 128
         dropout = _parse_number(options["dropout"], float, spec) if "dropout" in options else 0.0
-        return CNN(c, num_classes, channels, image_size=(h, w), hidden=hidden, dropout=dropout)
+        return _construct(
+            spec, lambda: CNN(c, num_classes, channels, image_size=(h, w), hidden=hidden, dropout=dropout)
+        )
 
     # vit
     valid = ("dim", "depth", "heads", "patch", "mlp_ratio", "dropout")
@@ -437,7 +502,10 @@ def build_model(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.M
     for key in ("mlp_ratio", "dropout"):
         if key in options:
             kwargs[key] = _parse_number(options[key], float, spec)
-    return ViT(image_size=(h, w), patch_size=patch, in_channels=c, num_classes=num_classes, **kwargs)
+    return _construct(
+        spec,
+        lambda: ViT(image_size=(h, w), patch_size=patch, in_channels=c, num_classes=num_classes, **kwargs),
+    )
 
 
 # ----------------------------------------------------------------------------- inspection

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["shape_arg", "factory_args", "is_spec", "build", "load_weights", "load_model"]
+__all__ = ["shape_arg", "factory_args", "is_spec", "build", "load_weights", "load_model", "add_trust_flag"]
 
 
 def shape_arg(text: str) -> tuple[int, ...]:
@@ -89,8 +89,30 @@ def load_weights(model: Any, path: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """``--trust-factory``: let a CHECKPOINT's recorded ``MODULE:FACTORY`` be imported and called."""
+    p.add_argument(
+        "--trust-factory",
+        action="store_true",
+        help=(
+            "build CHECKPOINT's model with the MODULE:FACTORY its manifest records, which imports and "
+            "runs that code (off by default: only rmtprune's mlp/cnn/vit specs are built from a file; "
+            "see docs/security.md)"
+        ),
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite sidecar/report files of OUT's name even when rmtprune did not write them",
+    )
+
+
 def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, dict[str, Any], int]:
-    """The model, its factory (for OUT's manifest), factory args, and the input's size in bytes."""
+    """The model, its factory (for OUT's manifest), factory args, and the input's size in bytes.
+
+    A CHECKPOINT's own factory is built only when it is a reference spec, or with
+    ``--trust-factory``: a file never makes rmtprune import code by itself (docs/security.md).
+    """
     from .. import io as rio
     from ..errors import CheckpointError
 
@@ -101,16 +123,22 @@ def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, di
         if not Path(ckpt).is_file():
             raise CheckpointError(f"CHECKPOINT {ckpt!r} does not exist")
         manifest = rio.read_manifest(ckpt) or {}
-        factory = args.model or manifest.get("factory")
+        if args.model:
+            factory = args.model
+            fargs = fargs if is_spec(factory) else {}
+            model = build(factory, fargs)
+            rio.load(ckpt, model)
+            return model, factory, fargs, os.path.getsize(ckpt)
+        factory = manifest.get("factory")
         if not factory:
             raise CheckpointError(
                 f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
             )
-        if not args.model:
-            fargs = {**manifest.get("factory_args", {}), **fargs}
-        fargs = fargs if is_spec(factory) else {}
-        model = build(factory, fargs)
-        rio.load(ckpt, model)
+        recorded = manifest.get("factory_args") or {}
+        spec = is_spec(factory)
+        fargs = {**recorded, **fargs} if spec else recorded
+        trust = getattr(args, "trust_factory", False)
+        model = rio.load(ckpt, trust_factory=trust, factory_args=fargs if spec else None)
         return model, factory, fargs, os.path.getsize(ckpt)
     if not args.model:
         raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")

@@ -42,6 +42,8 @@ verdicts:
 ignored (counted in the summary): 1-D tensors (biases, norms), non-float tensors, 3-D and 5-D+ tensors.
 
 exit status: 0 all layers analysed, 1 some layer is invalid, 2 bad input or arguments.
+outputs: --json/--csv are never the checkpoint, and an existing file there that rmtprune did not
+write is refused unless --force; each is written atomically.
 formats: .safetensors file; directory of safetensors shards (with or without *.safetensors.index.json);
 torch.save state dict (.pt/.pth/.bin/.ckpt, loaded with weights_only=True; pickles that need code
 execution are refused). Tensors are read one at a time: memory stays near the largest tensor.
@@ -106,6 +108,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             f"gate on the KS distance to the fitted MP law; above it the verdict is no-mp-bulk "
             f"(default: {DEFAULT_KS_MAX})"
         ),
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite --json/--csv files that exist but were not written by rmtprune",
     )
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return p
@@ -173,23 +180,30 @@ def _plot_name(name: str, used: set[str]) -> str:
 
 
 def _check_outputs(args: argparse.Namespace) -> Path | None:
-    """Fail before the analysis, not after it, when an output cannot be written."""
+    """Fail before the analysis, not after it, when an output cannot or must not be written.
+
+    ``--json``/``--csv`` may not be the checkpoint (or a file of the analysed shard directory),
+    each other, a directory, or an existing file rmtprune did not write (unless ``--force``).
+    """
     from .._atomic import check_writable_dir
+    from .._outputs import Output, check_outputs
     from ..errors import RmtpruneError
 
-    for opt in ("json", "csv"):
-        value = getattr(args, opt)
-        if value is not None:
-            target = Path(value).expanduser()
-            if target.is_dir():
-                raise RmtpruneError(f"--{opt} {value!r} is a directory, not a file")
-            check_writable_dir(target)
+    outputs = [
+        Output(Path(getattr(args, opt)).expanduser(), f"analysis-{opt}", f"--{opt}")
+        for opt in ("json", "csv")
+        if getattr(args, opt) is not None
+    ]
+    check_outputs(outputs, inputs=[args.checkpoint], force=args.force)
     if args.plots is None:
         return None
     plots = Path(args.plots).expanduser()
     if plots.exists() and not plots.is_dir():
         raise RmtpruneError(f"--plots {args.plots!r} exists and is not a directory")
     check_writable_dir(plots)
+    ckpt = Path(args.checkpoint).expanduser()
+    if ckpt.is_dir() and plots.exists() and plots.resolve() == ckpt.resolve():
+        raise RmtpruneError(f"--plots {args.plots!r} is the checkpoint directory; choose another one")
     return plots
 
 

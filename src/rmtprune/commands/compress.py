@@ -5,14 +5,16 @@ reference model spec (``--model mlp:1000 --dataset mnist``), with optional ``--w
 (safetensors, an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``);
 or ``CHECKPOINT``, a file written by rmtprune whose manifest records how to rebuild the model.
 Output: ``OUT`` (``.safetensors`` with the manifest embedded), ``OUT`` with suffix ``.json`` (the
-manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``; every file is written
-atomically, and a failure half way removes the files this run wrote.
+manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``. Every output path is
+checked before any work (never a directory, never one of the inputs, never a file of that name that
+rmtprune did not write unless ``--force``); the four files are written under temporary names and
+renamed only when all are complete, so a failure or Ctrl-C leaves every file as it was, and
+``OUT == CHECKPOINT`` re-cuts in place safely.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ._model_input import load_model, shape_arg
+from ..errors import RmtpruneError
+from ._model_input import add_trust_flag, load_model, shape_arg
 
 #: CLI flag -> (CompressionConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -43,7 +46,9 @@ actions: factor (replaced by two thin layers), dense-truncate (rank-k weight wri
 keep (analysed, left as is: no MP-like bulk, too small, or factoring would not pay), skip (not
 analysed: unsupported type, grouped conv, or not selected by --include/--exclude).
 patterns: shell globs on dotted layer names; a name without wildcards also matches as a suffix.
-outputs: OUT (.safetensors), OUT.json (manifest), OUT.report.json and OUT.report.md (stem-based).
+outputs: OUT (.safetensors), OUT.json (manifest), OUT.report.json and OUT.report.md (stem-based);
+all renamed into place only when all are written; sidecars rmtprune did not write are never replaced
+(--force overrides). A CHECKPOINT's recorded MODULE:FACTORY is not run unless --trust-factory.
 exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, missing directory).
 """
 
@@ -119,6 +124,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="also cut the last prunable layer (the logits; kept by default)",
     )
+    add_trust_flag(p)
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,21 +187,42 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _outputs(args: argparse.Namespace, ckpt: str | None, out: str) -> tuple[Path, Path, Path]:
+    """Check OUT and its sidecars before any work: refuse inputs, directories, users' files."""
+    from .. import io as rio
+    from .._outputs import Output, check_outputs
+
+    out_path = Path(out).expanduser()
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"OUT {out!r} must end in .safetensors")
+    stem = out_path.with_suffix("")
+    report_json, report_md = Path(f"{stem}.report.json"), Path(f"{stem}.report.md")
+    check_outputs(
+        [
+            Output(out_path, "out", "OUT"),
+            Output(rio.manifest_path(out_path), "manifest", "OUT's manifest"),
+            Output(report_json, "report-json", "OUT's JSON report"),
+            Output(report_md, "report-md", "OUT's Markdown report"),
+        ],
+        inputs=[ckpt, args.weights, args.config],
+        force=args.force,
+        in_place=Path(ckpt).expanduser() if ckpt else None,
+    )
+    return out_path, report_json, report_md
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune compress``."""
     import torch
 
     from .. import io as rio
-    from .._atomic import atomic_write_text, check_writable_dir
+    from .._atomic import atomic_paths
     from ..surgery import apply, plan
 
     ckpt, out = _paths(args)
     config = _config(args)
     if out is not None and not args.dry_run:
-        out_path = Path(out).expanduser()
-        if out_path.suffix != ".safetensors":
-            raise ValueError(f"OUT {out!r} must end in .safetensors")
-        check_writable_dir(out_path)
+        out_path, report_json, report_md = _outputs(args, ckpt, out)
     model, factory, fargs, size_before = load_model(args, ckpt)
 
     example = None
@@ -215,21 +242,17 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     apply(model, the_plan, progress=show)
-    out_path = Path(out).expanduser()
-    stem = out_path.with_suffix("")
-    report_json, report_md = Path(f"{stem}.report.json"), Path(f"{stem}.report.md")
-    written: list[Path] = []
-    try:
-        rio.save(model, out_path, plan=the_plan, factory=factory, factory_args=fargs)
-        written += [out_path, rio.manifest_path(out_path)]
-        size_after = os.path.getsize(out_path)
+    # All four files are written under temporary names and renamed only when every one is complete:
+    # a failure or Ctrl-C leaves OUT (even OUT == CHECKPOINT) and its sidecars as they were.
+    targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
+    with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
+        rio.write_checkpoint(model, tmp_w, tmp_j, plan=the_plan, factory=factory, factory_args=fargs)
+        size_after = os.path.getsize(tmp_w)
         files = {"input": ckpt or args.weights, "size_before": size_before, "output": str(out_path)}
         files["size_after"] = size_after
-        data = the_plan.to_dict()
+        data = {"format": "rmtprune-compress-report", **the_plan.to_dict()}
         data["files"] = files
         data["command"] = " ".join(["rmtprune", *sys.argv[1:]]) if sys.argv else "rmtprune compress"
-        atomic_write_text(report_json, json.dumps(data, indent=2) + "\n")
-        written.append(report_json)
         md = [
             f"# rmtprune compress: {out_path.name}",
             "",
@@ -239,13 +262,11 @@ def run(args: argparse.Namespace) -> int:
             f"- file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}",
             "",
         ]
-        atomic_write_text(report_md, "\n".join(md))
-        written.append(report_md)
-    except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise
+        try:
+            tmp_rj.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            tmp_rm.write_text("\n".join(md), encoding="utf-8")
+        except OSError as exc:
+            raise RmtpruneError(f"could not write the report: {exc.strerror or exc}") from exc
     if not args.quiet:
         print(the_plan.table(), end="")
     else:

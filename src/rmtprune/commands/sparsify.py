@@ -7,20 +7,21 @@ an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``)
 ``CHECKPOINT``, a file written by ``rmtprune compress`` or ``rmtprune sparsify`` whose manifest
 records how to rebuild the model (factored layers and masks included). Output: ``OUT``
 (``.safetensors``, sparse layers stored sparsely, manifest embedded), ``OUT`` with suffix
-``.json`` (the manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``;
-every file is written atomically, and a failure half way removes the files this run wrote.
+``.json`` (the manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``.
+Output paths are checked before any work and the four files renamed into place only when all are
+written, as in ``rmtprune compress`` (see ``docs/security.md``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ._model_input import load_model
+from ..errors import RmtpruneError
+from ._model_input import add_trust_flag, load_model
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -120,6 +121,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--report", metavar="PREFIX", help="report paths PREFIX.json and PREFIX.md (default: OUT's)"
     )
+    add_trust_flag(p)
     p.add_argument(
         "--dry-run", action="store_true", help="print the per-layer plan; modify and write nothing"
     )
@@ -163,8 +165,12 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune sparsify``."""
+    import json
+
+    from .. import __version__
     from .. import io as rio
-    from .._atomic import atomic_write_text, check_writable_dir
+    from .._atomic import atomic_paths
+    from .._outputs import Output, check_outputs
     from ..sparsify import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
@@ -176,9 +182,19 @@ def run(args: argparse.Namespace) -> int:
     if out_path.suffix != ".safetensors":
         raise ValueError(f"OUT {out!r} must end in .safetensors")
     prefix = args.report or str(out_path.with_suffix("")) + ".report"
+    report_json, report_md = Path(prefix + ".json").expanduser(), Path(prefix + ".md").expanduser()
     if not args.dry_run:
-        check_writable_dir(out_path)
-        check_writable_dir(prefix + ".json")
+        check_outputs(
+            [
+                Output(out_path, "out", "OUT"),
+                Output(rio.manifest_path(out_path), "manifest", "OUT's manifest"),
+                Output(report_json, "report-json", "the JSON report"),
+                Output(report_md, "report-md", "the Markdown report"),
+            ],
+            inputs=[src, args.weights, args.config],
+            force=args.force,
+            in_place=Path(src).expanduser() if src else None,
+        )
     model, factory, fargs, _ = load_model(args, src)
     if args.dry_run:
         report = plan_sparsity(model, config, show=show)
@@ -191,18 +207,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data, eval_data = _data(args)
     model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
-    written: list[Path] = []
-    try:
-        rio.save(model, out_path, factory=factory, factory_args=fargs)
-        written += [out_path, rio.manifest_path(out_path)]
-        atomic_write_text(prefix + ".json", report.to_json() + "\n")
-        written.append(Path(prefix + ".json"))
-        atomic_write_text(prefix + ".md", report.to_markdown())
-    except BaseException:
-        for path in written:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise
+    # Written under temporary names, renamed only when all four are complete (see compress).
+    targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
+    with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
+        rio.write_checkpoint(model, tmp_w, tmp_j, factory=factory, factory_args=fargs)
+        body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
+        body.update(json.loads(report.to_json()))
+        try:
+            tmp_rj.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            tmp_rm.write_text(report.to_markdown(), encoding="utf-8")
+        except OSError as exc:
+            raise RmtpruneError(f"could not write the report: {exc.strerror or exc}") from exc
     if not args.quiet:
         print(report.table())
         print()
@@ -212,6 +227,6 @@ def run(args: argparse.Namespace) -> int:
     size = os.path.getsize(out_path)
     print(
         f"wrote {out_path} ({size / 1024:.1f} KiB), {rio.manifest_path(out_path).name}, "
-        f"{prefix}.json, {prefix}.md"
+        f"{report_json}, {report_md}"
     )
     return 0
