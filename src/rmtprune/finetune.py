@@ -20,11 +20,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import RmtpruneError
 from .masks import apply_masks, mask_gradients, prunable_layers
 
 SCHEDULES = ("constant", "cosine")
 
-__all__ = ["FinetuneResult", "finetune", "lr_factor", "regularizer", "evaluate", "iterate_batches"]
+__all__ = [
+    "DivergedError",
+    "FinetuneResult",
+    "finetune",
+    "lr_factor",
+    "regularizer",
+    "evaluate",
+    "iterate_batches",
+    "check_lr",
+]
+
+
+class DivergedError(RmtpruneError, FloatingPointError):
+    """The loss became NaN or infinite during training or fine-tuning (the message names the
+    epoch or step and the learning rate). A user error: the command line prints it in one line."""
+
 
 Batch = tuple[Any, Any]
 
@@ -98,6 +114,19 @@ def lr_factor(steps: int, schedule: str = "constant", warmup: float = 0.0) -> Ca
     return factor
 
 
+def check_lr(lr: float, params: Iterable[torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``lr`` is finite, > 0 and representable in every floating
+    dtype of ``params`` (Adam multiplies the weights by it: ``lr=1e308`` overflows float32)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    for p in params:
+        if p.dtype.is_floating_point and lr > torch.finfo(p.dtype).max:
+            dtype = str(p.dtype).replace("torch.", "")
+            raise ValueError(
+                f"lr={lr!r} must be <= {torch.finfo(p.dtype).max:.3g}, the largest {dtype} of the weights"
+            )
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -139,10 +168,16 @@ def finetune(
     """
     if steps is not None and (not isinstance(steps, int) or steps < 0):
         raise ValueError(f"steps={steps!r} must be a non-negative int")
-    if not epochs >= 0:
-        raise ValueError(f"epochs={epochs!r} must be >= 0")
-    if not lr > 0:
-        raise ValueError(f"lr={lr!r} must be > 0")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 <= epochs < math.inf:
+        raise ValueError(f"epochs={epochs!r} must be a finite number >= 0")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not 0 <= weight_decay < math.inf
+    ):
+        raise ValueError(f"weight_decay={weight_decay!r} must be a finite number >= 0")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
     if not 0 <= warmup < 1:
@@ -154,6 +189,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if steps == 0 or not params:
         return FinetuneResult(0, float("nan"), float("nan"))
+    check_lr(lr, params)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     factor = lr_factor(steps, schedule, warmup)
     device = _device(model)
@@ -173,11 +209,23 @@ def finetune(
             loss = loss_fn(model(x), y)
             reg = regularizer(model, l1, l2, group_lasso) if use_reg else None
             total = loss + reg.to(loss.device, loss.dtype) if reg is not None else loss
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"fine-tuning loss became {float(total)}; lower lr={lr}")
+            value = float(total.detach())
+            if not math.isfinite(value):
+                raise DivergedError(
+                    f"fine-tuning diverged at step {step + 1} of {steps}: the loss is {value}; "
+                    f"lower the learning rate (--lr, now {lr:g})"
+                )
             total.backward()
             mask_gradients(model)
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as exc:
+                if "overflow" not in str(exc):
+                    raise
+                raise DivergedError(
+                    f"fine-tuning diverged at step {step + 1} of {steps}: the optimizer step overflowed; "
+                    f"lower the learning rate (--lr, now {lr:g})"
+                ) from None
             apply_masks(model)
             tot_loss += float(loss.detach())
             tot_reg += float(reg.detach()) if reg is not None else 0.0

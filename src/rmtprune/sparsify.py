@@ -53,7 +53,7 @@ from ._progress import progress
 from .analysis import LayerAnalysis, analyze_tensor, as_matrix
 from .config import match_pattern
 from .errors import InvalidWeightsError
-from .finetune import SCHEDULES, evaluate, finetune
+from .finetune import SCHEDULES, check_lr, evaluate, finetune
 from .lowrank import LowRankModule
 from .masks import count_nonzeros, get_mask, masks_of, prunable_layers, remove_masks, restore_masks, set_mask
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, fit_censored
@@ -189,8 +189,11 @@ def _check_real(
 ) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    # Infinity is never a usable value (an infinite learning rate or epoch count), so an upper
+    # bound of inf is always open.
+    hi_open = hi_open or hi == math.inf
     ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok or math.isnan(v):
+    if not ok or not math.isfinite(v):
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValueError(f"{name}={v!r} must be in {left}{lo:g}, {hi:g}{right}")
 
@@ -927,6 +930,8 @@ def sparsify(
     config = _check_config(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if data is not None and (config.cycle_steps > 0 or config.finetune_epochs > 0):
+        check_lr(config.lr, model.parameters())  # before any work: lr=1e308 overflows float32 weights
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     old_masks = {k: v.clone() for k, v in masks_of(model).items()}
     try:

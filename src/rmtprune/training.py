@@ -17,6 +17,7 @@ using random matrix theory. arXiv:2310.03165.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -24,6 +25,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +41,7 @@ from torch import nn
 from ._atomic import atomic_path, atomic_write_text
 from ._progress import progress
 from .errors import CheckpointError, RmtpruneError
+from .finetune import DivergedError
 from .io import factored_layers, restructure
 from .spectral import DEFAULT_KS_MAX
 
@@ -210,11 +214,13 @@ def regularization(model: nn.Module, l1: float = 0.0, l2: float = 0.0) -> torch.
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name}={value!r} must be an int")
     if value < low:
         raise ValueError(f"{name}={value!r} must be >= {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value!r} must be <= {high}")
     return value
 
 
@@ -412,6 +418,12 @@ _FORMAT = "rmtprune-train-checkpoint"
 _VERSION = 1
 #: Config fields that may differ when a run is resumed (they do not change what was trained).
 _RESUME_MAY_CHANGE = ("epochs", "device", "track_spectra", "eval_before_prune")
+#: Sanity bounds: more epochs than this is a typo, a seed must fit torch's 64-bit generator.
+_MAX_EPOCHS = 1_000_000
+_MAX_SEED = 2**63 - 1
+_MAX_FLOAT32 = float(torch.finfo(torch.float32).max)
+#: Device types a run can train on (``meta`` holds no data; the rest are not built into torch).
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 @dataclass
@@ -464,9 +476,9 @@ class TrainConfig:
             raise ValueError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}")
-        _check_int("epochs", self.epochs, 1)
+        _check_int("epochs", self.epochs, 1, _MAX_EPOCHS)
         _check_int("batch_size", self.batch_size, 1)
-        _check_int("seed", self.seed, 0)
+        _check_int("seed", self.seed, 0, _MAX_SEED)
         _check_int("prune_every", self.prune_every, 1)
         _check_int("lr_step", self.lr_step, 1)
         _check_int("min_rank", self.min_rank, 1)
@@ -484,6 +496,12 @@ class TrainConfig:
             setattr(self, name, float(v))
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
+        for name in ("lr", "momentum", "weight_decay", "lr_gamma", "l1", "l2"):
+            # The optimizer multiplies float32 weights by these: a larger value overflows in torch.
+            if getattr(self, name) > _MAX_FLOAT32:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} must be <= {_MAX_FLOAT32:.3g} (the largest float32)"
+                )
         if self.keep_bulk > 1:
             raise ValueError(f"keep_bulk={self.keep_bulk!r} must be in [0, 1]")
         if self.decay_T is not None:
@@ -650,22 +668,75 @@ def _set_rng_state(state: dict[str, Any], loader_gen: torch.Generator) -> None:
 
 # -- checkpoints -------------------------------------------------------------------------------
 
+#: Tests only: ``EPOCH:STAGE[:FRACTION]`` makes the process SIGKILL itself while it writes the
+#: checkpoint of epoch EPOCH, at STAGE: ``write`` (after FRACTION of the bytes, default 0.5),
+#: ``written`` (temporary file complete, nothing renamed), ``rotated`` (``checkpoint.prev.pt``
+#: replaced, ``checkpoint.pt`` not yet) or ``saved`` (both renamed, tables not yet written).
+_KILL_ENV = "_RMTPRUNE_TEST_KILL"
+_KILL_STAGES = ("write", "written", "rotated", "saved")
+
+
+def _kill_point(epoch: int) -> tuple[str, float] | None:
+    """The (stage, fraction) at which the test hook kills this epoch's checkpoint write, if any."""
+    spec = os.environ.get(_KILL_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    try:
+        if int(parts[0]) != epoch or parts[1] not in _KILL_STAGES:
+            return None
+        return parts[1], float(parts[2]) if len(parts) > 2 else 0.5
+    except (IndexError, ValueError):
+        return None
+
+
+def _kill_here(point: tuple[str, float] | None, stage: str) -> None:
+    if point is not None and point[0] == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_state(path: Path, state: dict[str, Any], point: tuple[str, float] | None) -> None:
+    with open(path, "wb") as fh:
+        if point is not None and point[0] == "write":
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = buf.getvalue()
+            fh.write(data[: int(len(data) * min(max(point[1], 0.0), 1.0))])
+            fh.flush()
+            os.fsync(fh.fileno())
+            _kill_here(point, "write")
+        torch.save(state, fh)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a second name of ``src`` (a hard link), or a copy where links are not allowed."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
 
 def _save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
     """Write ``out/checkpoint.pt`` atomically; the one it replaces becomes ``checkpoint.prev.pt``.
 
-    A crash or Ctrl-C at any point leaves at least one complete checkpoint: the new file is
-    written under a temporary name and only then rotated in.
+    Order: the new checkpoint is written and fsynced under a temporary name; then the current one
+    is linked to a temporary name and renamed over ``checkpoint.prev.pt``; then the new one is
+    renamed over ``checkpoint.pt``. At every instant ``checkpoint.pt`` is a complete checkpoint
+    (the old one, then the new one) and ``checkpoint.prev.pt`` a complete earlier one, so a crash,
+    SIGKILL or Ctrl-C anywhere loses at most the epoch being saved. Temporary folders of a killed
+    writer are removed by the next write (see :mod:`rmtprune._atomic`).
     """
     latest, prev = out / CHECKPOINT, out / PREVIOUS_CHECKPOINT
+    point = _kill_point(int(state["epoch"]))
     try:
         with atomic_path(latest) as tmp:
-            with open(tmp, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            _write_state(tmp, state, point)
+            _kill_here(point, "written")
             if latest.exists():
-                os.replace(latest, prev)
+                with atomic_path(prev) as tmp_prev:
+                    _link_or_copy(latest, tmp_prev)
+                _kill_here(point, "rotated")
+        _kill_here(point, "saved")
     except (OSError, RuntimeError) as exc:
         kept = latest if latest.exists() else prev
         note = f"; the last complete checkpoint {str(kept)!r} is kept" if kept.exists() else ""
@@ -681,26 +752,263 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{str(path)!r} does not exist") from None
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({_short(exc)})") from exc
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an rmtprune training checkpoint")
-    if state.get("version") != _VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} has checkpoint version {state.get('version')!r}; expected {_VERSION}"
+#: Bounds on what a checkpoint may hold: nesting depth (a real one has 6 levels), containers and
+#: values in all (a real one has a few per parameter tensor and per epoch).
+_MAX_DEPTH = 16
+_MAX_NODES = 2_000_000
+_SCALARS = (str, int, float, bool, type(None))
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _BadFieldError(Exception):
+    """A checkpoint field that is not what a checkpoint holds (the message names it)."""
+
+
+def _check_structure(obj: Any, max_bytes: int) -> None:
+    """Walk everything ``torch.load`` returned without recursion: refuse a cycle, nesting deeper
+    than ``_MAX_DEPTH``, more than ``_MAX_NODES`` values, any type but containers, scalars and
+    dense CPU tensors, and a tensor claiming more bytes than the file holds (a zero-stride view).
+    """
+    on_path: set[int] = set()
+    done: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(obj, 0, False)]
+    nodes = 0
+    while stack:
+        o, depth, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(o))
+            done.add(id(o))
+            continue
+        nodes += 1
+        if nodes > _MAX_NODES:
+            raise _BadFieldError(f"it holds more than {_MAX_NODES:,} values")
+        if isinstance(o, _SCALARS):
+            continue
+        if isinstance(o, torch.Tensor):
+            if o.layout != torch.strided or o.device.type != "cpu" or o.is_quantized:
+                raise _BadFieldError(
+                    f"it holds a {o.layout} tensor on {o.device.type} (only dense CPU tensors are saved)"
+                )
+            if o.numel() * o.element_size() > max_bytes:
+                raise _BadFieldError(
+                    f"a tensor of shape {tuple(o.shape)} claims more bytes than the file holds"
+                )
+            continue
+        if not isinstance(o, (dict, list, tuple)):
+            raise _BadFieldError(
+                f"it holds a {type(o).__name__} (only containers, numbers, strings and tensors are saved)"
+            )
+        if id(o) in on_path:
+            raise _BadFieldError("it holds a container that contains itself")
+        if id(o) in done:
+            continue
+        if depth >= _MAX_DEPTH:
+            raise _BadFieldError(f"it is nested deeper than {_MAX_DEPTH} levels")
+        on_path.add(id(o))
+        stack.append((o, depth, True))
+        items = [v for kv in o.items() for v in kv] if isinstance(o, dict) else o
+        stack.extend((v, depth + 1, False) for v in items)
+
+
+def _want(cond: bool, what: str) -> None:
+    if not cond:
+        raise _BadFieldError(what)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_rows(rows: Any, name: str) -> None:
+    """A list of flat dicts of scalars (a nested dict of scalars allowed one level down)."""
+    _want(isinstance(rows, list), f"{name} is not a list")
+    for i, row in enumerate(rows):
+        _want(isinstance(row, dict) and all(isinstance(k, str) for k in row), f"{name}[{i}] is not a dict")
+        for key, value in row.items():
+            if isinstance(value, dict):
+                for sub in value.values():
+                    ok = isinstance(sub, _SCALARS) or (
+                        isinstance(sub, (dict, list)) and all(isinstance(x, _SCALARS) for x in _values(sub))
+                    )
+                    _want(ok, f"{name}[{i}][{key!r}] holds something other than numbers and names")
+            else:
+                _want(isinstance(value, _SCALARS), f"{name}[{i}][{key!r}] is not a number or a name")
+
+
+def _values(obj: dict | list) -> list[Any]:
+    return list(obj.values()) if isinstance(obj, dict) else list(obj)
+
+
+def _check_architecture(arch: Any) -> None:
+    _want(isinstance(arch, dict), "architecture is not a dict")
+    from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+
+    kinds = {c.__name__ for c in (LowRankLinear, LowRankConv1d, LowRankConv2d)}
+    for name, spec in arch.items():
+        where = f"architecture[{name!r}]"
+        _want(isinstance(name, str) and isinstance(spec, dict), f"{where} is not a layer spec")
+        _want(spec.get("type") in kinds, f"{where} type={spec.get('type')!r} is not one of {sorted(kinds)}")
+        _want(isinstance(spec.get("original_type"), str), f"{where} original_type is not a name")
+        shape = spec.get("matrix_shape")
+        _want(
+            isinstance(shape, (list, tuple))
+            and len(shape) == 2
+            and all(_is_int(v) and v >= 1 for v in shape),
+            f"{where} matrix_shape={shape!r} is not two positive ints",
         )
+        wshape = spec.get("weight_shape")
+        _want(
+            isinstance(wshape, (list, tuple)) and all(_is_int(v) and v >= 1 for v in wshape),
+            f"{where} weight_shape={wshape!r} is not positive ints",
+        )
+        rank = spec.get("rank")
+        _want(
+            _is_int(rank) and 1 <= rank <= min(shape),
+            f"{where} rank={rank!r} must be an int in [1, min(m, n)={min(shape)}] "
+            f"for matrix {shape[0]}x{shape[1]}",
+        )
+        _want(isinstance(spec.get("bias"), bool), f"{where} bias is not a bool")
+
+
+def _check_rng(rng: Any) -> None:
+    _want(isinstance(rng, dict), "rng is not a dict")
+    size = torch.get_rng_state().numel()
+    for key in ("torch", "loader"):
+        t = rng.get(key)
+        _want(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (size,),
+            f"rng[{key!r}] is not a generator state ({size} bytes)",
+        )
+    npst = rng.get("numpy")
+    _want(isinstance(npst, dict), "rng['numpy'] is not a dict")
+    keys = npst.get("keys")
+    _want(npst.get("kind") == "MT19937", "rng['numpy'] kind is not MT19937")
+    _want(
+        isinstance(keys, torch.Tensor) and keys.dtype == torch.int64 and tuple(keys.shape) == (624,),
+        "rng['numpy'] keys are not 624 int64 values",
+    )
+    _want(bool(((keys >= 0) & (keys < 2**32)).all()), "rng['numpy'] keys are not 32-bit values")
+    _want(_is_int(npst.get("pos")) and 0 <= npst["pos"] <= 624, "rng['numpy'] pos is not in [0, 624]")
+    _want(npst.get("has_gauss") in (0, 1), "rng['numpy'] has_gauss is not 0 or 1")
+    _want(_is_num(npst.get("cached_gaussian")), "rng['numpy'] cached_gaussian is not a number")
+    py = rng.get("python")
+    _want(
+        isinstance(py, (list, tuple))
+        and len(py) == 3
+        and py[0] == 3
+        and isinstance(py[1], (list, tuple))
+        and len(py[1]) == 625
+        and all(_is_int(v) and 0 <= v < 2**32 for v in py[1])
+        and (py[2] is None or _is_num(py[2])),
+        "rng['python'] is not a Python random state",
+    )
+    cuda = rng.get("cuda", [])
+    _want(
+        isinstance(cuda, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda),
+        "rng['cuda'] is not a list of generator states",
+    )
+
+
+def _check_optimizer_state(opt: Any) -> None:
+    _want(isinstance(opt, dict), "optimizer is not a dict")
+    groups, st = opt.get("param_groups"), opt.get("state")
+    _want(
+        isinstance(groups, list) and all(isinstance(g, dict) for g in groups),
+        "optimizer param_groups is not a list",
+    )
+    _want(isinstance(st, dict), "optimizer state is not a dict")
+    for i, g in enumerate(groups):
+        for key, value in g.items():
+            where = f"optimizer param_groups[{i}][{key!r}]"
+            if key == "params":
+                _want(
+                    isinstance(value, list) and all(_is_int(v) for v in value),
+                    f"{where} is not a list of ints",
+                )
+            elif isinstance(value, (list, tuple)):
+                _want(all(_is_num(v) and math.isfinite(v) for v in value), f"{where} is not finite numbers")
+            else:
+                _want(isinstance(value, _SCALARS), f"{where} is not a number")
+                _want(not _is_num(value) or math.isfinite(value), f"{where}={value!r} is not finite")
+        lr = g.get("lr")
+        _want(_is_num(lr) and lr >= 0, f"optimizer param_groups[{i}] lr={lr!r} is not a number >= 0")
+    for key, entry in st.items():
+        _want(
+            _is_int(key) and isinstance(entry, dict), f"optimizer state[{key!r}] is not a parameter's state"
+        )
+        for name, value in entry.items():
+            _want(
+                isinstance(value, torch.Tensor) or _is_num(value),
+                f"optimizer state[{key}][{name!r}] is not a tensor or a number",
+            )
+
+
+def _check_state(state: Any, max_bytes: int) -> None:
+    """Everything about a checkpoint that does not need the model; raise :class:`_BadFieldError`."""
+    _check_structure(state, max_bytes)
+    _want(
+        isinstance(state, dict) and state.get("format") == _FORMAT,
+        "it is not an rmtprune training checkpoint",
+    )
+    _want(state.get("version") == _VERSION, f"checkpoint version {state.get('version')!r} is not {_VERSION}")
     missing = [
         k
         for k in ("epoch", "config", "architecture", "model", "optimizer", "scheduler", "rng")
         if k not in state
     ]
-    if missing:
-        raise CheckpointError(f"{str(path)!r} lacks {', '.join(missing)}")
+    _want(not missing, f"it lacks {', '.join(missing)}")
+    _want(isinstance(state["config"], dict), "config is not a dict")
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise _BadFieldError(f"it holds an invalid run configuration: {exc}") from None
+    epoch = state["epoch"]
+    _want(_is_int(epoch) and 1 <= epoch <= cfg.epochs, f"epoch={epoch!r} is not in [1, epochs={cfg.epochs}]")
+    _want(state.get("data_dir") is None or isinstance(state["data_dir"], str), "data_dir is not a path")
+    _check_architecture(state["architecture"])
+    sd = state["model"]
+    _want(isinstance(sd, dict) and bool(sd), "model is not a state dict")
+    for key, t in sd.items():
+        _want(isinstance(key, str) and isinstance(t, torch.Tensor), f"model[{key!r}] is not a named tensor")
+        _want(t.dtype in _FLOAT_DTYPES, f"model[{key!r}] has dtype {t.dtype}, not a float type")
+    _check_optimizer_state(state["optimizer"])
+    sched = state["scheduler"]
+    _want(isinstance(sched, dict) and all(isinstance(k, str) for k in sched), "scheduler is not a dict")
+    _check_rng(state["rng"])
+    metrics = state.get("metrics", [])
+    _check_rows(metrics, "metrics")
+    _want(len(metrics) == epoch, f"metrics has {len(metrics)} rows for {epoch} epochs")
+    for i, row in enumerate(metrics):
+        _want(row.get("epoch") == i + 1, f"metrics[{i}] epoch={row.get('epoch')!r} is not {i + 1}")
+        for key in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "params"):
+            _want(_is_num(row.get(key)), f"metrics[{i}][{key!r}]={row.get(key)!r} is not a number")
+        _want(isinstance(row.get("layers", {}), dict), f"metrics[{i}]['layers'] is not a dict")
+    pruner = state.get("pruner", {})
+    _want(isinstance(pruner, dict), "pruner is not a dict")
+    for key in ("history", "events"):
+        _check_rows(pruner.get(key, []), f"pruner[{key!r}]")
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and check a checkpoint (no code runs: ``weights_only``); every problem is a one-line
+    :class:`CheckpointError` naming the file and the field."""
+    try:
+        size = path.stat().st_size
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} does not exist") from None
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint ({_short(exc)})") from exc
+    try:
+        _check_state(state, size)
+    except _BadFieldError as exc:
+        raise CheckpointError(f"{str(path)!r} is not a valid rmtprune training checkpoint: {exc}") from None
+    except RecursionError:  # pragma: no cover - the walk above has no recursion; belt and braces
+        raise CheckpointError(f"{str(path)!r} is nested too deeply to be a checkpoint") from None
     return state
 
 
@@ -845,6 +1153,163 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
+# -- building the model: sizes checked on the meta device first ---------------------------------
+
+
+def _meta_model(cfg: TrainConfig, input_shape: Any, num_classes: int) -> nn.Module:
+    """``cfg.model`` built on the meta device: shapes only, no memory, no random numbers drawn."""
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(cfg.model, input_shape, num_classes)
+    except (RuntimeError, OverflowError, MemoryError) as exc:
+        raise RmtpruneError(f"model={cfg.model!r} cannot be built: {_short(exc)}") from None
+
+
+def _memory_bytes(device: str) -> int | None:
+    """Total memory of the device (RAM for the CPU), or None when unknown."""
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return int(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+        if dev.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+    return None
+
+
+def _check_model_size(cfg: TrainConfig, model: nn.Module) -> int:
+    """Refuse a model whose training state (weights, gradients, optimizer moments) cannot fit the
+    device's memory, before a byte of it is allocated; return its parameter count."""
+    n = sum(p.numel() for p in model.parameters())
+    copies = 4 if cfg.optimizer == "adamw" else 3
+    need = n * 4 * copies
+    have = _memory_bytes(cfg.device)
+    if have is not None and need > have:
+        raise RmtpruneError(
+            f"model={cfg.model!r} has {n:,} parameters: training it needs about {need / 2**30:,.1f} GiB "
+            f"(weights, gradients, optimizer state), more than the {have / 2**30:,.1f} GiB of device "
+            f"{cfg.device!r}; choose a smaller model"
+        )
+    return n
+
+
+def _resumed_model(
+    cfg: TrainConfig, state: dict[str, Any], path: Path, input_shape: Any, num_classes: int
+) -> tuple[nn.Module, int]:
+    """The checkpoint's (pruned) model, checked against ``cfg.model`` on the meta device first.
+
+    Every recorded factored layer must name a layer of the model with the recorded matrix shape
+    and a rank within ``min(m, n)``, and every tensor of the checkpoint must have exactly the
+    shape of the model's; only then is memory allocated, and only for the pruned model. Returns
+    the model and the parameter count of the model as first built (before any cut).
+    """
+    meta = _meta_model(cfg, input_shape, num_classes)
+    initial = sum(p.numel() for p in meta.parameters())
+
+    where = f"{str(path)!r} does not fit model {cfg.model!r} on {cfg.dataset}"
+    try:
+        restructure(meta, state["architecture"])
+    except (CheckpointError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{where}: {_short(exc) if not isinstance(exc, RmtpruneError) else exc}"
+        ) from None
+    expected = meta.state_dict()
+    got = state["model"]
+    for key, t in expected.items():
+        if key not in got:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} ({tuple(t.shape)}) is missing from the checkpoint"
+            )
+        if tuple(got[key].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is {tuple(got[key].shape)} in the checkpoint, "
+                f"{tuple(t.shape)} in the model"
+            )
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: the checkpoint has tensor {extra[0]!r}, which the model has not")
+    saved = {k for k, _ in meta.named_parameters()} | {k for k, _ in meta.named_buffers()}
+    if saved != set(expected):  # a non-persistent buffer the state dict would not fill: build for real
+        from .models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg.model, input_shape, num_classes)
+        restructure(model, state["architecture"])
+    else:
+        model = meta.to_empty(device="cpu")
+    try:
+        model.load_state_dict(got)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{where}: {_short(exc)}") from None
+    return model.to(cfg.device), initial
+
+
+def _check_optimizer_fits(optimizer: torch.optim.Optimizer, saved: dict[str, Any], where: str) -> None:
+    """The saved optimizer state has the groups of ``optimizer`` and per-parameter tensors of the
+    parameters' shapes (torch would broadcast a wrong-shaped momentum silently or fail mid-epoch)."""
+    fresh = optimizer.state_dict()
+    groups = saved["param_groups"]
+    if len(groups) != len(fresh["param_groups"]):
+        raise CheckpointError(
+            f"{where}: {len(groups)} optimizer parameter group(s), the model has {len(fresh['param_groups'])}"
+        )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, (g, f) in enumerate(zip(groups, fresh["param_groups"], strict=True)):
+        if g["params"] != f["params"]:
+            raise CheckpointError(
+                f"{where}: optimizer group {i} lists parameters {g['params'][:8]}, "
+                f"the model {f['params'][:8]}"
+            )
+    for key, entry in saved["state"].items():
+        if not 0 <= key < len(params):
+            raise CheckpointError(
+                f"{where}: optimizer state names parameter {key}, the model has {len(params)}"
+            )
+        shape = tuple(params[key].shape)
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim and tuple(value.shape) != shape:
+                raise CheckpointError(
+                    f"{where}: optimizer state {name!r} of parameter {key} is {tuple(value.shape)}, "
+                    f"the parameter {shape}"
+                )
+            if isinstance(value, torch.Tensor) and not value.ndim == 0 and value.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{where}: optimizer state {name!r} of parameter {key} has dtype {value.dtype}"
+                )
+
+
+def _check_scheduler_fits(scheduler: Any, saved: dict[str, Any], where: str) -> None:
+    """The saved scheduler state sets only the attributes a fresh one has, with values of the same kind
+    (``load_state_dict`` copies every key into the scheduler's ``__dict__``)."""
+    fresh = scheduler.state_dict()
+    for key, value in saved.items():
+        if key not in fresh:
+            raise CheckpointError(f"{where}: scheduler state has unknown field {key!r}")
+        ref = fresh[key]
+        if isinstance(ref, list):
+            ok = (
+                isinstance(value, list)
+                and len(value) == len(ref)
+                and all(
+                    (v is None and r is None) or (_is_num(v) and _is_num(r) and math.isfinite(v))
+                    for v, r in zip(value, ref, strict=True)
+                )
+            )
+        elif isinstance(ref, bool):
+            ok = isinstance(value, bool)
+        elif _is_num(ref):
+            ok = _is_num(value) and math.isfinite(value) and (not _is_int(ref) or _is_int(value))
+        else:
+            ok = type(value) is type(ref)
+        if not ok:
+            raise CheckpointError(
+                f"{where}: scheduler state {key}={value!r} does not fit ({type(ref).__name__} expected)"
+            )
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -915,6 +1380,14 @@ def writable_dir(path: str | os.PathLike[str]) -> Path:
     return out_dir
 
 
+def _remove_empty_run(out_dir: Path, created: bool) -> None:
+    """After a fresh run failed before its first checkpoint: remove the directory it created, if
+    nothing is in it (a directory that was there before is left alone)."""
+    if created:
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()
+
+
 def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
     out_dir = writable_dir(out)
     if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS_CHECKPOINT).exists()):
@@ -938,15 +1411,34 @@ def _check_names(cfg: TrainConfig) -> None:
 
 
 def _check_device(device: str) -> None:
-    """Raise ``ValueError`` for a device string torch does not know or a device that is not there."""
+    """Raise ``ValueError`` for a device string torch does not know, one that holds no data
+    (``meta``) or a device that is not there, before anything is built or written."""
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ValueError(f"device={device!r} is not a torch device ({_short(exc)})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r} asked for but MPS is not available; use device='cpu'")
+    if dev.type == "meta":
+        raise ValueError(
+            f"device={device!r} holds no data (shapes only), so nothing can be trained on it; "
+            "use device='cpu' or a GPU"
+        )
+    if dev.type not in _DEVICE_TYPES:
+        raise ValueError(
+            f"device={device!r} is not supported for training; use one of {', '.join(_DEVICE_TYPES)}"
+        )
+    available = {
+        "cuda": lambda: torch.cuda.is_available(),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if dev.type in available and not available[dev.type]():
+        raise ValueError(
+            f"device={device!r} asked for but {dev.type.upper()} is not available; use device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r} asked for but there are only {torch.cuda.device_count()} CUDA device(s)"
+        )
 
 
 def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
@@ -1025,16 +1517,15 @@ def train(
         cfg = _resolve_config(config, overrides)
         _check_names(cfg)  # before anything is written
     out_dir = None
+    created = False
     if resume:
         if out is None:
             raise ValueError("resume=True needs out= (the directory of the run to continue)")
         out_dir = _prepare_out(out, resume=True)
         state, ckpt_path = load_checkpoint(out_dir, log)
-        try:
-            stored = TrainConfig.from_dict(state["config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{str(ckpt_path)!r} holds an invalid run configuration: {exc}") from exc
+        stored = TrainConfig.from_dict(state["config"])  # checked by load_checkpoint
         cfg = _resume_config(stored, config, overrides, int(state["epoch"]))
+        _check_device(cfg.device)
         if data_dir is None:
             data_dir = state.get("data_dir")
 
@@ -1043,33 +1534,36 @@ def train(
 
     loader_gen = seed_everything(cfg.seed)
     train_ds, test_ds = _load_data(cfg, data_dir)
-    model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
-    initial_params = sum(p.numel() for p in model.parameters())
+    if state is not None:
+        # Checked against the spec on the meta device before anything is allocated; the random
+        # number generators are restored below, so skipping the dense build changes nothing.
+        model, initial_params = _resumed_model(
+            cfg, state, ckpt_path, train_ds.input_shape, train_ds.num_classes
+        )
+    else:
+        _check_model_size(cfg, _meta_model(cfg, train_ds.input_shape, train_ds.num_classes))
+        model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
+        initial_params = sum(p.numel() for p in model.parameters())
     if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
+        created = not Path(out).expanduser().exists()
         out_dir = _prepare_out(out, resume=False)
     compression = _compression_config(cfg)
     pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []
     done = 0
-    if state is not None:
-        try:
-            restructure(model, state["architecture"])
-            model.load_state_dict(state["model"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(
-                f"{str(ckpt_path)!r} does not fit model {cfg.model!r} on {cfg.dataset}: {exc}"
-            ) from exc
-        model.to(cfg.device)
     optimizer = _make_optimizer(cfg, model)
     scheduler = _make_scheduler(cfg, optimizer)
     if state is not None:
+        where = f"{str(ckpt_path)!r} has an optimizer or scheduler state that does not fit"
+        _check_optimizer_fits(optimizer, state["optimizer"], where)
+        _check_scheduler_fits(scheduler, state["scheduler"], where)
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], loader_gen)
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CheckpointError(
-                f"{str(ckpt_path)!r} has an optimizer or RNG state that does not fit: {exc}"
+                f"{str(ckpt_path)!r} has an optimizer or RNG state that does not fit: {_short(exc)}"
             ) from exc
         if pruner is not None:
             pruner.load_state_dict(state.get("pruner", {}))
@@ -1081,8 +1575,12 @@ def train(
     elif pruner is not None and pruner.should_prune(0):
         pruner.prune(model, 0, optimizer)
 
-    if out_dir is not None:
+    # A fresh run writes config.json with its first checkpoint, so a run that fails before
+    # completing an epoch (divergence, Ctrl-C, a bad option found late) leaves nothing behind.
+    config_written = False
+    if out_dir is not None and state is not None:
         atomic_write_text(out_dir / "config.json", cfg.to_json() + "\n")
+        config_written = True
     loader = FastLoader(train_ds, cfg.batch_size, shuffle=True, generator=loader_gen, device=cfg.device)
     test_ds = test_ds.to(cfg.device)
     timings = {"train": 0.0, "prune": 0.0, "eval": 0.0, "spectra": 0.0, "io": 0.0}
@@ -1127,12 +1625,17 @@ def train(
                         "pruner": pruner.state_dict() if pruner is not None else {},
                     },
                 )
+                if not config_written:
+                    atomic_write_text(out_dir / "config.json", cfg.to_json() + "\n")
+                    config_written = True
                 _write_outputs(
                     out_dir, lambda: _write_tables(out_dir, metrics, pruner.history_ if pruner else [])
                 )
                 timings["io"] += time.perf_counter() - t0
-    except KeyboardInterrupt:
-        if log is not None and out_dir is not None:
+    except BaseException as exc:
+        if out_dir is not None and state is None and not config_written:
+            _remove_empty_run(out_dir, created)
+        if isinstance(exc, KeyboardInterrupt) and log is not None and out_dir is not None:
             where = (
                 f"the last complete checkpoint is {str(out_dir / CHECKPOINT)!r} (epoch {epoch - 1})"
                 if epoch - 1 > 0
@@ -1178,25 +1681,37 @@ def _run_epoch(
     model.train()
     loss_sum, correct, n = 0.0, 0, 0
     regularise = cfg.l1 > 0 or cfg.l2 > 0
+    steps = len(loader)
     for i, (x, y) in enumerate(
-        progress(loader, total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", enable=progress_bar)
+        progress(loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", enable=progress_bar)
     ):
         if batch_callback is not None:
             batch_callback(epoch, i)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
         total = loss + regularization(model, cfg.l1, cfg.l2) if regularise else loss
+        value = float(total.detach())
+        if not math.isfinite(value):
+            # Before the step: the weights stay as they were, and no checkpoint of this epoch is written.
+            raise DivergedError(
+                f"training diverged in epoch {epoch}, step {i + 1} of {steps}: the loss is {value}; "
+                f"lower the learning rate (--lr, now {cfg.lr:g}); nothing of epoch {epoch} was saved"
+            )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as exc:
+            if "overflow" not in str(exc):
+                raise
+            raise DivergedError(
+                f"training diverged in epoch {epoch}, step {i + 1} of {steps}: the optimizer step "
+                f"overflowed ({_short(exc)}); lower the learning rate (--lr, now {cfg.lr:g})"
+            ) from None
         with torch.no_grad():
             loss_sum += float(loss) * int(y.numel())
             correct += int((logits.argmax(1) == y).sum())
             n += int(y.numel())
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(
-            f"training diverged in epoch {epoch} (loss is {loss_sum / max(n, 1)}); lower lr={cfg.lr}"
-        )
     scheduler.step()
     t_train = time.perf_counter() - t0
 
