@@ -479,9 +479,9 @@ def _check_torch_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except Exception as exc:  # zipfile raises BadZipFile, but also ValueError, UnicodeDecodeError, ...
         raise CheckpointError(
-            f"{str(path)!r} is truncated or corrupt: unreadable zip archive ({exc})"
+            f"{str(path)!r} is truncated or corrupt: unreadable zip archive ({_one_line(exc)})"
         ) from None
     if not any(n.endswith("/data.pkl") for n in names):
         raise CheckpointError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
@@ -584,6 +584,7 @@ def _check_shard_name(shard: str, index: Path) -> None:
     """An index may only name plain files beside it: no directories, ``..`` or absolute paths."""
     if (
         not shard
+        or len(shard) > 255
         or shard in (".", "..")
         or "/" in shard
         or "\\" in shard
@@ -613,7 +614,11 @@ def _open_index(index: Path) -> _Source:
     for shard in sorted(set(weight_map.values()), key=_natural_key):
         _check_shard_name(shard, index)
         shard_path = index.parent / shard
-        if not shard_path.is_file():
+        try:
+            present = shard_path.is_file()
+        except OSError:  # a name the file system refuses (too long, ...)
+            present = False
+        if not present:
             n = sum(1 for v in weight_map.values() if v == shard)
             raise CheckpointError(
                 f"shard {shard!r} named by index {str(index)!r} is missing ({n} tensors are mapped to it)"

@@ -54,6 +54,13 @@ FORMATS = ("auto", "bitmask", "csr")
 METADATA_KEY = "rmtprune.sparse"
 _SEP = "@"
 _PARTS = {"bitmask": ("values", "bitmask"), "csr": ("values", "crow", "col")}
+_MAX_NDIM = 64
+_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+#: A file whose sparse tensors decode to more than ``MAX_EXPANSION`` times its size (and more than
+#: ``_MIN_BUDGET`` bytes) is refused by :func:`load_sparse` as crafted: real pruned weights do not
+#: expand that much (a 4096 x 4096 float32 layer at 99.95% sparsity expands ~1000x).
+MAX_EXPANSION = 1024
+_MIN_BUDGET = 64 << 20
 
 
 def _check_format(fmt: str) -> str:
@@ -121,33 +128,98 @@ def encode_tensor(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -
     return parts, entry
 
 
+def _entry_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The dense shape an entry records: 1 to 64 non-negative integers with an int64 element count."""
+    shape = entry.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= _MAX_NDIM
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in shape)
+        or math.prod(max(v, 1) for v in shape) >= 2**63
+    ):
+        raise CheckpointError(f"sparse entry has an invalid shape {_short(shape)}")
+    return tuple(shape)
+
+
+def _entry_nnz(entry: Mapping[str, Any], numel: int) -> int | None:
+    """The recorded number of kept entries (None when the entry does not record it)."""
+    if "nnz" not in entry:
+        return None
+    nnz = entry["nnz"]
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= numel:
+        raise CheckpointError(f"sparse entry has nnz {_short(nnz)}, not an integer in [0, {numel}]")
+    return nnz
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _part_sizes(fmt: str, shape: tuple[int, ...], nnz: int) -> dict[str, int]:
+    """Number of elements each part of a tensor in format ``fmt`` must have."""
+    numel = math.prod(shape)
+    if fmt == "bitmask":
+        return {"values": nnz, "bitmask": (numel + 7) // 8}
+    return {"values": nnz, "crow": shape[0] + 1, "col": nnz}
+
+
 def decode_tensor(
     parts: Mapping[str, torch.Tensor], entry: Mapping[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert :func:`encode_tensor`: return ``(dense_weight, mask)``; raises on inconsistent parts."""
+    """Invert :func:`encode_tensor`: return ``(dense_weight, mask)``; raises on inconsistent parts.
+
+    Every recorded size, dtype and index is checked against the parts before the dense tensor is
+    allocated, so crafted metadata raises :class:`CheckpointError` rather than allocating or indexing
+    out of range.
+    """
+    if not isinstance(entry, Mapping):
+        raise CheckpointError(f"sparse entry {_short(entry)} is not a mapping")
     fmt = entry.get("format")
-    if fmt not in _PARTS:
-        raise CheckpointError(f"unknown sparse format {fmt!r}")
+    if not isinstance(fmt, str) or fmt not in _PARTS:
+        raise CheckpointError(f"unknown sparse format {_short(fmt)}")
     missing = [p for p in _PARTS[fmt] if p not in parts]
     if missing:
         raise CheckpointError(f"sparse tensor in format {fmt!r} lacks parts {missing}")
-    shape = tuple(int(v) for v in entry["shape"])
+    extra = sorted(set(parts) - set(_PARTS[fmt]))
+    if extra:
+        raise CheckpointError(
+            f"sparse tensor in format {fmt!r} has unknown parts {[_short(e) for e in extra]}"
+        )
+    shape = _entry_shape(entry)
     numel = math.prod(shape)
     values = parts["values"]
+    for part, t in parts.items():
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.layout != torch.strided:
+            raise CheckpointError(f"sparse part {part!r} is not a 1-D tensor")
+    nnz = _entry_nnz(entry, numel)
+    if nnz is not None and values.numel() != nnz:
+        raise CheckpointError(f"{values.numel()} stored values for nnz {nnz}")
+    dtype = entry.get("dtype")
+    if dtype is not None and dtype != str(values.dtype).replace("torch.", ""):
+        raise CheckpointError(f"sparse entry says dtype {_short(dtype)} but its values are {values.dtype}")
+    if values.numel() > numel:
+        raise CheckpointError(f"{values.numel()} stored values for a shape of {numel} entries")
     if fmt == "bitmask":
-        bits = parts["bitmask"].to("cpu", torch.uint8).numpy()
+        if parts["bitmask"].dtype != torch.uint8:
+            raise CheckpointError(f"bitmask is {parts['bitmask'].dtype}, not uint8")
+        bits = parts["bitmask"].to("cpu").numpy()
         if bits.size != (numel + 7) // 8:
             raise CheckpointError(f"bitmask of {bits.size} bytes does not fit shape {list(shape)}")
         flat = torch.from_numpy(np.unpackbits(bits, count=numel, bitorder="little").astype(bool))
         mask = flat.reshape(shape)
     else:
-        crow = parts["crow"].to(torch.int64)
-        col = parts["col"].to(torch.int64)
+        crow, col = parts["crow"], parts["col"]
+        if crow.dtype not in _INDEX_DTYPES or col.dtype not in _INDEX_DTYPES:
+            raise CheckpointError(f"CSR indices are {crow.dtype}/{col.dtype}, not integers")
+        crow, col = crow.to(torch.int64), col.to(torch.int64)
         rows, cols = shape[0], numel // shape[0] if shape[0] else 0
         if (
             crow.numel() != rows + 1
+            or int(crow[0]) != 0
             or int(crow[-1]) != col.numel()
-            or (col.numel() and int(col.max()) >= cols)
+            or bool((crow[1:] < crow[:-1]).any())
+            or (col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols))
         ):
             raise CheckpointError(f"CSR parts do not fit shape {list(shape)}")
         row_idx = torch.repeat_interleave(torch.arange(rows), crow[1:] - crow[:-1])
@@ -208,37 +280,98 @@ def decode_state_dict(
             state[key] = t
     extra = sorted(set(grouped) - set(manifest))
     if extra:
-        raise CheckpointError(f"sparse parts without a manifest entry: {extra}")
+        raise CheckpointError(f"sparse parts without a manifest entry: {[_short(e) for e in extra[:3]]}")
+    both = sorted(set(state) & set(manifest))
+    if both:
+        raise CheckpointError(f"tensor {_short(both[0])} is stored both dense and sparse")
     masks: dict[str, torch.Tensor] = {}
     for key, entry in manifest.items():
         if key not in grouped:
-            raise CheckpointError(f"manifest names sparse tensor {key!r} but the file lacks its parts")
+            raise CheckpointError(f"manifest names sparse tensor {_short(key)} but the file lacks its parts")
         state[key], masks[key] = decode_tensor(grouped[key], entry)
     return state, masks
 
 
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
 def manifest_from_metadata(metadata: Mapping[str, str] | None) -> dict[str, dict] | None:
-    """The sparse manifest in a safetensors header's metadata, or None when the file has none."""
+    """The sparse manifest in a safetensors header's metadata, or None when the file has none.
+
+    Its structure is checked (a mapping of tensor name to an entry with a known format, a valid
+    shape and, where recorded, an nnz within it); :func:`dense_shapes` then checks it against the
+    file's tensors.
+    """
     if not metadata or METADATA_KEY not in metadata:
         return None
     try:
-        manifest = json.loads(metadata[METADATA_KEY])["tensors"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"corrupt sparse manifest: {exc}") from None
+        doc = json.loads(metadata[METADATA_KEY], parse_constant=_reject_constant)
+        manifest = doc["tensors"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"corrupt sparse manifest: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(manifest, dict):
         raise CheckpointError("corrupt sparse manifest: 'tensors' is not a mapping")
+    for key, entry in manifest.items():
+        if _SEP in key:
+            raise CheckpointError(f"corrupt sparse manifest: tensor name {_short(key)} contains {_SEP!r}")
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"corrupt sparse manifest: entry of {_short(key)} is not a mapping")
+        try:
+            if not isinstance(entry.get("format"), str) or entry["format"] not in _PARTS:
+                raise CheckpointError(f"unknown sparse format {_short(entry.get('format'))}")
+            _entry_nnz(entry, math.prod(_entry_shape(entry)))
+        except CheckpointError as exc:
+            raise CheckpointError(f"corrupt sparse manifest: tensor {_short(key)}: {exc}") from None
     return manifest
 
 
 def dense_shapes(
     shapes: Mapping[str, tuple[int, ...]], manifest: Mapping[str, Mapping[str, Any]] | None
 ) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of an encoded file as the model sees them: sparse parts folded into their tensor."""
+    """Tensor shapes of an encoded file as the model sees them: sparse parts folded into their tensor.
+
+    Every sparse entry is checked against the stored shapes of its parts (the number of values,
+    bitmask bytes, row pointers and column indices its shape and nnz imply), so a crafted manifest
+    raises :class:`CheckpointError` here, before any tensor is read or allocated.
+    """
     if not manifest:
         return dict(shapes)
     out = {k: tuple(v) for k, v in shapes.items() if _SEP not in k}
+    grouped: dict[str, dict[str, tuple[int, ...]]] = {}
+    for k, v in shapes.items():
+        if _SEP in k:
+            base, part = k.rsplit(_SEP, 1)
+            grouped.setdefault(base, {})[part] = tuple(v)
+    extra = sorted(set(grouped) - set(manifest))
+    if extra:
+        raise CheckpointError(f"sparse parts without a manifest entry: {[_short(e) for e in extra[:3]]}")
     for key, entry in manifest.items():
-        out[key] = tuple(int(v) for v in entry["shape"])
+        if key in out:
+            raise CheckpointError(f"tensor {_short(key)} is stored both dense and sparse")
+        fmt = entry.get("format") if isinstance(entry, Mapping) else None
+        if not isinstance(fmt, str) or fmt not in _PARTS:
+            raise CheckpointError(f"sparse tensor {_short(key)}: unknown sparse format {_short(fmt)}")
+        have = grouped.get(key, {})
+        if set(have) != set(_PARTS[fmt]):
+            raise CheckpointError(
+                f"sparse tensor {_short(key)} in format {fmt!r} has parts {sorted(have)}, "
+                f"expected {list(_PARTS[fmt])}"
+            )
+        shape = _entry_shape(entry)
+        numel = math.prod(shape)
+        values = have["values"]
+        if len(values) != 1:
+            raise CheckpointError(f"sparse tensor {_short(key)}: values part is not 1-D")
+        nnz = _entry_nnz(entry, numel)
+        nnz = values[0] if nnz is None else nnz
+        for part, size in _part_sizes(fmt, shape, nnz).items():
+            if have[part] != (size,):
+                raise CheckpointError(
+                    f"sparse tensor {_short(key)} of shape {list(shape)} and nnz {nnz}: part {part!r} "
+                    f"is stored as {list(have[part])}, expected [{size}]"
+                )
+        out[key] = shape
     return out
 
 
@@ -282,25 +415,49 @@ def load_sparse(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Read a file written by :func:`save_sparse`: ``(state_dict, masks, metadata)``.
 
-    A plain safetensors file (no sparse manifest) loads with no masks.
+    A plain safetensors file (no sparse manifest) loads with no masks. The manifest is checked
+    against the stored tensors' shapes before any data is read, and a file whose sparse tensors
+    would decode to more than :data:`MAX_EXPANSION` times its size is refused as crafted.
     """
     from safetensors import safe_open
 
     try:
+        size = os.stat(path).st_size
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            keys = list(fh.keys())
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in keys}
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {_one_line(exc)}") from None
     try:
         manifest = manifest_from_metadata(meta) or {}
+        dense_shapes(shapes, manifest)
         user = json.loads(meta["rmtprune.metadata"]) if "rmtprune.metadata" in meta else {}
-    except (CheckpointError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {exc}") from None
-    state, masks = decode_state_dict(tensors, manifest)
+    except (CheckpointError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {_one_line(exc)}") from None
+    decoded = sum(math.prod(_entry_shape(e)) * 8 for e in manifest.values())  # 8: widest dtype + mask
+    if decoded > max(_MIN_BUDGET, MAX_EXPANSION * size):
+        raise CheckpointError(
+            f"{str(path)!r}: its sparse manifest would decode to {decoded} bytes, more than "
+            f"{MAX_EXPANSION} times the file's {size} bytes; refused as corrupt or crafted"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {_one_line(exc)}") from None
+    try:
+        state, masks = decode_state_dict(tensors, manifest)
+    except CheckpointError as exc:
+        raise CheckpointError(f"corrupt sparse tensor in {str(path)!r}: {exc}") from None
     return state, masks, user
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def save_model(
@@ -351,4 +508,4 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+        raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {_one_line(exc)}") from None
