@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from rmtprune.finetune import evaluate, finetune, lr_factor, regularizer
+from rmtprune.errors import RmtpruneError
+from rmtprune.finetune import DivergedError, evaluate, finetune, lr_factor, regularizer
 from rmtprune.masks import get_mask, set_mask
 
 
@@ -59,7 +60,16 @@ def test_finetune_learns():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"steps": -1}, "steps=-1"), ({"epochs": -1.0}, "epochs=-1"), ({"lr": 0.0}, "lr=0")],
+    [
+        ({"steps": -1}, "steps=-1"),
+        ({"epochs": -1.0}, "epochs=-1"),
+        ({"epochs": math.inf}, "epochs=inf"),
+        ({"lr": 0.0}, "lr=0"),
+        ({"lr": math.inf}, "lr=inf"),
+        ({"lr": math.nan}, "lr=nan"),
+        ({"lr": 1e308}, r"lr=1e\+308 must be <= 3.4e\+38, the largest float32"),
+        ({"weight_decay": math.inf}, "weight_decay=inf"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -103,3 +113,13 @@ def test_finetune_applies_schedule(monkeypatch):
 def test_finetune_rejects_bad_schedule(kwargs, match):
     with pytest.raises(ValueError, match=match):
         finetune(_net(), _problem(), steps=2, **kwargs)
+
+
+def test_divergence_is_a_one_line_user_error_naming_the_step():
+    net = _net()
+    with pytest.raises(DivergedError) as info:
+        finetune(net, _problem(), steps=6, lr=1e30)
+    msg = str(info.value)
+    assert isinstance(info.value, RmtpruneError) and isinstance(info.value, FloatingPointError)
+    assert "\n" not in msg and "fine-tuning diverged at step" in msg and "lower the learning rate" in msg
+    assert "1e+30" in msg

@@ -13,6 +13,7 @@ from torch import nn
 
 import rmtprune.sparsify as sp
 from rmtprune.errors import InvalidWeightsError
+from rmtprune.finetune import DivergedError
 from rmtprune.masks import count_nonzeros, get_mask, masks_of, set_mask
 from rmtprune.sparsify import (
     SparsifyConfig,
@@ -93,6 +94,11 @@ def test_config_json_round_trip():
         ({"refit": 1}, TypeError, "refit must be a bool"),
         ({"schedule": "linear"}, ValueError, "schedule='linear'"),
         ({"warmup": 1.0}, ValueError, r"warmup=1.0 must be in \[0, 1\)"),
+        ({"lr": float("inf")}, ValueError, r"lr=inf must be in \(0, inf\)"),
+        ({"lr": float("nan")}, ValueError, "lr=nan"),
+        ({"lr": 0.0}, ValueError, "lr=0.0"),
+        ({"finetune_epochs": float("inf")}, ValueError, "finetune_epochs=inf"),
+        ({"theta": float("inf")}, ValueError, "theta=inf"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, exc, match):
@@ -412,3 +418,78 @@ def test_spikes_only_factors_are_left_dense():
     assert "left dense" in by["fc.first"].reason
     _, report = sparsify(model, SparsifyConfig(target=0.3, budget="global", sv_sparsify=False))
     assert {r.name: r for r in report.layers}["fc.first"].kind == "factored+sparse"
+
+
+# ----------------------------------------------------------------------------- numeric edge cases
+
+
+def test_lr_beyond_float32_is_refused_before_any_work():
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"lr=1e\+308 must be <= 3.4e\+38"):
+        sparsify(
+            model, SparsifyConfig(target=0.5, lr=1e308, cycle_steps=2), data=_data(), show_progress=False
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not masks_of(model)
+
+
+def test_divergence_restores_the_model_and_names_the_step():
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        DivergedError, match=r"fine-tuning diverged at step \d+ of 3.*lower the learning rate"
+    ):
+        sparsify(model, SparsifyConfig(target=0.5, lr=1e30, cycle_steps=3), data=_data(), show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not masks_of(model)
+
+
+# ----------------------------------------------------------------------------- parametrized layers
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_parametrized_layers_are_skipped_with_a_reason(kind):
+    import warnings
+
+    from torch.nn.utils import parametrizations
+
+    model = Tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style hook is deprecated
+        if kind == "old_weight_norm":
+            model.signal = torch.nn.utils.weight_norm(model.signal)
+        else:
+            model.signal = getattr(parametrizations, kind)(model.signal)
+    x = _data()[0][0]
+    out_before = model.eval()(x).detach()
+    signal_before = copy.deepcopy(model.signal.state_dict())
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="global"), show_progress=False)
+    names = [r.name for r in report.layers]
+    assert "signal" not in names and "noise" in names
+    skip = [w for w in report.warnings if w.startswith("layer 'signal' skipped")]
+    assert len(skip) == 1
+    assert ("weight_norm" if "weight_norm" in kind else "spectral_norm") in skip[0]
+    assert get_mask(model.signal) is None
+    if kind == "weight_norm":
+        assert torch.nn.utils.parametrize.is_parametrized(model.signal)
+    after = model.signal.state_dict()
+    assert after.keys() == signal_before.keys()
+    assert all(torch.equal(signal_before[k], after[k]) for k in after)  # weight_g/v, original0/1...
+    assert not torch.equal(model.eval()(x).detach(), out_before)  # the other layers were pruned
+
+
+def test_set_mask_refuses_a_parametrized_weight():
+    from torch.nn.utils import parametrizations
+
+    layer = parametrizations.weight_norm(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"parametrized weight \(weight: weight_norm\)"):
+        set_mask(layer, torch.ones(4, 8, dtype=torch.bool))
+
+
+def test_only_parametrized_layers_is_a_clear_error():
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 4)))
+    with pytest.raises(ValueError, match="no prunable layer.*layer '0' skipped: parametrized weight"):
+        sparsify(model, SparsifyConfig(target=0.5, budget="global"), show_progress=False)

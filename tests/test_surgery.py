@@ -237,6 +237,74 @@ def test_unsupported_layers_are_skipped_with_a_reason() -> None:
     assert reasons["conv3"] == ("skip", "unsupported layer type Conv3d")
 
 
+def _parametrize(module: nn.Module, kind: str) -> nn.Module:
+    import warnings
+
+    from torch.nn.utils import parametrizations, prune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style hooks are deprecated
+        if kind == "weight_norm":
+            return parametrizations.weight_norm(module)
+        if kind == "spectral_norm":
+            return parametrizations.spectral_norm(module)
+        if kind == "old_weight_norm":
+            return torch.nn.utils.weight_norm(module)
+        if kind == "old_spectral_norm":
+            return torch.nn.utils.spectral_norm(module)
+        prune.l1_unstructured(module, "weight", 0.3)
+        return module
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("weight_norm", "parametrized weight (weight: weight_norm): remove the parametrization first"),
+        ("spectral_norm", "parametrized weight (weight: spectral_norm)"),
+        ("old_weight_norm", "weight_norm hook on 'weight': call torch.nn.utils.remove_weight_norm"),
+        ("old_spectral_norm", "spectral_norm hook on 'weight'"),
+        ("prune", "pruned with torch.nn.utils.prune: call prune.remove"),
+    ],
+)
+def test_parametrized_layers_are_skipped_not_stripped(kind: str, words: str) -> None:
+    net = planted_mlp()
+    net[0] = _parametrize(net[0], kind)
+    keys = set(net[0].state_dict())
+    params = {k: v.detach().clone() for k, v in net[0].named_parameters()}
+    model, rep = rmtprune.compress(net)
+    assert rep["0"].action == "skip" and words in rep["0"].reason
+    assert rep["2"].action == "factor"  # the plain layers are still cut
+    assert model[0] is net[0] and not isinstance(model[0], LowRankLinear)
+    # Still parametrized, its own tensors untouched (spectral_norm's power-iteration buffers move
+    # whenever the weight is read in train mode, so only the parameters are compared).
+    assert set(model[0].state_dict()) == keys
+    after = dict(model[0].named_parameters())
+    assert after.keys() == params.keys() and all(torch.equal(params[k], after[k]) for k in params)
+
+
+def test_parametrized_factor_of_a_low_rank_layer_is_skipped() -> None:
+    net = planted_mlp()
+    rmtprune.compress(net)
+    assert isinstance(net[0], LowRankLinear)
+    net[0].first = _parametrize(net[0].first, "weight_norm")
+    p = rmtprune.plan(net)
+    assert p["0"].action == "skip" and p["0"].reason.startswith(
+        "factor ParametrizedLinear: parametrized weight"
+    )
+
+
+def test_apply_refuses_a_plan_made_before_the_layer_was_parametrized() -> None:
+    net = planted_mlp()
+    p = rmtprune.plan(net)
+    assert p["0"].action == "factor"
+    net[0] = _parametrize(net[0], "old_weight_norm")  # same type name: only the hook differs
+    with pytest.raises(
+        ValueError, match="the plan does not match the model: layer '0' has a weight_norm hook"
+    ):
+        rmtprune.apply(net, p)
+    assert not isinstance(net[0], LowRankLinear) and not isinstance(net[2], LowRankLinear)
+
+
 def test_patterns_matching_nothing_warn() -> None:
     with pytest.warns(UserWarning) as record:
         p = rmtprune.plan(planted_mlp(), CompressionConfig(include=["0", "nope"], overrides={"zz": {}}))

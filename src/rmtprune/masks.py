@@ -31,6 +31,7 @@ __all__ = [
     "remove_masks",
     "is_sparsified",
     "count_nonzeros",
+    "parametrization",
 ]
 
 #: Name of the mask buffer on a sparsified module.
@@ -45,12 +46,56 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, mod in model.named_modules():
         if isinstance(mod, PRUNABLE_TYPES) and isinstance(getattr(mod, "weight", None), torch.Tensor):
-            if hasattr(mod, "weight_orig"):
-                raise ValueError(
-                    f"layer {name!r} is pruned with torch.nn.utils.prune; "
-                    "call prune.remove(module, 'weight') first"
-                )
+            if hasattr(mod, "weight_orig"):  # torch.nn.utils.prune or an old-style spectral_norm hook
+                why = parametrization(mod) or "weight recomputed from weight_orig"
+                raise ValueError(f"layer {name!r}: {why}")
             yield name, mod
+
+
+#: Names of torch's parametrizations and weight hooks, as the user wrote them.
+_KNOWN = {
+    "_WeightNorm": "weight_norm",
+    "_SpectralNorm": "spectral_norm",
+    "_Orthogonal": "orthogonal",
+    "WeightNorm": "weight_norm",
+    "SpectralNorm": "spectral_norm",
+}
+
+
+def parametrization(module: nn.Module) -> str | None:
+    """Why ``module``'s weight is not a plain parameter that can be cut or masked, or None.
+
+    A weight under ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``, any custom one) or an old-style hook
+    (``torch.nn.utils.weight_norm``: ``weight_g``/``weight_v``; ``spectral_norm``: ``weight_orig``;
+    ``torch.nn.utils.prune``) is recomputed from other tensors at every forward pass: factoring or
+    masking the computed ``weight`` would silently drop the parametrization (or be undone by it).
+    The message says what to remove first.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        found = []
+        for tensor, plist in module.parametrizations.items():
+            kinds = [_KNOWN.get(type(p).__name__, type(p).__name__) for p in plist]
+            found.append(f"{tensor}: {', '.join(kinds)}")
+        return (
+            f"parametrized weight ({'; '.join(found)}): remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))"
+        )
+    from torch.nn.utils.prune import BasePruningMethod
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            return "pruned with torch.nn.utils.prune: call prune.remove(module, 'weight') first"
+        kind = _KNOWN.get(type(hook).__name__)
+        if kind is not None and getattr(hook, "name", None) is not None:
+            return f"{kind} hook on {hook.name!r}: call torch.nn.utils.remove_{kind}(module) first"
+    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+        return "weight_norm hook (weight_g, weight_v): call torch.nn.utils.remove_weight_norm(module) first"
+    if hasattr(module, "weight_orig"):
+        return "weight recomputed from weight_orig (spectral_norm or prune hook): remove the hook first"
+    return None
 
 
 def get_mask(module: nn.Module) -> torch.Tensor | None:
@@ -59,7 +104,14 @@ def get_mask(module: nn.Module) -> torch.Tensor | None:
 
 
 def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Attach ``mask`` (bool, weight-shaped) to ``module`` and zero the pruned entries in place."""
+    """Attach ``mask`` (bool, weight-shaped) to ``module`` and zero the pruned entries in place.
+
+    Raises ``ValueError`` for a parametrized weight (see :func:`parametrization`): the zeros would
+    land in a tensor recomputed at the next forward pass.
+    """
+    why = parametrization(module)
+    if why is not None:
+        raise ValueError(f"cannot mask {type(module).__name__}: {why}")
     w = module.weight
     if tuple(mask.shape) != tuple(w.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(w.shape)}")

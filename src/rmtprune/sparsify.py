@@ -55,7 +55,16 @@ from .config import match_pattern
 from .errors import InvalidWeightsError
 from .finetune import SCHEDULES, check_lr, evaluate, finetune
 from .lowrank import LowRankModule
-from .masks import count_nonzeros, get_mask, masks_of, prunable_layers, remove_masks, restore_masks, set_mask
+from .masks import (
+    count_nonzeros,
+    get_mask,
+    masks_of,
+    parametrization,
+    prunable_layers,
+    remove_masks,
+    restore_masks,
+    set_mask,
+)
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, fit_censored
 
 __all__ = [
@@ -558,13 +567,15 @@ class _Layer:
 
 
 def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], list[str]]:
-    """Selected layers (factors of low-rank layers included) and warnings for unmatched patterns."""
+    """Selected layers (factors of low-rank layers included) and warnings: one per layer skipped
+    because its weight is parametrized (``weight_norm`` and the like), one per unmatched pattern."""
     parents: dict[str, tuple[str, nn.Module]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankModule):
             for child in ("first", "second"):
                 parents[f"{name}.{child}" if name else child] = (name, mod)
     out = []
+    skipped: list[str] = []
     names_seen: list[str] = []
     for name, mod in prunable_layers(model):
         parent, parent_mod = parents.get(name, (None, None))
@@ -578,6 +589,12 @@ def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], lis
             continue
         if hit(config.exclude):
             continue
+        why = parametrization(mod) or (parametrization(parent_mod) if parent_mod is not None else None)
+        if why is not None:
+            # Masking the computed weight would be undone at the next forward pass (or drop the
+            # parametrization): the layer is left alone and the report says why.
+            skipped.append(f"layer {name!r} skipped: {why}")
+            continue
         out.append(_Layer(name, mod, parent, parent_mod))
     warnings = [
         f"{kind} pattern {p!r} matches no prunable layer"
@@ -585,7 +602,7 @@ def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], lis
         for p in pats
         if not any(match_pattern(n, p) for n in names_seen)
     ]
-    return out, warnings
+    return out, skipped + warnings
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -818,9 +835,10 @@ def _check_config(config: SparsifyConfig | None) -> SparsifyConfig:
 def _prepare(model: nn.Module, config: SparsifyConfig, show: bool | None) -> tuple[list[_Layer], list[str]]:
     layers, warnings = _select(model, config)
     if not layers:
+        skipped = [w for w in warnings if " skipped: " in w]
         raise ValueError(
             f"no prunable layer (Linear/Conv1d/Conv2d) selected by include={config.include} "
-            f"exclude={config.exclude}"
+            f"exclude={config.exclude}" + (f"; {skipped[0]}" if skipped else "")
         )
     for layer in layers:
         if not bool(torch.isfinite(layer.module.weight.detach()).all()):

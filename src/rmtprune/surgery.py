@@ -30,6 +30,7 @@ from ._progress import progress as _progress
 from .config import CompressionConfig, match_pattern
 from .errors import InvalidWeightsError, RmtpruneError
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankModule
+from .masks import parametrization
 from .spectral import MIN_P, fit_bulk, fit_censored
 
 __all__ = [
@@ -46,7 +47,8 @@ __all__ = [
 
 #: What :func:`apply` does to a layer: ``factor`` (replace by two thin layers), ``dense-truncate``
 #: (write the rank-k reconstruction into the dense weight), ``keep`` (analysed, left as is),
-#: ``skip`` (not analysed: unsupported type, grouped conv, or not selected by the patterns).
+#: ``skip`` (not analysed: unsupported type, grouped conv, parametrized weight such as
+#: ``weight_norm``, or not selected by the patterns).
 ACTIONS = ("factor", "dense-truncate", "keep", "skip")
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -512,7 +514,11 @@ def _collect(model: nn.Module) -> list[_Entry]:
             continue
         h = handler_for(module)
         if h is not None:
-            why = h.unsupported(module) or _shared(name, module, h, param_owners, module_names)
+            why = (
+                _parametrized(module, h)
+                or h.unsupported(module)
+                or _shared(name, module, h, param_owners, module_names)
+            )
             entries.append(_Entry(name, module, h, why))
             claimed.append(name)
             continue
@@ -520,6 +526,20 @@ def _collect(model: nn.Module) -> list[_Entry]:
         if own:
             entries.append(_Entry(name, module, None, f"unsupported layer type {type(module).__name__}"))
     return entries
+
+
+def _parametrized(module: nn.Module, h: LayerHandler) -> str:
+    """Why a layer whose weight is parametrized (``weight_norm`` and the like) is skipped, or "".
+
+    Factoring it would replace the parametrized module by plain factors, silently dropping the
+    parametrization; a factored layer's own factors are checked too.
+    """
+    mods = list(module.modules()) if h.factored else [module]
+    for mod in mods:
+        why = parametrization(mod)
+        if why is not None:
+            return why if mod is module else f"factor {type(mod).__name__}: {why}"
+    return ""
 
 
 def _shared(
@@ -833,6 +853,9 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
                 f"the plan does not match the model: layer {lp.name!r} is {type(mod).__name__}, "
                 f"the plan says {lp.layer_type}"
             )
+        why = _parametrized(mod, h)
+        if why:
+            raise ValueError(f"the plan does not match the model: layer {lp.name!r} has a {why}")
         if h.matrix_shape(mod) != tuple(lp.matrix_shape) or h.current_rank(mod) != lp.rank_before:
             raise ValueError(
                 f"the plan does not match the model: layer {lp.name!r} has matrix "
