@@ -488,3 +488,161 @@ def test_sharded_torch_bin_directory(tmp_path: Path) -> None:
     res = analyze_checkpoint(tmp_path)
     assert res.format == "torch-sharded" and res.n_tensors == 8
     assert {la.name for la in res.layers} == {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}
+
+
+# ----------------------------------------------------------------------------- crafted input (issue 10)
+
+
+CORPUS_CRASHERS = Path(__file__).resolve().parent / "fuzz_corpus" / "crashers"
+
+
+def _raw_safetensors(path: Path, header: str, data: bytes) -> Path:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ('{"dtype": 5, "shape": [2], "data_offsets": [0, 8]}', r"tensor 'a': dtype 5 is not a dtype name"),
+        ('{"dtype": [1], "shape": [2], "data_offsets": [0, 8]}', r"dtype \[1\] is not a dtype name"),
+        ('{"dtype": null, "shape": [2], "data_offsets": [0, 8]}', "dtype None is not a dtype name"),
+        ('{"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 8]}', "Infinity is not valid JSON"),
+        ('{"dtype": "F32", "shape": [1e400], "data_offsets": [0, 8]}', "shape entry inf is not"),
+        ('{"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}', "shape entry -2 is not"),
+        ('{"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}', "shape entry 2.0 is not"),
+        ('{"dtype": "F32", "shape": [2], "data_offsets": [0, NaN]}', "NaN is not valid JSON"),
+        ('{"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}', "data offset -8 is not"),
+        ('{"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}', r"\[8, 0\] end before they begin"),
+        ('{"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 9]}', "is not a .begin, end. pair"),
+        ('{"dtype": "XX", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}', "more than 2..63"),
+        ('{"dtype": "F32", "shape": ' + str([1] * 65) + ', "data_offsets": [0, 4]}', "65 dimensions"),
+        ('{"dtype": "F32", "shape": [2]}', "no 'data_offsets'"),
+        ("[1, 2]", "entry is not an object"),
+    ],
+)
+def test_crafted_safetensors_header_entries(entry: str, match: str, tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "x.safetensors", '{"a": ' + entry + "}", b"\0" * 8)
+    for read in (list_tensors, analyze_checkpoint):
+        with pytest.raises(CheckpointError, match=match) as info:
+            read(path)
+        assert "x.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_safetensors_offsets_must_tile_the_data(tmp_path: Path) -> None:
+    f32 = '{{"dtype": "F32", "shape": [2], "data_offsets": [{}, {}]}}'
+    overlap = _raw_safetensors(
+        tmp_path / "o.safetensors", f'{{"a": {f32.format(0, 8)}, "b": {f32.format(4, 12)}}}', b"\0" * 12
+    )
+    with pytest.raises(CheckpointError, match="tensor 'b' at bytes 4-12 overlaps the tensor before it"):
+        list_tensors(overlap)
+    gap = _raw_safetensors(
+        tmp_path / "g.safetensors", f'{{"a": {f32.format(0, 8)}, "b": {f32.format(12, 20)}}}', b"\0" * 20
+    )
+    with pytest.raises(CheckpointError, match="leaves a gap of 4 bytes"):
+        list_tensors(gap)
+    tail = _raw_safetensors(tmp_path / "t.safetensors", f'{{"a": {f32.format(0, 8)}}}', b"\0" * 12)
+    with pytest.raises(CheckpointError, match="the tensors take 8 bytes but 12 follow"):
+        list_tensors(tail)
+    # header order need not be data order: this is a valid file, as safetensors reads it
+    swapped = _raw_safetensors(
+        tmp_path / "s.safetensors", f'{{"a": {f32.format(8, 16)}, "b": {f32.format(0, 8)}}}', b"\0" * 16
+    )
+    assert [n for n, _ in iter_tensors(swapped)] == ["a", "b"]
+
+
+def test_metadata_must_be_strings(tmp_path: Path) -> None:
+    path = _raw_safetensors(tmp_path / "m.safetensors", '{"__metadata__": {"a": 1}}', b"")
+    with pytest.raises(CheckpointError, match="__metadata__ is not a map of strings"):
+        list_tensors(path)
+
+
+def test_torch_zip_named_safetensors_is_read_as_torch(tmp_path: Path) -> None:
+    path = tmp_path / "really-a-torch-file.safetensors"
+    torch.save({"w": torch.ones(3, 2)}, path)
+    assert list_tensors(path) == [TensorInfo("w", (3, 2), "float32")]
+    assert torch.equal(dict(iter_tensors(path))["w"], torch.ones(3, 2))
+    assert analyze_checkpoint(path).format == "torch"
+
+
+def test_self_referential_and_deep_dicts(tmp_path: Path) -> None:
+    loop: dict = {"w": torch.ones(2, 2)}
+    loop["again"] = loop
+    torch.save(loop, tmp_path / "loop.pt")
+    with pytest.raises(CheckpointError, match="dict 'again' contains itself"):
+        list_tensors(tmp_path / "loop.pt")
+    deep = CORPUS_CRASHERS / "torch" / "nested-5000.pt"
+    with pytest.raises(CheckpointError, match="nested more than 100 levels deep"):
+        analyze_checkpoint(deep)
+    # 50 levels of wrapping is fine: unwrapped to the tensors
+    nested: dict = {"w": torch.ones(2, 2)}
+    for i in range(50):
+        nested = {f"k{i}": nested}
+    torch.save(nested, tmp_path / "n50.pt")
+    assert [i.name for i in list_tensors(tmp_path / "n50.pt")] == ["w"]
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: torch.eye(3).to_sparse(), r"tensor 'w' is a sparse tensor \(sparse_coo\).*to_dense"),
+        (lambda: torch.eye(3).to_sparse_csr(), r"sparse tensor \(sparse_csr\)"),
+        (lambda: torch.empty(3, 3, device="meta"), "a meta tensor, which holds no data"),
+        (
+            lambda: torch.quantize_per_tensor(torch.ones(3, 3), 0.1, 0, torch.qint8),
+            r"quantized tensor \(qint8\).*dequantize",
+        ),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: CSR in beta, quantization deprecated
+def test_unsupported_tensor_kinds_are_named(make, match: str, tmp_path: Path) -> None:
+    torch.save({"fc.weight": torch.ones(2, 2), "w": make()}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=match) as info:
+        list_tensors(tmp_path / "odd.pt")
+    assert "odd.pt" in str(info.value)
+
+
+def test_missing_shard_without_index(tmp_path: Path) -> None:
+    save_file({"a": torch.ones(4, 4)}, str(tmp_path / "model-00001-of-00003.safetensors"))
+    save_file({"b": torch.ones(4, 4)}, str(tmp_path / "model-00003-of-00003.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing shard 'model-00002-of-00003.safetensors': 2 of 3"):
+        analyze_checkpoint(tmp_path)
+    save_file({"b": torch.ones(4, 4)}, str(tmp_path / "model-00002-of-00004.safetensors"))
+    with pytest.raises(CheckpointError, match="disagree on their number"):
+        list_tensors(tmp_path)
+    one = tmp_path / "one"
+    one.mkdir()
+    save_file({"a": torch.ones(4, 4)}, str(one / "model-00001-of-00002.safetensors"))
+    with pytest.raises(CheckpointError, match="missing shard 'model-00002-of-00002.safetensors'"):
+        list_tensors(one)
+    save_file({"b": torch.ones(4, 4)}, str(one / "model-00002-of-00002.safetensors"))
+    assert [i.name for i in list_tensors(one)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "shard", ["../outside.safetensors", "sub/inner.safetensors", "ABS", "..", "sub\\inner.safetensors"]
+)
+def test_index_may_only_name_files_beside_it(shard: str, tmp_path: Path) -> None:
+    save_file({"a": torch.ones(4, 4)}, str(tmp_path / "outside.safetensors"))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    save_file({"a": torch.ones(4, 4)}, str(ckpt / "sub" / "inner.safetensors"))
+    if shard == "ABS":
+        shard = str(tmp_path / "outside.safetensors")
+    index = ckpt / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": shard}}))
+    for target in (ckpt, index):
+        with pytest.raises(CheckpointError, match="is not a plain file name in the index's directory"):
+            list_tensors(target)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[1]", '"weight_map"', '{"weight_map": [1]}', '{"weight_map": {"a": 1}}', "[" * 5000 + "]" * 5000],
+)
+def test_malformed_index_json(text: str, tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(text)
+    with pytest.raises(CheckpointError, match="index .*model.safetensors.index.json"):
+        list_tensors(index)

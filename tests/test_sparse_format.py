@@ -208,3 +208,73 @@ def test_tied_weights_stored_once(tmp_path):
     load_model(path, fresh)
     assert torch.equal(fresh.out.weight, net.emb.weight) and fresh.out.weight is fresh.emb.weight
     assert torch.equal(masks_of(fresh)["proj.weight"], masks_of(net)["proj.weight"])
+
+
+# ----------------------------------------------------------------------------- crafted manifests (issue 10)
+
+
+def _crafted(tmp_path, tensors, manifest, name="crafted.safetensors"):
+    path = tmp_path / name
+    meta = {"rmtprune.sparse": manifest if isinstance(manifest, str) else json.dumps({"tensors": manifest})}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+_CSR_PARTS = {
+    "w@values": torch.ones(2),
+    "w@crow": torch.tensor([0, 1, 2], dtype=torch.int32),
+    "w@col": torch.tensor([0, 3], dtype=torch.int16),
+}
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"format": "csr", "shape": [2, 4], "nnz": 2}, None),  # the valid one
+        ({"format": "csr", "shape": [2, 4], "nnz": 3}, r"part 'values' is stored as \[2\], expected \[3\]"),
+        ({"format": "csr", "shape": [3, 4], "nnz": 2}, r"part 'crow' is stored as \[3\], expected \[4\]"),
+        ({"format": "csr", "shape": [2, 3], "nnz": 2}, "CSR parts do not fit shape"),  # column 3 of 3
+        ({"format": "csr", "shape": [2, 4], "nnz": -1}, r"nnz -1, not an integer in \[0, 8\]"),
+        ({"format": "csr", "shape": [2, 4], "nnz": 2.0}, "nnz 2.0"),
+        ({"format": "csr", "shape": [2, -4], "nnz": 2}, "invalid shape"),
+        ({"format": "csr", "shape": "2x4", "nnz": 2}, "invalid shape"),
+        ({"format": "csr", "shape": [2, 4], "nnz": 2, "dtype": "float64"}, "says dtype 'float64'"),
+        ({"format": ["csr"], "shape": [2, 4]}, "unknown sparse format"),
+        ({"format": "bitmask", "shape": [2, 4], "nnz": 2}, r"has parts \['col', 'crow', 'values'\]"),
+        ({"format": "csr", "shape": [1, 2**40], "nnz": 2}, "CSR parts|crow"),
+    ],
+)
+def test_crafted_manifest_gives_checkpoint_error(tmp_path, entry, match):
+    path = _crafted(tmp_path, _CSR_PARTS, {"w": entry})
+    if match is None:
+        state, masks, _ = load_sparse(path)
+        assert masks["w"].nonzero().tolist() == [[0, 0], [1, 3]]
+        return
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_sparse(path)
+    assert "crafted.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_crafted_indices_and_expansion(tmp_path):
+    bad_crow = dict(_CSR_PARTS, **{"w@crow": torch.tensor([0, 2, 1], dtype=torch.int32)})
+    entry = {"w": {"format": "csr", "shape": [2, 4], "nnz": 2}}
+    with pytest.raises(CheckpointError, match="CSR parts do not fit"):
+        load_sparse(_crafted(tmp_path, bad_crow, entry))
+    negative = dict(_CSR_PARTS, **{"w@col": torch.tensor([0, -1], dtype=torch.int16)})
+    with pytest.raises(CheckpointError, match="CSR parts do not fit"):
+        load_sparse(_crafted(tmp_path, negative, entry))
+    # a 1 x 2**40 matrix with nothing kept: consistent parts, but 8 TB to decode from 300 bytes
+    empty = {
+        "w@values": torch.zeros(0),
+        "w@crow": torch.zeros(2, dtype=torch.int32),
+        "w@col": torch.zeros(0, dtype=torch.int16),
+    }
+    path = _crafted(tmp_path, empty, {"w": {"format": "csr", "shape": [1, 2**40], "nnz": 0}})
+    with pytest.raises(CheckpointError, match="would decode to .* more than 1024 times"):
+        load_sparse(path)
+    for text in ('{"tensors": {"w": {"format": "csr", "shape": [Infinity]}}}', "[" * 5000 + "]" * 5000):
+        with pytest.raises(CheckpointError, match="corrupt sparse manifest"):
+            load_sparse(_crafted(tmp_path, _CSR_PARTS, text))
+    both = dict(_CSR_PARTS, w=torch.ones(2, 4))
+    with pytest.raises(CheckpointError, match="stored both dense and sparse"):
+        load_sparse(_crafted(tmp_path, both, entry))

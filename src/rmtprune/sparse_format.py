@@ -436,7 +436,8 @@ def load_sparse(
         dense_shapes(shapes, manifest)
         user = json.loads(meta["rmtprune.metadata"]) if "rmtprune.metadata" in meta else {}
     except (CheckpointError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {_one_line(exc)}") from None
+        why = _one_line(exc).removeprefix("corrupt sparse manifest: ")
+        raise CheckpointError(f"corrupt sparse manifest in {str(path)!r}: {why}") from None
     decoded = sum(math.prod(_entry_shape(e)) * 8 for e in manifest.values())  # 8: widest dtype + mask
     if decoded > max(_MIN_BUDGET, MAX_EXPANSION * size):
         raise CheckpointError(
