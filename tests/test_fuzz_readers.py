@@ -609,8 +609,13 @@ def warm_up() -> None:
         _load_sparse(SEEDS / "sparse-csr.safetensors")
 
 
-def fuzz(reader: str, n: int, seed: int, work: Path, start: int = 0) -> Summary:
-    """Run cases ``start .. start + n - 1`` of ``reader``; count outcomes, keep the failures."""
+def fuzz(
+    reader: str, n: int, seed: int, work: Path, start: int = 0, record: list[str] | None = None
+) -> Summary:
+    """Run cases ``start .. start + n - 1`` of ``reader``; count outcomes, keep the failures.
+
+    ``record`` (a list) receives one letter per case: Loaded, clean Error, Crash, Hang, Allocation.
+    """
     warm_up()
     summary = Summary(reader)
     t0 = time.perf_counter()
@@ -618,6 +623,10 @@ def fuzz(reader: str, n: int, seed: int, work: Path, start: int = 0) -> Summary:
         for index in range(start, start + n):
             res = run_case(reader, seed, index, work)
             summary.counts[res.outcome] += 1
+            if record is not None:
+                record.append(
+                    {"clean error": "E", "huge allocation": "A"}.get(res.outcome, res.outcome[0].upper())
+                )
             summary.slowest = max(summary.slowest, res.seconds)
             if res.outcome not in ("loaded", "clean error"):
                 summary.failures.append(res)
