@@ -360,3 +360,13 @@ def test_sigkill_during_compress_leaves_old_or_new_and_no_temp_survives(tmp_path
     subprocess.run(cmd, cwd=tmp_path, env=_ENV, check=True, capture_output=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert path.read_bytes() == new
+
+
+def test_demo_refuses_a_users_files_in_out_before_training(tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes\n")
+    monkeypatch.setattr("rmtprune.training.train", lambda *a, **k: pytest.fail("training started"))
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 2
+    assert "was not written by rmtprune" in _one_error_line(capsys)
+    assert (out / "summary.md").read_text() == "my notes\n"

@@ -71,6 +71,11 @@ def _safetensors_ours(path: Path) -> bool:
         return False
 
 
+def _matplotlib_png(path: Path) -> bool:
+    head = _head(path)
+    return head.startswith("\ufffdPNG") and "Matplotlib" in head[:4096]
+
+
 #: Output kind -> test that an existing file of that name was written by rmtprune.
 KINDS: dict[str, Callable[[Path], bool]] = {
     "out": lambda p: True,  # the OUT the command was told to write
@@ -80,6 +85,7 @@ KINDS: dict[str, Callable[[Path], bool]] = {
     "report-md": _markdown,
     "analysis-json": _report_json,
     "analysis-csv": _analysis_csv,
+    "plot": _matplotlib_png,
 }
 
 

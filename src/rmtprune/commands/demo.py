@@ -41,8 +41,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, metavar="DIR", help="directory holding mnist/ (IDX files)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite files in --out that rmtprune did not write"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse, before training, to replace files in --out that rmtprune did not write."""
+    from pathlib import Path
+
+    from .._outputs import Output, check_outputs
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out!r} exists and is not a directory")
+    if not out.is_dir():
+        return
+    files = [
+        ("model.safetensors", "weights"),
+        ("model.json", "manifest"),
+        ("summary.json", "report-json"),
+        ("summary.md", "report-md"),
+        ("esd_fc1.png", "plot"),
+    ]
+    check_outputs([Output(out / n, k, f"--out file {n!r}") for n, k in files], force=args.force)
 
 
 def _say(msg: str) -> None:
@@ -136,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads={args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    _check_out(args)
     out = writable_dir(args.out)
 
     dataset = _load(args.data_dir)
@@ -232,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
     for line in _report_lines(report):
         _say(("  " + line).rstrip())
     summary = {
+        "format": "rmtprune-demo-summary",
         "dataset": dataset,
         "model": DEMO_MODEL,
         "epochs": epochs,
@@ -252,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "summary.md", "```\n" + table + "\n```\n")
+    atomic_write_text(out / "summary.md", "# rmtprune demo\n\n```\n" + table + "\n```\n")
     _say("")
     if esd is not None:
         _say(f"ESD of layer {first!r}: {esd}")
