@@ -507,3 +507,190 @@ def test_train_without_output_directory():
     res = train(**{**TINY, "epochs": 1, "prune": False})
     assert res.out is None and len(res.metrics) == 1
     assert math.isfinite(res.final["test_loss"])
+
+
+# ---------------------------------------------------------------------- crafted checkpoints
+# A checkpoint is a file a stranger can send: --resume must check every recorded size against the
+# model spec (built on the meta device) before allocating, and say what is wrong in one line.
+
+
+@pytest.fixture(scope="module")
+def good_state(tmp_path_factory):
+    """The checkpoint of a 2-epoch run whose fc1 was cut at epoch 2 (a factored layer inside)."""
+    out = tmp_path_factory.mktemp("good") / "run"
+    torch.set_num_threads(1)
+    train(out=out, **{**TINY, "epochs": 2})
+    state = torch.load(out / CHECKPOINT, weights_only=True)
+    assert state["architecture"]["fc1"]["type"] == "LowRankLinear"
+    return state
+
+
+def _deep(depth: int) -> dict:
+    root = cur = {}
+    for _ in range(depth):
+        cur["a"] = {}
+        cur = cur["a"]
+    return root
+
+
+def _self_ref() -> dict:
+    d: dict = {"history": []}
+    d["events"] = [d]
+    return d
+
+
+def _key(obj, key: str):
+    """``key`` as the container indexes it: lists and the optimizer's state take ints."""
+    return int(key) if key.isdigit() and (isinstance(obj, list) or int(key) in obj) else key
+
+
+def _set(path: str, value):
+    """A mutation: set ``state[a][b]...`` (keys separated by '/'; digits index lists) to ``value``."""
+
+    def mutate(state: dict) -> None:
+        *parents, last = path.split("/")
+        obj = state
+        for key in parents:
+            obj = obj[_key(obj, key)]
+        key = _key(obj, last)
+        obj[key] = value(obj[key]) if callable(value) else value
+
+    return mutate
+
+
+def _drop(path: str):
+    def mutate(state: dict) -> None:
+        *parents, last = path.split("/")
+        obj = state
+        for key in parents:
+            obj = obj[key]
+        del obj[last]
+
+    return mutate
+
+
+CRAFTED = {
+    "rank 1e9": (
+        _set("architecture/fc1/rank", 10**9),
+        r"architecture\['fc1'\] rank=1000000000 must be an int in \[1",
+    ),
+    "negative rank": (_set("architecture/fc1/rank", -1), r"rank=-1 must be an int"),
+    "rank as float": (_set("architecture/fc1/rank", 3.0), r"rank=3.0 must be an int"),
+    "huge matrix": (
+        _set("architecture/fc1/matrix_shape", [10**6, 10**6]),
+        "does not fit model 'mlp:48'.*layer 'fc1'",
+    ),
+    "1-D matrix_shape": (
+        _set("architecture/fc1/matrix_shape", [48]),
+        "matrix_shape=\\[48\\] is not two positive ints",
+    ),
+    "unknown layer type": (_set("architecture/fc1/type", "os.system"), "type='os.system' is not one of"),
+    "architecture is a list": (_set("architecture", [1, 2]), "architecture is not a dict"),
+    "layer not in the model": (
+        _set("architecture", lambda a: {"nowhere": a["fc1"]}),
+        "layer 'nowhere'.*missing from the model",
+    ),
+    "spec of 3 billion weights": (_set("config/model", "mlp:4000000"), "does not fit model 'mlp:4000000'"),
+    "wrong tensor shape": (
+        _set("model/head.weight", torch.zeros(3, 3)),
+        r"'head.weight' is \(3, 3\) in the checkpoint",
+    ),
+    "missing tensor": (_drop("model/head.bias"), "tensor 'head.bias'.*is missing from the checkpoint"),
+    "extra tensor": (_set("model/evil", torch.zeros(2)), "the checkpoint has tensor 'evil'"),
+    "integer weights": (_set("model/head.bias", torch.zeros(10, dtype=torch.int64)), "not a float type"),
+    "zero-stride view of 10^8": (
+        _set("model/head.bias", torch.zeros(1).expand(10**8)),
+        "claims more bytes than the file holds",
+    ),
+    "sparse tensor": (
+        _set("model/head.bias", torch.zeros(10).to_sparse()),
+        "sparse_coo tensor",
+    ),
+    "meta tensor": (_set("model/head.bias", torch.empty(10, device="meta")), "tensor on meta"),
+    "momentum of the wrong shape": (
+        _set(
+            "optimizer/state", lambda st: {k: {**v, "momentum_buffer": torch.zeros(7)} for k, v in st.items()}
+        ),
+        r"optimizer state 'momentum_buffer' of parameter \d+ is \(7,\)",
+    ),
+    "optimizer state for a missing parameter": (
+        _set("optimizer/state", lambda st: {**st, 99: {"momentum_buffer": torch.zeros(1)}}),
+        "optimizer state names parameter 99",
+    ),
+    "NaN learning rate in the optimizer": (
+        _set("optimizer/param_groups/0/lr", math.nan),
+        r"param_groups\[0\]\['lr'\]=nan is not finite",
+    ),
+    "scheduler sets an unknown attribute": (
+        _set("scheduler", lambda s: {**s, "optimizer": 5}),
+        "scheduler state has unknown field 'optimizer'",
+    ),
+    "scheduler step count as a string": (_set("scheduler/last_epoch", "2"), "scheduler state last_epoch='2'"),
+    "short torch RNG state": (_set("rng/torch", torch.zeros(5, dtype=torch.uint8)), r"rng\['torch'\] is not"),
+    "numpy keys of the wrong size": (
+        _set("rng/numpy/keys", torch.zeros(3, dtype=torch.int64)),
+        r"rng\['numpy'\] keys are not 624",
+    ),
+    "python RNG state": (_set("rng/python", (3, (1, 2), None)), r"rng\['python'\] is not"),
+    "epoch beyond the run": (_set("epoch", 10**9), r"epoch=1000000000 is not in \[1, epochs=2\]"),
+    "epoch as a string": (_set("epoch", "2"), r"epoch='2' is not in"),
+    "metrics for other epochs": (_set("metrics", lambda m: m[:1]), "metrics has 1 rows for 2 epochs"),
+    "invalid configuration": (_set("config/lr", -1.0), "invalid run configuration: lr=-1.0"),
+    "configuration is a list": (_set("config", [1]), "config is not a dict"),
+    "5000-deep dict": (_set("pruner", _deep(5000)), "nested deeper than 16 levels"),
+    "self-referential dict": (_set("pruner", _self_ref()), "contains itself"),
+    "self-referential metrics": (_set("metrics", lambda m: m.append(m) or m), "contains itself"),
+    "not a dict at all": (
+        lambda s: s.clear() or s.update({"format": 1}),
+        "not an rmtprune training checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_checkpoint_is_a_clear_error_before_any_allocation(tmp_path, good_state, case):
+    import copy
+    import resource
+    import sys
+
+    mutate, match = CRAFTED[case]
+    state = copy.deepcopy(good_state)
+    mutate(state)
+    out = tmp_path / "run"
+    out.mkdir()
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20_000))  # torch.save of the 5000-deep case recurses
+    try:
+        torch.save(state, out / CHECKPOINT)
+    finally:
+        sys.setrecursionlimit(limit)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=match) as info:
+        train(out=out, resume=True)
+    assert "\n" not in str(info.value)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"{case}: peak memory grew by {grown_mb:.0f} MB"
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT]  # nothing written, nothing moved
+
+
+def test_crafted_checkpoint_on_the_command_line_is_one_line(tmp_path, good_state, capsys):
+    import copy
+
+    from rmtprune.cli import main
+
+    state = copy.deepcopy(good_state)
+    state["architecture"]["fc1"]["rank"] = 10**9
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(state, out / CHECKPOINT)
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rmtprune: error: ") and "rank=1000000000" in err
+
+
+def test_the_good_checkpoint_still_resumes(tmp_path, good_state):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(good_state, out / CHECKPOINT)
+    res = train(out=out, resume=True)
+    assert res.resumed_from == 2 and res.model.fc1.rank == good_state["architecture"]["fc1"]["rank"]
