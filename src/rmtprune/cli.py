@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 from .errors import RmtpruneError
@@ -39,9 +40,16 @@ def _available_commands() -> dict[str, object]:
     return mods
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage first), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     """The top-level parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rmtprune",
         description="Random-matrix analysis, compression and pruning of PyTorch models.",
     )
