@@ -37,7 +37,15 @@ CORPUS = Path(__file__).resolve().parent / "fuzz_corpus"
 SEEDS = CORPUS / "seeds"
 CRASHERS = CORPUS / "crashers"
 
-READERS = ("safetensors-header", "safetensors-body", "sharded-index", "torch-zip", "idx", "sparse-format")
+READERS = (
+    "safetensors-header",
+    "safetensors-body",
+    "sharded-index",
+    "torch-zip",
+    "torch-legacy",
+    "idx",
+    "sparse-format",
+)
 OUTCOMES = ("loaded", "clean error", "crash", "hang", "huge allocation")
 CASES_PER_READER = 2000
 CASE_SECONDS = 2.0  # one input may take at most this long
@@ -95,6 +103,11 @@ def write_corpus(root: Path = SEEDS) -> None:
     torch.save(
         {"epoch": 3, "state_dict": {"fc.weight": torch.randn(5, 4, generator=g)}, "opt": {0: {"lr": 0.1}}},
         root / "wrapped.pt",
+    )
+    torch.save(
+        {k: sd[k] for k in ("fc1.weight", "fc1.bias")},
+        root / "legacy.pt",
+        _use_new_zipfile_serialization=False,
     )
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, size=(3, 5, 4)).astype(np.uint8)
@@ -389,6 +402,11 @@ def _case_torch(rng: random.Random) -> Case:
     return Case({"x" + suffix: data}, "x" + suffix, name)
 
 
+def _case_torch_legacy(rng: random.Random) -> Case:
+    data = mutate_bytes(_seed_bytes("legacy.pt"), rng)
+    return Case({"x.pt": data}, "x.pt", "legacy.pt")
+
+
 def _case_idx(rng: random.Random) -> Case:
     import gzip
 
@@ -470,6 +488,7 @@ REGISTRY: dict[str, Reader] = {
         Reader("safetensors-body", _case_safetensors_body, _load_checkpoint),
         Reader("sharded-index", _case_index, _load_checkpoint),
         Reader("torch-zip", _case_torch, _load_checkpoint),
+        Reader("torch-legacy", _case_torch_legacy, _load_checkpoint),
         Reader("idx", _case_idx, _load_idx),
         Reader("sparse-format", _case_sparse, _load_sparse),
     )
@@ -664,7 +683,7 @@ if pytest is not None:
 
     def test_seeds_load(tmp_path: Path) -> None:
         """The unmutated seeds load (a fuzz run that only ever errors would test nothing)."""
-        for name in ("plain.safetensors", "small.safetensors", "state.pt", "wrapped.pt"):
+        for name in ("plain.safetensors", "small.safetensors", "state.pt", "wrapped.pt", "legacy.pt"):
             _load_checkpoint(SEEDS / name)
         _load_checkpoint(SEEDS / "sharded")
         _load_checkpoint(SEEDS / "sharded" / "model.safetensors.index.json")

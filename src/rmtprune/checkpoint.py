@@ -487,6 +487,83 @@ def _check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{str(path)!r} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
 
 
+_INT_OPS = frozenset(("INT", "LONG", "BININT", "BININT1", "BININT2", "LONG1", "LONG4"))
+_PUT_OPS = frozenset(("PUT", "BINPUT", "LONG_BINPUT"))
+_GET_OPS = frozenset(("GET", "BINGET", "LONG_BINGET"))
+
+
+def _check_legacy_sizes(path: Path) -> None:
+    """Refuse a legacy ``torch.save`` file whose pickle declares a storage larger than the file.
+
+    The legacy loader allocates every storage at the size its pickle records before reading the
+    data, so a crafted size would reserve that memory; each storage's bytes are in the file, so no
+    honest size exceeds it. A malformed pickle (a string longer than the file, ...) is refused here
+    too, before ``torch.load`` allocates what it declares.
+    """
+    import pickletools
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as raw:
+            fh = _Capped(raw, size)
+            for _ in range(3):  # magic number, protocol version, system info
+                for _ in pickletools.genops(fh):
+                    pass
+            recent: list[int] = []
+            memo: dict[Any, int] = {}
+            last_int: int | None = None
+            for op, arg, _ in pickletools.genops(fh):
+                name = op.name
+                value: int | None = None
+                if name in _INT_OPS and isinstance(arg, int):
+                    value = arg
+                elif name in _GET_OPS:
+                    value = memo.get(arg)
+                elif name in _PUT_OPS and last_int is not None:
+                    memo[arg] = last_int
+                elif name == "MEMOIZE" and last_int is not None:
+                    memo[len(memo)] = last_int
+                elif "UNICODE" in name and arg == "storage":
+                    recent = []
+                elif name == "BINPERSID":
+                    big = max(recent, default=0)
+                    if big > size:
+                        raise CheckpointError(
+                            f"{str(path)!r} is truncated or corrupt: it declares a storage of {big} "
+                            f"elements, more than the file's {size} bytes"
+                        )
+                    recent = []
+                if value is not None:
+                    recent.append(value)
+                if name not in _PUT_OPS and name != "MEMOIZE":
+                    last_int = value
+            for _ in pickletools.genops(fh):  # the list of storage keys
+                pass
+    except CheckpointError:
+        raise
+    except Exception as exc:  # not a valid pickle (torch.load would fail too, maybe allocating first)
+        raise CheckpointError(
+            f"{str(path)!r} is truncated or corrupt: its legacy torch.save pickle is malformed "
+            f"({_one_line(exc)})"
+        ) from None
+
+
+class _Capped:
+    """A binary file whose reads never ask for more than what is left (a crafted length in a pickle
+    would otherwise make the buffered reader allocate that much up front)."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self.fh = fh
+        self.size = size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.fh.tell())
+        return self.fh.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        return self.fh.readline(1 << 20)
+
+
 class _TorchFile(_Source):
     """A ``torch.save`` state dict, loaded with ``weights_only=True`` and memory-mapped when zipped."""
 
@@ -496,7 +573,9 @@ class _TorchFile(_Source):
         self.path = path
         self.legacy = legacy
         self.format = "torch-legacy" if legacy else "torch"
-        if not legacy:
+        if legacy:
+            _check_legacy_sizes(path)
+        else:
             _check_torch_zip(path)
         obj = _torch_load(path, mmap=not legacy)
         self._tensors, self.unwrapped = _unwrap_state_dict(obj, path)
