@@ -681,7 +681,9 @@ def _open_index(index: Path) -> _Source:
     try:
         if index.stat().st_size > _MAX_HEADER:
             raise CheckpointError(f"index {str(index)!r} is larger than {_MAX_HEADER} bytes; not an index")
-        data = _parse_json(index.read_bytes().decode("utf-8"))
+        data = json.loads(index.read_bytes().decode("utf-8"))  # NaN in its metadata is harmless
+    except RecursionError:
+        raise CheckpointError(f"index {str(index)!r} is not readable JSON: nested too deeply") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"index {str(index)!r} is not readable JSON: {_one_line(exc)}") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
