@@ -156,18 +156,17 @@ def _subprocess_run(src: Path, args: argparse.Namespace, out_json: Path) -> dict
 
 def compare(args: argparse.Namespace) -> None:
     """Run the fuzzer against revision ``args.compare`` and against this tree; write the report."""
-    rev = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", args.compare],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    head = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True
-    ).stdout.strip()
+
+    def git(*cmd: str) -> str:
+        run = subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True)
+        return run.stdout.strip()
+
+    rev = git("rev-parse", "--short", args.compare)
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = ", ".join(
+        "`" + line[3:].rsplit("/", 1)[-1] + "`"
+        for line in git("status", "--porcelain", "--", "src").splitlines()
+    )
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rmtprune-fuzz-cmp-") as tmp:
         tree = Path(tmp) / "before"
@@ -193,7 +192,7 @@ def compare(args: argparse.Namespace) -> None:
         f"Python {platform.python_version()}, {versions('torch', 'safetensors', 'numpy')}). "
         "Other processes may share the cores: times are indicative.",
         f"- Revisions: before = `{rev}`, after = `{head}`"
-        + (" plus uncommitted changes in src/" if dirty else ""),
+        + (f" plus uncommitted changes to {dirty}" if dirty else ""),
         f"- Command: `{cmd}` (total {total:.0f} s)",
         f"- Inputs: {args.n} mutated inputs per reader, seed {args.seed}, made from the seed files in "
         "`tests/fuzz_corpus/seeds` by the mutation families of `tests/test_fuzz_readers.py` (bit flips, "
@@ -201,7 +200,8 @@ def compare(args: argparse.Namespace) -> None:
         "manifests and indexes: values replaced by ints, floats, Infinity/NaN, 1e400, huge or negative "
         "numbers, lists, null, strings, deep nesting; zip members edited inside consistent archives). "
         "Both runs see exactly the same inputs.",
-        "- Readers: `safetensors-header`, `safetensors-body`, `sharded-index` and `torch-zip` go through "
+        "- Readers: `safetensors-header`, `safetensors-body`, `sharded-index`, `torch-zip` (zip archives) "
+        "and `torch-legacy` (pre-1.6 `torch.save` pickles) go through "
         "`rmtprune.checkpoint` (`list_tensors`, `iter_tensors`, `analyze_checkpoint`); `idx` through "
         "`rmtprune.data.read_idx`; `sparse-format` through `rmtprune.sparse_format.load_sparse`.",
         "- Outcomes: *loaded* (the reader returned), *clean error* (a one-line `RmtpruneError`), *crash* "
