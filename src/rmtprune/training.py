@@ -735,7 +735,7 @@ def _save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
             if latest.exists():
                 with atomic_path(prev) as tmp_prev:
                     _link_or_copy(latest, tmp_prev)
-                _kill_here(point, "rotated")
+            _kill_here(point, "rotated")
         _kill_here(point, "saved")
     except (OSError, RuntimeError) as exc:
         kept = latest if latest.exists() else prev
@@ -1646,6 +1646,12 @@ def train(
 
     if out_dir is not None:
         t0 = time.perf_counter()
+        if epoch == done:
+            # Nothing left to train: a run killed between its last checkpoint and its tables
+            # gets them written from the checkpoint now.
+            _write_outputs(
+                out_dir, lambda: _write_tables(out_dir, metrics, pruner.history_ if pruner else [])
+            )
         _write_outputs(out_dir, lambda: _write_plots(out_dir, metrics))
         _write_outputs(out_dir, lambda: _save_model(model, out_dir / "model.safetensors", cfg, train_ds))
         timings["io"] += time.perf_counter() - t0
