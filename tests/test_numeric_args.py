@@ -69,6 +69,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["--device", "banana"], "device='banana' is not a torch device"),
         (["--model", "mlp:40000000,40000000"], "more than the"),
         (["--threads", "0"], "--threads=0 must be >= 1"),
+        (["--threads", "100000"], "--threads=100000 must be <= "),
     ],
 )
 def test_train_refuses_absurd_numbers(capsys, tmp_path, args, words):

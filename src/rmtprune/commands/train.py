@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from typing import Any
@@ -208,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads} must be >= 1")
+        # torch accepts any count, then crashes (segmentation fault) building a huge thread pool.
+        cap = 4 * (os.cpu_count() or 1)
+        if args.threads > cap:
+            raise ValueError(
+                f"--threads={args.threads} must be <= {cap} (4 x the {os.cpu_count()} CPUs here)"
+            )
         import torch
 
         torch.set_num_threads(args.threads)
