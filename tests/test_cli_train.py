@@ -170,3 +170,27 @@ def test_demo_unwritable_output(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--out", str(tmp_path / "file" / "demo")]) == 2
     assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_first_epoch_leaves_nothing_and_says_so(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_run_epoch", interrupt)
+    assert main(_args(out, "--no-prune")) == 130
+    err = capsys.readouterr().err
+    assert "before the first epoch was completed; nothing was saved" in err and "--resume" not in err
+    assert not out.exists()
+
+
+def test_resume_of_a_crafted_checkpoint_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    d: dict = {"format": "rmtprune-train-checkpoint", "version": 1}
+    d["config"] = d  # self-referential
+    torch.save(d, out / CHECKPOINT)
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "contains itself" in err and "Traceback" not in err

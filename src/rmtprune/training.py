@@ -755,7 +755,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 #: Bounds on what a checkpoint may hold: nesting depth (a real one has 6 levels), containers and
 #: values in all (a real one has a few per parameter tensor and per epoch).
 _MAX_DEPTH = 16
-_MAX_NODES = 2_000_000
+_MAX_NODES = 10_000_000
 _SCALARS = (str, int, float, bool, type(None))
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -230,11 +230,21 @@ def run(args: argparse.Namespace) -> int:
             **_overrides(args),
         )
     except KeyboardInterrupt:
-        print(
-            f"rmtprune: interrupted; the last complete checkpoint in {args.out!r} is intact. "
-            f"Continue with: rmtprune train --out {shlex.quote(args.out)} --resume",
-            file=sys.stderr,
-        )
+        from pathlib import Path
+
+        from ..training import CHECKPOINT
+
+        if (Path(args.out).expanduser() / CHECKPOINT).exists():
+            print(
+                f"rmtprune: interrupted; the last complete checkpoint in {args.out!r} is intact. "
+                f"Continue with: rmtprune train --out {shlex.quote(args.out)} --resume",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "rmtprune: interrupted before the first epoch was completed; nothing was saved",
+                file=sys.stderr,
+            )
         return 130
     print()
     print(summary(result))
