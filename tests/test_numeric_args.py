@@ -86,7 +86,8 @@ def test_train_non_integers_are_argparse_errors(capsys, tmp_path, args):
         main(["train", "--out", str(out), *TINY, *args])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
-    assert f"argument {args[0]}: invalid int value: '{args[1]}'" in err.strip().splitlines()[-1]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"argument {args[0]}: invalid int value: '{args[1]}'" in lines[0]
     assert not out.exists()
 
 
