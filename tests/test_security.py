@@ -370,3 +370,15 @@ def test_demo_refuses_a_users_files_in_out_before_training(tmp_path, capsys, mon
     assert main(["demo", "--out", str(out), "--no-progress"]) == 2
     assert "was not written by rmtprune" in _one_error_line(capsys)
     assert (out / "summary.md").read_text() == "my notes\n"
+
+
+def test_train_refuses_a_users_files_in_out_before_any_work(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    args = ["train", "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 2
+    assert "config.json that this run would overwrite" in _one_error_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert main([*args, "--no-progress", "--quiet", "--force"]) == 0
+    assert (out / "checkpoint.pt").exists()

@@ -1388,14 +1388,47 @@ def _remove_empty_run(out_dir: Path, created: bool) -> None:
             out_dir.rmdir()
 
 
-def _prepare_out(out: str | os.PathLike[str], resume: bool) -> Path:
-    out_dir = writable_dir(out)
-    if not resume and ((out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS_CHECKPOINT).exists()):
+#: The files a run writes in its output directory (besides the checkpoints).
+RUN_FILES = (
+    "config.json",
+    "metrics.csv",
+    "metrics.json",
+    "decisions.csv",
+    "decisions.json",
+    "accuracy.png",
+    "params.png",
+    "ranks.png",
+    "model.safetensors",
+    "model.json",
+)
+
+
+def _check_fresh_out(out: str | os.PathLike[str], force: bool) -> None:
+    """A fresh run never writes over files already in ``out`` (another run's, or the user's)
+    unless ``force``; checked before any work, so nothing is built, trained or written."""
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RmtpruneError(f"output directory {str(out_dir)!r} exists and is not a directory")
+    if not out_dir.is_dir():
+        return
+    if (out_dir / CHECKPOINT).exists() or (out_dir / PREVIOUS_CHECKPOINT).exists():
         raise RmtpruneError(
             f"output directory {str(out_dir)!r} already holds a run ({CHECKPOINT}); pass resume=True "
             "(--resume) to continue it, or choose another output directory"
         )
-    return out_dir
+    clash = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if clash and not force:
+        raise RmtpruneError(
+            f"output directory {str(out_dir)!r} already has {', '.join(clash[:3])}"
+            + (f" and {len(clash) - 3} more" if len(clash) > 3 else "")
+            + " that this run would overwrite; choose another directory, or pass force=True (--force)"
+        )
+
+
+def _prepare_out(out: str | os.PathLike[str], resume: bool, force: bool = False) -> Path:
+    if not resume:
+        _check_fresh_out(out, force)
+    return writable_dir(out)
 
 
 def _check_names(cfg: TrainConfig) -> None:
@@ -1483,6 +1516,7 @@ def train(
     log: LogFn | None = None,
     progress_bar: bool | None = False,
     batch_callback: Callable[[int, int], None] | None = None,
+    force: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model on a dataset, pruning it with :class:`RMTPruner` on the way; return the result.
@@ -1506,6 +1540,9 @@ def train(
     progress_bar : a progress bar over the batches (``None``: only on a terminal).
     batch_callback : called as ``batch_callback(epoch, batch_index)`` before every batch (tests use
         it to interrupt a run; a ``KeyboardInterrupt`` there leaves the last checkpoint valid).
+    force : a fresh run into a directory that already has files of the names it writes
+        (:data:`RUN_FILES`: another run's, or yours) overwrites them; without it that is refused
+        before any work.
 
     Returns
     -------
@@ -1516,6 +1553,8 @@ def train(
     if not resume:
         cfg = _resolve_config(config, overrides)
         _check_names(cfg)  # before anything is written
+        if out is not None:
+            _check_fresh_out(out, force)
     out_dir = None
     created = False
     if resume:
@@ -1546,7 +1585,7 @@ def train(
         initial_params = sum(p.numel() for p in model.parameters())
     if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
         created = not Path(out).expanduser().exists()
-        out_dir = _prepare_out(out, resume=False)
+        out_dir = _prepare_out(out, resume=False, force=force)
     compression = _compression_config(cfg)
     pruner = _make_pruner(cfg, compression, log)
     metrics: list[dict[str, Any]] = []

@@ -54,6 +54,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory of the run")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="a fresh run may overwrite files of the names it writes already in --out (refused otherwise)",
+    )
     p.add_argument("--data-dir", metavar="DIR", default=None, help="directory holding the dataset files")
     choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES}
     for flag, (name, typ, metavar) in _FLAGS.items():
@@ -224,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(
             out=args.out,
             resume=args.resume,
+            force=args.force,
             data_dir=args.data_dir,
             log=log,
             progress_bar=progress_bar,
