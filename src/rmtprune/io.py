@@ -437,8 +437,10 @@ def restructure(model: nn.Module, layers: dict[str, dict[str, Any]], undo: list[
     from .surgery import handler_for
 
     for name, spec in layers.items():
-        rank, kind = int(spec["rank"]), spec["type"]
+        rank, kind = spec["rank"], spec["type"]
         shape = tuple(spec["matrix_shape"])
+        if not _is_int(rank) or len(shape) != 2 or not 1 <= rank <= min(shape):  # before allocating
+            raise CheckpointError(f"layer {name!r}: rank={rank!r} must be in [1, min{shape}]")
         what = f"{kind} rank {rank} of a {shape[0]}x{shape[1]} {spec.get('original_type', '?')}"
         try:
             mod = model.get_submodule(name)
