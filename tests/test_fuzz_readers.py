@@ -45,6 +45,7 @@ READERS = (
     "torch-legacy",
     "idx",
     "sparse-format",
+    "manifest",
 )
 OUTCOMES = ("loaded", "clean error", "crash", "hang", "huge allocation")
 CASES_PER_READER = 2000
@@ -120,6 +121,31 @@ def write_corpus(root: Path = SEEDS) -> None:
     dense = {"a.weight": w, "a.bias": torch.randn(8, generator=g), "b.weight": w.T.contiguous()}
     save_sparse(root / "sparse-bitmask.safetensors", dense, {"a.weight": mask}, fmt="bitmask")
     save_sparse(root / "sparse-csr.safetensors", dense, {"a.weight": mask, "b.weight": mask.T}, fmt="csr")
+    write_manifest_seeds(root)
+
+
+#: The reference spec the manifest seeds record (a file may rebuild it without trust_factory).
+_MANIFEST_SPEC = ("mlp:16,12", [1, 4, 4], 3)
+
+
+def write_manifest_seeds(root: Path = SEEDS) -> None:
+    """Checkpoints written by ``rmtprune.save``: factored layers, and factored + sparse layers."""
+    import torch
+
+    import rmtprune
+    from rmtprune.masks import set_mask
+    from rmtprune.models import build_model
+
+    spec, shape, classes = _MANIFEST_SPEC
+    fargs = {"input_shape": shape, "num_classes": classes}
+    torch.manual_seed(0)
+    net = build_model(spec, shape, classes)
+    rmtprune.compress(net, rule="fixed", rank=3)
+    rmtprune.save(net, root / "manifest.safetensors", factory=spec, factory_args=fargs)
+    set_mask(net.head, torch.rand(net.head.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.5)
+    rmtprune.save(net, root / "manifest-sparse.safetensors", factory=spec, factory_args=fargs)
+    for p in root.glob("manifest*.json"):
+        p.unlink()  # the sidecars: the manifest read is the one in the header
 
 
 # ----------------------------------------------------------------------------------- mutations
@@ -453,6 +479,33 @@ def _case_sparse(rng: random.Random) -> Case:
     return Case({"x.safetensors": _join_safetensors(header, body, rng)}, "x.safetensors", name)
 
 
+def _case_manifest(rng: random.Random) -> Case:
+    name = rng.choice(("manifest.safetensors", "manifest-sparse.safetensors"))
+    header, body = _split_safetensors(_seed_bytes(name))
+    doc = json.loads(header)
+    if rng.random() < 0.85:  # the rmtprune manifest in the metadata
+        text = doc["__metadata__"]["rmtprune"]
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                text = mutate_json(text, rng)
+        doc["__metadata__"]["rmtprune"] = text
+        header = json.dumps(doc)
+    else:  # the tensors' entries, which the manifest's layers must agree with
+        with contextlib.suppress(json.JSONDecodeError, RecursionError):
+            header = mutate_json(header, rng)
+    return Case({"x.safetensors": _join_safetensors(header, body, rng)}, "x.safetensors", name)
+
+
+def _load_manifest(path: Path) -> None:
+    """``rmtprune.load`` from the file alone (the spec it records), then into a fresh model."""
+    import rmtprune
+    from rmtprune.models import build_model
+
+    rmtprune.load(path)
+    spec, shape, classes = _MANIFEST_SPEC
+    rmtprune.load(path, build_model(spec, tuple(shape), classes))
+
+
 def _load_checkpoint(path: Path) -> None:
     from rmtprune.checkpoint import analyze_checkpoint, iter_tensors, list_tensors
 
@@ -491,6 +544,7 @@ REGISTRY: dict[str, Reader] = {
         Reader("torch-legacy", _case_torch_legacy, _load_checkpoint),
         Reader("idx", _case_idx, _load_idx),
         Reader("sparse-format", _case_sparse, _load_sparse),
+        Reader("manifest", _case_manifest, _load_manifest),
     )
 }
 
@@ -690,6 +744,8 @@ if pytest is not None:
         _load_idx(SEEDS / "images-idx3-ubyte.gz")
         _load_sparse(SEEDS / "sparse-csr.safetensors")
         _load_sparse(SEEDS / "sparse-bitmask.safetensors")
+        _load_manifest(SEEDS / "manifest.safetensors")
+        _load_manifest(SEEDS / "manifest-sparse.safetensors")
 
     def _crashers() -> list[Path]:
         return sorted(p for p in CRASHERS.rglob("*") if p.is_file() and p.name != "README.md")
@@ -700,7 +756,9 @@ if pytest is not None:
         from rmtprune.errors import RmtpruneError
 
         kind = path.relative_to(CRASHERS).parts[0]
-        load = {"idx": _load_idx, "sparse": _load_sparse}.get(kind, _load_checkpoint)
+        load = {"idx": _load_idx, "sparse": _load_sparse, "manifest": _load_manifest}.get(
+            kind, _load_checkpoint
+        )
         target = path.parent if kind == "dirs" else path
         with pytest.raises(RmtpruneError) as info, bounded():
             load(target)

@@ -255,6 +255,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has a corrupt rmtprune manifest: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has an rmtprune manifest nested too deeply"
+        ) from None
     return check_manifest(manifest, path)
 
 
@@ -534,8 +538,13 @@ def load(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path).expanduser()
     meta, shapes = _open(path)
-    sparse = manifest_from_metadata(meta)
-    shapes = dense_shapes(shapes, sparse)
+    try:
+        sparse = manifest_from_metadata(meta)
+        shapes = dense_shapes(shapes, sparse)
+    except CheckpointError as exc:
+        if str(path) in str(exc):
+            raise
+        raise CheckpointError(f"checkpoint {str(path)!r}: {exc}") from None
     manifest = read_manifest(path) if _META_KEY in meta else None
     layers = manifest["layers"] if manifest is not None else {}
     if model is None:
