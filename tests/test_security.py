@@ -382,3 +382,15 @@ def test_train_refuses_a_users_files_in_out_before_any_work(tmp_path, capsys) ->
     assert [p.name for p in out.iterdir()] == ["config.json"]
     assert main([*args, "--no-progress", "--quiet", "--force"]) == 0
     assert (out / "checkpoint.pt").exists()
+
+
+def test_analyze_plots_never_replace_a_users_png(net_file, tmp_path, capsys) -> None:
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "summary.png").write_bytes(b"\x89PNG my holiday photo")
+    assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 2
+    assert "was not written by rmtprune" in _one_error_line(capsys)
+    assert [p.name for p in plots.iterdir()] == ["summary.png"]
+    (plots / "summary.png").unlink()
+    assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 0
+    assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 0  # its own plots

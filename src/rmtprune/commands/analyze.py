@@ -112,7 +112,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="overwrite --json/--csv files that exist but were not written by rmtprune",
+        help="overwrite --json/--csv files and --plots PNGs that exist but were not written by rmtprune",
     )
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return p
@@ -201,6 +201,8 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
     if plots.exists() and not plots.is_dir():
         raise RmtpruneError(f"--plots {args.plots!r} exists and is not a directory")
     check_writable_dir(plots)
+    if plots.is_dir():
+        check_outputs([Output(plots / "summary.png", "plot", "--plots file")], force=args.force)
     ckpt = Path(args.checkpoint).expanduser()
     if ckpt.is_dir() and plots.exists() and plots.resolve() == ckpt.resolve():
         raise RmtpruneError(f"--plots {args.plots!r} is the checkpoint directory; choose another one")
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if args.csv is not None:
         atomic_write_text(args.csv, _csv_text(analysis))
     if plots is not None:
-        written = _write_plots(analysis, plots, enable=False if args.no_progress else None)
+        written = _write_plots(analysis, plots, enable=False if args.no_progress else None, force=args.force)
         print(f"wrote {written} plots to {plots}")
     if analysis.has_invalid:
         names = ", ".join(repr(n) for n in analysis.invalid_layers)
@@ -247,15 +249,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_plots(analysis: Any, plots: Path, enable: bool | None) -> int:
+def _write_plots(analysis: Any, plots: Path, enable: bool | None, force: bool = False) -> int:
+    from .._outputs import Output, check_outputs
     from .._progress import progress
     from ..plotting import plot_esd, plot_summary
 
-    plots.mkdir(exist_ok=True)
     used: set[str] = {"summary"}
     fitted = [la for la in analysis.layers if la.fit is not None]
-    for la in progress(fitted, total=len(fitted), desc="plots", enable=enable):
-        plot_esd(la, plots / _plot_name(la.name, used))
+    names = [_plot_name(la.name, used) for la in fitted]
+    # PNGs of these names already in DIR must be plots rmtprune drew (or --force): checked for all
+    # before the first is written.
+    targets = [plots / n for n in names] + ([plots / "summary.png"] if analysis.layers else [])
+    if plots.is_dir():
+        check_outputs([Output(t, "plot", "--plots file") for t in targets], force=force)
+    plots.mkdir(exist_ok=True)
+    for la, name in progress(zip(fitted, names, strict=True), total=len(fitted), desc="plots", enable=enable):
+        plot_esd(la, plots / name)
     n = len(fitted)
     if analysis.layers:
         plot_summary(analysis, plots / "summary.png")
