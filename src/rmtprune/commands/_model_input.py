@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["shape_arg", "factory_args", "is_spec", "build", "load_weights", "load_model", "add_trust_flag"]
+__all__ = [
+    "shape_arg",
+    "factory_args",
+    "is_spec",
+    "build",
+    "load_weights",
+    "load_model",
+    "add_trust_flag",
+    "check_model_outputs",
+]
 
 
 def shape_arg(text: str) -> tuple[int, ...]:
@@ -87,6 +96,28 @@ def load_weights(model: Any, path: str) -> None:
         raise CheckpointError(f"--weights {path!r} does not hold a state dict of tensors")
     rio.check_tensors(model, {k: tuple(v.shape) for k, v in state.items()}, Path(path))
     model.load_state_dict(state, strict=False)
+
+
+def check_model_outputs(
+    args: argparse.Namespace, src: str | None, out_path: Path, report_json: Path, report_md: Path
+) -> None:
+    """Check OUT, its manifest and the two reports before any work (docs/security.md): none a
+    directory or an input (OUT may be CHECKPOINT: a re-cut in place), none a user's file unless
+    ``--force``."""
+    from .. import io as rio
+    from .._outputs import Output, check_outputs
+
+    check_outputs(
+        [
+            Output(out_path, "out", "OUT"),
+            Output(rio.manifest_path(out_path), "manifest", "OUT's manifest"),
+            Output(report_json, "report-json", "the JSON report"),
+            Output(report_md, "report-md", "the Markdown report"),
+        ],
+        inputs=[src, args.weights, args.config],
+        force=args.force,
+        in_place=Path(src).expanduser() if src else None,
+    )
 
 
 def add_trust_flag(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RmtpruneError
-from ._model_input import add_trust_flag, load_model, shape_arg
+from ._model_input import add_trust_flag, check_model_outputs, load_model, shape_arg
 
 #: CLI flag -> (CompressionConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -189,25 +189,12 @@ def _human_bytes(n: int) -> str:
 
 def _outputs(args: argparse.Namespace, ckpt: str | None, out: str) -> tuple[Path, Path, Path]:
     """Check OUT and its sidecars before any work: refuse inputs, directories, users' files."""
-    from .. import io as rio
-    from .._outputs import Output, check_outputs
-
     out_path = Path(out).expanduser()
     if out_path.suffix != ".safetensors":
         raise ValueError(f"OUT {out!r} must end in .safetensors")
     stem = out_path.with_suffix("")
     report_json, report_md = Path(f"{stem}.report.json"), Path(f"{stem}.report.md")
-    check_outputs(
-        [
-            Output(out_path, "out", "OUT"),
-            Output(rio.manifest_path(out_path), "manifest", "OUT's manifest"),
-            Output(report_json, "report-json", "OUT's JSON report"),
-            Output(report_md, "report-md", "OUT's Markdown report"),
-        ],
-        inputs=[ckpt, args.weights, args.config],
-        force=args.force,
-        in_place=Path(ckpt).expanduser() if ckpt else None,
-    )
+    check_model_outputs(args, ckpt, out_path, report_json, report_md)
     return out_path, report_json, report_md
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RmtpruneError
-from ._model_input import add_trust_flag, load_model
+from ._model_input import add_trust_flag, check_model_outputs, load_model
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -170,7 +170,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from .. import io as rio
     from .._atomic import atomic_paths
-    from .._outputs import Output, check_outputs
     from ..sparsify import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
@@ -184,17 +183,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = args.report or str(out_path.with_suffix("")) + ".report"
     report_json, report_md = Path(prefix + ".json").expanduser(), Path(prefix + ".md").expanduser()
     if not args.dry_run:
-        check_outputs(
-            [
-                Output(out_path, "out", "OUT"),
-                Output(rio.manifest_path(out_path), "manifest", "OUT's manifest"),
-                Output(report_json, "report-json", "the JSON report"),
-                Output(report_md, "report-md", "the Markdown report"),
-            ],
-            inputs=[src, args.weights, args.config],
-            force=args.force,
-            in_place=Path(src).expanduser() if src else None,
-        )
+        check_model_outputs(args, src, out_path, report_json, report_md)
     model, factory, fargs, _ = load_model(args, src)
     if args.dry_run:
         report = plan_sparsity(model, config, show=show)
