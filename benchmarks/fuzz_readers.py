@@ -203,7 +203,9 @@ def compare(args: argparse.Namespace) -> None:
         "- Readers: `safetensors-header`, `safetensors-body`, `sharded-index`, `torch-zip` (zip archives) "
         "and `torch-legacy` (pre-1.6 `torch.save` pickles) go through "
         "`rmtprune.checkpoint` (`list_tensors`, `iter_tensors`, `analyze_checkpoint`); `idx` through "
-        "`rmtprune.data.read_idx`; `sparse-format` through `rmtprune.sparse_format.load_sparse`; `manifest` (the rmtprune manifest in a safetensors header) through `rmtprune.load`, from the file alone and into a fresh model.",
+        "`rmtprune.data.read_idx`; `sparse-format` through `rmtprune.sparse_format.load_sparse`; "
+        "`manifest` (the rmtprune manifest in a safetensors header) through `rmtprune.load`, from the "
+        "file alone and into a fresh model.",
         "- Outcomes: *loaded* (the reader returned), *clean error* (a one-line `RmtpruneError`), *crash* "
         "(any other exception, a traceback for the user), *hang* (more than 2 s for one input), "
         "*huge allocation* (an allocation refused under an address-space cap 3 GiB above the start). "
