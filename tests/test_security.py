@@ -394,3 +394,24 @@ def test_analyze_plots_never_replace_a_users_png(net_file, tmp_path, capsys) -> 
     (plots / "summary.png").unlink()
     assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 0
     assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 0  # its own plots
+
+
+def test_atomic_temp_names_fit_and_only_dead_writers_are_cleaned(tmp_path) -> None:
+    from rmtprune._atomic import atomic_write_text, clean_stale, temp_name_re
+
+    long = tmp_path / ("n" * 240 + ".json")  # the temporary folder's name must still fit NAME_MAX
+    atomic_write_text(long, "x")
+    assert long.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == [long.name]
+    target = tmp_path / "out.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".out.safetensors.rmtprune-{dead_pid}-0badc0de.tmp"
+    live = tmp_path / f".out.safetensors.rmtprune-{os.getppid()}-0badc0de.tmp"  # pytest's parent: alive
+    other = tmp_path / ".out.safetensors.userfile.tmp"  # not our pattern: never touched
+    for p in (stale, live):
+        p.mkdir()
+        (p / "out.safetensors").write_bytes(b"partial")
+    other.write_text("mine")
+    assert temp_name_re(target.name).match(stale.name)
+    assert clean_stale(target) == [stale]
+    assert live.exists() and other.exists() and not stale.exists()

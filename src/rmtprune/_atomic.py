@@ -12,6 +12,7 @@ complete old file or the complete new one, never a half-written file under the t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -44,9 +45,17 @@ def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     return parent
 
 
+def _short(name: str) -> str:
+    """``name``, or for a long one a prefix and a hash, so the temporary name fits NAME_MAX (255)."""
+    if len(name.encode("utf-8", "surrogateescape")) <= 200:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return name.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore") + "~" + digest
+
+
 def temp_name_re(name: str) -> re.Pattern[str]:
     """The names of rmtprune's temporary paths for a target called ``name`` (group 1: the pid)."""
-    return re.compile(rf"^\.{re.escape(name)}\.{_TAG}-(\d+)-[0-9a-f]+\.tmp$")
+    return re.compile(rf"^\.{re.escape(_short(name))}\.{_TAG}-(\d+)-[0-9a-f]+\.tmp$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -124,7 +133,7 @@ class _Slot:
         if target.is_dir():
             raise RmtpruneError(f"output {str(target)!r} is a directory")
         clean_stale(target)
-        self.folder = self.parent / f".{target.name}.{_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        self.folder = self.parent / f".{_short(target.name)}.{_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
         self.folder.mkdir(mode=0o700)
         self.tmp = self.folder / (target.name + suffix)
 
