@@ -160,7 +160,7 @@ def test_huge_spec_in_a_small_file_is_refused_before_allocating(tmp_path, capsys
     )
     assert path.stat().st_size < 50_000
     t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match="does not match the model"):
+    with pytest.raises(CheckpointError, match="more than 4096x its size"):
         rmtprune.load(path)
     assert main(["compress", str(path), str(tmp_path / "o.safetensors")]) == 2
     assert time.perf_counter() - t0 < 5  # 3.1e9 parameters were never allocated (12.5 GB)
@@ -415,3 +415,145 @@ def test_atomic_temp_names_fit_and_only_dead_writers_are_cleaned(tmp_path) -> No
     assert temp_name_re(target.name).match(stale.name)
     assert clean_stale(target) == [stale]
     assert live.exists() and other.exists() and not stale.exists()
+
+
+def test_a_small_file_cannot_make_load_build_a_huge_dense_model(tmp_path, capsys) -> None:
+    """Red team: 'mlp:25000' on 60000 inputs with rank-1 factors matches a 137 kB file's shapes,
+    but the dense build it needs first is 6 GB: refused before any allocation."""
+    layers = {
+        "fc1": {**_LAYER, "rank": 1, "matrix_shape": [25000, 60000]},
+        "head": {**_LAYER, "rank": 1, "matrix_shape": [10, 25000]},
+    }
+    tensors = {
+        "fc1.first.weight": torch.zeros(1, 60000, dtype=torch.int8),
+        "fc1.second.weight": torch.zeros(25000, 1, dtype=torch.int8),
+        "fc1.second.bias": torch.zeros(25000, dtype=torch.int8),
+        "head.first.weight": torch.zeros(1, 25000, dtype=torch.int8),
+        "head.second.weight": torch.zeros(10, 1, dtype=torch.int8),
+        "head.second.bias": torch.zeros(10, dtype=torch.int8),
+    }
+    fargs = {"input_shape": [60000], "num_classes": 10}
+    path = _write(
+        tmp_path / "amp.safetensors",
+        tensors,
+        _manifest(factory="mlp:25000", factory_args=fargs, layers=layers),
+    )
+    t0 = time.perf_counter()
+    assert main(["compress", str(path), str(tmp_path / "o.safetensors"), "--dry-run"]) == 2
+    assert "more than 4096x its size" in _one_error_line(capsys)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_an_inputs_own_manifest_is_never_a_report(net_file, capsys) -> None:
+    """Red team: `sparsify NET OUT --report NET` and `analyze NET --json NET.json` replaced NET.json."""
+    manifest = net_file.with_suffix(".json")
+    before = manifest.read_bytes()
+    stem = str(net_file.with_suffix(""))
+    out = str(net_file.parent / "o.safetensors")
+    assert main(["sparsify", str(net_file), out, "--report", stem, "--no-progress"]) == 2
+    assert "is an input of this command" in _one_error_line(capsys)
+    assert main(["analyze", str(net_file), "--json", str(manifest), "--no-progress"]) == 2
+    _one_error_line(capsys)
+    other = net_file.parent / "other.json"  # a checkpoint manifest is not a report anywhere
+    other.write_bytes(before)
+    assert main(["analyze", str(net_file), "--json", str(other), "--no-progress"]) == 2
+    assert "was not written by rmtprune" in _one_error_line(capsys)
+    assert manifest.read_bytes() == before and other.read_bytes() == before
+
+
+def test_a_users_matplotlib_png_is_not_taken_for_ours(net_file, tmp_path, capsys) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    plots = tmp_path / "figs"
+    plots.mkdir()
+    Figure().savefig(plots / "summary.png")  # the user's own figure, made with matplotlib
+    before = (plots / "summary.png").read_bytes()
+    assert main(["analyze", str(net_file), "--plots", str(plots), "--no-progress"]) == 2
+    assert "was not written by rmtprune" in _one_error_line(capsys)
+    assert (plots / "summary.png").read_bytes() == before
+
+
+def test_a_symlinked_sidecar_to_another_directory_is_replaced_beside_the_link(net_file, tmp_path) -> None:
+    """Red team: the temporary file was made beside the link's target, so the rename crossed
+    filesystems (EXDEV) after OUT had been replaced; now it is made beside the link."""
+    elsewhere = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp_path / "elsewhere"
+    elsewhere = elsewhere / f"rmtprune-test-{os.getpid()}"
+    elsewhere.mkdir(parents=True)
+    try:
+        manifest = net_file.with_suffix(".json")
+        moved = elsewhere / manifest.name
+        moved.write_bytes(manifest.read_bytes())
+        manifest.unlink()
+        manifest.symlink_to(moved)
+        before = moved.read_bytes()
+        assert main(["compress", str(net_file), str(net_file), "--no-progress", "--quiet"]) == 0
+        assert not manifest.is_symlink() and rio.read_manifest(net_file)["layers"]
+        assert moved.read_bytes() == before  # the link's target is the user's: untouched
+    finally:
+        import shutil
+
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_weights_pt_go_through_the_hardened_reader(tmp_path, capsys) -> None:
+    net = build_model("mlp:64", (1, 28, 28), 10)
+    sd = net.state_dict()
+    sd["fc1.weight"] = sd["fc1.weight"].to_sparse()
+    torch.save(sd, tmp_path / "sparse.pt")
+    out = str(tmp_path / "o.safetensors")
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                "mlp:64",
+                "--dataset",
+                "mnist",
+                "--weights",
+                str(tmp_path / "sparse.pt"),
+                out,
+            ]
+        )
+        == 2
+    )
+    assert "fc1.weight" in _one_error_line(capsys)
+    assert not Path(out).exists()
+
+
+def test_a_stray_module_in_cwd_does_not_shadow_installed_packages(tmp_path) -> None:
+    """Red team: `--model mymod:make` put the current directory first on sys.path, so a stranger's
+    safetensors.py beside mymod.py ran when the checkpoint was written."""
+    (tmp_path / "mymod_shadow.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Linear(20, 20)\n"
+    )
+    (tmp_path / "safetensors.py").write_text(
+        "open('pwned.txt', 'w').write('x')\nraise ImportError('shadow')\n"
+    )
+    cmd = [
+        sys.executable,
+        "-P",
+        "-m",
+        "rmtprune.cli",
+        "compress",
+        "--model",
+        "mymod_shadow:make",
+        "o.safetensors",
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=_ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "pwned.txt").exists() and (tmp_path / "o.safetensors").exists()
+
+
+def test_trusted_factory_ignores_the_implicit_cwd_entry_of_python_c(tmp_path) -> None:
+    (tmp_path / "evilmod_c.py").write_text("open('pwned.txt', 'w').write('x')\ndef make(): pass\n")
+    path = rmtprune.save(nn.Linear(4, 4), tmp_path / "e.safetensors", factory="evilmod_c:make")
+    code = (
+        f"import rmtprune\ntry:\n    rmtprune.load({str(path)!r}, trust_factory=True)\n"
+        "except Exception as e:\n    print(type(e).__name__)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_ENV, capture_output=True, text=True)
+    assert "CheckpointError" in run.stdout, run.stderr
+    assert not (tmp_path / "pwned.txt").exists()

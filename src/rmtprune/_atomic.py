@@ -37,7 +37,9 @@ _TAG = "rmtprune"
 
 def check_writable_dir(path: str | os.PathLike[str]) -> Path:
     """Raise a clear error unless the directory that will hold ``path`` exists and is writable."""
-    parent = Path(path).expanduser().resolve().parent
+    # The directory holding the name itself, not the target of a symlink of that name: the
+    # temporary file must sit beside the name it replaces (a rename cannot cross filesystems).
+    parent = Path(os.path.abspath(Path(path).expanduser())).parent
     if not parent.is_dir():
         raise RmtpruneError(f"output directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):

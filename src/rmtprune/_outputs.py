@@ -46,12 +46,23 @@ def _manifest_json(path: Path) -> bool:
     return data is not None and data.get("format") == "rmtprune-checkpoint"
 
 
+#: ``format`` fields of the JSON reports rmtprune writes.
+REPORT_FORMATS = ("rmtprune-compress-report", "rmtprune-sparsify-report", "rmtprune-demo-summary")
+
+
 def _report_json(path: Path) -> bool:
     data = _json_object(path)
     if data is None:
         return False
-    fmt = data.get("format")
-    return (isinstance(fmt, str) and fmt.startswith("rmtprune")) or "rmtprune_version" in data
+    if "format" in data:  # never a checkpoint's manifest (an input's sidecar) or anything else
+        return data["format"] in REPORT_FORMATS
+    return "rmtprune_version" in data and "totals" in data  # a compress report written before 0.1.1
+
+
+def _analysis_json(path: Path) -> bool:
+    data = _json_object(path)
+    keys = {"rmtprune_version", "checkpoint", "counts", "ignored_counts", "layers"}  # its "format" is
+    return data is not None and keys <= set(data)  # the checkpoint's (safetensors, torch...)
 
 
 def _markdown(path: Path) -> bool:
@@ -71,9 +82,14 @@ def _safetensors_ours(path: Path) -> bool:
         return False
 
 
-def _matplotlib_png(path: Path) -> bool:
-    head = _head(path)
-    return head.startswith("\ufffdPNG") and "Matplotlib" in head[:4096]
+def _rmtprune_png(path: Path) -> bool:
+    """A PNG carrying the text chunk rmtprune writes (``Software: rmtprune``), not any matplotlib PNG."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_PEEK)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Software\x00rmtprune" in head
 
 
 #: Output kind -> test that an existing file of that name was written by rmtprune.
@@ -83,9 +99,9 @@ KINDS: dict[str, Callable[[Path], bool]] = {
     "manifest": _manifest_json,
     "report-json": _report_json,
     "report-md": _markdown,
-    "analysis-json": _report_json,
+    "analysis-json": _analysis_json,
     "analysis-csv": _analysis_csv,
-    "plot": _matplotlib_png,
+    "plot": _rmtprune_png,
 }
 
 

@@ -75,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RmtpruneError, ValueError, TypeError, OSError) as exc:
         print(f"rmtprune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise  # a bug: keep the traceback
+        print(f"rmtprune: error: out of memory: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def _one_line(exc: BaseException) -> str:

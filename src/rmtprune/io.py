@@ -412,12 +412,23 @@ def build_factory(spec: str, *, search_cwd: bool = True, **kwargs: Any) -> nn.Mo
     else:
         if not head or not attr:
             raise ValueError(f"factory {spec!r} must be MODULE:FACTORY (or a model spec such as mlp:1000)")
-        if search_cwd and os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
+        saved = list(sys.path)
+        if search_cwd:
+            # Last, not first: a stray file in the current directory named like an installed package
+            # (safetensors.py) must not shadow it.
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+        else:
+            # A trusted file's factory: installed packages and PYTHONPATH only, not the implicit
+            # current-directory entry that `python -c` and the REPL put first.
+            sys.path[:] = [p for p in sys.path if p not in ("", ".")]
         try:
             obj: Any = importlib.import_module(head)
         except ImportError as exc:
             raise ValueError(f"factory {spec!r}: cannot import module {head!r} ({exc})") from None
+        finally:
+            if not search_cwd:
+                sys.path[:] = saved
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise ValueError(f"factory {spec!r}: module {head!r} has no attribute {attr!r}")
@@ -509,6 +520,25 @@ def _fmt(shape: Any) -> str:
     return "x".join(str(int(v)) for v in shape) or "scalar"
 
 
+#: A file may rebuild a dense architecture at most this many times its own size (a rank-1 factored
+#: 4096x4096 layer is 2048x smaller than dense), and always up to ``_EXPANSION_FLOOR`` bytes.
+MAX_EXPANSION = 4096
+_EXPANSION_FLOOR = 1 << 30
+
+
+def _check_expansion(skeleton: nn.Module, path: Path) -> None:
+    """Refuse a file whose recorded architecture is absurdly larger than the file (built densely
+    before its factored layers replace the dense ones): a 137 kB file asking for 6 GB."""
+    dense = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    size = path.stat().st_size
+    if dense > max(_EXPANSION_FLOOR, MAX_EXPANSION * size):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} ({size:,} bytes) records an architecture of {dense / 1e9:.1f} GB, "
+            f"more than {MAX_EXPANSION}x its size; refused as crafted (build the model yourself and "
+            "pass it: load(path, model), --model)"
+        )
+
+
 def load(
     path: str | os.PathLike[str],
     model: nn.Module | None = None,
@@ -559,6 +589,7 @@ def load(
         # file, so a crafted spec ("mlp:4000000" in a 34 kB file) is refused before allocating.
         with torch.device("meta"):
             skeleton = build_from_manifest(manifest, trust_factory=trust_factory, path=path)
+        _check_expansion(skeleton, path)
         restructure(skeleton, layers)
         check_tensors(skeleton, shapes, path)
         del skeleton

@@ -28,6 +28,11 @@ _CURVE = "#111111"
 _EDGE = "#2ca02c"
 
 
+#: PNG text chunk that marks a plot as drawn by rmtprune, so a later run may replace it and never
+#: replaces a PNG of the same name that it did not draw (docs/security.md).
+PNG_METADATA = {"Software": "rmtprune (matplotlib)"}
+
+
 def _new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -40,7 +45,7 @@ def _new_figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
     target = Path(path).expanduser()
     with atomic_path(target, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
     return target
 
 

@@ -1106,6 +1106,8 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    from .plotting import PNG_METADATA
+
     epochs = [r["epoch"] for r in metrics]
     written = []
 
@@ -1118,7 +1120,7 @@ def _write_plots(out: Path, metrics: list[dict[str, Any]]) -> list[Path]:
 
     def save(fig: Any, name: str) -> None:
         with atomic_path(out / name, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+            fig.savefig(tmp, dpi=110, format="png", metadata=PNG_METADATA)
         written.append(out / name)
 
     fig, ax = new()

@@ -75,8 +75,6 @@ def build(spec: str, fargs: dict[str, Any]) -> Any:
 
 def load_weights(model: Any, path: str) -> None:
     """Load ``--weights``: an rmtprune/plain safetensors file or a torch state dict (weights_only)."""
-    import torch
-
     from .. import io as rio
     from ..errors import CheckpointError
 
@@ -85,17 +83,29 @@ def load_weights(model: Any, path: str) -> None:
     if path.endswith(".safetensors"):
         rio.load(path, model)
         return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"--weights {path!r} is not a readable torch state dict ({exc})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"--weights {path!r} does not hold a state dict of tensors")
+    # The hardened reader of `rmtprune analyze` (weights_only, structure walked, sparse/meta/
+    # quantized tensors and oversized storages refused by name), not a bare torch.load.
+    from ..checkpoint import iter_tensors
+
+    state = dict(iter_tensors(path))
+    own = model.state_dict()
+    for key, t in state.items():
+        if key in own and own[key].is_floating_point() and not t.is_floating_point():
+            raise CheckpointError(f"--weights {path!r}: tensor {key!r} is {t.dtype}, not a real float")
     rio.check_tensors(model, {k: tuple(v.shape) for k, v in state.items()}, Path(path))
     model.load_state_dict(state, strict=False)
+
+
+def _sidecar_unless_in_place(src: str | None, out_path: Path) -> Path | None:
+    """CHECKPOINT's own ``.json`` manifest is an input too, except in a re-cut in place (OUT ==
+    CHECKPOINT), where it is OUT's manifest and is replaced with it."""
+    from .. import io as rio
+
+    if src is None or not src.endswith(".safetensors"):
+        return None
+    if Path(src).expanduser().resolve() == out_path.resolve():
+        return None
+    return rio.manifest_path(Path(src).expanduser())
 
 
 def check_model_outputs(
@@ -114,7 +124,7 @@ def check_model_outputs(
             Output(report_json, "report-json", "the JSON report"),
             Output(report_md, "report-md", "the Markdown report"),
         ],
-        inputs=[src, args.weights, args.config],
+        inputs=[src, _sidecar_unless_in_place(src, out_path), args.weights, args.config],
         force=args.force,
         in_place=Path(src).expanduser() if src else None,
     )

@@ -194,7 +194,9 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
         for opt in ("json", "csv")
         if getattr(args, opt) is not None
     ]
-    check_outputs(outputs, inputs=[args.checkpoint], force=args.force)
+    ckpt = Path(args.checkpoint).expanduser()
+    sidecar = ckpt.with_suffix(".json") if ckpt.suffix == ".safetensors" else None  # rmtprune's manifest
+    check_outputs(outputs, inputs=[args.checkpoint, sidecar], force=args.force)
     if args.plots is None:
         return None
     plots = Path(args.plots).expanduser()
@@ -203,7 +205,11 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
     check_writable_dir(plots)
     if plots.is_dir():
         check_outputs([Output(plots / "summary.png", "plot", "--plots file")], force=args.force)
-    ckpt = Path(args.checkpoint).expanduser()
+    for o in outputs:  # --json/--csv must not be among the PNGs --plots DIR will draw
+        if o.path.parent.resolve() == plots.resolve() and o.path.suffix == ".png":
+            raise RmtpruneError(
+                f"{o.label} {str(o.path)!r} is inside --plots {args.plots!r}; choose another path"
+            )
     if ckpt.is_dir() and plots.exists() and plots.resolve() == ckpt.resolve():
         raise RmtpruneError(f"--plots {args.plots!r} is the checkpoint directory; choose another one")
     return plots
