@@ -557,3 +557,16 @@ def test_trusted_factory_ignores_the_implicit_cwd_entry_of_python_c(tmp_path) ->
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_ENV, capture_output=True, text=True)
     assert "CheckpointError" in run.stdout, run.stderr
     assert not (tmp_path / "pwned.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "shape, match", [("3,28,28", "does not fit the model"), ("1000,100000,100000", "values per sample")]
+)
+def test_a_wrong_input_shape_is_one_line(tmp_path, monkeypatch, capsys, shape, match) -> None:
+    (tmp_path / "mymod_shape.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 20))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["compress", "--model", "mymod_shape:make", "--input-shape", shape, "--dry-run", "--no-progress"]
+    assert main(args) == 2
+    assert match in _one_error_line(capsys)

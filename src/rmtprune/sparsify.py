@@ -147,7 +147,7 @@ class SparsifyConfig:
     def __post_init__(self) -> None:
         _check_real("target", self.target, 0.0, 1.0, hi_open=True)
         _check_choice("budget", self.budget, BUDGETS)
-        _check_int("n_cycles", self.n_cycles, 1)
+        _check_int("n_cycles", self.n_cycles, 1, hi=1000)
         _check_real("max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0)
         _check_real("budget_power", self.budget_power, 0.0, math.inf)
         _check_bool("refit", self.refit)
@@ -160,9 +160,10 @@ class SparsifyConfig:
         _check_real("ks_max", self.ks_max, 0.0, 1.0)
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude)
-        _check_int("cycle_steps", self.cycle_steps, 0)
-        for name in ("l1", "l2", "group_lasso", "finetune_epochs"):
+        _check_int("cycle_steps", self.cycle_steps, 0, hi=10**7)
+        for name in ("l1", "l2", "group_lasso"):
             _check_real(name, getattr(self, name), 0.0, math.inf)
+        _check_real("finetune_epochs", self.finetune_epochs, 0.0, 1e4)  # bounded run time
         _check_real("lr", self.lr, 0.0, math.inf, lo_open=True)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_real("warmup", self.warmup, 0.0, 1.0, hi_open=True)
@@ -207,11 +208,13 @@ def _check_real(
         raise ValueError(f"{name}={v!r} must be in {left}{lo:g}, {hi:g}{right}")
 
 
-def _check_int(name: str, v: Any, lo: int) -> None:
+def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < lo:
         raise ValueError(f"{name}={v} must be >= {lo}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name}={v} must be <= {hi}")
 
 
 def _check_bool(name: str, v: Any) -> None:

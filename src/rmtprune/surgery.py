@@ -585,7 +585,15 @@ def _positions(model: nn.Module, entries: list[_Entry], example_input: Any) -> d
         if isinstance(inputs[0], torch.Tensor) and inputs[0].ndim > 0:
             batch[0] = int(inputs[0].shape[0]) or 1
         with torch.no_grad():
-            model(*inputs)
+            try:
+                model(*inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(
+                    f"the example input of shape {shape} does not fit the model ({why[:200]}); "
+                    "check --input-shape"
+                ) from None
     finally:
         for h in hooks:
             h.remove()

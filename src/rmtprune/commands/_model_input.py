@@ -7,6 +7,7 @@ rmtprune (whose manifest records the factory), and record the factory in OUT's m
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ __all__ = [
 ]
 
 
+#: Values in one input sample (--input-shape): 2**28 is a 16k x 16k RGB image; more is a typo.
+_MAX_INPUT = 2**28
+
+
 def shape_arg(text: str) -> tuple[int, ...]:
     """Parse ``--input-shape C,H,W``."""
     try:
@@ -31,6 +36,8 @@ def shape_arg(text: str) -> tuple[int, ...]:
         raise ValueError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28") from None
     if not shape or any(v < 1 for v in shape):
         raise ValueError(f"--input-shape {text!r} must be positive ints")
+    if math.prod(shape) > _MAX_INPUT:
+        raise ValueError(f"--input-shape {text!r} has more than {_MAX_INPUT:,} values per sample")
     return shape
 
 
