@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -646,3 +647,105 @@ def test_malformed_index_json(text: str, tmp_path: Path) -> None:
     index.write_text(text)
     with pytest.raises(CheckpointError, match="index .*model.safetensors.index.json"):
         list_tensors(index)
+
+
+class _OpenCounter:
+    """Replaces ``safetensors.safe_open``, counting opens and the handles open at once."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import safetensors
+
+        self.real = safetensors.safe_open
+        self.opens = 0
+        self.live = 0
+        self.max_live = 0
+        self.reads: list[tuple[int, str]] = []  # (open number, tensor name)
+        monkeypatch.setattr(safetensors, "safe_open", self)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        counter, inner = self, self.real(*args, **kwargs)
+        counter.opens += 1
+        number = counter.opens
+
+        class Handle:
+            def __enter__(self) -> Handle:
+                inner.__enter__()
+                counter.live += 1
+                counter.max_live = max(counter.max_live, counter.live)
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                counter.live -= 1
+                inner.__exit__(*exc)
+
+            def get_tensor(self, name: str) -> torch.Tensor:
+                counter.reads.append((number, name))
+                return inner.get_tensor(name)
+
+        return Handle()
+
+
+def test_many_tiny_safetensors_tensors_share_one_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each safe_open parses the whole header: one open per tensor made this quadratic (10,000 1x1
+    # tensors took 210 s to analyse)
+    path = tmp_path / "tiny.safetensors"
+    save_file({f"layers.{i}.weight": torch.full((1, 2), float(i)) for i in range(5000)}, path)
+    counter = _OpenCounter(monkeypatch)
+    got = dict(iter_tensors(path))
+    assert len(got) == 5000 and got["layers.4321.weight"].tolist() == [[4321.0, 4321.0]]
+    assert counter.opens == 1 and counter.live == 0
+    counter.opens = 0
+    start = time.perf_counter()
+    result = analyze_checkpoint(path)
+    assert time.perf_counter() - start < 20  # generous: about 0.5 s here
+    assert len(result.layers) + len(result.ignored) == 5000
+    assert counter.opens == 1 and counter.live == 0
+
+
+def test_safetensors_handle_is_reopened_after_a_byte_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # closing the handle unmaps the file, so read tensors' pages do not stay resident on big shards
+    path = tmp_path / "w.safetensors"
+    save_file({f"w{i}": torch.full((2, 5), float(i)) for i in range(5)}, path)  # 40 bytes each
+    monkeypatch.setattr("rmtprune.checkpoint._REOPEN_BYTES", 100)
+    counter = _OpenCounter(monkeypatch)
+    got = list(iter_tensors(path))
+    assert [n for n, _ in got] == [f"w{i}" for i in range(5)]
+    assert all(t.eq(float(i)).all() for i, (_, t) in enumerate(got))
+    assert counter.reads == [(1, "w0"), (1, "w1"), (2, "w2"), (2, "w3"), (3, "w4")]
+    assert counter.max_live == 1 and counter.live == 0
+    # a tensor larger than the budget gets a handle of its own
+    monkeypatch.setattr("rmtprune.checkpoint._REOPEN_BYTES", 30)
+    counter.reads.clear()
+    list(iter_tensors(path, names=["w0", "w1"]))
+    assert [number for number, _ in counter.reads] == [4, 5]
+    # an iterator dropped part-way closes its handle
+    it = iter_tensors(path)
+    next(it)
+    assert counter.live == 1
+    it.close()
+    assert counter.live == 0
+
+
+def test_safetensors_header_over_the_cap_is_not_called_truncated(tmp_path: Path) -> None:
+    n = 100_000_092  # over the 100 MB cap
+    small = tmp_path / "bighdr-short.safetensors"
+    small.write_bytes(struct.pack("<Q", n) + b'{"a": 1}')
+    sparse = tmp_path / "bighdr.safetensors"
+    with open(sparse, "wb") as f:
+        f.write(struct.pack("<Q", n) + b"{")
+        f.truncate(8 + n + 8)  # enough bytes after the header, without writing 100 MB
+    for path in (small, sparse):
+        with pytest.raises(CheckpointError) as info:
+            list_tensors(path)
+        msg = str(info.value)
+        assert f"header of {n} bytes exceeds the 100 MB safetensors limit" in msg, msg
+        assert path.name in msg and "truncated" not in msg
+    # under the cap but beyond the end of the file: truncated
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(struct.pack("<Q", 5000) + b'{"a": 1}')
+    with pytest.raises(CheckpointError, match=r"is truncated: its safetensors header declares 5000 bytes"):
+        list_tensors(cut)
