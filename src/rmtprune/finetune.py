@@ -45,6 +45,20 @@ class DivergedError(RmtpruneError, FloatingPointError):
 Batch = tuple[Any, Any]
 
 
+def optimizer_step(opt: torch.optim.Optimizer, where: str, lr: float) -> None:
+    """``opt.step()``, turning torch's overflow error (a learning rate too large for the dtype)
+    into :class:`DivergedError`: ``where`` names the epoch/step, the message asks for a smaller lr."""
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        if "overflow" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0][:120]
+        raise DivergedError(
+            f"{where}: the optimizer step overflowed ({first}); lower the learning rate (--lr, now {lr:g})"
+        ) from None
+
+
 @dataclass
 class FinetuneResult:
     """What a fine-tuning run did: optimizer steps, mean data loss, mean regulariser."""
@@ -217,15 +231,7 @@ def finetune(
                 )
             total.backward()
             mask_gradients(model)
-            try:
-                opt.step()
-            except RuntimeError as exc:
-                if "overflow" not in str(exc):
-                    raise
-                raise DivergedError(
-                    f"fine-tuning diverged at step {step + 1} of {steps}: the optimizer step overflowed; "
-                    f"lower the learning rate (--lr, now {lr:g})"
-                ) from None
+            optimizer_step(opt, f"fine-tuning diverged at step {step + 1} of {steps}", lr)
             apply_masks(model)
             tot_loss += float(loss.detach())
             tot_reg += float(reg.detach()) if reg is not None else 0.0

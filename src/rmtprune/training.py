@@ -41,7 +41,7 @@ from torch import nn
 from ._atomic import atomic_path, atomic_write_text
 from ._progress import progress
 from .errors import CheckpointError, RmtpruneError
-from .finetune import DivergedError
+from .finetune import DivergedError, optimizer_step
 from .io import factored_layers, restructure
 from .spectral import DEFAULT_KS_MAX
 
@@ -1746,15 +1746,7 @@ def _run_epoch(
             )
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        try:
-            optimizer.step()
-        except RuntimeError as exc:
-            if "overflow" not in str(exc):
-                raise
-            raise DivergedError(
-                f"training diverged in epoch {epoch}, step {i + 1} of {steps}: the optimizer step "
-                f"overflowed ({_short(exc)}); lower the learning rate (--lr, now {cfg.lr:g})"
-            ) from None
+        optimizer_step(optimizer, f"training diverged in epoch {epoch}, step {i + 1} of {steps}", cfg.lr)
         with torch.no_grad():
             loss_sum += float(loss) * int(y.numel())
             correct += int((logits.argmax(1) == y).sum())
