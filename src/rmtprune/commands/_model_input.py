@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ __all__ = [
     "build",
     "load_weights",
     "load_model",
-    "add_trust_flag",
+    "add_safety_flags",
     "check_model_outputs",
+    "write_model_outputs",
 ]
 
 
@@ -137,8 +139,41 @@ def check_model_outputs(
     )
 
 
-def add_trust_flag(p: argparse.ArgumentParser) -> None:
-    """``--trust-factory``: let a CHECKPOINT's recorded ``MODULE:FACTORY`` be imported and called."""
+def write_model_outputs(
+    model: Any,
+    out_path: Path,
+    report_json: Path,
+    report_md: Path,
+    *,
+    factory: str,
+    factory_args: dict[str, Any],
+    reports: Callable[[int], tuple[str, str]],
+    plan: Any = None,
+) -> int:
+    """Write OUT, its manifest and the two reports as one group (the paths checked by
+    :func:`check_model_outputs`): each under a temporary name, all renamed into place only when all
+    are complete, so a failure or Ctrl-C leaves OUT (even OUT == CHECKPOINT) and its sidecars as they
+    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts. Returns OUT's size in bytes."""
+    from .. import io as rio
+    from .._atomic import atomic_paths
+    from ..errors import RmtpruneError
+
+    targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
+    with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
+        rio.write_checkpoint(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
+        size = os.path.getsize(tmp_w)
+        json_text, md_text = reports(size)
+        try:
+            tmp_rj.write_text(json_text, encoding="utf-8")
+            tmp_rm.write_text(md_text, encoding="utf-8")
+        except OSError as exc:
+            raise RmtpruneError(f"could not write the report: {exc.strerror or exc}") from exc
+    return size
+
+
+def add_safety_flags(p: argparse.ArgumentParser) -> None:
+    """``--trust-factory`` (let a CHECKPOINT's recorded ``MODULE:FACTORY`` be imported and called)
+    and ``--force`` (replace sidecars of OUT's name that rmtprune did not write)."""
     p.add_argument(
         "--trust-factory",
         action="store_true",

@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import RmtpruneError
-from ._model_input import add_trust_flag, check_model_outputs, load_model, shape_arg
+from ._model_input import add_safety_flags, check_model_outputs, load_model, shape_arg, write_model_outputs
 
 #: CLI flag -> (CompressionConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -124,7 +122,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="also cut the last prunable layer (the logits; kept by default)",
     )
-    add_trust_flag(p)
+    add_safety_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -203,7 +201,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import io as rio
-    from .._atomic import atomic_paths
     from ..surgery import apply, plan
 
     ckpt, out = _paths(args)
@@ -229,12 +226,8 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     apply(model, the_plan, progress=show)
-    # All four files are written under temporary names and renamed only when every one is complete:
-    # a failure or Ctrl-C leaves OUT (even OUT == CHECKPOINT) and its sidecars as they were.
-    targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
-    with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
-        rio.write_checkpoint(model, tmp_w, tmp_j, plan=the_plan, factory=factory, factory_args=fargs)
-        size_after = os.path.getsize(tmp_w)
+
+    def reports(size_after: int) -> tuple[str, str]:
         files = {"input": ckpt or args.weights, "size_before": size_before, "output": str(out_path)}
         files["size_after"] = size_after
         data = {"format": "rmtprune-compress-report", **the_plan.to_dict()}
@@ -249,11 +242,18 @@ def run(args: argparse.Namespace) -> int:
             f"- file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}",
             "",
         ]
-        try:
-            tmp_rj.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-            tmp_rm.write_text("\n".join(md), encoding="utf-8")
-        except OSError as exc:
-            raise RmtpruneError(f"could not write the report: {exc.strerror or exc}") from exc
+        return json.dumps(data, indent=2) + "\n", "\n".join(md)
+
+    size_after = write_model_outputs(
+        model,
+        out_path,
+        report_json,
+        report_md,
+        factory=factory,
+        factory_args=fargs,
+        reports=reports,
+        plan=the_plan,
+    )
     if not args.quiet:
         print(the_plan.table(), end="")
     else:

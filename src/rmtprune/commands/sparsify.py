@@ -15,13 +15,11 @@ written, as in ``rmtprune compress`` (see ``docs/security.md``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import RmtpruneError
-from ._model_input import add_trust_flag, check_model_outputs, load_model
+from ._model_input import add_safety_flags, check_model_outputs, load_model, write_model_outputs
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -121,7 +119,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--report", metavar="PREFIX", help="report paths PREFIX.json and PREFIX.md (default: OUT's)"
     )
-    add_trust_flag(p)
+    add_safety_flags(p)
     p.add_argument(
         "--dry-run", action="store_true", help="print the per-layer plan; modify and write nothing"
     )
@@ -169,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from .. import io as rio
-    from .._atomic import atomic_paths
     from ..sparsify import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
@@ -196,24 +193,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     data, eval_data = _data(args)
     model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
-    # Written under temporary names, renamed only when all four are complete (see compress).
-    targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
-    with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
-        rio.write_checkpoint(model, tmp_w, tmp_j, factory=factory, factory_args=fargs)
-        body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
-        body.update(json.loads(report.to_json()))
-        try:
-            tmp_rj.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            tmp_rm.write_text(report.to_markdown(), encoding="utf-8")
-        except OSError as exc:
-            raise RmtpruneError(f"could not write the report: {exc.strerror or exc}") from exc
+    body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
+    body.update(json.loads(report.to_json()))
+    texts = (json.dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
+    size = write_model_outputs(
+        model, out_path, report_json, report_md, factory=factory, factory_args=fargs, reports=lambda _: texts
+    )
     if not args.quiet:
         print(report.table())
         print()
     for w in report.warnings:
         print(f"rmtprune: warning: {w}", file=sys.stderr)
     print(report.summary())
-    size = os.path.getsize(out_path)
     print(
         f"wrote {out_path} ({size / 1024:.1f} KiB), {rio.manifest_path(out_path).name}, "
         f"{report_json}, {report_md}"
