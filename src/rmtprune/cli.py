@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import RmtpruneError
+from .errors import RmtpruneError, first_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -73,23 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rmtprune: interrupted", file=sys.stderr)
         return 130
     except (RmtpruneError, ValueError, TypeError, OSError) as exc:
-        print(f"rmtprune: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"rmtprune: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
             raise  # a bug: keep the traceback
-        print(f"rmtprune: error: out of memory: {_one_line(exc)}", file=sys.stderr)
+        print(f"rmtprune: error: out of memory: {first_line(exc)}", file=sys.stderr)
         return 2
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's message as one line: torch's C++ errors append a stack of frames after it."""
-    text = str(exc).strip()
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" {exc.filename!r}" if exc.filename else ""
-        text = f"{exc.strerror}{where}"
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 1000 else line[:997] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

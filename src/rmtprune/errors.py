@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RmtpruneError", "CheckpointError", "InvalidWeightsError"]
+__all__ = ["RmtpruneError", "CheckpointError", "InvalidWeightsError", "first_line"]
 
 
 class RmtpruneError(Exception):
@@ -15,3 +15,14 @@ class CheckpointError(RmtpruneError, ValueError):
 
 class InvalidWeightsError(RmtpruneError, ValueError):
     """Weights that contain NaN or Inf (the layer is named in the message)."""
+
+
+def first_line(exc: BaseException, limit: int = 1000, *, filename: bool = True) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` characters (torch's C++ errors append a
+    stack of frames, and a message must stay one line); an ``OSError`` gives its ``strerror`` and,
+    with ``filename``, the file; an empty message gives the exception's type name."""
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f" {exc.filename!r}" if filename and exc.filename else "")
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import RmtpruneError
+from .errors import RmtpruneError, first_line
 from .masks import apply_masks, mask_gradients, prunable_layers
 
 SCHEDULES = ("constant", "cosine")
@@ -53,9 +53,9 @@ def optimizer_step(opt: torch.optim.Optimizer, where: str, lr: float) -> None:
     except RuntimeError as exc:
         if "overflow" not in str(exc):
             raise
-        first = str(exc).strip().splitlines()[0][:120]
         raise DivergedError(
-            f"{where}: the optimizer step overflowed ({first}); lower the learning rate (--lr, now {lr:g})"
+            f"{where}: the optimizer step overflowed ({first_line(exc, 120)}); "
+            f"lower the learning rate (--lr, now {lr:g})"
         ) from None
 
 

@@ -29,8 +29,9 @@ from torch import nn
 
 from . import __version__
 from ._atomic import atomic_paths, check_writable_dir
-from .errors import CheckpointError, RmtpruneError
+from .errors import CheckpointError, RmtpruneError, first_line
 from .lowrank import LowRankModule
+from .models import MAX_SIZE
 
 __all__ = [
     "save",
@@ -206,18 +207,11 @@ def write_checkpoint(
             save_model(model, str(weights), metadata=meta)
         manifest_file.write_text(text, encoding="utf-8")
     except (OSError, RuntimeError, ValueError) as exc:
-        raise RmtpruneError(f"could not write the model ({_first_line(exc)})") from exc
+        raise RmtpruneError(f"could not write the model ({first_line(exc, 300, filename=False)})") from exc
     except Exception as exc:  # safetensors raises its own SafetensorError (e.g. on a full disk)
         if type(exc).__name__ != "SafetensorError":
             raise
-        raise RmtpruneError(f"could not write the model ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+        raise RmtpruneError(f"could not write the model ({first_line(exc, 300, filename=False)})") from exc
 
 
 def _json_default(o: Any) -> Any:
@@ -264,7 +258,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 #: Keys a reference model spec's ``factory_args`` may hold.
 _SPEC_ARGS = ("input_shape", "num_classes")
-_MAX_DIM = 2**31 - 1
+_MAX_DIM = MAX_SIZE  # the largest size a reference spec may ask for, and so a manifest may record
 
 
 def is_reference_spec(spec: Any) -> bool:
@@ -412,7 +406,7 @@ def build_factory(spec: str, *, search_cwd: bool = True, **kwargs: Any) -> nn.Mo
     else:
         if not head or not attr:
             raise ValueError(f"factory {spec!r} must be MODULE:FACTORY (or a model spec such as mlp:1000)")
-        saved = list(sys.path)
+        saved = list(sys.path)  # restored after a trusted file's import
         if search_cwd:
             # Last, not first: a stray file in the current directory named like an installed package
             # (safetensors.py) must not shadow it.

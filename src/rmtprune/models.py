@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import first_line
+
 __all__ = [
     "ACTIVATIONS",
     "CNN",
@@ -379,8 +381,7 @@ def _construct(spec: str, make: Any) -> nn.Module:
         with torch.device("meta"):
             probe = make()
     except (RuntimeError, OverflowError, MemoryError) as exc:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"model spec {spec!r} cannot be built: {why[:200]}") from None
+        raise ValueError(f"model spec {spec!r} cannot be built: {first_line(exc, 200)}") from None
     n = sum(p.numel() for p in probe.parameters())
     itemsize = torch.empty(0).element_size()
     limit = _memory_bytes()

@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__
 from ._progress import progress as _progress
 from .config import CompressionConfig, match_pattern
-from .errors import InvalidWeightsError, RmtpruneError
+from .errors import InvalidWeightsError, RmtpruneError, first_line
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankModule
 from .masks import parametrization
 from .spectral import MIN_P, fit_bulk, fit_censored
@@ -589,9 +589,8 @@ def _positions(model: nn.Module, entries: list[_Entry], example_input: Any) -> d
                 model(*inputs)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 shape = tuple(inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
-                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ValueError(
-                    f"the example input of shape {shape} does not fit the model ({why[:200]}); "
+                    f"the example input of shape {shape} does not fit the model ({first_line(exc, 200)}); "
                     "check --input-shape"
                 ) from None
     finally:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ._atomic import atomic_path, atomic_write_text
 from ._progress import progress
-from .errors import CheckpointError, RmtpruneError
+from .errors import CheckpointError, RmtpruneError, first_line
 from .finetune import DivergedError, optimizer_step
 from .io import factored_layers, restructure
 from .spectral import DEFAULT_KS_MAX
@@ -747,8 +747,7 @@ def _save_checkpoint(out: Path, state: dict[str, Any]) -> Path:
 
 def _short(exc: BaseException, limit: int = 160) -> str:
     """``Type: first line of the message``, cut to ``limit`` characters (torch's messages run long)."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
