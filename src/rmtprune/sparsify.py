@@ -569,9 +569,9 @@ class _Layer:
         return self.analysis is not None and self.analysis.verdict == "fit" and math.isfinite(self.sigma)
 
 
-def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], list[str]]:
-    """Selected layers (factors of low-rank layers included) and warnings: one per layer skipped
-    because its weight is parametrized (``weight_norm`` and the like), one per unmatched pattern."""
+def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], list[str], list[str]]:
+    """Selected layers (factors of low-rank layers included), one warning per layer skipped because
+    its weight is parametrized (``weight_norm`` and the like), and one per unmatched pattern."""
     parents: dict[str, tuple[str, nn.Module]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, LowRankModule):
@@ -605,7 +605,7 @@ def _select(model: nn.Module, config: SparsifyConfig) -> tuple[list[_Layer], lis
         for p in pats
         if not any(match_pattern(n, p) for n in names_seen)
     ]
-    return out, skipped + warnings
+    return out, skipped, warnings
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -836,9 +836,9 @@ def _check_config(config: SparsifyConfig | None) -> SparsifyConfig:
 
 
 def _prepare(model: nn.Module, config: SparsifyConfig, show: bool | None) -> tuple[list[_Layer], list[str]]:
-    layers, warnings = _select(model, config)
+    layers, skipped, unmatched = _select(model, config)
+    warnings = skipped + unmatched
     if not layers:
-        skipped = [w for w in warnings if " skipped: " in w]
         raise ValueError(
             f"no prunable layer (Linear/Conv1d/Conv2d) selected by include={config.include} "
             f"exclude={config.exclude}" + (f"; {skipped[0]}" if skipped else "")
