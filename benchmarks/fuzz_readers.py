@@ -24,7 +24,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _env import versions  # noqa: E402
+from _env import machine_line  # noqa: E402
 
 
 def _engine():
@@ -188,9 +187,7 @@ def compare(args: argparse.Namespace) -> None:
         "# Fuzzing the file readers: before and after",
         "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {os.cpu_count()} CPU cores, no GPU ({platform.processor() or platform.machine()}; "
-        f"Python {platform.python_version()}, {versions('torch', 'safetensors', 'numpy')}). "
-        "Other processes may share the cores: times are indicative.",
+        machine_line(),
         f"- Revisions: before = `{rev}`, after = `{head}`"
         + (f" plus uncommitted changes to {dirty}" if dirty else ""),
         f"- Command: `{cmd}` (total {total:.0f} s)",

@@ -46,7 +46,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -1257,16 +1256,14 @@ def write_report(
     total: float,
 ) -> None:
     sys.path.insert(0, str(HERE))
-    from _env import versions
+    from _env import machine_line
 
     before, after = runs
     lines = [
         "# Security matrix (issue 10): before and after",
         "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Machine: {os.cpu_count()} CPU cores, no GPU ({platform.processor() or platform.machine()}; "
-        f"Python {platform.python_version()}, {versions('torch', 'safetensors', 'numpy')}). "
-        "Other processes may share the cores: times are indicative.",
+        machine_line(),
         f"- Revisions: before = `{rev}`, after = `{head}`"
         + (" plus uncommitted changes in src/" if dirty else ""),
         f"- Command: `{cmd}` (total {total:.0f} s: before {before['seconds']:.0f} s, "
