@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import http.server
@@ -11,6 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -255,6 +257,22 @@ class _Liar(_Quiet):
         self.close_connection = True
 
 
+@contextlib.contextmanager
+def _serve(handler: Any, timeout: float | None = None) -> Iterator[str]:
+    """A bounded HTTP server on 127.0.0.1 in a thread; yields its base URL, shut down on exit."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if timeout is not None:
+        httpd.timeout = timeout
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bounded HTTP server on 127.0.0.1 serving good, corrupted and truncated copies of MNIST."""
@@ -268,30 +286,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raw[len(raw) // 2] ^= 0xFF
         (root / "corrupt" / "mnist" / f).write_bytes(bytes(raw))
         (root / "short" / "mnist" / f).write_bytes(bytes(raw[: len(raw) // 3]))
-    handler = functools.partial(_Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.timeout = 5
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with _serve(functools.partial(_Quiet, directory=str(root)), timeout=5) as url:
+        yield url
 
 
 @pytest.fixture
 def liar() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Liar)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with _serve(_Liar) as url:
+        yield url + "/"
 
 
 def _closed_port_url() -> str:
@@ -510,16 +512,8 @@ def partial_mirror(tmp_path: Path) -> Iterator[str]:
     root = tmp_path / "partial"
     root.mkdir()
     shutil.copyfile(SHARED / "mnist" / FILES[0], root / FILES[0])
-    handler = functools.partial(_Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with _serve(functools.partial(_Quiet, directory=str(root))) as url:
+        yield url + "/"
 
 
 def test_failed_download_removes_only_what_it_created(
@@ -569,15 +563,6 @@ def test_download_is_capped_at_the_known_size(
     no_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: type, match: str
 ) -> None:
     monkeypatch.setitem(D.SIZES, "mnist", dict.fromkeys(FILES, 100))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-        with pytest.raises(RmtpruneError, match=match):
-            D.download_dataset("mnist", tmp_path / "dl", mirrors=[url], timeout=10)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with _serve(handler) as url, pytest.raises(RmtpruneError, match=match):
+        D.download_dataset("mnist", tmp_path / "dl", mirrors=[url + "/"], timeout=10)
     assert not (tmp_path / "dl").exists()
