@@ -36,7 +36,7 @@ def test_json_round_trip(tmp_path) -> None:
     [
         ({"rule": "svd"}, ValueError, "rule='svd' is unknown"),
         ({"rule": 3}, TypeError, "rule=3"),
-        ({"keep_bulk": 1.5}, ValueError, r"keep_bulk=1.5 must be in \[0.0, 1.0\]"),
+        ({"keep_bulk": 1.5}, ValueError, r"keep_bulk=1.5 must be in \[0, 1\]"),
         ({"keep_bulk": "x"}, TypeError, "keep_bulk='x' must be a number"),
         ({"alpha": 0.5}, ValueError, "alpha=0.5"),
         ({"beta": 0.0}, ValueError, "beta=0.0"),

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._validate import check_bool, check_choice, check_int, check_number, check_patterns, from_dict
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, make_rule
 from .spectral.rules import RankRule
 
-__all__ = ["CompressionConfig", "match_pattern", "OVERRIDABLE"]
+__all__ = ["CompressionConfig", "FitConfig", "match_pattern", "OVERRIDABLE"]
 
 #: Fields a per-layer override may set (everything but the layer selection itself).
 OVERRIDABLE = (
@@ -52,26 +53,29 @@ def match_pattern(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def _check_number(
-    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}={value!r} must be a number")
-    v = float(value)
-    below = v <= lo if lo_open else v < lo
-    above = v >= hi if hi_open else v > hi
-    if math.isnan(v) or below or above:
-        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"{name}={value!r} must be in {lb}{lo}, {hi}{rb}")
-    return v
+@dataclass(frozen=True)
+class FitConfig:
+    """The parameters of a BEMA bulk fit and its gate, shared by every config and analysis function.
 
+    alpha : BEMA trim fraction in (0, 0.5) (METHOD.md section 3).
+    beta : Tracy-Widom level of the edge, in [0.01, 0.99].
+    ks_max : the gate: a fit whose bulk has KS distance ``> ks_max`` to its MP law is refused
+        (``no-mp-bulk``). In [0, inf]; ``inf`` (or anything >= 1) turns the gate off.
+    """
 
-def _check_patterns(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
-        raise TypeError(f"{name}={value!r} must be a list of non-empty pattern strings")
-    return list(value)
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    ks_max: float = DEFAULT_KS_MAX
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "alpha", check_number("alpha", self.alpha, 0.0, 0.5, lo_open=True, hi_open=True)
+        )
+        object.__setattr__(self, "beta", check_number("beta", self.beta, 0.01, 0.99))
+        object.__setattr__(self, "ks_max", check_number("ks_max", self.ks_max, 0.0, math.inf, allow_inf=True))
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -131,33 +135,24 @@ class CompressionConfig:
             raise TypeError(f"rule={self.rule!r} must be a string")
         if self.rule not in RULES:
             raise ValueError(f"rule={self.rule!r} is unknown; valid rules: {', '.join(sorted(RULES))}")
-        self.keep_bulk = _check_number("keep_bulk", self.keep_bulk, 0.0, 1.0)
-        self.alpha = _check_number("alpha", self.alpha, 0.0, 0.5, lo_open=True, hi_open=True)
-        self.beta = _check_number("beta", self.beta, 0.01, 0.99)
-        self.ks_max = _check_number("ks_max", self.ks_max, 0.0, math.inf)
-        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int):
-            raise TypeError(f"min_rank={self.min_rank!r} must be an int")
-        if self.min_rank < 1:
-            raise ValueError(f"min_rank={self.min_rank!r} must be >= 1")
-        self.energy = _check_number("energy", self.energy, 0.0, 1.0, lo_open=True)
+        self.keep_bulk = check_number("keep_bulk", self.keep_bulk, 0.0, 1.0)
+        fit = FitConfig(self.alpha, self.beta, self.ks_max)
+        self.alpha, self.beta, self.ks_max = fit.alpha, fit.beta, fit.ks_max
+        self.min_rank = check_int("min_rank", self.min_rank, 1)
+        self.energy = check_number("energy", self.energy, 0.0, 1.0, lo_open=True)
         if self.ratio is not None:
-            self.ratio = _check_number("ratio", self.ratio, 0.0, 1.0, lo_open=True)
+            self.ratio = check_number("ratio", self.ratio, 0.0, 1.0, lo_open=True)
         if self.rank is not None:
-            if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-                raise TypeError(f"rank={self.rank!r} must be an int")
-            if self.rank < 1:
-                raise ValueError(f"rank={self.rank!r} must be >= 1")
+            self.rank = check_int("rank", self.rank, 1)
         if self.rule == "fixed" and (self.ratio is None) == (self.rank is None):
             raise ValueError("rule='fixed' needs exactly one of ratio= (in (0, 1]) or rank= (>= 1)")
         if self.sigma is not None:
-            self.sigma = _check_number("sigma", self.sigma, 0.0, math.inf, lo_open=True, hi_open=True)
-        self.include = _check_patterns("include", self.include)
-        self.exclude = _check_patterns("exclude", self.exclude)
+            self.sigma = check_number("sigma", self.sigma, 0.0, math.inf, lo_open=True)
+        self.include = check_patterns("include", self.include)
+        self.exclude = check_patterns("exclude", self.exclude)
         for flag in ("factor_only_if_smaller", "dense_truncate", "protect_last"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag}={getattr(self, flag)!r} must be a bool")
-        if self.svd_dtype not in _SVD_DTYPES:
-            raise ValueError(f"svd_dtype={self.svd_dtype!r} must be one of {', '.join(_SVD_DTYPES)}")
+            check_bool(flag, getattr(self, flag))
+        check_choice("svd_dtype", self.svd_dtype, _SVD_DTYPES)
         if not isinstance(self.overrides, dict):
             raise TypeError(f"overrides={self.overrides!r} must be a dict pattern -> {{field: value}}")
         for pattern, values in self.overrides.items():
@@ -198,6 +193,11 @@ class CompressionConfig:
             return self
         return dataclasses.replace(self, **values)
 
+    @property
+    def fit(self) -> FitConfig:
+        """The fit parameters (``alpha``, ``beta``, ``ks_max``) as a :class:`FitConfig`."""
+        return FitConfig(self.alpha, self.beta, self.ks_max)
+
     def make_rule(self) -> RankRule:
         """The rank rule object this config describes (overrides not applied)."""
         if self.rule == "bema":
@@ -216,13 +216,7 @@ class CompressionConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionConfig:
         """Build from :meth:`to_dict` output; unknown keys raise ``ValueError`` naming them."""
-        if not isinstance(data, dict):
-            raise TypeError(f"config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**data)
+        return from_dict(cls, data, "config")
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
         """Sorted, indented JSON text; also written atomically to ``path`` when given."""
