@@ -1,0 +1,169 @@
+"""One table-driven way to turn a config dataclass's fields into command-line flags, and back.
+
+A command lists its flags as ``--flag -> (field, type, metavar)``; :func:`add_flags` adds one
+argparse option per row (``dest`` the field, ``default=argparse.SUPPRESS`` so a flag left out is
+absent from the namespace, help from the field's ``metadata["help"]`` and its default), and
+:func:`given` reads back only the fields the user gave. :func:`add_compression_flags` and
+:func:`compression_overrides` do this for :class:`~rmtprune.config.CompressionConfig`, so
+``compress``, ``sparsify`` and ``train`` share one set of rank-rule options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "FlagTable",
+    "add_flags",
+    "given",
+    "COMPRESSION_FLAGS",
+    "COMPRESSION_SWITCHES",
+    "COMPRESSION_FIELDS",
+    "add_compression_flags",
+    "compression_overrides",
+]
+
+#: ``--flag -> (dataclass field, type, metavar)``.
+FlagTable = Mapping[str, tuple[str, type, str | None]]
+
+#: The valued options of :class:`~rmtprune.config.CompressionConfig`.
+COMPRESSION_FLAGS: dict[str, tuple[str, type, str | None]] = {
+    "--rule": ("rule", str, None),
+    "--keep-bulk": ("keep_bulk", float, "F"),
+    "--alpha": ("alpha", float, "A"),
+    "--beta": ("beta", float, "B"),
+    "--ks-max": ("ks_max", float, "KS"),
+    "--min-rank": ("min_rank", int, "K"),
+    "--energy": ("energy", float, "FRACTION"),
+    "--ratio": ("ratio", float, "R"),
+    "--rank": ("rank", int, "K"),
+    "--sigma": ("sigma", float, "SIGMA"),
+    "--svd-dtype": ("svd_dtype", str, None),
+}
+
+#: The on/off options of :class:`~rmtprune.config.CompressionConfig`: ``--flag -> (field, action, help)``.
+COMPRESSION_SWITCHES: dict[str, tuple[str, str, str]] = {
+    "--dense-truncate": (
+        "dense_truncate",
+        "store_true",
+        "where factoring would not save parameters, write the rank-k weight back dense",
+    ),
+    "--factor-always": ("factor_only_if_smaller", "store_false", "factor even when k(m+n) >= mn"),
+    "--cut-last": (
+        "protect_last",
+        "store_false",
+        "also cut the last prunable layer (the logits; kept by default)",
+    ),
+}
+
+#: Every CompressionConfig field a command line can set.
+COMPRESSION_FIELDS: tuple[str, ...] = (
+    *(f for f, _, _ in COMPRESSION_FLAGS.values()),
+    "include",
+    "exclude",
+    *(f for f, _, _ in COMPRESSION_SWITCHES.values()),
+)
+
+
+def _help(text: str, default: Any) -> str:
+    return text if default is None else f"{text} (default: {default})"
+
+
+def add_flags(
+    parser: Any,
+    cls: type,
+    table: FlagTable,
+    *,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    where: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Add one option per ``table`` row to ``parser`` for the fields of the dataclass ``cls``.
+
+    ``choices`` restricts a field's values; ``defaults`` replaces the defaults shown in the help
+    (the dataclass's own otherwise); ``where`` puts a field's option in another container (a
+    mutually exclusive group); ``aliases`` gives a flag more option strings.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    choices, defaults, where, aliases = choices or {}, defaults or {}, where or {}, aliases or {}
+    for flag, (name, typ, metavar) in table.items():
+        f = fields[name]
+        default = defaults.get(name, f.default if f.default is not dataclasses.MISSING else None)
+        where.get(name, parser).add_argument(
+            flag,
+            *aliases.get(flag, ()),
+            dest=name,
+            type=typ,
+            metavar=metavar,
+            choices=choices.get(name),
+            default=argparse.SUPPRESS,
+            help=_help(f.metadata.get("help", ""), default),
+        )
+
+
+def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The fields among ``names`` that were given on the command line (the others are absent)."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def add_compression_flags(
+    parser: Any,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    where: Mapping[str, Any] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
+    include_help: str = "layers to compress (repeatable)",
+    exclude_help: str = "layers to leave as they are (repeatable)",
+) -> None:
+    """Add every :class:`~rmtprune.config.CompressionConfig` option (rule, fit, patterns, switches)."""
+    from ..config import CompressionConfig
+    from ..spectral import RULES
+
+    choices = {"rule": sorted(RULES), "svd_dtype": ["float64", "float32"]}
+    add_flags(
+        parser,
+        CompressionConfig,
+        COMPRESSION_FLAGS,
+        choices=choices,
+        defaults=defaults,
+        where=where,
+        aliases=aliases,
+    )
+    where, aliases = where or {}, aliases or {}
+    for flag, name, text in (("--include", "include", include_help), ("--exclude", "exclude", exclude_help)):
+        where.get(name, parser).add_argument(
+            flag,
+            *aliases.get(flag, ()),
+            dest=name,
+            action="append",
+            metavar="PATTERN",
+            default=argparse.SUPPRESS,
+            help=text,
+        )
+    for flag, (name, action, text) in COMPRESSION_SWITCHES.items():
+        where.get(name, parser).add_argument(
+            flag, *aliases.get(flag, ()), dest=name, action=action, default=argparse.SUPPRESS, help=text
+        )
+
+
+def compression_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The CompressionConfig fields given on the command line, with what the rule flags imply.
+
+    ``--ratio`` or ``--rank`` alone mean the ``fixed`` rule (and unset the other one);
+    ``--energy`` alone means the ``energy`` rule.
+    """
+    out = given(args, COMPRESSION_FIELDS)
+    asked = set(out)
+    if ("ratio" in asked or "rank" in asked) and "rule" not in asked:
+        out["rule"] = "fixed"
+    if "ratio" in asked and "rank" not in asked:
+        out["rank"] = None
+    if "rank" in asked and "ratio" not in asked:
+        out["ratio"] = None
+    if "energy" in asked and "rule" not in asked:
+        out["rule"] = "energy"
+    return out
