@@ -1,4 +1,4 @@
-"""Tests of rmtprune.data: lookup order, verified download (local 127.0.0.1 server), IDX checks, loaders."""
+"""Tests of rmtprune.zoo.data: lookup order, verified download (local 127.0.0.1 server), IDX, loaders."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import contextlib
 import functools
 import gzip
 import http.server
+import importlib
+import importlib.util
 import os
 import shutil
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from rmtprune import data as D
 from rmtprune.errors import RmtpruneError
+from rmtprune.zoo import data as D
 
 FILES = D._ALL_FILES
 SHARED = Path(os.environ["RMTPRUNE_DATA"])  # set by conftest.py, read before any test changes it
@@ -110,6 +113,29 @@ def test_missing_offline_error_lists_paths_and_env(no_env: Path, tmp_path: Path)
     assert str(no_env / "data" / "fashion-mnist") in msg
     assert "RMTPRUNE_DATA" in msg and "train-images-idx3-ubyte.gz" in msg
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "sklearn" else real(n, *a))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # ``import sklearn`` raises ImportError too
+    D.clear_cache()
+    with pytest.raises(
+        RmtpruneError, match=r"digits dataset needs scikit-learn.*pip install 'rmtprune\[zoo\]'"
+    ):
+        D.load_dataset("digits", "test")
+    D.clear_cache()
+
+
+def test_old_module_path_is_the_same_module_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtprune.zoo.models
+
+    for old, new in (("rmtprune.data", D), ("rmtprune.models", rmtprune.zoo.models)):
+        monkeypatch.delitem(sys.modules, old, raising=False)
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated.*use {new.__name__}"):
+            module = importlib.import_module(old)
+        assert module is new and sys.modules[old] is new
+    assert rmtprune.load_dataset is D.load_dataset and rmtprune.build_model is rmtprune.zoo.models.build_model
 
 
 def test_digits_has_no_data_dir() -> None:
@@ -423,9 +449,9 @@ def test_loader_argument_errors() -> None:
     ds = D.load_dataset("digits")
     with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
         D.FastLoader(ds, 0)
-    with pytest.raises(TypeError, match="batch_size must be an int"):
+    with pytest.raises(TypeError, match="batch_size=3.5 must be an int"):
         D.FastLoader(ds, 3.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="dataset must be an rmtprune.data.Dataset"):
+    with pytest.raises(TypeError, match="dataset must be an rmtprune.zoo.data.Dataset"):
         D.FastLoader([1, 2], 3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         D.FastLoader(ds, 3, generator=0)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""Tests of rmtprune.models: forward passes, parameter counts, spec parsing, errors, prunability."""
+"""Tests of rmtprune.zoo.models: forward passes, parameter counts, spec parsing, errors, prunability."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from rmtprune import models as M
-from rmtprune.data import FastLoader, load_dataset, seed_everything
+from rmtprune.zoo import models as M
+from rmtprune.zoo.data import FastLoader, load_dataset, seed_everything
 
 MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
@@ -242,7 +242,7 @@ def test_constructor_type_errors() -> None:
         M.build_model(None, MNIST, 10)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="widths must be a sequence of ints"):
         M.MLP(784, 1000, 10)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"widths\[1\] must be an int"):
+    with pytest.raises(TypeError, match=r"widths\[1\]=2.5 must be an int"):
         M.MLP(784, [10, 2.5], 10)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="num_classes=0 must be >= 1"):
         M.build_model("mlp", MNIST, 0)

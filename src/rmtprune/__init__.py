@@ -30,10 +30,10 @@ _LAZY: dict[str, str] = {
     "LayerAnalysis": "rmtprune.analysis",
     "analyze_checkpoint": "rmtprune.checkpoint",
     # data and reference models
-    "load_dataset": "rmtprune.data",
-    "seed_everything": "rmtprune.data",
-    "build_model": "rmtprune.models",
-    "count_parameters": "rmtprune.models",
+    "load_dataset": "rmtprune.zoo.data",
+    "seed_everything": "rmtprune.zoo.data",
+    "build_model": "rmtprune.zoo.models",
+    "count_parameters": "rmtprune.zoo.models",
     # compression
     "CompressionConfig": "rmtprune.config",
     "Plan": "rmtprune.surgery",

@@ -75,8 +75,8 @@ def _say(msg: str) -> None:
 
 def _load(data_dir: str | None) -> str:
     """``"mnist"`` if its files are on disk or can be downloaded, else ``"digits"`` (with a notice)."""
-    from ..data import load_dataset
     from ..errors import RmtpruneError
+    from ..zoo.data import load_dataset
 
     try:
         load_dataset("mnist", "train", data_dir=data_dir, download=False)
@@ -119,7 +119,7 @@ def finetune(model: Any, data: Any, epochs: int, lr: float, seed: int, batch_siz
     """A few epochs of plain SGD (momentum 0.9) on ``data``, in place; returns the model."""
     import torch
 
-    from ..data import FastLoader
+    from ..zoo.data import FastLoader
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -151,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
     from .. import compress, save
     from .._atomic import atomic_write_text
     from ..analysis import analyze_tensor
-    from ..data import load_dataset
     from ..plotting import plot_esd
     from ..training import evaluate, train, writable_dir
+    from ..zoo.data import load_dataset
 
     if args.threads is not None:
         if args.threads < 1:
