@@ -11,6 +11,8 @@ Heavy submodules are imported lazily, so ``import rmtprune`` and the CLI start f
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -28,7 +30,14 @@ _LAZY: dict[str, str] = {
     "analyze_matrix": "rmtprune.analysis",
     "analyze_tensor": "rmtprune.analysis",
     "LayerAnalysis": "rmtprune.analysis",
-    "analyze_checkpoint": "rmtprune.checkpoint",
+    "analyze": "rmtprune.analysis",
+    "ModelAnalysis": "rmtprune.analysis",
+    # the layer registry
+    "LayerHandler": "rmtprune.layers",
+    "register_handler": "rmtprune.layers",
+    "handler_for": "rmtprune.layers",
+    "analyze_file": "rmtprune.weights_analysis",
+    "analyze_checkpoint": "rmtprune.weights_analysis",
     # data and reference models
     "load_dataset": "rmtprune.zoo.data",
     "seed_everything": "rmtprune.zoo.data",
@@ -36,6 +45,7 @@ _LAZY: dict[str, str] = {
     "count_parameters": "rmtprune.zoo.models",
     # compression
     "CompressionConfig": "rmtprune.config",
+    "FitConfig": "rmtprune.config",
     "Plan": "rmtprune.surgery",
     "LayerPlan": "rmtprune.surgery",
     "plan": "rmtprune.surgery",
@@ -58,6 +68,24 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = ["__version__", *_LAZY]
+
+
+class _Package(types.ModuleType):
+    """The package module: a submodule import never replaces a public function of the same name.
+
+    Python's import system binds ``rmtprune.X`` to the submodule ``rmtprune/X.py`` when that is
+    imported; for a public function ``X`` (``rmtprune.sparsify``) that silently turned the function
+    into a module (``TypeError: 'module' object is not callable``). Here the binding is refused, so
+    the function stays reachable while ``import rmtprune.X`` still works through ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -1,20 +1,26 @@
-"""Spectral analysis of one weight tensor: singular values (torch, float64) plus the BEMA fit.
+"""The analyze stage: singular values (torch, float64) plus the BEMA fit, per tensor or per model.
 
-This is the bridge between tensors and the pure-numpy ``rmtprune.spectral``: it flattens a
-weight to a matrix (conv weights ``out x in x k...`` read as ``out x (in * k...)``), computes
-``svdvals`` in float64, fits the bulk and gives a verdict.
+This is the bridge between tensors and the pure-numpy ``rmtprune.spectral``. :func:`analyze_tensor`
+reads one weight as a matrix (conv weights ``out x in x k...`` as ``out x (in * k...)``), fits its
+bulk and gives a verdict. :func:`analyze` does the same for every layer of a model the layer
+registry (:mod:`rmtprune.layers`) knows, factored layers included, and is what :func:`rmtprune.plan`,
+sparsification, the training pruner and the reports consume: the fit, the gate and the verdict
+sentence live here and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from ._progress import progress as _progress
 from .errors import InvalidWeightsError
-from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, SpectrumFit, fit_bulk
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, SpectrumFit, fit_bulk, fit_censored
 
 __all__ = [
     "analyze_matrix",
@@ -22,12 +28,23 @@ __all__ = [
     "as_matrix",
     "singular_values",
     "LayerAnalysis",
+    "ModelAnalysis",
+    "analyze",
+    "gate_reason",
     "VERDICTS",
 ]
 
-#: Verdicts of :func:`analyze_tensor`: ``fit`` (MP-like bulk), ``no-mp-bulk`` (ks above the gate),
-#: ``too-small`` (p < MIN_P), ``invalid`` (NaN/Inf weights).
-VERDICTS = ("fit", "no-mp-bulk", "too-small", "invalid")
+#: Verdicts: ``fit`` (MP-like bulk), ``no-mp-bulk`` (ks above the gate, or no bulk left to refit
+#: a factored layer), ``too-small`` (p < MIN_P), ``invalid`` (NaN/Inf weights), and, for layers of a
+#: model only, ``skip`` (not analysed: unsupported, not selected, parametrized or shared).
+VERDICTS = ("fit", "no-mp-bulk", "too-small", "invalid", "skip")
+
+
+def gate_reason(fit: SpectrumFit, ks_max: float) -> str:
+    """Why ``fit`` is refused by the gate ``ks_max`` ("" when it is accepted): the one verdict sentence."""
+    if fit.accepted(ks_max):
+        return ""
+    return "no positive bulk" if not fit.sigma2 > 0 else f"ks={fit.ks:.3f} > ks_max={float(ks_max)}"
 
 
 def as_matrix(weight: Any) -> torch.Tensor:
@@ -102,7 +119,12 @@ def analyze_matrix(W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_B
 
 @dataclass
 class LayerAnalysis:
-    """Analysis of one named weight: its verdict and, where the fit ran, the fit."""
+    """Analysis of one named weight: its verdict and, where the fit ran, the fit.
+
+    From :func:`analyze` (a layer of a model) it also carries the module, its handler, the layer
+    type, the current rank, the spectrum ``s`` (all ``p`` values, descending; a factored layer's
+    cut values as zeros) and, when asked, the thin SVD ``(U, s, Vh)`` as torch tensors.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -110,12 +132,29 @@ class LayerAnalysis:
     verdict: str
     fit: SpectrumFit | None = None
     message: str = ""
+    layer_type: str = ""
+    matrix: tuple[int, int] | None = None
+    rank: int | None = None
+    factored: bool = False
+    module: Any = field(default=None, repr=False, compare=False)
+    handler: Any = field(default=None, repr=False, compare=False)
+    s: np.ndarray | None = field(default=None, repr=False, compare=False)
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         """Shape of the matrix the weight was read as."""
+        if self.matrix is not None:
+            return self.matrix
         rest = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
         return (int(self.shape[0]), rest)
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the fit ran and passed the gate."""
+        return self.verdict == "fit"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict (fit fields flattened in, ``None`` where no fit ran)."""
@@ -151,7 +190,231 @@ def analyze_tensor(
     if p < MIN_P:
         return LayerAnalysis(name, shape, dtype, "too-small", None, f"p={p} < {MIN_P}: too small to fit")
     fit = fit_bulk(singular_values(mat), tuple(mat.shape), alpha=alpha, beta=beta)
-    if fit.accepted(ks_max):
-        return LayerAnalysis(name, shape, dtype, "fit", fit, "")
-    why = "no positive bulk" if not fit.sigma2 > 0 else f"ks={fit.ks:.3f} > ks_max={ks_max}"
-    return LayerAnalysis(name, shape, dtype, "no-mp-bulk", fit, why)
+    why = gate_reason(fit, ks_max)
+    return LayerAnalysis(name, shape, dtype, "no-mp-bulk" if why else "fit", fit, why)
+
+
+# ====================================================================== a whole model
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class ModelAnalysis:
+    """:func:`analyze` of a model: one :class:`LayerAnalysis` per layer the registry speaks about.
+
+    Iterate it, or index it by position or layer name. ``output_layer`` is the layer the one
+    output-layer rule (:func:`rmtprune.layers.output_layer`) names, with ``output_reason``.
+    """
+
+    layers: list[LayerAnalysis]
+    output_layer: str | None = None
+    output_reason: str = ""
+
+    def __iter__(self) -> Iterator[LayerAnalysis]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, key: int | str) -> LayerAnalysis:
+        if isinstance(key, int):
+            return self.layers[key]
+        for la in self.layers:
+            if la.name == key:
+                return la
+        raise KeyError(f"no layer {key!r} in the analysis")
+
+    @property
+    def analysed(self) -> list[LayerAnalysis]:
+        """The layers that were analysed (every verdict but ``skip``)."""
+        return [la for la in self.layers if la.verdict != "skip"]
+
+    def counts(self) -> dict[str, int]:
+        """How many layers got each verdict."""
+        return {v: sum(la.verdict == v for la in self.layers) for v in VERDICTS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict: the output layer and every layer's record."""
+        return {
+            "output_layer": self.output_layer,
+            "output_reason": self.output_reason,
+            "counts": self.counts(),
+            "layers": [{**la.to_dict(), "layer_type": la.layer_type} for la in self.layers],
+        }
+
+    def table(self) -> str:
+        """One row per layer: name, type, matrix, verdict, spikes, ks, sigma2 and the reason."""
+        from ._format import table
+
+        rows = []
+        for la in self.layers:
+            fit = la.fit
+            mat = "" if la.verdict == "skip" and la.matrix is None else "{}x{}".format(*la.matrix_shape)
+            rows.append(
+                [
+                    la.name,
+                    la.layer_type,
+                    mat,
+                    la.verdict,
+                    "" if fit is None else str(fit.n_spikes),
+                    "" if fit is None else f"{fit.ks:.3f}",
+                    "" if fit is None else f"{fit.sigma2:.3g}",
+                    la.message,
+                ]
+            )
+        head = ["layer", "type", "matrix", "verdict", "spikes", "ks", "sigma2", "reason"]
+        return table(head, rows) + "\n"
+
+
+def _settings(config: Any, name: str) -> tuple[Any, str]:
+    """The fit parameters and SVD precision for layer ``name`` from whatever config was given."""
+    if hasattr(config, "for_layer"):  # a CompressionConfig: per-layer overrides apply
+        cfg = config.for_layer(name)
+        return cfg.fit, cfg.svd_dtype
+    return config, "float64"
+
+
+def _analyze_layer(e: Any, fit_cfg: Any, svd_dtype: str, keep_svd: bool, method: str) -> LayerAnalysis:
+    """Spectrum, fit and verdict of one supported layer (the model is not changed)."""
+    h, mod, name = e.handler, e.module, e.name
+    m, n = h.matrix_shape(mod)
+    p = min(m, n)
+    k_now = h.current_rank(mod)
+    la = LayerAnalysis(
+        name,
+        h.weight_shape(mod),
+        str(h.weights(mod)[0].dtype).replace("torch.", ""),
+        "fit",
+        layer_type=type(mod).__name__,
+        matrix=(m, n),
+        rank=k_now,
+        factored=h.factored,
+        module=mod,
+        handler=h,
+    )
+    if not all(bool(torch.isfinite(w.detach()).all()) for w in h.weights(mod)):
+        la.verdict, la.message = "invalid", f"layer {name!r} contains NaN or Inf"
+        return la
+    if p < MIN_P:
+        la.verdict, la.message = "too-small", f"p={p} < {MIN_P}: too small to fit"
+        return la
+    dtype = _DTYPES[svd_dtype]
+    if keep_svd or h.factored:
+        U, s_t, Vh = h.svd(mod, dtype)
+        la.svd = (U, s_t, Vh)
+        s = s_t.detach().to("cpu", torch.float64).numpy()
+    elif method == "gram":
+        s = singular_values(h.matrix(mod))
+    else:
+        s = h.singular_values(mod, dtype).detach().to("cpu", torch.float64).numpy()
+    if h.factored:
+        fit = fit_censored(s[:p], (m, n), fit_cfg.alpha, fit_cfg.beta)
+        s_full = np.zeros(p)
+        s_full[: min(s.size, p)] = s[:p]
+    else:
+        fit = fit_bulk(s, (m, n), alpha=fit_cfg.alpha, beta=fit_cfg.beta)
+        s_full = s
+    la.s, la.fit = s_full, fit
+    if fit is None:
+        la.verdict = "no-mp-bulk"
+        la.message = f"rank {k_now} leaves too few bulk values in the trimmed window to refit"
+        return la
+    why = gate_reason(fit, fit_cfg.ks_max)
+    if why:
+        la.verdict, la.message = "no-mp-bulk", why
+    return la
+
+
+def analyze(
+    model: nn.Module,
+    config: Any = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    keep_svd: bool = False,
+    method: str = "svd",
+    progress: bool | None = False,
+    entries: list[Any] | None = None,
+) -> ModelAnalysis:
+    """Spectrum, BEMA fit and verdict of every layer of ``model`` the layer registry supports.
+
+    The analyze stage of the pipeline (analyze -> plan -> apply): the model is not changed, and
+    nothing raises for bad weights (a NaN layer gets the verdict ``invalid``).
+
+    Parameters
+    ----------
+    config : a :class:`~rmtprune.config.FitConfig` (default ``FitConfig()``), or a
+        :class:`~rmtprune.config.CompressionConfig`, whose per-layer overrides, layer selection and
+        ``svd_dtype`` then apply.
+    include, exclude : layer-name globs (as in :func:`rmtprune.config.match_pattern`), on top of
+        the config's own selection.
+    keep_svd : keep each analysed layer's thin SVD ``(U, s, Vh)`` (what :func:`rmtprune.compress`
+        needs to cut without a second decomposition).
+    method : ``svd`` (``torch.linalg.svdvals`` at the config's precision) or ``gram`` (float64
+        eigenvalues of the Gram matrix, see :func:`singular_values`), for dense layers without
+        ``keep_svd``; factored layers always use QR of their factors.
+    progress : show a progress bar over layers (None: when stderr is a terminal).
+    entries : the layers from :func:`rmtprune.layers.collect_layers`, if the caller has them.
+
+    Examples
+    --------
+    >>> import torch, rmtprune
+    >>> model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.ReLU(), torch.nn.Linear(200, 5))
+    >>> [la.verdict for la in rmtprune.analyze(model)]
+    ['fit', 'too-small']
+    """
+    from .config import FitConfig, match_pattern
+    from .layers import collect_layers, output_layer
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = FitConfig() if config is None else config
+    if not (isinstance(config, FitConfig) or hasattr(config, "for_layer")):
+        raise TypeError(f"config must be a FitConfig or a CompressionConfig, got {type(config).__name__}")
+    if method not in ("svd", "gram"):
+        raise ValueError(f"method={method!r} must be 'svd' or 'gram'")
+    entries = collect_layers(model) if entries is None else entries
+    include, exclude = list(include or []), list(exclude or [])
+
+    def why_not(e: Any) -> str:
+        if e.handler is None or e.reason:
+            return e.reason
+        if hasattr(config, "selects"):
+            selected, why = config.selects(e.name)
+            if not selected:
+                return why
+        if include and not any(match_pattern(e.name, p) for p in include):
+            return f"not matched by include patterns {include}"
+        hit = next((p for p in exclude if match_pattern(e.name, p)), None)
+        return f"excluded by pattern {hit!r}" if hit else ""
+
+    reasons = {e.name: why_not(e) for e in entries}
+    todo = [e for e in entries if not reasons[e.name]]
+    done: dict[str, LayerAnalysis] = {}
+    for e in _progress(todo, total=len(todo), desc="analyze", enable=progress):
+        fit_cfg, svd_dtype = _settings(config, e.name)
+        done[e.name] = _analyze_layer(e, fit_cfg, svd_dtype, keep_svd, method)
+    layers = [done.get(e.name) or _skipped(e, reasons[e.name]) for e in entries]
+    out, why = output_layer(model, entries)
+    return ModelAnalysis(layers, out, why)
+
+
+def _skipped(e: Any, reason: str) -> LayerAnalysis:
+    h, mod = e.handler, e.module
+    if h is not None:
+        shape, matrix = h.weight_shape(mod), h.matrix_shape(mod)
+    else:
+        shape = next((tuple(int(v) for v in p.shape) for p in mod.parameters() if p.ndim >= 2), ())
+        matrix = None
+    return LayerAnalysis(
+        e.name,
+        shape,
+        "",
+        "skip",
+        None,
+        reason,
+        layer_type=type(mod).__name__,
+        matrix=matrix,
+        module=mod,
+        handler=h,
+    )

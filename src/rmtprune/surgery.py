@@ -5,17 +5,14 @@ not touched) then :func:`apply` (replace each layer to factor by a :class:`~rmtp
 module, in place, restoring everything if anything fails). :func:`compress` is the two together,
 computing each layer's SVD once.
 
-Which layer types are prunable, and how, is a small registry (:func:`register_handler`):
-``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, Hugging Face ``transformers`` ``Conv1D`` (GPT-2 style,
-transposed weight; only when ``transformers`` is already imported) and the ``LowRank*`` modules
-themselves, which are re-cut from QR of their factors, never from the ``m x n`` product.
+Which layer types are prunable, and how, is the registry of :mod:`rmtprune.layers`; the spectra and
+fits come from the analyze stage, :func:`rmtprune.analyze`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +24,20 @@ from torch import nn
 
 from . import __version__
 from ._progress import progress as _progress
+from .analysis import LayerAnalysis, analyze
 from .config import CompressionConfig, match_pattern
 from .errors import InvalidWeightsError, RmtpruneError, first_line
-from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankModule
-from .masks import parametrization
-from .spectral import MIN_P, fit_bulk, fit_censored
+from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: old import path, kept one release)
+    LayerEntry,
+    LayerHandler,
+    LinearHandler,
+    TransposedLinearHandler,
+    collect_layers,
+    handler_for,
+    parametrized,
+    register_handler,
+    supported_types,
+)
 
 __all__ = [
     "ACTIONS",
@@ -52,188 +58,6 @@ __all__ = [
 ACTIONS = ("factor", "dense-truncate", "keep", "skip")
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-# ====================================================================== layer handlers
-class LayerHandler:
-    """How to read one layer type as an ``m x n`` matrix and how to replace it by its factors.
-
-    Subclass and :func:`register_handler` it to support a new layer type.
-    """
-
-    #: True for already factored layers (spectrum from QR of the factors).
-    factored: bool = False
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        """A reason why this particular layer cannot be compressed (e.g. grouped conv), or None."""
-        return None
-
-    def matrix(self, module: nn.Module) -> torch.Tensor:
-        """The weight as an ``m x n`` (``out x in``) matrix (a view where possible)."""
-        raise NotImplementedError
-
-    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
-        m, n = self.matrix(module).shape
-        return int(m), int(n)
-
-    def weight_shape(self, module: nn.Module) -> tuple[int, ...]:
-        """Shape of the (dense) weight as the layer stores it."""
-        return tuple(int(v) for v in module.weight.shape)
-
-    def has_bias(self, module: nn.Module) -> bool:
-        return getattr(module, "bias", None) is not None
-
-    def current_rank(self, module: nn.Module) -> int:
-        return min(self.matrix_shape(module))
-
-    def weights(self, module: nn.Module) -> list[torch.Tensor]:
-        """Tensors the SVD depends on (checked for NaN/Inf, and versioned for the SVD cache)."""
-        return [module.weight]
-
-    def default_positions(self, module: nn.Module) -> int | None:
-        """Output positions per sample when no example input is given (1 for linear maps)."""
-        return 1
-
-    def singular_values(self, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """All ``p`` singular values, descending."""
-        M = self.matrix(module).detach().to(dtype)
-        return torch.linalg.svdvals(M.T if M.shape[0] < M.shape[1] else M)  # tall is LAPACK's fast path
-
-    def svd(self, module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Thin SVD ``U, s, Vh`` of the matrix (for factored layers only ``rank`` triplets)."""
-        M = self.matrix(module).detach().to(dtype)
-        if M.shape[0] < M.shape[1]:
-            # torch's row-major wide matrix is LAPACK's tall one: decomposing the transpose is the
-            # fast path (measured 2.4x on 128 x 3136 float64).
-            U, s, Vh = torch.linalg.svd(M.T, full_matrices=False)
-            return Vh.T, s, U.T
-        return torch.linalg.svd(M, full_matrices=False)
-
-    def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
-        """A new module computing ``x -> (A @ B) x + bias``, same device and dtype as ``module``."""
-        raise NotImplementedError
-
-    def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:
-        """Copy the ``m x n`` matrix ``W`` into the layer's dense weight."""
-        with torch.no_grad():
-            module.weight.copy_(W.reshape(module.weight.shape))
-
-
-class LinearHandler(LayerHandler):
-    """``nn.Linear`` -> :class:`LowRankLinear`."""
-
-    def matrix(self, module: nn.Module) -> torch.Tensor:
-        return module.weight
-
-    def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
-        return LowRankLinear.from_factors(A, B, module.bias, original_type=type(module).__name__)
-
-
-class TransposedLinearHandler(LinearHandler):
-    """Hugging Face ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``in x out``."""
-
-    def matrix(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.T
-
-    def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:
-        with torch.no_grad():
-            module.weight.copy_(W.T)
-
-
-class ConvHandler(LayerHandler):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (``out x in x k...`` read as ``out x (in * k...)``)."""
-
-    def unsupported(self, module: nn.Module) -> str | None:
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) is not supported"
-        return None
-
-    def matrix(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.reshape(module.weight.shape[0], -1)
-
-    def default_positions(self, module: nn.Module) -> int | None:
-        return None  # depends on the input size
-
-    def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
-        cls = LowRankConv2d if isinstance(module, nn.Conv2d) else LowRankConv1d
-        return cls.from_conv(module, A, B)
-
-
-class LowRankHandler(LayerHandler):
-    """Already factored layers: spectrum and re-cut from QR of the factors (``O((m + n) k**2)``)."""
-
-    factored = True
-
-    def matrix(self, module: nn.Module) -> torch.Tensor:  # pragma: no cover - never formed
-        raise RuntimeError("the dense matrix of a factored layer is never formed")
-
-    def matrix_shape(self, module: nn.Module) -> tuple[int, int]:
-        return module.matrix_shape
-
-    def weight_shape(self, module: nn.Module) -> tuple[int, ...]:
-        return module._dense_weight_shape()
-
-    def has_bias(self, module: nn.Module) -> bool:
-        return module.bias is not None
-
-    def current_rank(self, module: nn.Module) -> int:
-        return module.rank
-
-    def weights(self, module: nn.Module) -> list[torch.Tensor]:
-        return [module.first.weight, module.second.weight]
-
-    def default_positions(self, module: nn.Module) -> int | None:
-        return 1 if isinstance(module, LowRankLinear) else None
-
-    def singular_values(self, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        return module.singular_values()
-
-    def svd(self, module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return module.svd(torch.float64)
-
-    def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
-        if isinstance(module, LowRankLinear):
-            return LowRankLinear.from_factors(A, B, module.bias, original_type=module.original_type)
-        return type(module).from_conv(module, A, B)
-
-    def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:  # pragma: no cover
-        raise RuntimeError("a factored layer is re-cut, never dense-truncated")
-
-
-_REGISTRY: dict[type, LayerHandler] = {
-    nn.Linear: LinearHandler(),
-    nn.Conv1d: ConvHandler(),
-    nn.Conv2d: ConvHandler(),
-    LowRankModule: LowRankHandler(),
-}
-
-
-def register_handler(layer_type: type, handler: LayerHandler) -> None:
-    """Make layers of ``layer_type`` (and its subclasses) prunable with ``handler``."""
-    if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
-        raise TypeError(f"layer_type={layer_type!r} must be an nn.Module subclass")
-    if not isinstance(handler, LayerHandler):
-        raise TypeError(f"handler={handler!r} must be a LayerHandler instance")
-    _REGISTRY[layer_type] = handler
-
-
-def _register_transformers() -> None:
-    # Only when transformers is already imported: a model holding a Conv1D has imported it, and
-    # importing transformers ourselves would cost seconds and make it a dependency.
-    mod = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(mod, "Conv1D", None) if mod is not None else None
-    if conv1d is not None and conv1d not in _REGISTRY:
-        _REGISTRY[conv1d] = TransposedLinearHandler()
-
-
-def handler_for(module: nn.Module) -> LayerHandler | None:
-    """The handler registered for the module's type (nearest in its MRO), or None."""
-    _register_transformers()
-    for cls in type(module).__mro__:
-        h = _REGISTRY.get(cls)
-        if h is not None:
-            return h
-    return None
 
 
 # ====================================================================== the plan record
@@ -483,85 +307,7 @@ def _ratio(after: int, before: int) -> str:
 
 
 # ====================================================================== planning
-@dataclass
-class _Entry:
-    name: str
-    module: nn.Module
-    handler: LayerHandler | None
-    reason: str  # why unsupported ("" if supported)
-
-
-def _collect(model: nn.Module) -> list[_Entry]:
-    """Every layer a plan speaks about: supported ones, and unsupported ones owning a >= 2-D weight."""
-    entries: list[_Entry] = []
-    claimed: list[str] = []  # prefixes of modules handled as a whole (their children are not layers)
-    # Who holds each parameter and each module: surgery on a shared one would silently untie it.
-    param_owners: dict[int, list[str]] = {}
-    module_names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        module_names.setdefault(id(module), []).append(name)
-        for prm in module.parameters(recurse=False):
-            owners = param_owners.setdefault(id(prm), [])
-            if name not in owners:
-                owners.append(name)
-    for name, module in model.named_modules():
-        if claimed and name.startswith(claimed[-1] + "."):  # pre-order: children follow their parent
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            # It reads out_proj.weight directly: replacing out_proj by two layers would break it.
-            entries.append(_Entry(name, module, None, "MultiheadAttention reads its weights directly"))
-            claimed.append(name)
-            continue
-        h = handler_for(module)
-        if h is not None:
-            why = (
-                _parametrized(module, h)
-                or h.unsupported(module)
-                or _shared(name, module, h, param_owners, module_names)
-            )
-            entries.append(_Entry(name, module, h, why))
-            claimed.append(name)
-            continue
-        own = [p for p in module.parameters(recurse=False) if p.ndim >= 2]
-        if own:
-            entries.append(_Entry(name, module, None, f"unsupported layer type {type(module).__name__}"))
-    return entries
-
-
-def _parametrized(module: nn.Module, h: LayerHandler) -> str:
-    """Why a layer whose weight is parametrized (``weight_norm`` and the like) is skipped, or "".
-
-    Factoring it would replace the parametrized module by plain factors, silently dropping the
-    parametrization; a factored layer's own factors are checked too.
-    """
-    mods = list(module.modules()) if h.factored else [module]
-    for mod in mods:
-        why = parametrization(mod)
-        if why is not None:
-            return why if mod is module else f"factor {type(mod).__name__}: {why}"
-    return ""
-
-
-def _shared(
-    name: str,
-    module: nn.Module,
-    h: LayerHandler,
-    param_owners: dict[int, list[str]],
-    module_names: dict[int, list[str]],
-) -> str:
-    """Why a layer cannot be replaced because it is shared (tied weights, one module under two names)."""
-    names = module_names.get(id(module), [name])
-    if len(names) > 1:
-        listed = ", ".join(repr(n) for n in names)
-        return f"module is registered under several names ({listed}); cutting it would untie them"
-    for w in h.weights(module):
-        others = [o for o in param_owners.get(id(w), []) if o != name and not o.startswith(name + ".")]
-        if others:
-            return f"weight is tied to {others[0]!r}; cutting it would untie them"
-    return ""
-
-
-def _positions(model: nn.Module, entries: list[_Entry], example_input: Any) -> dict[str, int]:
+def _positions(model: nn.Module, entries: list[LayerEntry], example_input: Any) -> dict[str, int]:
     """Output positions per sample of each entry, from one forward pass on ``example_input``."""
     found: dict[str, int] = {}
     hooks = []
@@ -615,7 +361,7 @@ def _warn_unmatched(config: CompressionConfig, names: list[str]) -> list[str]:
     return out
 
 
-def _check_finite(entries: list[_Entry]) -> None:
+def _check_finite(entries: list[LayerEntry]) -> None:
     for e in entries:
         for w in e.handler.weights(e.module):
             if not bool(torch.isfinite(w.detach()).all()):
@@ -628,18 +374,19 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _plan_layer(e: _Entry, cfg: CompressionConfig, positions: int | None, keep_svd: bool) -> LayerPlan:
-    h, mod, name = e.handler, e.module, e.name
-    m, n = h.matrix_shape(mod)
+def _plan_layer(la: LayerAnalysis, cfg: CompressionConfig, positions: int | None) -> LayerPlan:
+    """The decision for one analysed layer: the rule's rank, then factor / dense-truncate / keep."""
+    h, mod, name = la.handler, la.module, la.name
+    m, n = la.matrix_shape
     p = min(m, n)
     bias = h.has_bias(mod)
-    k_now = h.current_rank(mod)
-    w_now = k_now * (m + n) if h.factored else m * n
+    k_now = la.rank
+    w_now = k_now * (m + n) if la.factored else m * n
     params_now = _param_count(mod)
     lp = LayerPlan(
         name=name,
-        layer_type=type(mod).__name__,
-        shape=h.weight_shape(mod),
+        layer_type=la.layer_type,
+        shape=la.shape,
         matrix_shape=(m, n),
         action="keep",
         reason="",
@@ -650,48 +397,28 @@ def _plan_layer(e: _Entry, cfg: CompressionConfig, positions: int | None, keep_s
         params_after=params_now,
         macs_before=None if positions is None else w_now * positions,
         macs_after=None if positions is None else w_now * positions,
-        dtype=str(h.weights(mod)[0].dtype).replace("torch.", ""),
+        dtype=la.dtype,
     )
-    if p < MIN_P:
-        lp.reason = f"p={p} < {MIN_P}: too small to fit"
+    if la.verdict == "too-small":
+        lp.reason = la.message
         return lp
-
-    dtype = _DTYPES[cfg.svd_dtype]
-    if keep_svd or h.factored:
-        U, s_t, Vh = h.svd(mod, dtype)
-    else:
-        U = Vh = None
-        s_t = h.singular_values(mod, dtype)
-    s = s_t.detach().to("cpu", torch.float64).numpy()
-    if h.factored:
-        fit = fit_censored(s[:p], (m, n), cfg.alpha, cfg.beta)
-        s_full = np.zeros(p)
-        s_full[: min(s.size, p)] = s[:p]
-    else:
-        fit = fit_bulk(s, (m, n), alpha=cfg.alpha, beta=cfg.beta)
-        s_full = s
+    fit = la.fit
     lp.fit = None if fit is None else fit.to_dict()
-
-    if cfg.rule == "bema":
-        if fit is None:
-            lp.reason = f"rank {k_now} leaves too few bulk values in the trimmed window to refit; kept"
-            return lp
-        if not fit.accepted(cfg.ks_max):
-            why = "no positive bulk" if not fit.sigma2 > 0 else f"ks={fit.ks:.3f} > ks_max={cfg.ks_max:g}"
-            lp.reason = f"no MP-like bulk ({why}); kept"
-            return lp
+    if cfg.rule == "bema" and la.verdict != "fit":
+        lp.reason = f"{la.message}; kept" if fit is None else f"no MP-like bulk ({la.message}); kept"
+        return lp
     try:
-        decision = cfg.make_rule().select(s_full, (m, n), fit=fit)
+        decision = cfg.make_rule().select(la.s, (m, n), fit=fit)
     except ValueError as exc:
         raise ValueError(f"{exc} for layer {name!r} (rule {cfg.rule!r})") from None
     lp.decision = decision.to_dict()
     k = min(max(decision.rank, cfg.min_rank), p)
     why = decision.reason + (f", raised to min_rank={cfg.min_rank}" if decision.rank < cfg.min_rank else "")
-    if k > k_now or (k == k_now and (h.factored or cfg.factor_only_if_smaller)):
+    if k > k_now or (k == k_now and (la.factored or cfg.factor_only_if_smaller)):
         lp.reason = f"{why}; rank {k} >= current rank {k_now}: nothing to cut"
         return lp
     smaller = k * (m + n) < m * n
-    if h.factored or smaller or not cfg.factor_only_if_smaller:
+    if la.factored or smaller or not cfg.factor_only_if_smaller:
         lp.action = "factor"
         w_after = k * (m + n)
         lp.params_after = w_after + (m if bias else 0)
@@ -706,7 +433,8 @@ def _plan_layer(e: _Entry, cfg: CompressionConfig, positions: int | None, keep_s
     lp.rank = k
     if positions is not None:
         lp.macs_after = w_after * positions
-    if U is not None:
+    if la.svd is not None and la.svd[0] is not None:
+        U, s_t, Vh = la.svd
         lp._svd = (U[:, :k].clone(), s_t[:k].clone(), Vh[:k].clone(), _versions(h, mod))
     return lp
 
@@ -746,55 +474,44 @@ def plan(
     config = CompressionConfig() if config is None else config
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
-    entries = _collect(model)
+    entries = collect_layers(model)
     if not any(e.handler is not None for e in entries):
-        kinds = ", ".join(sorted({c.__name__ for c in _REGISTRY}))
+        kinds = ", ".join(sorted({c.__name__ for c in supported_types()}))
         raise RmtpruneError(f"model {type(model).__name__} has no prunable layer (supported types: {kinds})")
     warns = _warn_unmatched(config, [e.name for e in entries])
 
-    todo, skipped = [], {}
-    for e in entries:
-        selected, why = config.selects(e.name)
-        if e.handler is None or e.reason or not selected:
-            skipped[e.name] = e.reason or why
-        else:
-            todo.append(e)
+    todo = [e for e in entries if e.handler is not None and not e.reason and config.selects(e.name)[0]]
     _check_finite(todo)
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
+    analysis = analyze(model, config, keep_svd=keep_svd, progress=progress, entries=entries)
     # The model's last layer of a prunable type (even if skipped, e.g. a head tied to the embedding).
     handled = [e.name for e in entries if e.handler is not None]
     last = handled[-1] if config.protect_last and handled else None
-    done: dict[str, LayerPlan] = {}
-    for e in _progress(todo, total=len(todo), desc="plan", enable=progress):
-        positions = pos.get(e.name, e.handler.default_positions(e.module))
-        lp = _plan_layer(e, config.for_layer(e.name), positions, keep_svd)
-        if e.name == last and lp.changes:
+    layers = []
+    for la in analysis:
+        if la.verdict == "skip":
+            n_params = _param_count(la.module)
+            layers.append(
+                LayerPlan(
+                    name=la.name,
+                    layer_type=la.layer_type,
+                    shape=la.shape,
+                    matrix_shape=la.matrix,
+                    action="skip",
+                    reason=la.message,
+                    params_before=n_params,
+                    params_after=n_params,
+                )
+            )
+            continue
+        positions = pos.get(la.name, la.handler.default_positions(la.module))
+        lp = _plan_layer(la, config.for_layer(la.name), positions)
+        if la.name == last and lp.changes:
             lp.reason = f"{lp.reason}; last prunable layer (logits) kept: protect_last=True"
             lp.action, lp.rank, lp._svd = "keep", lp.rank_before, None
             lp.params_after, lp.macs_after = lp.params_before, lp.macs_before
-        done[e.name] = lp
-    layers = []
-    for e in entries:
-        if e.name in done:
-            layers.append(done[e.name])
-            continue
-        n_params = _param_count(e.module)
-        h = e.handler
-        mshape = h.matrix_shape(e.module) if h is not None else None
-        wshape = h.weight_shape(e.module) if h is not None else _first_2d_shape(e.module)
-        layers.append(
-            LayerPlan(
-                name=e.name,
-                layer_type=type(e.module).__name__,
-                shape=wshape,
-                matrix_shape=mshape,
-                action="skip",
-                reason=skipped[e.name],
-                params_before=n_params,
-                params_after=n_params,
-            )
-        )
+        layers.append(lp)
     return Plan(layers, config, _param_count(model), warns)
 
 
@@ -860,7 +577,7 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
                 f"the plan does not match the model: layer {lp.name!r} is {type(mod).__name__}, "
                 f"the plan says {lp.layer_type}"
             )
-        why = _parametrized(mod, h)
+        why = parametrized(mod, h)
         if why:
             raise ValueError(f"the plan does not match the model: layer {lp.name!r} has a {why}")
         if h.matrix_shape(mod) != tuple(lp.matrix_shape) or h.current_rank(mod) != lp.rank_before:
