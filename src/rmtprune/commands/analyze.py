@@ -1,4 +1,4 @@
-"""``rmtprune analyze CHECKPOINT``: fit the Marchenko-Pastur bulk of every weight matrix of a checkpoint."""
+"""``rmtprune analyze FILE``: fit the Marchenko-Pastur bulk of every weight matrix of a weights file."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import io
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from .._format import table
 from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
 
 _COLUMNS = ("layer", "shape", "gamma", "sigma2", "s_plus", "spikes", "bulk", "ks", "verdict", "note")
@@ -41,8 +43,11 @@ verdicts:
   invalid      NaN or Inf weights (the other layers are still analysed; exit status 1)
 ignored (counted in the summary): 1-D tensors (biases, norms), non-float tensors, 3-D and 5-D+ tensors.
 
+patterns: --include/--exclude are shell globs, as in compress and sparsify; a regular expression
+(with ^ $ ( ) + | \\ { }, or .* inside a name) is still accepted until the next release, with a
+warning saying how to write it as a glob.
 exit status: 0 all layers analysed, 1 some layer is invalid, 2 bad input or arguments.
-outputs: --json/--csv are never the checkpoint, and an existing file there that rmtprune did not
+outputs: --json/--csv are never FILE, and an existing file there that rmtprune did not
 write is refused unless --force; each is written atomically.
 formats: .safetensors file; directory of safetensors shards (with or without *.safetensors.index.json);
 torch.save state dict (.pt/.pth/.bin/.ckpt, loaded with weights_only=True; pickles that need code
@@ -54,18 +59,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``analyze`` and its options."""
     p = subparsers.add_parser(
         "analyze",
-        help="fit the Marchenko-Pastur bulk of every weight matrix in a checkpoint",
+        help="fit the Marchenko-Pastur bulk of every weight matrix in a weights file",
         description=(
-            "Spectral analysis of every 2-D and 4-D floating-point tensor of a checkpoint: singular "
+            "Spectral analysis of every 2-D and 4-D floating-point tensor of a weights file: singular "
             "values, BEMA fit of the Marchenko-Pastur bulk, Tracy-Widom edge, number of spikes above "
             "it, and the KS distance that gates whether the bulk is MP-like. Prints a table and a summary."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="a .safetensors file, a shard directory or a .pt/.pth/.bin"
-    )
+    p.add_argument("file", metavar="FILE", help="a .safetensors file, a shard directory or a .pt/.pth/.bin")
     p.add_argument("--json", metavar="FILE", help="write the full analysis as JSON (atomic)")
     p.add_argument("--csv", metavar="FILE", help="write one row per analysed layer as CSV (atomic)")
     p.add_argument(
@@ -75,17 +78,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--include",
-        metavar="REGEX",
+        metavar="GLOB",
         action="append",
         default=[],
-        help="analyse only tensors whose name matches (re.search); repeatable, any match keeps",
+        help=(
+            "analyse only tensors whose name, or the name of a module holding them, matches the glob "
+            "(fc1, features.*, *.bias); repeatable, any match keeps"
+        ),
     )
     p.add_argument(
         "--exclude",
-        metavar="REGEX",
+        metavar="GLOB",
         action="append",
         default=[],
-        help="skip tensors whose name matches (re.search); repeatable",
+        help="skip tensors whose name, or the name of a module holding them, matches the glob; repeatable",
     )
     p.add_argument(
         "--alpha",
@@ -105,8 +111,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_KS_MAX,
         metavar="KS",
         help=(
-            f"gate on the KS distance to the fitted MP law; above it the verdict is no-mp-bulk "
-            f"(default: {DEFAULT_KS_MAX})"
+            f"gate on the KS distance to the fitted MP law; above it the verdict is no-mp-bulk; "
+            f"inf turns the gate off (default: {DEFAULT_KS_MAX})"
         ),
     )
     p.add_argument(
@@ -139,21 +145,18 @@ def _row(la: Any) -> list[str]:
 
 
 def format_table(analysis: Any) -> str:
-    """The table printed by ``rmtprune analyze`` (one row per analysed layer)."""
-    rows = [list(_COLUMNS)] + [_row(la) for la in analysis.layers]
-    if not any(r[-1] for r in rows[1:]):
-        rows = [r[:-1] for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    """The table printed by ``rmtprune analyze`` (one row per analysed layer; numbers right-aligned)."""
+    rows = [_row(la) for la in analysis.layers]
+    head = list(_COLUMNS)
+    if not any(r[-1] for r in rows):
+        head, rows = head[:-1], [r[:-1] for r in rows]
     left = {0, len(_COLUMNS) - 2, len(_COLUMNS) - 1}  # layer, verdict, note
-    lines = []
-    for k, r in enumerate(rows):
-        cells = [
-            c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    for i in set(range(len(head))) - left:  # right-align the numbers: pad them to the column width
+        w = max(len(r[i]) for r in [head, *rows])
+        head[i] = head[i].rjust(w)
+        for r in rows:
+            r[i] = r[i].rjust(w)
+    return table(head, rows)
 
 
 def _csv_text(analysis: Any) -> str:
@@ -182,7 +185,7 @@ def _plot_name(name: str, used: set[str]) -> str:
 def _check_outputs(args: argparse.Namespace) -> Path | None:
     """Fail before the analysis, not after it, when an output cannot or must not be written.
 
-    ``--json``/``--csv`` may not be the checkpoint (or a file of the analysed shard directory),
+    ``--json``/``--csv`` may not be FILE (or a file of the analysed shard directory),
     each other, a directory, or an existing file rmtprune did not write (unless ``--force``).
     """
     from .._atomic import check_writable_dir
@@ -194,9 +197,9 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
         for opt in ("json", "csv")
         if getattr(args, opt) is not None
     ]
-    ckpt = Path(args.checkpoint).expanduser()
+    ckpt = Path(args.file).expanduser()
     sidecar = ckpt.with_suffix(".json") if ckpt.suffix == ".safetensors" else None  # rmtprune's manifest
-    check_outputs(outputs, inputs=[args.checkpoint, sidecar], force=args.force)
+    check_outputs(outputs, inputs=[args.file, sidecar], force=args.force)
     if args.plots is None:
         return None
     plots = Path(args.plots).expanduser()
@@ -211,25 +214,32 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
                 f"{o.label} {str(o.path)!r} is inside --plots {args.plots!r}; choose another path"
             )
     if ckpt.is_dir() and plots.exists() and plots.resolve() == ckpt.resolve():
-        raise RmtpruneError(f"--plots {args.plots!r} is the checkpoint directory; choose another one")
+        raise RmtpruneError(f"--plots {args.plots!r} is the analysed directory; choose another one")
     return plots
 
 
 def run(args: argparse.Namespace) -> int:
-    """Analyse the checkpoint, print the table and summary, write the requested outputs."""
+    """Analyse FILE, print the table and summary, write the requested outputs."""
     from .._atomic import atomic_write_text
-    from ..checkpoint import analyze_checkpoint
+    from ..weights_analysis import analyze_file
 
     plots = _check_outputs(args)
-    analysis = analyze_checkpoint(
-        args.checkpoint,
-        include=args.include or None,
-        exclude=args.exclude or None,
-        alpha=args.alpha,
-        beta=args.beta,
-        ks_max=args.ks_max,
-        progress=False if args.no_progress else None,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        analysis = analyze_file(
+            args.file,
+            include=args.include or None,
+            exclude=args.exclude or None,
+            alpha=args.alpha,
+            beta=args.beta,
+            ks_max=args.ks_max,
+            progress=False if args.no_progress else None,
+        )
+    for w in caught:  # a regex --include/--exclude: one line saying how to write it as a glob
+        if issubclass(w.category, DeprecationWarning):
+            print(f"rmtprune: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if analysis.layers:
         print(format_table(analysis))
     else:

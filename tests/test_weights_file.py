@@ -1,4 +1,4 @@
-"""Checkpoint reading (every format, lazily) and analysis, with every kind of bad input."""
+"""Weights-file reading (every format, lazily) and analysis, with every kind of bad input."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pickle
 import re
 import struct
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -14,14 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rmtprune.checkpoint import (
-    CheckpointAnalysis,
-    TensorInfo,
-    analyze_checkpoint,
-    iter_tensors,
-    list_tensors,
-)
+from rmtprune.config import FitConfig
 from rmtprune.errors import CheckpointError
+from rmtprune.weights_analysis import FileAnalysis, analyze_file
+from rmtprune.weights_file import TensorInfo, iter_tensors, list_tensors
 
 
 def spiked(m: int, n: int, rank: int, seed: int, strength: float = 6.0) -> torch.Tensor:
@@ -132,7 +129,7 @@ def test_iter_tensors_round_trip(kind: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", list(FORMATS))
 def test_analyze_same_result_in_every_format(kind: str, tmp_path: Path) -> None:
-    res = analyze_checkpoint(write(kind, tmp_path))
+    res = analyze_file(write(kind, tmp_path))
     assert res.format == FORMATS[kind]
     by_name = {la.name: la for la in res.layers}
     assert set(by_name) == {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}
@@ -148,9 +145,9 @@ def test_analyze_same_result_in_every_format(kind: str, tmp_path: Path) -> None:
 
 
 def test_nested_state_dict_is_unwrapped(tmp_path: Path) -> None:
-    res = analyze_checkpoint(write("nested", tmp_path))
+    res = analyze_file(write("nested", tmp_path))
     assert res.unwrapped == ("state_dict",)
-    assert analyze_checkpoint(write("with-optimizer", tmp_path)).unwrapped == ("model",)
+    assert analyze_file(write("with-optimizer", tmp_path)).unwrapped == ("model",)
 
 
 def test_ambiguous_nesting_keeps_prefixes(tmp_path: Path) -> None:
@@ -306,12 +303,12 @@ def test_bad_files_give_one_line_errors_naming_the_file(kind: str, tmp_path: Pat
 def test_code_execution_pickle_of_a_custom_class(tmp_path: Path) -> None:
     torch.save({"w": torch.randn(3, 3), "meta": Path("x")}, tmp_path / "obj.pt")
     with pytest.raises(CheckpointError, match=r"arbitrary code execution .*pathlib.*refuses for safety"):
-        analyze_checkpoint(tmp_path / "obj.pt")
+        analyze_file(tmp_path / "obj.pt")
 
 
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"'.*nope\.safetensors' does not exist"):
-        analyze_checkpoint(tmp_path / "nope.safetensors")
+        analyze_file(tmp_path / "nope.safetensors")
 
 
 def test_directory_errors(tmp_path: Path) -> None:
@@ -360,7 +357,7 @@ def test_nan_and_inf_layers_are_invalid_and_others_continue(tmp_path: Path) -> N
     sd = state_dict()
     sd["fc1.weight"][3, 4] = float("nan")
     sd["conv.weight"][0, 0, 0, 0] = float("inf")
-    res = analyze_checkpoint(write("safetensors", tmp_path, sd))
+    res = analyze_file(write("safetensors", tmp_path, sd))
     verdicts = {la.name: la.verdict for la in res.layers}
     assert verdicts == {
         "conv.weight": "invalid",
@@ -381,10 +378,16 @@ def test_nan_and_inf_layers_are_invalid_and_others_continue(tmp_path: Path) -> N
         ([r"^fc", r"conv"], None, {"fc1.weight", "conv.weight"}),
         (None, r"\.weight$", set()),
         (r"weight", [r"head", r"emb"], {"fc1.weight", "conv.weight"}),
+        # globs (the library's pattern language): the tensor's name or a module holding it
+        ("fc*", None, {"fc1.weight"}),
+        (["fc1", "conv"], None, {"fc1.weight", "conv.weight"}),
+        (None, "*.weight", set()),
+        ("*.weight", ["head", "emb.*"], {"fc1.weight", "conv.weight"}),
+        ("fc?.w[a-f]ight", None, {"fc1.weight"}),
     ],
 )
 def test_include_exclude(include: object, exclude: object, expected: set[str], tmp_path: Path) -> None:
-    res = analyze_checkpoint(write("safetensors", tmp_path), include=include, exclude=exclude)
+    res = analyze_file(write("safetensors", tmp_path), include=include, exclude=exclude)
     assert {la.name for la in res.layers} == expected
     assert res.n_tensors == 8
     kept_ignored = {t.name for t in res.ignored}
@@ -397,28 +400,68 @@ def test_include_exclude(include: object, exclude: object, expected: set[str], t
         ({"include": "fc1("}, ValueError, r"include pattern 'fc1\(' is not a valid regular expression"),
         ({"exclude": ["ok", "[z-a]"]}, ValueError, r"exclude pattern '\[z-a\]' is not a valid regular"),
         ({"include": "^nothing$"}, ValueError, r"no tensor of .* matches include=\['\^nothing\$'\]"),
-        ({"include": [3]}, TypeError, r"include patterns must be strings, got int"),
+        ({"include": [3]}, TypeError, r"include=\[3\] must be a list of non-empty pattern strings"),
         ({"alpha": 0.5}, ValueError, r"alpha=0\.5 must be in \(0, 0\.5\)"),
         ({"beta": 0.0}, ValueError, r"beta=0\.0 must be in \[0\.01, 0\.99\]"),
-        ({"ks_max": 2}, ValueError, r"ks_max=2 must be in \[0, 1\]"),
+        ({"ks_max": -1}, ValueError, r"ks_max=-1 must be in \[0, inf\]"),
+        ({"fit": FitConfig(), "alpha": 0.2}, ValueError, r"give fit= or alpha=, not both"),
+        ({"fit": {"alpha": 0.2}}, TypeError, r"fit=\{'alpha': 0\.2\} must be a FitConfig"),
         ({"ks_max": "0.1"}, TypeError, r"ks_max='0\.1' must be a number"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str, tmp_path: Path) -> None:
     with pytest.raises(error, match=match):
-        analyze_checkpoint(write("safetensors", tmp_path), **kwargs)
+        analyze_file(write("safetensors", tmp_path), **kwargs)
 
 
 def test_bad_arguments_fail_before_reading(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a valid regular expression"):
-        analyze_checkpoint(tmp_path / "missing.pt", include="(")
+        analyze_file(tmp_path / "missing.pt", include="(")
+
+
+def test_regex_patterns_are_accepted_with_a_deprecation_warning(tmp_path: Path) -> None:
+    path = write("safetensors", tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"include pattern '\^fc' is a regular expression.*'fc\*'"):
+        res = analyze_file(path, include="^fc")
+    assert [la.name for la in res.layers] == ["fc1.weight"]
+    with pytest.warns(DeprecationWarning, match=r"write it as a glob"):
+        analyze_file(path, include="fc1|conv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # globs, and ".*" between components, are not regexes
+        analyze_file(path, include=["fc*", "conv.*"], exclude="*.bias")
+
+
+def test_fit_config_and_the_open_gate(tmp_path: Path) -> None:
+    path = write("safetensors", tmp_path)
+    res = analyze_file(path, fit=FitConfig(ks_max=0.0))
+    assert {la.verdict for la in res.layers if la.fit is not None} == {"no-mp-bulk"}
+    off = analyze_file(path, ks_max=float("inf"))
+    assert off.ks_max == float("inf") and off.to_dict()["ks_max"] is None  # JSON has no inf
+    assert "no-mp-bulk" not in {la.verdict for la in off.layers}
+
+
+def test_deprecated_names_still_work(tmp_path: Path) -> None:
+    import importlib
+    import sys
+
+    import rmtprune
+
+    path = write("safetensors", tmp_path)
+    with pytest.warns(DeprecationWarning, match="use rmtprune.analyze_file"):
+        res = rmtprune.analyze_checkpoint(path)
+    assert isinstance(res, FileAnalysis) and res.counts == analyze_file(path).counts
+    sys.modules.pop("rmtprune.checkpoint", None)
+    with pytest.warns(DeprecationWarning, match="rmtprune.checkpoint is deprecated"):
+        old = importlib.import_module("rmtprune.checkpoint")
+    assert old.list_tensors is list_tensors and old.CheckpointAnalysis is FileAnalysis
+    assert old._REOPEN_BYTES > 0 and old._open is not None  # private names too
 
 
 def test_ks_gate_and_to_dict(tmp_path: Path) -> None:
     path = write("safetensors", tmp_path)
-    strict = analyze_checkpoint(path, ks_max=0.0)
+    strict = analyze_file(path, ks_max=0.0)
     assert {la.verdict for la in strict.layers if la.fit is not None} == {"no-mp-bulk"}
-    res = analyze_checkpoint(path)
+    res = analyze_file(path)
     d = json.loads(json.dumps(res.to_dict(), allow_nan=False))
     assert d["format"] == "safetensors" and d["ks_max"] == 0.1 and d["n_tensors"] == 8
     assert d["counts"] == res.counts and d["ignored_counts"]["non-float"] == 2
@@ -426,7 +469,7 @@ def test_ks_gate_and_to_dict(tmp_path: Path) -> None:
     assert fc1["n_spikes"] == 3 and fc1["shape"] == [80, 120] and fc1["verdict"] == "fit"
     head = next(x for x in d["layers"] if x["layer"] == "head.weight")
     assert head["ks"] is None and head["verdict"] == "too-small"
-    assert isinstance(res, CheckpointAnalysis)
+    assert isinstance(res, FileAnalysis)
     assert re.fullmatch(
         r"4 layers analysed \(.*\); 4 tensors ignored \(2 non-float, 1 1-D/scalar, 1 3-D.*\)", res.summary()
     )
@@ -436,14 +479,14 @@ def test_ks_gate_and_to_dict(tmp_path: Path) -> None:
 def test_low_and_high_precision_dtypes(dtype: torch.dtype, tmp_path: Path) -> None:
     w = spiked(60, 90, rank=2, seed=5).to(dtype)
     save_file({"w": w}, tmp_path / "m.safetensors")
-    (la,) = analyze_checkpoint(tmp_path / "m.safetensors").layers
+    (la,) = analyze_file(tmp_path / "m.safetensors").layers
     assert la.dtype == str(dtype).replace("torch.", "")
     assert la.verdict == "fit" and la.fit.n_spikes == 2
 
 
 def test_empty_and_zero_tensors(tmp_path: Path) -> None:
     save_file({"e": torch.zeros(0, 5), "z": torch.zeros(20, 30)}, tmp_path / "m.safetensors")
-    res = analyze_checkpoint(tmp_path / "m.safetensors")
+    res = analyze_file(tmp_path / "m.safetensors")
     assert [t.reason for t in res.ignored] == ["empty"]
     (z,) = res.layers
     assert z.verdict == "no-mp-bulk" and "no positive bulk" in z.message
@@ -472,7 +515,7 @@ def test_real_mnist_trained_layer(tmp_path: Path, data_dir: Path) -> None:
         loss.backward()
         opt.step()
     save_file({"enc.weight": enc.weight.detach().contiguous()}, tmp_path / "ae.safetensors")
-    (la,) = analyze_checkpoint(tmp_path / "ae.safetensors").layers
+    (la,) = analyze_file(tmp_path / "ae.safetensors").layers
     assert la.verdict == "fit", la.message
     assert 1 <= la.fit.n_spikes < 64
 
@@ -486,7 +529,7 @@ def test_sharded_torch_bin_directory(tmp_path: Path) -> None:
         torch.save(part, tmp_path / name)
         weight_map.update(dict.fromkeys(part, name))
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    res = analyze_checkpoint(tmp_path)
+    res = analyze_file(tmp_path)
     assert res.format == "torch-sharded" and res.n_tensors == 8
     assert {la.name for la in res.layers} == {"fc1.weight", "conv.weight", "head.weight", "emb.weight"}
 
@@ -525,7 +568,7 @@ def _raw_safetensors(path: Path, header: str, data: bytes) -> Path:
 )
 def test_crafted_safetensors_header_entries(entry: str, match: str, tmp_path: Path) -> None:
     path = _raw_safetensors(tmp_path / "x.safetensors", '{"a": ' + entry + "}", b"\0" * 8)
-    for read in (list_tensors, analyze_checkpoint):
+    for read in (list_tensors, analyze_file):
         with pytest.raises(CheckpointError, match=match) as info:
             read(path)
         assert "x.safetensors" in str(info.value) and "\n" not in str(info.value)
@@ -564,7 +607,7 @@ def test_torch_zip_named_safetensors_is_read_as_torch(tmp_path: Path) -> None:
     torch.save({"w": torch.ones(3, 2)}, path)
     assert list_tensors(path) == [TensorInfo("w", (3, 2), "float32")]
     assert torch.equal(dict(iter_tensors(path))["w"], torch.ones(3, 2))
-    assert analyze_checkpoint(path).format == "torch"
+    assert analyze_file(path).format == "torch"
 
 
 def test_self_referential_and_deep_dicts(tmp_path: Path) -> None:
@@ -575,7 +618,7 @@ def test_self_referential_and_deep_dicts(tmp_path: Path) -> None:
         list_tensors(tmp_path / "loop.pt")
     deep = CORPUS_CRASHERS / "torch" / "nested-5000.pt"
     with pytest.raises(CheckpointError, match="nested more than 100 levels deep"):
-        analyze_checkpoint(deep)
+        analyze_file(deep)
     # 50 levels of wrapping is fine: unwrapped to the tensors
     nested: dict = {"w": torch.ones(2, 2)}
     for i in range(50):
@@ -608,7 +651,7 @@ def test_missing_shard_without_index(tmp_path: Path) -> None:
     save_file({"a": torch.ones(4, 4)}, str(tmp_path / "model-00001-of-00003.safetensors"))
     save_file({"b": torch.ones(4, 4)}, str(tmp_path / "model-00003-of-00003.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing shard 'model-00002-of-00003.safetensors': 2 of 3"):
-        analyze_checkpoint(tmp_path)
+        analyze_file(tmp_path)
     save_file({"b": torch.ones(4, 4)}, str(tmp_path / "model-00002-of-00004.safetensors"))
     with pytest.raises(CheckpointError, match="disagree on their number"):
         list_tensors(tmp_path)
@@ -698,7 +741,7 @@ def test_many_tiny_safetensors_tensors_share_one_open(
     assert counter.opens == 1 and counter.live == 0
     counter.opens = 0
     start = time.perf_counter()
-    result = analyze_checkpoint(path)
+    result = analyze_file(path)
     assert time.perf_counter() - start < 20  # generous: about 0.5 s here
     assert len(result.layers) + len(result.ignored) == 5000
     assert counter.opens == 1 and counter.live == 0
@@ -710,7 +753,7 @@ def test_safetensors_handle_is_reopened_after_a_byte_budget(
     # closing the handle unmaps the file, so read tensors' pages do not stay resident on big shards
     path = tmp_path / "w.safetensors"
     save_file({f"w{i}": torch.full((2, 5), float(i)) for i in range(5)}, path)  # 40 bytes each
-    monkeypatch.setattr("rmtprune.checkpoint._REOPEN_BYTES", 100)
+    monkeypatch.setattr("rmtprune._safetensors_reader._REOPEN_BYTES", 100)
     counter = _OpenCounter(monkeypatch)
     got = list(iter_tensors(path))
     assert [n for n, _ in got] == [f"w{i}" for i in range(5)]
@@ -718,7 +761,7 @@ def test_safetensors_handle_is_reopened_after_a_byte_budget(
     assert counter.reads == [(1, "w0"), (1, "w1"), (2, "w2"), (2, "w3"), (3, "w4")]
     assert counter.max_live == 1 and counter.live == 0
     # a tensor larger than the budget gets a handle of its own
-    monkeypatch.setattr("rmtprune.checkpoint._REOPEN_BYTES", 30)
+    monkeypatch.setattr("rmtprune._safetensors_reader._REOPEN_BYTES", 30)
     counter.reads.clear()
     list(iter_tensors(path, names=["w0", "w1"]))
     assert [number for number, _ in counter.reads] == [4, 5]

@@ -1,0 +1,351 @@
+"""Analyse every weight matrix of a weights file, one tensor in memory at a time (``rmtprune analyze``).
+
+:func:`analyze_file` reads through :mod:`rmtprune.weights_file` and fits each 2-D/4-D float tensor
+with :func:`rmtprune.analysis.analyze_tensor`; the result is a :class:`FileAnalysis`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._validate import check_patterns
+from .analysis import VERDICTS, LayerAnalysis, analyze_tensor
+from .config import FitConfig, match_pattern
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+from .weights_file import TensorInfo, _iter_source, _open
+
+__all__ = [
+    "IgnoredTensor",
+    "FileAnalysis",
+    "CheckpointAnalysis",
+    "analyze_file",
+    "analyze_checkpoint",
+    "IGNORE_REASONS",
+]
+
+
+IGNORE_REASONS = ("non-float", "1-d", "other-ndim", "empty")
+
+#: Verdicts a file's tensor can get (``skip`` is for a model's layers, never a file's tensors).
+FILE_VERDICTS = tuple(v for v in VERDICTS if v != "skip")
+
+_REASON_LABELS = {
+    "non-float": "non-float",
+    "1-d": "1-D/scalar",
+    "other-ndim": "3-D or 5-D+",
+    "empty": "empty",
+}
+
+
+@dataclass(frozen=True)
+class IgnoredTensor:
+    """A tensor that was not analysed and why (``reason`` is one of :data:`IGNORE_REASONS`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "reason": self.reason}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# ------------------------------------------------------------------------------------------- patterns
+
+# Only a regular expression has these (a glob has * ? [...] and nothing else): ^ $ ( ) + | \\ { },
+# or ".*" inside a name (".*" ending a pattern or before a dot, "features.*", "layers.*.weight", is
+# the glob "any components").
+_REGEX_ONLY = re.compile(r"[\^$()+|\\{}]|\.\*(?=[^.])")
+_GLOB_CLASS = re.compile(r"\[!?\]?[^\]]*\]")
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """One include/exclude pattern: a glob (the library's language), or a regex accepted for a release."""
+
+    text: str
+    regex: re.Pattern[str] | None
+
+    def matches(self, name: str) -> bool:
+        """Glob: the tensor's name or the name of a module holding it matches (``fc1`` keeps
+        ``fc1.weight``, ``encoder`` keeps ``model.encoder.0.weight``); regex: ``re.search``."""
+        if self.regex is not None:
+            return self.regex.search(name) is not None
+        parts = name.split(".")
+        return any(match_pattern(".".join(parts[:k]), self.text) for k in range(len(parts), 0, -1))
+
+
+def _as_glob(regex: str) -> str | None:
+    """The glob a simple regex means (``^fc`` -> ``fc*``, ``\\.weight$`` -> ``*.weight``), or None."""
+    body = regex.removeprefix("^")
+    anchored_end = body.endswith("$") and not body.endswith("\\$")
+    body = body.removesuffix("$") if anchored_end else body
+    body = body.replace(".*", "*").replace("\\.", "\0").replace(".", "?").replace("\0", ".")
+    if _REGEX_ONLY.search(body.replace(".*", "")) or "[" in body:
+        return None
+    glob = ("" if regex.startswith("^") else "*") + body + ("" if anchored_end else "*")
+    return re.sub(r"\*+", "*", glob)
+
+
+def _compile_patterns(patterns: str | Iterable[str] | None, option: str) -> tuple[_Pattern, ...]:
+    """Check ``include``/``exclude`` patterns: globs, or (deprecated) regexes, with a warning for each."""
+    if patterns is None:
+        return ()
+    out = []
+    for pat in check_patterns(option, patterns if isinstance(patterns, str) else list(patterns)):
+        for cls in _GLOB_CLASS.findall(pat):  # [z-a] is an error in both languages
+            try:
+                re.compile(cls.replace("[!", "[^", 1))
+            except re.error as exc:
+                raise ValueError(
+                    f"{option} pattern {pat!r} is not a valid regular expression or glob: {exc}"
+                ) from None
+        if not _REGEX_ONLY.search(pat):
+            out.append(_Pattern(pat, None))
+            continue
+        try:
+            compiled = re.compile(pat)
+        except re.error as exc:
+            raise ValueError(f"{option} pattern {pat!r} is not a valid regular expression: {exc}") from None
+        glob = _as_glob(pat)
+        how = f"write it as {glob!r}" if glob else "write it as a glob (* ? [...] on dotted names)"
+        warnings.warn(
+            f"{option} pattern {pat!r} is a regular expression; analyze patterns are shell globs, as in "
+            f"compress and sparsify (regexes are accepted until the next release): {how}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        out.append(_Pattern(pat, compiled))
+    return tuple(out)
+
+
+def _ignore_reason(info: TensorInfo) -> str | None:
+    if not info.is_float:
+        return "non-float"
+    if len(info.shape) <= 1:
+        return "1-d"
+    if len(info.shape) not in (2, 4):
+        return "other-ndim"
+    if info.numel == 0:
+        return "empty"
+    return None
+
+
+@dataclass
+class FileAnalysis:
+    """Result of :func:`analyze_file`: one :class:`LayerAnalysis` per 2-D/4-D float tensor.
+
+    ``ignored`` lists the tensors that matched the filters but were not analysed, with the reason;
+    ``n_tensors`` counts every tensor in the file and ``n_matched`` those the include/exclude
+    patterns kept.
+    """
+
+    path: str
+    format: str
+    layers: list[LayerAnalysis]
+    ignored: list[IgnoredTensor] = field(default_factory=list)
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    n_tensors: int = 0
+    n_matched: int = 0
+    alpha: float = DEFAULT_ALPHA
+    beta: float = DEFAULT_BETA
+    ks_max: float = DEFAULT_KS_MAX
+    unwrapped: tuple[str, ...] = ()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of layers per verdict (every verdict present, in :data:`FILE_VERDICTS` order)."""
+        c = Counter(la.verdict for la in self.layers)
+        return {v: c.get(v, 0) for v in FILE_VERDICTS}
+
+    @property
+    def ignored_counts(self) -> dict[str, int]:
+        """Number of ignored tensors per reason (every reason present)."""
+        c = Counter(t.reason for t in self.ignored)
+        return {r: c.get(r, 0) for r in IGNORE_REASONS}
+
+    @property
+    def has_invalid(self) -> bool:
+        """Whether any layer has NaN/Inf weights (verdict ``invalid``)."""
+        return any(la.verdict == "invalid" for la in self.layers)
+
+    @property
+    def invalid_layers(self) -> list[str]:
+        """Names of the layers with verdict ``invalid``."""
+        return [la.name for la in self.layers if la.verdict == "invalid"]
+
+    def summary(self) -> str:
+        """One line: layers per verdict, ignored tensors per reason, tensors filtered out."""
+        counts = ", ".join(f"{n} {v}" for v, n in self.counts.items())
+        out = f"{_plural(len(self.layers), 'layer')} analysed ({counts})"
+        ign = ", ".join(f"{n} {_REASON_LABELS[r]}" for r, n in self.ignored_counts.items() if n)
+        out += f"; {_plural(len(self.ignored), 'tensor')} ignored" + (f" ({ign})" if ign else "")
+        if self.include or self.exclude:
+            dropped = self.n_tensors - self.n_matched
+            out += f"; {dropped} of {self.n_tensors} tensors filtered out by include/exclude"
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the whole analysis (``ks_max`` None: the gate was off, ``inf``)."""
+        from . import __version__
+
+        return {
+            "rmtprune_version": __version__,
+            "checkpoint": self.path,  # the key analysis JSON has always had (tools read it)
+            "format": self.format,
+            "unwrapped": list(self.unwrapped),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "ks_max": None if math.isinf(self.ks_max) else self.ks_max,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "n_tensors": self.n_tensors,
+            "n_matched": self.n_matched,
+            "counts": self.counts,
+            "ignored_counts": self.ignored_counts,
+            "layers": [la.to_dict() for la in self.layers],
+            "ignored": [t.to_dict() for t in self.ignored],
+        }
+
+
+#: Deprecated name of :class:`FileAnalysis` (kept for one release).
+CheckpointAnalysis = FileAnalysis
+
+
+def analyze_file(
+    path: str | os.PathLike[str],
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    ks_max: float | None = None,
+    progress: bool | None = None,
+    *,
+    fit: FitConfig | None = None,
+) -> FileAnalysis:
+    """Analyse every 2-D and 4-D floating-point tensor of a weights file, one tensor in memory at a time.
+
+    Parameters
+    ----------
+    path : a ``.safetensors`` file, a directory of safetensors shards (or its ``*.index.json``),
+        or a ``torch.save`` state dict (``.pt``/``.pth``/``.bin``; nested ``{"state_dict": ...}``
+        is unwrapped).
+    include, exclude : shell-style globs, as for :func:`rmtprune.compress`: a pattern selects a
+        tensor when it matches the tensor's dotted name or the name of a module holding it (``fc1``
+        and ``fc*`` keep ``fc1.weight``, ``*.bias`` every bias, ``encoder`` all of ``encoder``).
+        A tensor is kept when it matches any ``include`` (or none are given) and no ``exclude``.
+        A pattern that only makes sense as a regular expression (``^ $ ( ) + | \\ { }``, or ``.*``
+        inside a name) is still accepted as one (``re.search``), with a ``DeprecationWarning``
+        saying how to write it as a glob.
+    alpha, beta, ks_max : the fit parameters (METHOD.md section 3), checked by
+        :class:`~rmtprune.config.FitConfig`; above ``ks_max`` a layer's verdict is ``no-mp-bulk``
+        (``inf``: no gate). Defaults: :class:`FitConfig`'s.
+    progress : show a progress bar (``None``: only when stderr is a terminal).
+    fit : the three fit parameters as one :class:`FitConfig` (instead of ``alpha``/``beta``/``ks_max``).
+
+    Returns
+    -------
+    FileAnalysis
+        Layers with NaN/Inf weights get verdict ``invalid`` and the others are still analysed;
+        check :attr:`FileAnalysis.has_invalid`. 1-D, non-float and 3-D tensors are listed in
+        ``ignored`` with the reason.
+
+    Raises
+    ------
+    CheckpointError
+        for a missing, empty, truncated, unsafe or unrecognised file.
+    ValueError
+        for a pattern that does not compile, parameters out of range, or filters that match nothing.
+    """
+    from ._progress import progress as _progress
+
+    fit = _fit_config(fit, alpha, beta, ks_max)
+    inc = _compile_patterns(include, "include")
+    exc = _compile_patterns(exclude, "exclude")
+    src = _open(path)
+    infos = src.infos()
+    matched = [
+        i
+        for i in infos
+        if (not inc or any(p.matches(i.name) for p in inc)) and not any(p.matches(i.name) for p in exc)
+    ]
+    if (inc or exc) and not matched:
+        raise ValueError(
+            f"no tensor of {str(path)!r} matches include={[p.text for p in inc]} "
+            f"exclude={[p.text for p in exc]} ({len(infos)} tensors, e.g. {infos[0].name!r})"
+        )
+    ignored: list[IgnoredTensor] = []
+    todo: list[TensorInfo] = []
+    for info in matched:
+        reason = _ignore_reason(info)
+        if reason is None:
+            todo.append(info)
+        else:
+            ignored.append(IgnoredTensor(info.name, info.shape, info.dtype, reason))
+    layers: list[LayerAnalysis] = []
+    reads = _iter_source(src, path, [i.name for i in todo])
+    for name, tensor in _progress(reads, total=len(todo), desc="analyze", enable=progress):
+        layers.append(_analyze_one(name, tensor, fit))
+        del tensor
+    return FileAnalysis(
+        path=str(path),
+        format=src.format,
+        layers=layers,
+        ignored=ignored,
+        include=tuple(p.text for p in inc),
+        exclude=tuple(p.text for p in exc),
+        n_tensors=len(infos),
+        n_matched=len(matched),
+        alpha=fit.alpha,
+        beta=fit.beta,
+        ks_max=fit.ks_max,
+        unwrapped=tuple(getattr(src, "unwrapped", ())),
+    )
+
+
+def _fit_config(fit: FitConfig | None, alpha: Any, beta: Any, ks_max: Any) -> FitConfig:
+    """``fit``, or a :class:`FitConfig` of the separate values (the defaults where None)."""
+    given = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("ks_max", ks_max)) if v is not None}
+    if fit is None:
+        return FitConfig(**given)
+    if not isinstance(fit, FitConfig):
+        raise TypeError(f"fit={fit!r} must be a FitConfig")
+    if given:
+        raise ValueError(f"give fit= or {', '.join(given)}=, not both")
+    return fit
+
+
+def analyze_checkpoint(*args: Any, **kwargs: Any) -> FileAnalysis:
+    """Deprecated name of :func:`analyze_file` (kept for one release): "checkpoint" now means only a
+    training checkpoint, and this reads any weights file."""
+    warnings.warn(
+        "rmtprune.analyze_checkpoint is deprecated; use rmtprune.analyze_file (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return analyze_file(*args, **kwargs)
+
+
+def _analyze_one(name: str, tensor: Any, fit: FitConfig) -> LayerAnalysis:
+    """:func:`analyze_tensor`, upcasting 8-bit floats (torch has no ``isfinite`` for them)."""
+    import torch
+
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if tensor.dtype.itemsize == 1:
+        tensor = tensor.to(torch.float32)
+    la = analyze_tensor(name, tensor, alpha=fit.alpha, beta=fit.beta, ks_max=fit.ks_max)
+    la.dtype = dtype
+    return la
