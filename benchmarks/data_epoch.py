@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from rmtprune._atomic import atomic_write_text
-from rmtprune.data import FastLoader, clear_cache, load_dataset, seed_everything
-from rmtprune.models import build_model
+from rmtprune.zoo.data import FastLoader, clear_cache, load_dataset, seed_everything
+from rmtprune.zoo.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_epoch.md"
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import _common as C
 import numpy as np
+from _cache import train_cached
+from _cli import log, parser_for, setup
+from _measure import clone, n_params, test_metrics
+from _report import dump_json, md_table, write_report
+from _stats import fmt_int, pm
 
 from rmtprune.config import CompressionConfig
-from rmtprune.data import load_dataset
 from rmtprune.surgery import compress
 from rmtprune.training import TrainConfig
+from rmtprune.zoo.data import load_dataset
 
 NAME = "exp_fashion_cnn"
 #: (keep_bulk, ks_max) of the post-training arms: the default gate, then a loosened one
@@ -57,45 +61,43 @@ def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfi
 def summary(model: Any, test: Any) -> dict[str, Any]:
     from rmtprune.surgery import handler_for
 
-    loss, acc = C.test_metrics(model, test)
+    loss, acc = test_metrics(model, test)
     ranks = {}
     for name, mod in model.named_modules():
         h = handler_for(mod)
         if h is not None and not h.unsupported(mod) and not any(name.startswith(k + ".") for k in ranks):
             ranks[name] = ("f" if h.factored else "d") + str(h.current_rank(mod))
-    return {"acc": acc, "loss": loss, "params": C.n_params(model), "ranks": ranks}
+    return {"acc": acc, "loss": loss, "params": n_params(model), "ranks": ranks}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.parser_for(__doc__, seeds=2, epochs=2, name=NAME)
+    parser = parser_for(__doc__, seeds=2, epochs=2, name=NAME)
     parser.add_argument("--model", default="cnn:16,32", help="model spec (default cnn:16,32)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     parser.add_argument(
         "--keep-bulk", type=float, default=0.25, help="bulk kept by the pruned arm (default 0.25)"
     )
     args = parser.parse_args(argv)
-    C.setup(args, NAME)
+    setup(args, NAME)
     test = load_dataset("fashion-mnist", "test", data_dir=args.data_dir)
 
     recs = []
     for seed in args.seed_list:
-        dense = C.train_cached(
-            config(args, seed, False), args, "fashion-cnn-dense", prefix=f"[dense s{seed}] "
-        )
+        dense = train_cached(config(args, seed, False), args, "fashion-cnn-dense", prefix=f"[dense s{seed}] ")
         dm = dense["model"].eval()
         rec = {"seed": seed, "dense": summary(dm, test), "dense_time": dense["timings"]}
         rec["post"] = {}
         for kb, ks in POST:
-            m = C.clone(dm)
+            m = clone(dm)
             _, report = compress(m, config=CompressionConfig(keep_bulk=kb, ks_max=ks))
             post = summary(m, test)
             post["plan"] = report.to_markdown()
             rec["post"][kb, ks] = post
-            C.log(f"[s{seed}] post keep_bulk={kb} ks_max={ks}: {100 * post['acc']:.2f}% {post['ranks']}")
-        pruned = C.train_cached(
+            log(f"[s{seed}] post keep_bulk={kb} ks_max={ks}: {100 * post['acc']:.2f}% {post['ranks']}")
+        pruned = train_cached(
             config(args, seed, True), args, "fashion-cnn-pruned", prefix=f"[pruned s{seed}] "
         )
-        loose = C.train_cached(
+        loose = train_cached(
             config(args, seed, True, ks_max=0.3),
             args,
             "fashion-cnn-pruned",
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["pruned_time"] = pruned["timings"]
         rec["decisions"] = pruned["decisions"]
         recs.append(rec)
-    C.dump_json(
+    dump_json(
         args.out.with_suffix(".json"),
         [
             {**r, "post": {f"keep_bulk={kb},ks_max={ks}": v for (kb, ks), v in r["post"].items()}}
@@ -123,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             [
                 label,
-                C.pm([x["acc"] for x in items], 100),
-                C.pm([x["acc"] - d for x, d in zip(items, dense_acc, strict=True)], 100),
-                C.fmt_int(np.mean([x["params"] for x in items])),
+                pm([x["acc"] for x in items], 100),
+                pm([x["acc"] - d for x, d in zip(items, dense_acc, strict=True)], 100),
+                fmt_int(np.mean([x["params"] for x in items])),
                 f"{100 * (1 - np.mean([x['params'] for x in items]) / dense_params):.1f}%",
                 "; ".join(" ".join(f"{k}:{v}" for k, v in x["ranks"].items()) for x in items[:1]),
             ]
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "conv1 is 16 x 9 (p = 9 < 10, too small to fit, never cut), conv2 32 x 144. Ranks below: "
         "f<k> = factored at rank k, d<p> = dense. Small and short on purpose (2 shared CPU cores).",
         "## Results (mean +- std over seeds)\n\n"
-        + C.md_table(
+        + md_table(
             [
                 "arm",
                 "test acc (%)",
@@ -182,16 +184,15 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         ),  # fmt: skip
         f"## Decisions of the pruned arm (seed {recs[0]['seed']})\n\n"
-        + C.md_table(
+        + md_table(
             ["epoch", "layer", "action", "rank before", "rank after", "n_spikes", "ks", "reason"], drows
         ),
         "## Post-training plan, keep_bulk=0, default gate (seed 0)\n\n" + recs[0]["post"][0.0, 0.1]["plan"],
         "## Post-training plan, keep_bulk=0, gate ks_max=0.3 (seed 0)\n\n"
         + recs[0]["post"][0.0, 0.3]["plan"],
-        "## Run times (s)\n\n"
-        + C.md_table(["seed", "dense total", "pruned total", "of which pruning"], times),
+        "## Run times (s)\n\n" + md_table(["seed", "dense total", "pruned total", "of which pruning"], times),
     ]
-    C.write_report(args, f"Experiment 3: Fashion-MNIST CNN {args.model}", sections)
+    write_report(args, f"Experiment 3: Fashion-MNIST CNN {args.model}", sections)
     return 0
 
 

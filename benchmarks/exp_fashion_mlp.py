@@ -19,11 +19,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import _common as C
 import numpy as np
+from _cache import train_cached
+from _cli import parser_for, setup
+from _measure import layer_rank, n_params, test_metrics
+from _report import dump_json, md_table, write_report
+from _stats import fmt_int, pm
 
-from rmtprune.data import load_dataset
 from rmtprune.training import TrainConfig
+from rmtprune.zoo.data import load_dataset
 
 NAME = "exp_fashion_mlp"
 ARMS = ("dense", "l1l2", "mp", "mp+l1l2")
@@ -107,7 +111,7 @@ def runs(args: Any, arms: tuple[str, ...] = ARMS) -> dict[str, list[dict[str, An
     out: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
     for seed in args.seed_list:
         for arm in arms:
-            run = C.train_cached(
+            run = train_cached(
                 config(args, arm, seed), args, f"fashion-mlp-{arm}", prefix=f"[{arm} s{seed}] "
             )
             run["seed"] = seed
@@ -120,25 +124,25 @@ def layer_names(model: Any) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.parser_for(__doc__, seeds=3, epochs=6, name=NAME)
+    parser = parser_for(__doc__, seeds=3, epochs=6, name=NAME)
     add_args(parser)
     args = parser.parse_args(argv)
-    C.setup(args, NAME)
+    setup(args, NAME)
     test = load_dataset("fashion-mnist", "test", data_dir=args.data_dir)
     all_runs = runs(args)
 
-    dense_acc = {r["seed"]: C.test_metrics(r["model"].eval(), test)[1] for r in all_runs["dense"]}
+    dense_acc = {r["seed"]: test_metrics(r["model"].eval(), test)[1] for r in all_runs["dense"]}
     rows, per_run = [], []
     for arm in ARMS:
         accs, deltas, params, ranks, times = [], [], [], [], []
         for r in all_runs[arm]:
             model = r["model"].eval()
-            loss, acc = C.test_metrics(model, test)
+            loss, acc = test_metrics(model, test)
             accs.append(acc)
             deltas.append(acc - dense_acc[r["seed"]])
-            params.append(C.n_params(model))
+            params.append(n_params(model))
             names = layer_names(model)
-            rk = {n: C.layer_rank(model, n) for n in names}
+            rk = {n: layer_rank(model, n) for n in names}
             ranks.append("/".join("d" if v is None else str(v) for v in rk.values()))
             times.append(r["timings"]["total"])
             per_run.append(
@@ -157,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             [
                 ARM_LABEL[arm],
-                C.pm(accs, 100),
-                C.pm(deltas, 100),
-                C.fmt_int(np.mean(params)),
+                pm(accs, 100),
+                pm(deltas, 100),
+                fmt_int(np.mean(params)),
                 f"{100 * (1 - np.mean(params) / dense_params):.1f}%",
                 ", ".join(ranks),
                 f"{np.mean(times):.0f}",
             ]
         )
-    C.dump_json(args.out.with_suffix(".json"), per_run)
+    dump_json(args.out.with_suffix(".json"), per_run)
     widths = [int(w) for w in args.width.split(",")]
     arch = "[784, " + ", ".join(map(str, widths)) + ", 10]"
     epoch_rows = []
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         f"launched, with other jobs running), so 4 arms x {len(args.seed_list)} seeds of it would not fit in "
         f"the time available; this runs {arch} instead.",
         "## Results (mean +- std over seeds)\n\n"
-        + C.md_table(
+        + md_table(
             [
                 "arm",
                 "test acc (%)",
@@ -201,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         ),
         "## Test accuracy per epoch (mean over seeds, %)\n\n"
-        + C.md_table(["arm", *[f"ep {i + 1}" for i in range(args.epochs)]], epoch_rows),
+        + md_table(["arm", *[f"ep {i + 1}" for i in range(args.epochs)]], epoch_rows),
         "Anchor: the 2025 paper reports 90.5% for [784, 3000x4, 500, 10] with MP pruning + L1/L2 after "
         "long training (its baseline without either: 71.6%, a weak baseline). The runs here are far shorter "
         "and narrower; see the deltas against our own dense baseline trained identically.",
     ]
-    C.write_report(args, f"Experiment 2: Fashion-MNIST MLP {arch}", sections)
+    write_report(args, f"Experiment 2: Fashion-MNIST MLP {arch}", sections)
     return 0
 
 

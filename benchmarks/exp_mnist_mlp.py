@@ -22,14 +22,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import _common as C
 import numpy as np
 import torch
+from _cache import train_cached
+from _cli import log, parser_for, setup
+from _measure import clone, layer_rank, module_params, n_params, test_metrics, timed
+from _report import dump_json, md_table, new_figure, png_path, save_figure, write_report
+from _stats import fmt_int, mean_std, pm
 from torch import nn
 
-from rmtprune.data import load_dataset
 from rmtprune.spectral import fit_bulk
 from rmtprune.training import TrainConfig
+from rmtprune.zoo.data import load_dataset
 
 NAME = "exp_mnist_mlp"
 # test accuracy just before each cut (bookkeeping only; older TrainConfig versions always did it)
@@ -134,16 +138,16 @@ def post_training(dense: nn.Module, test: Any, keep_bulk: float) -> dict[str, An
     from rmtprune.config import CompressionConfig
     from rmtprune.surgery import compress
 
-    model = C.clone(dense)
-    (model, report), seconds = C.timed(lambda: compress(model, config=CompressionConfig(keep_bulk=keep_bulk)))
-    loss, acc = C.test_metrics(model, test)
+    model = clone(dense)
+    (model, report), seconds = timed(lambda: compress(model, config=CompressionConfig(keep_bulk=keep_bulk)))
+    loss, acc = test_metrics(model, test)
     return {
         "acc": acc,
         "loss": loss,
-        "params": C.n_params(model),
-        "fc1_params": C.module_params(model, "fc1"),
-        "fc1_rank": C.layer_rank(model, "fc1"),
-        "head_rank": C.layer_rank(model, "head"),
+        "params": n_params(model),
+        "fc1_params": module_params(model, "fc1"),
+        "fc1_rank": layer_rank(model, "fc1"),
+        "head_rank": layer_rank(model, "head"),
         "seconds": seconds,
         "layers": [
             {k: getattr(lp, k) for k in ("name", "action", "rank_before", "rank", "n_spikes", "ks", "reason")}
@@ -159,32 +163,32 @@ def run(args: Any) -> None:
         import rmtprune.surgery  # noqa: F401
     except ImportError:
         have_compress = False
-        C.log("rmtprune.surgery is not available yet: only the dense arm and the truncation curve run")
+        log("rmtprune.surgery is not available yet: only the dense arm and the truncation curve run")
 
     per_seed: list[dict[str, Any]] = []
     for seed in args.seed_list:
         rec: dict[str, Any] = {"seed": seed}
         dense_cfg = TrainConfig(**base_config(args, seed), prune=False)
-        dense = C.train_cached(dense_cfg, args, "mnist-mlp-dense", prefix=f"[dense s{seed}] ")
+        dense = train_cached(dense_cfg, args, "mnist-mlp-dense", prefix=f"[dense s{seed}] ")
         dm = dense["model"].eval()
-        loss, acc = C.test_metrics(dm, test)
+        loss, acc = test_metrics(dm, test)
         rec["dense"] = {
             "acc": acc,
             "loss": loss,
-            "params": C.n_params(dm),
-            "fc1_params": C.module_params(dm, "fc1"),
+            "params": n_params(dm),
+            "fc1_params": module_params(dm, "fc1"),
             "timings": dense["timings"],
         }
         ks = list(range(0, 101)) + [k for k in EXTRA_K if k <= 784]
         rec["curve"] = truncation_curve(dm, test, ks)
-        C.log(
+        log(
             f"[s{seed}] dense acc {100 * acc:.2f}%; fc1 BEMA n_spikes={rec['curve']['n_spikes']} "
             f"ks={rec['curve']['ks']:.3f}"
         )
         if have_compress:
             rec["post"] = {kb: post_training(dm, test, kb) for kb in POST_KEEP_BULK}
             for kb, r in rec["post"].items():
-                C.log(
+                log(
                     f"[s{seed}] post-training keep_bulk={kb}: acc {100 * r['acc']:.2f}% "
                     f"params {r['params']:,} fc1 rank {r['fc1_rank']}"
                 )
@@ -198,22 +202,22 @@ def run(args: Any) -> None:
                     prune_start=args.prune_start,
                     **extra,
                 )
-                pruned = C.train_cached(pruned_cfg, args, "mnist-mlp-pruned", prefix=f"[{key} s{seed}] ")
+                pruned = train_cached(pruned_cfg, args, "mnist-mlp-pruned", prefix=f"[{key} s{seed}] ")
                 pm_ = pruned["model"].eval()
-                loss, acc = C.test_metrics(pm_, test)
+                loss, acc = test_metrics(pm_, test)
                 rec["pruned"][key] = {
                     "acc": acc,
                     "loss": loss,
-                    "params": C.n_params(pm_),
-                    "fc1_params": C.module_params(pm_, "fc1"),
-                    "fc1_rank": C.layer_rank(pm_, "fc1"),
-                    "head_rank": C.layer_rank(pm_, "head"),
+                    "params": n_params(pm_),
+                    "fc1_params": module_params(pm_, "fc1"),
+                    "fc1_rank": layer_rank(pm_, "fc1"),
+                    "head_rank": layer_rank(pm_, "head"),
                     "timings": pruned["timings"],
                     "metrics": [{k: v for k, v in row.items() if k != "layers"} for row in pruned["metrics"]],
                     "decisions": pruned["decisions"],
                 }
         per_seed.append(rec)
-    C.dump_json(args.out.with_suffix(".json"), per_seed)
+    dump_json(args.out.with_suffix(".json"), per_seed)
     plot_curve(args, per_seed)
     write(args, per_seed, have_compress)
 
@@ -222,7 +226,7 @@ def run(args: Any) -> None:
 
 
 def plot_curve(args: Any, per_seed: list[dict[str, Any]]) -> None:
-    fig, axes = C.new_figure(15, 4.2, ncols=3)
+    fig, axes = new_figure(15, 4.2, ncols=3)
     k = np.array(per_seed[0]["curve"]["k"])
     sel = k <= 100
     acc = np.array([r["curve"]["acc"] for r in per_seed]) * 100
@@ -253,7 +257,7 @@ def plot_curve(args: Any, per_seed: list[dict[str, Any]]) -> None:
     ax2.set(xscale="log", yscale="log", xlim=(1, 800), xlabel="k (log)", ylabel="test loss (log)")
     ax2.set_title("test loss vs k, k = 1..784")
     ax2.grid(alpha=0.3)
-    C.save_figure(fig, C.png_path(args, "truncation"))
+    save_figure(fig, png_path(args, "truncation"))
 
 
 def C_fc1_kept(k: int) -> float:  # noqa: N802 - fraction of fc1's parameters kept at rank k
@@ -281,9 +285,9 @@ def write(args: Any, per_seed: list[dict[str, Any]], have_compress: bool) -> Non
         rows.append(
             [
                 label,
-                C.pm(acc, 100),
-                C.pm(delta, 100, 2),
-                C.fmt_int(np.mean(params)),
+                pm(acc, 100),
+                pm(delta, 100, 2),
+                fmt_int(np.mean(params)),
                 f"{100 * (1 - np.mean(params) / dense_params):.1f}%",
                 f"{100 * np.mean(fc1):.1f}%",
                 rank_txt,
@@ -300,7 +304,7 @@ def write(args: Any, per_seed: list[dict[str, Any]], have_compress: bool) -> Non
                 "post",
                 kb,
             )
-    table = C.md_table(
+    table = md_table(
         [
             "arm",
             "test acc (%)",
@@ -347,7 +351,7 @@ def write(args: Any, per_seed: list[dict[str, Any]], have_compress: bool) -> Non
             sections.append(decisions_section(per_seed, key))
     sections.append(curve_section(args, per_seed))
     sections.append(targets_section(per_seed, have_compress))
-    C.write_report(args, "Experiment 1: MNIST MLP [784, 1000, 10]", sections)
+    write_report(args, "Experiment 1: MNIST MLP [784, 1000, 10]", sections)
 
 
 def overhead_section(per_seed: list[dict[str, Any]]) -> str:
@@ -371,8 +375,7 @@ def overhead_section(per_seed: list[dict[str, Any]]) -> str:
             ]
         )
     summary = "; ".join(
-        f"'{key}' **{100 * C.mean_std(v)[0]:.2f}% +- {100 * C.mean_std(v)[1]:.2f}%**"
-        for key, v in ratios.items()
+        f"'{key}' **{100 * mean_std(v)[0]:.2f}% +- {100 * mean_std(v)[1]:.2f}%**" for key, v in ratios.items()
     )
     return (
         "## Cost of pruning during training\n\n"
@@ -381,7 +384,7 @@ def overhead_section(per_seed: list[dict[str, Any]]) -> str:
         "factoring, optimizer rebuild), in evaluation, and in total (including loading the data), "
         "next to the dense run of the same seed. The machine is shared with other jobs, so absolute "
         "times are noisy; the ratio is within one run.\n\n"
-        + C.md_table(
+        + md_table(
             [
                 "arm, seed",
                 "pruned: train s",
@@ -420,18 +423,18 @@ def decisions_section(per_seed: list[dict[str, Any]], key: str) -> str:
             m["epoch"],
             f"{100 * m['test_acc']:.2f}",
             "-" if m.get("test_acc_before_prune") is None else f"{100 * m['test_acc_before_prune']:.2f}",
-            C.fmt_int(m["params"]),
+            fmt_int(m["params"]),
         ]
         for m in r["pruned"][key]["metrics"]
     ]
     return (
         f"## Pruning decisions during training, arm '{key}' (seed {r['seed']})\n\n"
-        + C.md_table(
+        + md_table(
             ["epoch", "layer", "action", "rank before", "rank after", "n_spikes", "n_bulk", "ks", "reason"],
             rows,
         )
         + "\n\nPer epoch (seed {}):\n\n".format(r["seed"])
-        + C.md_table(["epoch", "test acc (%)", "test acc before the cut (%)", "params"], epochs)
+        + md_table(["epoch", "test acc (%)", "test acc before the cut (%)", "params"], epochs)
     )
 
 
@@ -450,7 +453,7 @@ def curve_section(args: Any, per_seed: list[dict[str, Any]]) -> str:
             [
                 kk,
                 f"{100 * (1 - C_fc1_kept(kk)):.1f}%",
-                C.pm(acc[:, i] / 100, 100),
+                pm(acc[:, i] / 100, 100),
                 f"{d.mean():+.2f} +- {d.std(ddof=1) if len(d) > 1 else 0:.2f}",
             ]
         )
@@ -470,12 +473,12 @@ def curve_section(args: Any, per_seed: list[dict[str, Any]]) -> str:
         "The dense net of each seed; fc1 (1000 x 784) keeps its top-k singular triplets, every other weight "
         "untouched, no fine-tuning. 'fc1 params removed' counts fc1 stored as two factors at rank k "
         "(k (1000 + 784) + 1000 bias) against the dense 785,000.\n\n"
-        + C.md_table(["k", "fc1 params removed", "test acc (%)", "delta vs dense (pp)"], rows)
+        + md_table(["k", "fc1 params removed", "test acc (%)", "delta vs dense (pp)"], rows)
         + f"\n\nBEMA rank of fc1 (n_spikes above the MP edge + TW margin) per seed: {spikes}; "
         f"KS of the fit: {[round(r['curve']['ks'], 3) for r in per_seed]}. "
         f"Accuracy at k = n_spikes vs dense: {', '.join(f'{v:+.2f}' for v in at_spikes)} pp. "
         f"Smallest k within 0.2 pp of dense, per seed: {k_ok}. "
-        f"Figure: `{C.png_path(args, 'truncation').name}`."
+        f"Figure: `{png_path(args, 'truncation').name}`."
     )
 
 
@@ -522,7 +525,7 @@ def targets_section(per_seed: list[dict[str, Any]], have_compress: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.parser_for(__doc__, seeds=5, epochs=8, name=NAME)
+    parser = parser_for(__doc__, seeds=5, epochs=8, name=NAME)
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate, every arm (default 0.05)")
     parser.add_argument("--prune-every", type=int, default=3, help="epochs between cuts (default 3)")
     parser.add_argument("--prune-start", type=int, default=1, help="first cut after this epoch (default 1)")
@@ -536,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         help="T of the decay arm f(e)=max(0,1-e/T) (default: epochs; 0: no decay arm)",
     )
     args = parser.parse_args(argv)
-    C.setup(args, NAME)
+    setup(args, NAME)
     if not math.isfinite(args.lr) or args.lr <= 0:
         parser.error(f"--lr={args.lr} must be > 0")
     run(args)

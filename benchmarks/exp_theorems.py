@@ -22,15 +22,18 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import _common as C
 import exp_fashion_mlp as E2
 import numpy as np
 import torch
+from _cli import log, parser_for, setup
+from _measure import test_metrics
+from _report import dump_json, md_table, new_figure, png_path, save_figure, write_report
+from _stats import pm
 from torch import nn
 
-from rmtprune.data import load_dataset, seed_everything
-from rmtprune.models import build_model
 from rmtprune.spectral import DEFAULT_KS_MAX, fit_bulk
+from rmtprune.zoo.data import load_dataset, seed_everything
+from rmtprune.zoo.models import build_model
 
 NAME = "exp_theorems"
 PHIS = [round(0.1 * i, 1) for i in range(11)]
@@ -115,8 +118,8 @@ def removal_sweep(model: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
         rows = []
         for phi in PHIS:
             m = variant(layers, phi)
-            tr_loss, tr_acc = C.test_metrics(m, data["train"])
-            te_loss, te_acc = C.test_metrics(m, data["test"])
+            tr_loss, tr_acc = test_metrics(m, data["train"])
+            te_loss, te_acc = test_metrics(m, data["test"])
             rows.append(
                 {"phi": phi, "train_loss": tr_loss, "train_acc": tr_acc, "loss": te_loss, "acc": te_acc}
             )
@@ -127,8 +130,8 @@ def removal_sweep(model: nn.Module, data: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def noise_test(model: nn.Module, data: dict[str, Any], seed: int) -> dict[str, Any]:
     """Loss/accuracy with Gaussian noise of variance c / N added to every weight matrix."""
-    base_tr = C.test_metrics(model, data["train"])
-    base_te = C.test_metrics(model, data["test"])
+    base_tr = test_metrics(model, data["train"])
+    base_te = test_metrics(model, data["test"])
     gen = torch.Generator().manual_seed(10_000 + seed)
     ratio = {}
     for name in linear_layers(model):
@@ -146,8 +149,8 @@ def noise_test(model: nn.Module, data: dict[str, Any], seed: int) -> dict[str, A
                 w = m.get_submodule(name).weight
                 N = max(w.shape)
                 w.add_(torch.randn(w.shape, generator=gen) * (c / N) ** 0.5)
-            tr = C.test_metrics(m, data["train"])
-            te = C.test_metrics(m, data["test"])
+            tr = test_metrics(m, data["train"])
+            te = test_metrics(m, data["test"])
             draws.append({"train_loss": tr[0], "loss": te[0], "acc": te[1]})
         out["c"][c] = draws
     return out
@@ -157,10 +160,10 @@ def noise_test(model: nn.Module, data: dict[str, Any], seed: int) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = C.parser_for(__doc__, seeds=3, epochs=6, name=NAME)
+    parser = parser_for(__doc__, seeds=3, epochs=6, name=NAME)
     E2.add_args(parser)
     args = parser.parse_args(argv)
-    C.setup(args, NAME)
+    setup(args, NAME)
     all_runs = E2.runs(args)
     train_ds = load_dataset("fashion-mnist", "train", data_dir=args.data_dir).subset(10_000)
     test_ds = load_dataset("fashion-mnist", "test", data_dir=args.data_dir)
@@ -179,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                     _, S, _, fit = spectrum(w)
                     final[arm][r["seed"]][name] = stats_of(fit, S)
     sweeps = {arm: [removal_sweep(r["model"].eval(), data) for r in all_runs[arm]] for arm in SWEEP_ARMS}
-    C.log("removal sweeps done")
+    log("removal sweeps done")
     noise = {
         arm: [noise_test(r["model"].eval(), data, r["seed"]) for r in all_runs[arm]] for arm in SWEEP_ARMS
     }
-    C.log("noise tests done")
+    log("noise tests done")
 
     trajectories = trajectory_table(all_runs, init)
-    C.dump_json(
+    dump_json(
         args.out.with_suffix(".json"),
         {"init": init, "final": final, "sweeps": sweeps, "noise": noise, "trajectories": trajectories},
     )
@@ -199,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_section(sweeps),
         noise_section(noise),
     ]
-    C.write_report(
+    write_report(
         args, f"Experiment 4: the theorems on the Fashion-MNIST MLP [784, {args.width}, 10]", sections
     )
     return 0
@@ -273,14 +276,14 @@ def randomness_section(args: Any, traj: dict[str, Any], init: dict[int, Any], fi
                 rs = st[stat]
                 rows.append([E2.ARM_LABEL[arm], name, stat, *[_ms(rs, e, fmt) for e in range(len(rs[0]))]])
     n_ep = len(next(iter(next(iter(traj.values())).values()))["ks"][0])
-    table = C.md_table(["arm", "layer", "stat", *[f"ep {e}" for e in range(n_ep)]], rows)
+    table = md_table(["arm", "layer", "stat", *[f"ep {e}" for e in range(n_ep)]], rows)
     erows = []
     seeds = list(init)
     for arm in SWEEP_ARMS:
         for name in [n for n in init[seeds[0]] if n != "head"]:
             e0 = [init[s][name]["bulk_energy"] for s in seeds]
             e1 = [final[arm][s][name]["bulk_energy"] for s in seeds]
-            erows.append([E2.ARM_LABEL[arm], name, C.pm(e0, 100), C.pm(e1, 100)])
+            erows.append([E2.ARM_LABEL[arm], name, pm(e0, 100), pm(e1, 100)])
     return (
         "## 1. Randomness over training (mean +- std over seeds)\n\n"
         "For the pruned arms the value at a cut epoch is the fit just before the cut; after a cut the fit "
@@ -288,8 +291,8 @@ def randomness_section(args: Any, traj: dict[str, Any], init: dict[int, Any], fi
         "factored layer is the censored BEMA fit of its kept singular values (`rmtprune.plan`).\n\n"
         + table
         + "\n\nEnergy in the bulk, sum of s_i**2 below the MP edge over the total, in %:\n\n"
-        + C.md_table(["arm", "layer", "init", "end of training"], erows)
-        + f"\n\nFigure: `{C.png_path(args, 'randomness').name}`."
+        + md_table(["arm", "layer", "init", "end of training"], erows)
+        + f"\n\nFigure: `{png_path(args, 'randomness').name}`."
     )
 
 
@@ -316,10 +319,10 @@ def sweep_section(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 rows.append(
                     [
                         f"{phi:.1f}",
-                        C.pm([r["train_loss"] for r in recs], 1, 4),
-                        C.pm([r["loss"] for r in recs], 1, 4),
-                        C.pm([r["acc"] for r in recs], 100),
-                        C.pm([r["acc"] - b["acc"] for r, b in zip(recs, base, strict=True)], 100),
+                        pm([r["train_loss"] for r in recs], 1, 4),
+                        pm([r["loss"] for r in recs], 1, 4),
+                        pm([r["acc"] for r in recs], 100),
+                        pm([r["acc"] - b["acc"] for r, b in zip(recs, base, strict=True)], 100),
                     ]
                 )
             mono = all(
@@ -334,9 +337,7 @@ def sweep_section(sweeps: dict[str, list[dict[str, Any]]]) -> str:
                 f"Bulk removed from: {label}. Train loss "
                 + ("increases monotonically" if mono else "is not monotone")
                 + " in phi for every seed.\n\n"
-                + C.md_table(
-                    ["phi removed", "train loss", "test loss", "test acc (%)", "delta acc (pp)"], rows
-                )
+                + md_table(["phi removed", "train loss", "test loss", "test acc (%)", "delta acc (pp)"], rows)
                 + "\n"
             )
     return "\n".join(parts)
@@ -351,9 +352,7 @@ def noise_section(noise: dict[str, list[dict[str, Any]]]) -> str:
             d_acc = [np.mean([d["acc"] for d in s["c"][c]]) - s["base"]["acc"] for s in per_seed]
             ratios = per_seed[0]["ratio_c1_over_sigma2"]
             rel = ", ".join(f"{n}: {c * v:.2f}" for n, v in ratios.items())
-            rows.append(
-                [E2.ARM_LABEL[arm], f"{c:g}", rel, C.pm(d_tr, 1, 4), C.pm(d_te, 1, 4), C.pm(d_acc, 100)]
-            )
+            rows.append([E2.ARM_LABEL[arm], f"{c:g}", rel, pm(d_tr, 1, 4), pm(d_te, 1, 4), pm(d_acc, 100)])
     return (
         "## 3. Adding randomness: Gaussian noise of variance c / N on every weight matrix\n\n"
         f"N = the larger side of the layer; {NOISE_DRAWS} draws per seed and c, averaged; deltas against "
@@ -361,7 +360,7 @@ def noise_section(noise: dict[str, list[dict[str, Any]]]) -> str:
         "net without noise, then mean +- std over seeds. 'noise var / sigma2' compares the added variance "
         "with "
         "the fitted bulk variance of the trained layer (seed 0).\n\n"
-        + C.md_table(
+        + md_table(
             [
                 "arm",
                 "c",
@@ -377,7 +376,7 @@ def noise_section(noise: dict[str, list[dict[str, Any]]]) -> str:
 
 def plot_randomness(args: Any, traj: dict[str, Any]) -> None:
     stats = [("bulk_fraction", "bulk fraction n_bulk / p"), ("sigma2", "sigma2 (fitted)"), ("ks", "KS to MP")]
-    fig, axes = C.new_figure(13, 4, ncols=3)
+    fig, axes = new_figure(13, 4, ncols=3)
     styles = {"dense": "-", "l1l2": "--", "mp": ":", "mp+l1l2": "-."}
     for j, (stat, label) in enumerate(stats):
         ax = axes[0, j]
@@ -397,11 +396,11 @@ def plot_randomness(args: Any, traj: dict[str, Any]) -> None:
         ax.set(xlabel="epoch (0 = init)", ylabel=label, title=label)
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize="x-small")
-    C.save_figure(fig, C.png_path(args, "randomness"))
+    save_figure(fig, png_path(args, "randomness"))
 
 
 def plot_sweep(args: Any, sweeps: dict[str, Any]) -> None:
-    fig, axes = C.new_figure(13, 4, ncols=3)
+    fig, axes = new_figure(13, 4, ncols=3)
     for ai, (arm, per_seed) in enumerate(sweeps.items()):
         for li, label in enumerate(["all fitted layers", *per_seed[0]["fitted"]]):
             for j, key in enumerate(("train_loss", "loss", "acc")):
@@ -419,11 +418,11 @@ def plot_sweep(args: Any, sweeps: dict[str, Any]) -> None:
         axes[0, j].set(xlabel="fraction of the bulk removed (phi)", title=t)
         axes[0, j].grid(alpha=0.3)
     axes[0, 0].legend(fontsize="x-small")
-    C.save_figure(fig, C.png_path(args, "bulk_removal"))
+    save_figure(fig, png_path(args, "bulk_removal"))
 
 
 def plot_noise(args: Any, noise: dict[str, Any]) -> None:
-    fig, axes = C.new_figure(9, 3.8, ncols=2)
+    fig, axes = new_figure(9, 3.8, ncols=2)
     for ai, (arm, per_seed) in enumerate(noise.items()):
         for j, key in enumerate(("loss", "acc")):
             d = np.array(
@@ -444,7 +443,7 @@ def plot_noise(args: Any, noise: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.axhline(0, color="k", lw=0.6)
     axes[0, 0].legend(fontsize="small")
-    C.save_figure(fig, C.png_path(args, "noise"))
+    save_figure(fig, png_path(args, "noise"))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ from torch import nn  # noqa: E402
 
 import rmtprune  # noqa: E402
 from rmtprune._atomic import atomic_write_text  # noqa: E402
-from rmtprune.data import batches, load_dataset  # noqa: E402
-from rmtprune.models import build_model  # noqa: E402
+from rmtprune._format import table as format_table  # noqa: E402
 from rmtprune.surgery import handler_for  # noqa: E402
+from rmtprune.zoo.data import batches, load_dataset  # noqa: E402
+from rmtprune.zoo.models import build_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "latency.md"
@@ -283,12 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: accuracy dense {acc_dense:.4f} -> compressed {acc_comp:.4f}, params ratio {p_ratio:.3f}"
         )
 
-    def table(head, rows):
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
-
-    lat = table(
+    lat = format_table(
         [
             "model",
             "batch",
@@ -301,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             "<= params ratio + 0.15",
         ],
         rows_lat,
+        markdown=True,
     )
-    kern = table(
+    kern = format_table(
         [
             "model",
             "conv/linear kernels dense ms",
@@ -312,10 +309,19 @@ def main(argv: list[str] | None = None) -> int:
             "comp. ms",
         ],
         rows_kern,
+        markdown=True,
     )
-    acc = table(["model", "train s", "test acc. dense", "test acc. compressed (no fine-tuning)"], rows_acc)
-    cost = table(["model", "bare SVD s", "compress s", "ratio", "plan()+apply() s", "ratio"], rows_cost)
-    layers = table(["model", "layer", "matrix", "action", "rank", "spikes", "ks"], rows_layers)
+    acc = format_table(
+        ["model", "train s", "test acc. dense", "test acc. compressed (no fine-tuning)"],
+        rows_acc,
+        markdown=True,
+    )
+    cost = format_table(
+        ["model", "bare SVD s", "compress s", "ratio", "plan()+apply() s", "ratio"], rows_cost, markdown=True
+    )
+    layers = format_table(
+        ["model", "layer", "matrix", "action", "rank", "spikes", "ks"], rows_layers, markdown=True
+    )
     print(lat, kern, cost, layers, acc, sep="\n\n")
     cmd = "python " + shlex.join(["benchmarks/latency.py", *(sys.argv[1:] if argv is None else argv)])
     cpu = platform.processor() or platform.machine()

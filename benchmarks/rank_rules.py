@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from _cli import log
+from _report import md_table
 from torch import nn
 from torch.nn.utils import prune
 
@@ -58,11 +60,11 @@ import rmtprune
 from rmtprune._atomic import atomic_path, atomic_write_text
 from rmtprune.analysis import as_matrix
 from rmtprune.config import CompressionConfig
-from rmtprune.data import batches, load_dataset
 from rmtprune.lowrank import LowRankModule
-from rmtprune.models import build_model
 from rmtprune.spectral import MIN_P
 from rmtprune.training import TrainConfig, evaluate, train
+from rmtprune.zoo.data import batches, load_dataset
+from rmtprune.zoo.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -126,10 +128,6 @@ FAMILY_LABEL = {
 
 #: Heading of the hand-written discussion at the end of the report, kept when the tables are rewritten.
 DISCUSSION = "## Discussion"
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- training (cached)
@@ -494,15 +492,6 @@ def _ms(vals: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
     return f"{statistics.fmean(vals):.{digits}f} +- {statistics.stdev(vals):.{digits}f}"
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
-    return "\n".join(
-        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])]
-    )
 
 
 def _by_label(res: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

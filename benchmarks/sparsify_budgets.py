@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import CACHE, ROOT, command_line, log, machine, md_table, mean_std, pm
+from _cli import CACHE, ROOT, command_line, log
 from _env import versions
+from _report import machine, md_table
+from _stats import mean_std, pm
 
 from rmtprune._atomic import atomic_write_text
-from rmtprune.data import batches, load_dataset
 from rmtprune.finetune import evaluate
 from rmtprune.sparsify import SparsifyConfig, sparsify
+from rmtprune.zoo.data import batches, load_dataset
 
 TAGS = {
     "mnist-mlp-dense": "MNIST MLP",

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from rmtprune._atomic import atomic_path, atomic_write_text
-from rmtprune.data import batches, load_dataset
 from rmtprune.finetune import evaluate
 from rmtprune.masks import count_nonzeros
-from rmtprune.models import build_model
 from rmtprune.sparse_format import load_model, save_model
 from rmtprune.sparsify import SparsifyConfig, sparsify
+from rmtprune.zoo.data import batches, load_dataset
+from rmtprune.zoo.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,6 +1,6 @@
 """Benchmark: rmtprune's spectral analysis against WeightWatcher's ``analyze(mp_fit=True)``.
 
-Three models: ``rmtprune.models.MLP(784, [1000], 10)`` and ``rmtprune.models.CNN()`` (conv 3x3
+Three models: ``rmtprune.zoo.models.MLP(784, [1000], 10)`` and ``rmtprune.zoo.models.CNN()`` (conv 3x3
 1->32 and 32->64 with batch norm, fc 3136->128, head 128->10), each trained one epoch on the real
 MNIST files, and a synthetic transformer-shaped stack (12 blocks of 4 x 768x768, 768->3072,
 3072->768 ``nn.Linear``) whose weights are seeded Gaussian noise plus a known number of planted
@@ -49,8 +49,8 @@ from torch import nn
 
 from rmtprune._atomic import atomic_write_text
 from rmtprune.analysis import LayerAnalysis, analyze_tensor, as_matrix
-from rmtprune.data import load_dataset
-from rmtprune.models import CNN, MLP
+from rmtprune.zoo.data import load_dataset
+from rmtprune.zoo.models import CNN, MLP
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("RMTPRUNE_DATA", REPO.parent / "shared" / "data"))

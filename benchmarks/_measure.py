@@ -1,0 +1,46 @@
+"""Measures of a trained model in the benchmarks: copies, test metrics, parameter counts, ranks, time."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from rmtprune.training import evaluate
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode."""
+    return copy.deepcopy(model).eval()
+
+
+def test_metrics(model: nn.Module, data: Any) -> tuple[float, float]:
+    """(loss, accuracy) on ``data`` (the full test split)."""
+    return evaluate(model, data)
+
+
+def n_params(model: nn.Module) -> int:
+    """Parameters as stored (a factored layer counts its two factors)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def module_params(model: nn.Module, name: str) -> int:
+    """Parameters of the sub-module ``name`` as stored."""
+    return sum(p.numel() for p in model.get_submodule(name).parameters())
+
+
+def layer_rank(model: nn.Module, name: str) -> int | None:
+    """Rank of a factored layer, or None when ``name`` is dense."""
+    mod = model.get_submodule(name)
+    rank = getattr(mod, "rank", None)
+    return int(rank) if isinstance(rank, int) else None
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)``."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
