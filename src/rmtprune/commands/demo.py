@@ -116,7 +116,11 @@ def latency_ms(
 
 
 def finetune(model: Any, data: Any, epochs: int, lr: float, seed: int, batch_size: int = 128) -> Any:
-    """A few epochs of plain SGD (momentum 0.9) on ``data``, in place; returns the model."""
+    """A few epochs of plain SGD (momentum 0.9) on ``data``, in place; returns the model.
+
+    Not :func:`rmtprune.finetune.finetune`: that one is Adam (with masks and a schedule), and the
+    demo's printed numbers come from this SGD loop; switching would change them.
+    """
     import torch
 
     from ..zoo.data import FastLoader
@@ -135,6 +139,7 @@ def finetune(model: Any, data: Any, epochs: int, lr: float, seed: int, batch_siz
 
 
 def _table(rows: list[list[str]]) -> str:
+    """The before/after table: numbers right-aligned (``_format.table`` aligns every column left)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for k, r in enumerate(rows):
