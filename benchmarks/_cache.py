@@ -68,6 +68,28 @@ def cache_key(cfg: TrainConfig | dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sgd_config(
+    args: argparse.Namespace, dataset: str, model: str, seed: int, **fields: Any
+) -> dict[str, Any]:
+    """The experiments' training recipe as ``TrainConfig`` fields: SGD (momentum 0.9) at ``args.lr``,
+    cosine schedule over ``args.epochs``, batch 128, plus ``fields``; ``--quick`` trains on 6000 images."""
+    cfg = dict(
+        dataset=dataset,
+        model=model,
+        epochs=args.epochs,
+        optimizer="sgd",
+        lr=args.lr,
+        momentum=0.9,
+        lr_schedule="cosine",
+        batch_size=128,
+        seed=seed,
+        **fields,
+    )
+    if args.quick:
+        cfg["train_subset"] = 6000
+    return cfg
+
+
 def _find_cached(cache: Path, tag: str, key: str) -> Path | None:
     """The cached run of ``key``: ``<tag>-<key>.pt``, or an older file of the tag whose config matches."""
     path = cache / f"{tag}-{key}.pt"

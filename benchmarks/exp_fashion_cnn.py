@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from _cache import train_cached
+from _cache import sgd_config, train_cached
 from _cli import log, parser_for, setup
 from _measure import clone, n_params, test_metrics
 from _report import dump_json, md_table, write_report
@@ -36,16 +36,11 @@ POST = ((0.0, 0.1), (0.25, 0.1), (0.5, 0.1), (0.0, 0.3), (0.25, 0.3), (0.5, 0.3)
 
 
 def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfig:
-    cfg = dict(
-        dataset="fashion-mnist",
-        model=args.model,
-        epochs=args.epochs,
-        optimizer="sgd",
-        lr=args.lr,
-        momentum=0.9,
-        lr_schedule="cosine",
-        batch_size=128,
-        seed=seed,
+    cfg = sgd_config(
+        args,
+        "fashion-mnist",
+        args.model,
+        seed,
         prune=prune,
         prune_every=1,
         prune_start=1,
@@ -53,8 +48,6 @@ def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfi
         ks_max=ks_max,
         track_spectra=False,
     )
-    if args.quick:
-        cfg["train_subset"] = 6000
     return TrainConfig(**cfg)
 
 

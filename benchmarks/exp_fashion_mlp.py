@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from _cache import train_cached
+from _cache import sgd_config, train_cached
 from _cli import parser_for, setup
 from _measure import layer_rank, n_params, test_metrics
 from _report import dump_json, md_table, write_report
@@ -64,16 +64,11 @@ def config(args: Any, arm: str, seed: int) -> TrainConfig:
     """The training config of ``arm`` for ``seed``."""
     reg = arm in ("l1l2", "mp+l1l2")
     prune = arm in ("mp", "mp+l1l2")
-    cfg = dict(
-        dataset="fashion-mnist",
-        model=f"mlp:{args.width}",
-        epochs=args.epochs,
-        optimizer="sgd",
-        lr=args.lr,
-        momentum=0.9,
-        lr_schedule="cosine",
-        batch_size=128,
-        seed=seed,
+    cfg = sgd_config(
+        args,
+        "fashion-mnist",
+        f"mlp:{args.width}",
+        seed,
         l1=args.mu if reg else 0.0,
         l2=args.mu if reg else 0.0,
         prune=prune,
@@ -83,8 +78,6 @@ def config(args: Any, arm: str, seed: int) -> TrainConfig:
         decay_T=decay_T(args),
         track_spectra=True,
     )
-    if args.quick:
-        cfg["train_subset"] = 6000
     return TrainConfig(**cfg)
 
 

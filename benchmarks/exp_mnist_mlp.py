@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _cache import train_cached
+from _cache import sgd_config, train_cached
 from _cli import log, parser_for, setup
 from _measure import clone, layer_rank, module_params, n_params, test_metrics, timed
 from _report import dump_json, md_table, new_figure, png_path, save_figure, write_report
@@ -43,21 +43,8 @@ EXTRA_K = (125, 150, 200, 300, 400, 784)
 
 
 def base_config(args: Any, seed: int) -> dict[str, Any]:
-    cfg = dict(
-        dataset="mnist",
-        model="mlp:1000",
-        epochs=args.epochs,
-        optimizer="sgd",
-        lr=args.lr,
-        momentum=0.9,
-        lr_schedule="cosine",
-        batch_size=128,
-        seed=seed,
-        track_spectra=False,  # the timing of the cuts is measured without the per-epoch spectra
-    )
-    if args.quick:
-        cfg["train_subset"] = 6000
-    return cfg
+    # the timing of the cuts is measured without the per-epoch spectra
+    return sgd_config(args, "mnist", "mlp:1000", seed, track_spectra=False)
 
 
 # ----------------------------------------------------------------------------- truncation curve
