@@ -55,6 +55,9 @@ def test_json_round_trip(tmp_path) -> None:
         ({"overrides": {"fc1": {"include": ["x"]}}}, ValueError, "non-overridable field"),
         ({"overrides": {"fc1": {"keep_bulk": 2}}}, ValueError, "override for 'fc1': keep_bulk=2"),
         ({"overrides": {"fc1": 0.5}}, TypeError, "must be a dict"),
+        ({"rule_params": {"fraction": 0.5}}, TypeError, "bad parameters for rule 'bema'"),
+        ({"rule": "energy", "rule_params": {"fraction": 0.5}}, ValueError, "set energy= instead"),
+        ({"rule_params": [1]}, TypeError, "rule_params=\\[1\\] must be a dict"),
     ],
 )
 def test_validation_messages(kwargs: dict, exc: type, match: str) -> None:

@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 
 from rmtprune.spectral import (
+    RULES,
     BemaRule,
     EnergyRule,
     FixedRule,
     GavishDonohoRule,
     RankDecision,
+    RankRule,
+    RuleParam,
     fit_bulk,
     gavish_donoho_lambda_star,
     gavish_donoho_omega,
     make_rule,
+    register_rule,
 )
 
 
@@ -111,7 +115,7 @@ def test_fixed_rule(spectrum) -> None:
         ("gavish_donoho", {"sigma": -1.0}, ValueError, r"sigma=-1\.0"),
         ("energy", {"fraction": 0.0}, ValueError, r"fraction=0\.0 must be in \(0, 1\]"),
         ("fixed", {"ratio": 2.0}, ValueError, r"ratio=2\.0 must be in \(0, 1\]"),
-        ("fixed", {"rank": 0}, ValueError, "rank=0 must be a positive int"),
+        ("fixed", {"rank": 0}, ValueError, "rank=0 must be >= 1"),
         ("fixed", {}, ValueError, "exactly one of ratio"),
         ("fixed", {"ratio": 0.5, "rank": 3}, ValueError, "exactly one of ratio"),
         ("nope", {}, ValueError, "rule='nope' is unknown"),
@@ -139,3 +143,41 @@ def test_wrong_count_raises(spectrum) -> None:
     s, _ = spectrum
     with pytest.raises(ValueError, match="got 300 singular values"):
         EnergyRule().select(s, (100, 200))
+
+
+def test_rules_own_their_parameters_and_gate() -> None:
+    assert [name for name, cls in RULES.items() if cls.gated] == ["bema"]
+    assert EnergyRule.parameters["fraction"].field == "energy"
+    assert EnergyRule(0.8).params() == {"fraction": 0.8} and EnergyRule().fraction == 0.9
+    assert BemaRule(0.5).params() == {"keep_bulk": 0.5, "alpha": 0.25, "beta": 0.1}
+    with pytest.raises(ValueError, match=r"alpha=0\.5 must be in \(0, 0\.5\)"):
+        BemaRule(alpha=0.5)
+    with pytest.raises(TypeError, match="takes 1 parameter"):
+        EnergyRule(0.5, 0.6)
+
+
+class _TopFraction(RankRule):
+    """Keep the top ``share`` of the singular values (a rule with a parameter of its own)."""
+
+    parameters = {"share": RuleParam(0.5, lambda name, v: float(v))}
+
+    def select(self, s, shape, fit=None) -> RankDecision:
+        p = min(shape)
+        rank = max(1, int(self.share * p))
+        return RankDecision(self.name, rank, p, params=self.params(), reason=f"top {self.share:g}")
+
+
+def test_register_rule() -> None:
+    assert register_rule("top_fraction", _TopFraction) is _TopFraction
+    try:
+        assert _TopFraction.name == "top_fraction" and not _TopFraction.gated
+        d = make_rule("top_fraction", share=0.25).select(np.ones(40), (40, 60))
+        assert (d.rule, d.rank, d.params) == ("top_fraction", 10, {"share": 0.25})
+        with pytest.raises(ValueError, match="built in and cannot be replaced"):
+            register_rule("bema", _TopFraction)
+        with pytest.raises(ValueError, match="differs from name='other'"):
+            register_rule("other", _TopFraction)
+        with pytest.raises(TypeError, match="must be a RankRule subclass"):
+            register_rule("x", int)  # type: ignore[arg-type]
+    finally:
+        RULES.pop("top_fraction", None)

@@ -1,8 +1,13 @@
 """The compression config: which rank rule, its parameters, which layers, and per-layer overrides.
 
 A small dataclass checked in ``__post_init__`` with a JSON round trip (:meth:`to_json` /
-:meth:`from_json`). :func:`rmtprune.plan` resolves it per layer with :meth:`for_layer`: the
-``overrides`` whose pattern matches the layer name are applied in order, later ones winning.
+:meth:`from_json`). The rank rule's parameters are checked by the rule itself
+(:attr:`~rmtprune.spectral.RankRule.parameters`): a field a rule reads (``energy``, ``ratio``...)
+is checked by that rule's check, and :meth:`make_rule` asks the registered rule class to build
+itself from the config, so a rule added with :func:`~rmtprune.spectral.register_rule` needs no
+change here (its own parameters go in ``rule_params``). :func:`rmtprune.plan` resolves it per layer
+with :meth:`for_layer`: the ``overrides`` whose pattern matches the layer name are applied in order,
+later ones winning.
 
 Layer patterns are shell-style globs matched against the dotted module name (``"features.*"``,
 ``"*.fc?"``); a pattern without a wildcard also matches a name ending in ``"." + pattern``, so
@@ -21,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ._validate import check_bool, check_choice, check_int, check_number, check_patterns, from_dict
-from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, make_rule
-from .spectral.rules import RankRule
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, get_rule
+from .spectral.rules import RankRule, check_alpha, check_beta
 
 __all__ = ["CompressionConfig", "FitConfig", "match_pattern", "OVERRIDABLE"]
 
@@ -38,6 +43,7 @@ OVERRIDABLE = (
     "ratio",
     "rank",
     "sigma",
+    "rule_params",
     "factor_only_if_smaller",
     "dense_truncate",
     "svd_dtype",
@@ -68,10 +74,8 @@ class FitConfig:
     ks_max: float = DEFAULT_KS_MAX
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "alpha", check_number("alpha", self.alpha, 0.0, 0.5, lo_open=True, hi_open=True)
-        )
-        object.__setattr__(self, "beta", check_number("beta", self.beta, 0.01, 0.99))
+        object.__setattr__(self, "alpha", check_alpha("alpha", self.alpha))
+        object.__setattr__(self, "beta", check_beta("beta", self.beta))
         object.__setattr__(self, "ks_max", check_number("ks_max", self.ks_max, 0.0, math.inf, allow_inf=True))
 
     def to_dict(self) -> dict[str, float]:
@@ -86,7 +90,8 @@ class CompressionConfig:
     ----------
     rule : ``bema`` (spikes above the fitted MP edge, plus ``keep_bulk`` of the bulk),
         ``gavish_donoho`` (optimal hard threshold), ``energy`` (keep ``energy`` of sum(s**2)),
-        ``fixed`` (``ratio`` of p, or an absolute ``rank``).
+        ``fixed`` (``ratio`` of p, or an absolute ``rank``), or a rule added with
+        :func:`~rmtprune.spectral.register_rule`.
     keep_bulk : fraction of the bulk kept by ``bema``, in [0, 1] (0: spikes only).
     alpha, beta : BEMA trim fraction and Tracy-Widom level.
     ks_max : the gate; a layer whose bulk fit has ``ks > ks_max`` is kept (``bema`` only).
@@ -94,6 +99,8 @@ class CompressionConfig:
     energy : fraction for the ``energy`` rule.
     ratio, rank : for the ``fixed`` rule, exactly one of them.
     sigma : known noise level for ``gavish_donoho`` (None: unknown, median rule).
+    rule_params : parameters of the rule that are not config fields (a registered rule's own),
+        ``{parameter: value}``, checked by the rule.
     include, exclude : layer-name patterns; an empty ``include`` means every supported layer.
     overrides : pattern -> dict of fields from :data:`OVERRIDABLE`, applied in order.
     factor_only_if_smaller : factor only when ``k (m + n) < m n``.
@@ -116,6 +123,9 @@ class CompressionConfig:
     ratio: float | None = field(default=None, metadata={"help": "rank ratio of p (fixed rule)"})
     rank: int | None = field(default=None, metadata={"help": "absolute rank (fixed rule)"})
     sigma: float | None = field(default=None, metadata={"help": "known noise level (gavish_donoho)"})
+    rule_params: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "parameters of a registered rule that are not config fields"}
+    )
     include: list[str] = field(default_factory=list, metadata={"help": "layer-name patterns to include"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "layer-name patterns to exclude"})
     overrides: dict[str, dict[str, Any]] = field(
@@ -131,23 +141,15 @@ class CompressionConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rule, str):
-            raise TypeError(f"rule={self.rule!r} must be a string")
-        if self.rule not in RULES:
-            raise ValueError(f"rule={self.rule!r} is unknown; valid rules: {', '.join(sorted(RULES))}")
-        self.keep_bulk = check_number("keep_bulk", self.keep_bulk, 0.0, 1.0)
+        get_rule(self.rule)
         fit = FitConfig(self.alpha, self.beta, self.ks_max)
         self.alpha, self.beta, self.ks_max = fit.alpha, fit.beta, fit.ks_max
+        self._check_rule_fields()
         self.min_rank = check_int("min_rank", self.min_rank, 1)
-        self.energy = check_number("energy", self.energy, 0.0, 1.0, lo_open=True)
-        if self.ratio is not None:
-            self.ratio = check_number("ratio", self.ratio, 0.0, 1.0, lo_open=True)
-        if self.rank is not None:
-            self.rank = check_int("rank", self.rank, 1)
-        if self.rule == "fixed" and (self.ratio is None) == (self.rank is None):
-            raise ValueError("rule='fixed' needs exactly one of ratio= (in (0, 1]) or rank= (>= 1)")
-        if self.sigma is not None:
-            self.sigma = check_number("sigma", self.sigma, 0.0, math.inf, lo_open=True)
+        if not isinstance(self.rule_params, dict) or not all(isinstance(k, str) for k in self.rule_params):
+            raise TypeError(f"rule_params={self.rule_params!r} must be a dict of parameter name -> value")
+        self.rule_params = dict(self.rule_params)
+        self.make_rule()  # the rule checks its parameters together (fixed: exactly one of ratio, rank)
         self.include = check_patterns("include", self.include)
         self.exclude = check_patterns("exclude", self.exclude)
         for flag in ("factor_only_if_smaller", "dense_truncate", "protect_last"):
@@ -172,6 +174,23 @@ class CompressionConfig:
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"override for {pattern!r}: {exc}") from None
         self.overrides = {k: dict(v) for k, v in self.overrides.items()}
+
+    def _check_rule_fields(self) -> None:
+        """Check each field a registered rule reads with that rule's check (the first rule declaring it)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        done: set[str] = set()
+        for cls in RULES.values():
+            for pname, prm in cls.parameters.items():
+                if prm.field is None or prm.field in done:
+                    continue
+                if prm.field not in names:
+                    raise TypeError(
+                        f"rule {cls.name!r}: parameter {pname!r} reads the config field {prm.field!r}, "
+                        "which CompressionConfig does not have (give it through rule_params)"
+                    )
+                done.add(prm.field)
+                if prm.check is not None:
+                    setattr(self, prm.field, prm.check(prm.field, getattr(self, prm.field)))
 
     # ------------------------------------------------------------------ per layer
     def selects(self, name: str) -> tuple[bool, str]:
@@ -199,14 +218,9 @@ class CompressionConfig:
         return FitConfig(self.alpha, self.beta, self.ks_max)
 
     def make_rule(self) -> RankRule:
-        """The rank rule object this config describes (overrides not applied)."""
-        if self.rule == "bema":
-            return make_rule("bema", keep_bulk=self.keep_bulk, alpha=self.alpha, beta=self.beta)
-        if self.rule == "gavish_donoho":
-            return make_rule("gavish_donoho", sigma=self.sigma)
-        if self.rule == "energy":
-            return make_rule("energy", fraction=self.energy)
-        return make_rule("fixed", ratio=self.ratio, rank=self.rank)
+        """The rank rule object this config describes (overrides not applied): the registered rule
+        class builds itself from the fields it reads and ``rule_params``."""
+        return get_rule(self.rule).from_config(self)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

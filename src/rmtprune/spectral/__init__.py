@@ -19,9 +19,12 @@ from .rules import (
     GavishDonohoRule,
     RankDecision,
     RankRule,
+    RuleParam,
     gavish_donoho_lambda_star,
     gavish_donoho_omega,
+    get_rule,
     make_rule,
+    register_rule,
 )
 from .tracy_widom import tw1_quantile
 
@@ -46,7 +49,10 @@ __all__ = [
     "GavishDonohoRule",
     "EnergyRule",
     "FixedRule",
+    "RuleParam",
     "RULES",
+    "register_rule",
+    "get_rule",
     "make_rule",
     "gavish_donoho_omega",
     "gavish_donoho_lambda_star",
