@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import rmtprune.training as training
+import rmtprune.training.trainer as trainer
 from rmtprune.cli import main
 from rmtprune.training import CHECKPOINT, load_checkpoint
 
@@ -69,7 +69,7 @@ def test_train_prints_epochs_and_a_final_table(tmp_path, capsys):
     assert all(r["pruned"] and r["test_acc_before_prune"] is not None for r in metrics)
     assert "test acc before the cut" in text and "% of the training time" in text
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["prune_every"], cfg["keep_bulk"], cfg["l1"]) == (1, 0.3, 1e-6)
+    assert (cfg["prune_every"], cfg["compression"]["keep_bulk"], cfg["l1"]) == (1, 0.3, 1e-6)
     assert (out / "decisions.csv").is_file() and (out / "ranks.png").is_file()
 
 
@@ -104,14 +104,14 @@ def test_unwritable_output_directory(tmp_path, capsys):
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_finishes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    real = training._run_epoch
+    real = trainer._run_epoch
 
-    def interrupt_in_epoch_2(cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, *rest):
+    def interrupt_in_epoch_2(run, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real(cfg, model, optimizer, scheduler, loader, test_ds, pruner, epoch, *rest)
+        return real(run, epoch)
 
-    monkeypatch.setattr(training, "_run_epoch", interrupt_in_epoch_2)
+    monkeypatch.setattr(trainer, "_run_epoch", interrupt_in_epoch_2)
     assert main(_args(out, "--no-prune")) == 130
     captured = capsys.readouterr()
     assert "--resume" in captured.err and "interrupted during epoch 2" in captured.out
@@ -178,7 +178,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_nothing_and_says_so(tmp_path, capsys, 
     def interrupt(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_run_epoch", interrupt)
+    monkeypatch.setattr(trainer, "_run_epoch", interrupt)
     assert main(_args(out, "--no-prune")) == 130
     err = capsys.readouterr().err
     assert "before the first epoch was completed; nothing was saved" in err and "--resume" not in err

@@ -292,7 +292,7 @@ def test_regularization_covers_weights_and_factors_not_biases():
 
 @pytest.mark.parametrize(
     "kwargs, exc, match",
-    [({"l1": -1.0}, ValueError, "l1=-1.0 must be"), ({"l2": "x"}, TypeError, "l2='x' must be a float")],
+    [({"l1": -1.0}, ValueError, "l1=-1.0 must be"), ({"l2": "x"}, TypeError, "l2='x' must be a number")],
 )
 def test_regularization_rejects_bad_weights(kwargs, exc, match):
     with pytest.raises(exc, match=match):

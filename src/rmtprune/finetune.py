@@ -12,6 +12,7 @@ Berlyand, Bourdais, Owhadi and Shmalo (2025), arXiv:2503.01922.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validate import check_choice, check_number
 from .errors import RmtpruneError, first_line
 from .masks import apply_masks, mask_gradients, prunable_layers
 
@@ -89,14 +91,39 @@ def _cycle(data: Any) -> Iterator[Batch]:
             raise ValueError("data yielded no batches")
 
 
-def regularizer(model: nn.Module, l1: float = 0.0, l2: float = 0.0, group_lasso: float = 0.0) -> torch.Tensor:
-    """``l1 sum|w| + l2 sum w^2 + group_lasso sum_rows ||w_row||`` over prunable-layer weights."""
-    for name, value in (("l1", l1), ("l2", l2), ("group_lasso", group_lasso)):
-        if not value >= 0:
-            raise ValueError(f"{name}={value!r} must be >= 0")
+#: Which weights :func:`regularizer` penalises.
+REG_WEIGHTS = ("prunable", "all")
+
+
+def _reg_weights(model: nn.Module, weights: str) -> Iterator[torch.Tensor]:
+    if weights == "prunable":
+        return (mod.weight for _, mod in prunable_layers(model))
+    return (p for p in model.parameters() if p.requires_grad and p.ndim >= 2)
+
+
+def regularizer(
+    model: nn.Module,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    group_lasso: float = 0.0,
+    *,
+    weights: str = "prunable",
+) -> torch.Tensor:
+    """``l1 sum|w| + l2 sum w^2 + group_lasso sum_rows ||w_row||`` over the model's weights.
+
+    ``weights="prunable"``: the weights of the prunable layers (Linear/Conv, as masked by
+    :mod:`rmtprune.masks`); ``"all"``: every trainable tensor with >= 2 dims, low-rank factors
+    included (what the trainer penalises). Biases and normalisation parameters never are. The
+    papers use 1e-6 to 5e-6 for ``l1`` and ``l2``.
+    """
+    l1, l2, group_lasso = (
+        check_number(n, v, 0.0) for n, v in (("l1", l1), ("l2", l2), ("group_lasso", group_lasso))
+    )
+    check_choice("weights", weights, REG_WEIGHTS)
     total: torch.Tensor | None = None
-    for _, mod in prunable_layers(model):
-        w = mod.weight
+    if not (l1 or l2 or group_lasso):
+        return torch.zeros(())
+    for w in _reg_weights(model, weights):
         term = w.new_zeros((), dtype=torch.float32)
         if l1:
             term = term + l1 * w.abs().sum().float()
@@ -245,9 +272,20 @@ def evaluate(
     model: nn.Module,
     data: Iterable[Batch] | Callable[[], Iterable[Batch]],
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    *,
+    reduction: str = "mean",
 ) -> dict[str, float]:
-    """Mean loss and top-1 accuracy of a classifier over one pass of ``data`` (eval mode)."""
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    """Mean loss and top-1 accuracy of a classifier over one pass of ``data`` (eval mode, no grad).
+
+    ``reduction`` says what ``loss_fn`` returns for a batch: its mean (multiplied back by the
+    batch size) or its ``"sum"``; the default loss is cross-entropy with that reduction. Returns
+    ``{"loss", "accuracy", "n"}``.
+    """
+    check_choice("reduction", reduction, ("mean", "sum"))
+    if loss_fn is None:
+        loss_fn = nn.functional.cross_entropy
+        if reduction == "sum":
+            loss_fn = functools.partial(nn.functional.cross_entropy, reduction="sum")
     device = _device(model)
     was_training = model.training
     model.eval()
@@ -258,7 +296,8 @@ def evaluate(
             x, y = _to(x, device), _to(y, device)
             out = model(x)
             b = int(y.shape[0])
-            loss_sum += float(loss_fn(out, y)) * b
+            batch_loss = float(loss_fn(out, y))
+            loss_sum += batch_loss if reduction == "sum" else batch_loss * b
             correct += int((out.argmax(dim=-1) == y).sum())
             n += b
     finally:

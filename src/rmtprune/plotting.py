@@ -1,12 +1,15 @@
-"""Figures of the analysis: the spectrum of one layer against its fitted MP law, and a summary.
+"""Figures: the spectrum of one layer against its fitted MP law, a summary of all layers, a training run.
 
-Matplotlib is imported only when a figure is drawn, and through the Agg canvas directly (no
-``pyplot``, no global backend change), so this works headless and leaves a caller's own
-matplotlib set-up alone. PNGs are written atomically.
+Matplotlib is an optional extra (``pip install 'rmtprune[plot]'``): it is imported only when a
+figure is drawn, never by ``import rmtprune.plotting``, and every entry point raises a one-line
+:class:`~rmtprune.errors.RmtpruneError` when it is missing. Figures are drawn on the Agg canvas
+directly (no ``pyplot``, no global backend change), so this works headless and leaves a caller's
+own matplotlib set-up alone. PNGs are written atomically.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +19,10 @@ import numpy as np
 
 from ._atomic import atomic_path
 from .analysis import LayerAnalysis
+from .errors import RmtpruneError
 from .spectral import DEFAULT_KS_MAX, mp_pdf
 
-__all__ = ["plot_esd", "plot_summary", "VERDICT_COLORS"]
+__all__ = ["plot_esd", "plot_summary", "plot_training", "have_matplotlib", "VERDICT_COLORS"]
 
 #: Colour of each verdict in the figures.
 VERDICT_COLORS = {"fit": "#1f77b4", "no-mp-bulk": "#ff7f0e", "too-small": "#9e9e9e", "invalid": "#d62728"}
@@ -33,7 +37,22 @@ _EDGE = "#2ca02c"
 PNG_METADATA = {"Software": "rmtprune (matplotlib)"}
 
 
+#: What a plotting function says when matplotlib is not installed.
+MISSING_MATPLOTLIB = "matplotlib is not installed: pip install 'rmtprune[plot]'"
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _require_matplotlib() -> None:
+    if not have_matplotlib():
+        raise RmtpruneError(MISSING_MATPLOTLIB)
+
+
 def _new_figure(width: float, height: float) -> Any:
+    _require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -76,6 +95,7 @@ def plot_esd(
     ValueError
         when the layer has no fit (verdict ``too-small`` or ``invalid``).
     """
+    _require_matplotlib()
     if not isinstance(layer, LayerAnalysis):
         raise TypeError(f"layer must be a LayerAnalysis, got {type(layer).__name__}")
     fit = layer.fit
@@ -197,6 +217,7 @@ def plot_summary(
     used) or a sequence of :class:`LayerAnalysis`. Bars are coloured by verdict; layers without a
     fit are labelled with their verdict. Written atomically as PNG; returns the path.
     """
+    _require_matplotlib()
     layers: Sequence[LayerAnalysis]
     if hasattr(analyses, "layers"):
         layers = list(analyses.layers)
@@ -276,3 +297,53 @@ def plot_summary(
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path, dpi)
+
+
+def plot_training(
+    out: str | os.PathLike[str], metrics: list[dict[str, Any]], *, dpi: int = 110
+) -> list[Path]:
+    """``accuracy.png``, ``params.png`` and ``ranks.png`` (rank per layer) of a training run against
+    the epoch, in directory ``out``; ``metrics`` as in ``metrics.json``. Returns the paths."""
+    _require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    out = Path(out).expanduser()
+    epochs = [r["epoch"] for r in metrics]
+    written = []
+
+    def new() -> tuple[Any, Any]:
+        fig = _new_figure(6, 4)
+        ax = fig.add_subplot()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig, ax
+
+    fig, ax = new()
+    ax.plot(epochs, [100 * r["train_acc"] for r in metrics], "o-", label="train")
+    ax.plot(epochs, [100 * r["test_acc"] for r in metrics], "s-", label="test")
+    for r in metrics:
+        if r.get("pruned"):
+            ax.axvline(r["epoch"], color="grey", lw=0.6, ls=":")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (dotted: pruning epochs)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "accuracy.png", dpi))
+
+    fig, ax = new()
+    ax.plot(epochs, [r["params"] for r in metrics], "o-")
+    ax.set(xlabel="epoch", ylabel="parameters", title="Parameter count")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "params.png", dpi))
+
+    fig, ax = new()
+    layers: list[str] = []
+    for r in metrics:
+        layers.extend(name for name in r.get("layers", {}) if name not in layers)
+    for name in layers:
+        ys = [r.get("layers", {}).get(name, {}).get("rank") for r in metrics]
+        ax.plot(epochs, [float("nan") if y is None else y for y in ys], "o-", label=name)
+    ax.set(xlabel="epoch", ylabel="rank", title="Rank per layer")
+    if layers:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "ranks.png", dpi))
+    return written

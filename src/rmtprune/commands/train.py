@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
 from typing import Any
 
-#: CLI flag -> TrainConfig field, for the options that map one to one.
+from ._options import add_compression_flags, add_flags, compression_overrides, given
+
+#: CLI flag -> (TrainConfig field, type, metavar), for the options that map one to one. The
+#: compression options (--rule, --keep-bulk, --ks-max, --min-rank, --exclude, ...) come from
+#: :func:`._options.add_compression_flags` and set ``TrainConfig.compression``.
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
-    # flag: (field, type, metavar)
     "--dataset": ("dataset", str, "NAME"),
     "--model": ("model", str, "SPEC"),
     "--epochs": ("epochs", int, "N"),
@@ -28,20 +30,33 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--seed": ("seed", int, "N"),
     "--prune-every": ("prune_every", int, "N"),
     "--prune-start": ("prune_start", int, "EPOCH"),
-    "--ks-max": ("ks_max", float, "KS"),
-    "--min-rank": ("min_rank", int, "K"),
+    "--decay-T": ("decay_T", float, "T"),
     "--train-subset": ("train_subset", int, "N"),
     "--test-subset": ("test_subset", int, "N"),
     "--device": ("device", str, "DEV"),
 }
 
+#: The on/off TrainConfig options: flag -> (field, action, help).
+_SWITCHES: dict[str, tuple[str, str, str]] = {
+    "--no-prune": ("prune", "store_false", "train without pruning (the baseline)"),
+    "--eval-before-prune": (
+        "eval_before_prune",
+        "store_true",
+        "also measure test accuracy just before each cut (one more evaluation per cut)",
+    ),
+    "--no-track-spectra": (
+        "track_spectra",
+        "store_false",
+        "do not fit the layers' spectra on epochs without a cut (faster on big models)",
+    ),
+}
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``train`` and its options."""
+    """Register ``train`` and its options (the run's, then every compression option of a cut)."""
     from ..training import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+    from ..training.config import default_compression
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}
     p = subparsers.add_parser(
         "train",
         help="train a model, pruning it to its RMT rank during training",
@@ -49,7 +64,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Train a model on a dataset and prune its layers every few epochs to "
             "n_spikes + floor(f * n_bulk) singular triplets (Marchenko-Pastur bulk fit). Writes per-epoch "
             "metrics (CSV, JSON), the pruning decisions, plots, the final model and a checkpoint after "
-            "every epoch to --out; --resume continues an interrupted run exactly."
+            "every epoch to --out; --resume continues an interrupted run exactly. The compression "
+            "options are those of rmtprune compress; --keep-bulk is the constant f of every cut."
         ),
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory of the run")
@@ -60,69 +76,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="a fresh run may overwrite files of the names it writes already in --out (refused otherwise)",
     )
     p.add_argument("--data-dir", metavar="DIR", default=None, help="directory holding the dataset files")
-    choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES}
-    for flag, (name, typ, metavar) in _FLAGS.items():
-        p.add_argument(
-            flag,
-            dest=name,
-            type=typ,
-            metavar=metavar,
-            choices=choices.get(name),
-            default=argparse.SUPPRESS,
-            help=helps[name] + ("" if defaults[name] is None else f" (default: {defaults[name]})"),
-        )
-    f = p.add_mutually_exclusive_group()
-    f.add_argument(
-        "--keep-bulk",
-        dest="keep_bulk",
-        type=float,
-        metavar="F",
-        default=argparse.SUPPRESS,
-        help=f"constant fraction f of the bulk kept at each cut (default: {defaults['keep_bulk']})",
+    f = p.add_mutually_exclusive_group()  # a constant f, or its linear decay
+    add_flags(
+        p,
+        TrainConfig,
+        _FLAGS,
+        choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
+        where={"decay_T": f},
     )
-    f.add_argument(
-        "--decay-T",
-        dest="decay_T",
-        type=float,
-        metavar="T",
-        default=argparse.SUPPRESS,
-        help="linear decay f(epoch) = max(0, 1 - epoch / T) instead of a constant f",
-    )
-    p.add_argument(
-        "--exclude",
-        dest="exclude",
-        action="append",
-        metavar="PATTERN",
-        default=argparse.SUPPRESS,
-        help="layer name pattern never pruned (repeatable)",
-    )
-    p.add_argument(
-        "--no-prune",
-        dest="prune",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="train without pruning (the baseline)",
-    )
-    p.add_argument(
-        "--eval-before-prune",
-        dest="eval_before_prune",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="also measure test accuracy just before each cut (one more evaluation per cut)",
-    )
-    p.add_argument(
-        "--no-track-spectra",
-        dest="track_spectra",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="do not fit the layers' spectra on epochs without a cut (faster on big models)",
-    )
-    p.add_argument(
-        "--prune-output",
-        dest="keep_output_rank",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="let the output (logits) layer be cut below its full rank too (by default it is not)",
+    for flag, (name, action, text) in _SWITCHES.items():
+        p.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS, help=text)
+    add_compression_flags(
+        p,
+        defaults=default_compression().to_dict(),
+        where={"keep_bulk": f},
+        aliases={"--cut-last": ["--prune-output"]},
+        include_help="layer name patterns pruned (repeatable; default: every supported layer)",
+        exclude_help="layer name pattern never pruned (repeatable)",
     )
     p.add_argument(
         "--threads",
@@ -133,12 +103,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(_names=tuple(defaults))
+    names = [name for name, _, _ in _FLAGS.values()] + [name for name, _, _ in _SWITCHES.values()]
+    p.set_defaults(_names=tuple(names))
     return p
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in args._names if hasattr(args, name)}
+    """The TrainConfig fields given on the command line; the compression ones nested (a partial dict)."""
+    out = given(args, args._names)
+    compression = compression_overrides(args)
+    if compression:
+        out["compression"] = compression
+    return out
 
 
 def _table(rows: list[list[str]], right: set[int] | None = None) -> str:

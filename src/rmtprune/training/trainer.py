@@ -1,0 +1,486 @@
+"""The complete trainer: :func:`train` opens a run, then loops over epochs (train, cut, evaluate, save).
+
+A run's state between epochs is one :class:`_Run` (config, model, optimizer, scheduler, data,
+pruner, output directory, metrics, timings); :func:`train` is the loop over epochs calling
+:func:`_run_epoch` and :func:`_save_epoch`, and :func:`_open` / :func:`_restore` set the run up,
+fresh or resumed from its last checkpoint, in an order that keeps resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._atomic import atomic_write_text
+from .._progress import progress
+from ..errors import CheckpointError
+from ..finetune import DivergedError, evaluate, optimizer_step, regularizer
+from ..io import factored_layers
+from .config import TrainConfig, TrainResult, flat_overrides, flatten, unflatten
+from .pruner import LogFn, RMTPruner, _layer_columns, _report_rows
+from .resume import (
+    _check_optimizer_fits,
+    _check_scheduler_fits,
+    _resume_config,
+    _resumed_model,
+    load_checkpoint,
+)
+from .run_files import (
+    _FORMAT,
+    _VERSION,
+    CHECKPOINT,
+    _check_fresh_out,
+    _prepare_out,
+    _remove_empty_run,
+    _rng_state,
+    _save_checkpoint,
+    _set_rng_state,
+    _write_outputs,
+    _write_tables,
+)
+from .setup import (
+    _check_device,
+    _check_model_size,
+    _check_names,
+    _load_data,
+    _make_optimizer,
+    _make_scheduler,
+    _meta_model,
+    _short,
+)
+
+__all__ = ["train"]
+
+
+@dataclass
+class _Run:
+    """Everything a run carries from one epoch to the next."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    train_ds: Any
+    test_ds: Any
+    loader_gen: torch.Generator
+    initial_params: int
+    out_dir: Path | None = None
+    data_dir: str | os.PathLike[str] | None = None
+    created: bool = False
+    state: dict[str, Any] | None = None  # the checkpoint resumed from
+    ckpt_path: Path | None = None  # and its file
+    log: LogFn | None = None
+    progress_bar: bool | None = False
+    batch_callback: Callable[[int, int], None] | None = None
+    pruner: RMTPruner | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    loader: Any = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    done: int = 0
+    config_written: bool = False
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"train": 0.0, "prune": 0.0, "eval": 0.0, "spectra": 0.0, "io": 0.0}
+    )
+
+    @property
+    def decisions(self) -> list[dict[str, Any]]:
+        return self.pruner.history_ if self.pruner is not None else []
+
+
+def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    base = flatten(config.to_dict() if config is not None else TrainConfig().to_dict())
+    flat = flat_overrides(overrides)
+    unknown = sorted(set(flat) - set(base))
+    if unknown:
+        raise TypeError(
+            f"train() got unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(base))}"
+        )
+    base.update(flat)
+    return TrainConfig.from_dict(unflatten(base))
+
+
+def _open(
+    config: TrainConfig | None,
+    overrides: dict[str, Any],
+    out: str | os.PathLike[str] | None,
+    resume: bool,
+    force: bool,
+    data_dir: str | os.PathLike[str] | None,
+    log: LogFn | None,
+) -> _Run:
+    """Check the config, the output directory and (resuming) the checkpoint; build data and model."""
+    from ..zoo.data import seed_everything
+    from ..zoo.models import build_model
+
+    state = ckpt_path = out_dir = None
+    if not resume:
+        cfg = _resolve_config(config, overrides)
+        _check_names(cfg)  # before anything is written
+        if out is not None:
+            _check_fresh_out(out, force)
+    else:
+        if out is None:
+            raise ValueError("resume=True needs out= (the directory of the run to continue)")
+        out_dir = _prepare_out(out, resume=True)
+        state, ckpt_path = load_checkpoint(out_dir, log)
+        stored = TrainConfig.from_dict(state["config"])  # checked by load_checkpoint
+        cfg = _resume_config(stored, config, overrides, int(state["epoch"]))
+        _check_device(cfg.device)
+        if data_dir is None:
+            data_dir = state.get("data_dir")
+
+    loader_gen = seed_everything(cfg.seed)
+    train_ds, test_ds = _load_data(cfg, data_dir)
+    if state is not None:
+        # Checked against the spec on the meta device before anything is allocated; the random
+        # number generators are restored later, so skipping the dense build changes nothing.
+        model, initial = _resumed_model(cfg, state, ckpt_path, train_ds.input_shape, train_ds.num_classes)
+    else:
+        _check_model_size(cfg, _meta_model(cfg, train_ds.input_shape, train_ds.num_classes))
+        model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
+        initial = sum(p.numel() for p in model.parameters())
+    run = _Run(cfg, model, train_ds, test_ds, loader_gen, initial, out_dir, data_dir, state=state, log=log)
+    run.ckpt_path = ckpt_path
+    if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
+        run.created = not Path(out).expanduser().exists()
+        run.out_dir = _prepare_out(out, resume=False, force=force)
+    return run
+
+
+def _restore(run: _Run) -> None:
+    """Pruner, optimizer and schedule of the run; a resumed run's states loaded from its checkpoint."""
+    cfg, state = run.cfg, run.state
+    if cfg.prune:
+        run.pruner = RMTPruner(
+            every=cfg.prune_every,
+            start=cfg.prune_start,
+            keep_bulk=cfg.compression.keep_bulk,
+            decay_T=cfg.decay_T,
+            config=cfg.compression,
+            log=run.log,
+        )
+    run.optimizer = _make_optimizer(cfg, run.model)
+    run.scheduler = _make_scheduler(cfg, run.optimizer)
+    if state is not None:
+        path = run.ckpt_path
+        where = f"{str(path)!r} has an optimizer or scheduler state that does not fit"
+        _check_optimizer_fits(run.optimizer, state["optimizer"], where)
+        _check_scheduler_fits(run.scheduler, state["scheduler"], where)
+        try:
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"], run.loader_gen)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{str(path)!r} has an optimizer or RNG state that does not fit: {_short(exc)}"
+            ) from exc
+        if run.pruner is not None:
+            run.pruner.load_state_dict(state.get("pruner", {}))
+        run.metrics = [dict(r) for r in state.get("metrics", [])]
+        run.done = int(state["epoch"])
+        if run.log is not None:
+            done, epochs = run.done, cfg.epochs
+            left = "nothing left to train" if done >= epochs else f"{epochs - done} epoch(s) to go"
+            run.log(f"resuming {str(run.out_dir)!r} after epoch {done} of {epochs} from {path.name}: {left}")
+    elif run.pruner is not None and run.pruner.should_prune(0):
+        run.pruner.prune(run.model, 0, run.optimizer)
+    # A fresh run writes config.json with its first checkpoint, so a run that fails before
+    # completing an epoch (divergence, Ctrl-C, a bad option found late) leaves nothing behind.
+    if run.out_dir is not None and state is not None:
+        atomic_write_text(run.out_dir / "config.json", cfg.to_json() + "\n")
+        run.config_written = True
+    from ..zoo.data import FastLoader
+
+    run.loader = FastLoader(
+        run.train_ds, cfg.batch_size, shuffle=True, generator=run.loader_gen, device=cfg.device
+    )
+    run.test_ds = run.test_ds.to(cfg.device)
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+    log: LogFn | None = None,
+    progress_bar: bool | None = False,
+    batch_callback: Callable[[int, int], None] | None = None,
+    force: bool = False,
+    **overrides: Any,
+) -> TrainResult:
+    """Train a model on a dataset, pruning it with :class:`RMTPruner` on the way; return the result.
+
+    Parameters
+    ----------
+    config : a :class:`TrainConfig`; keyword ``overrides`` replace its fields (``train(epochs=3)``);
+        ``compression={...}`` replaces some fields of its compression config.
+    out : output directory (created): ``config.json``, ``metrics.csv``/``.json`` (one row per
+        epoch: losses, accuracies, parameter count, per-layer rank, sigma2, n_spikes, n_bulk, ks),
+        ``decisions.csv``/``.json`` (one row per layer per cut), ``accuracy.png``, ``params.png``,
+        ``ranks.png``, ``model.safetensors`` (+ manifest, for :func:`rmtprune.load`) and a checkpoint
+        after every epoch (``checkpoint.pt``, the one before kept as ``checkpoint.prev.pt``). Every
+        file is written atomically. ``None``: nothing is written and ``resume`` is impossible.
+    resume : continue the run in ``out`` from its last complete checkpoint: the pruned architecture,
+        weights, optimizer and scheduler state and every random number generator are restored, so
+        the run ends with the same metrics as one that was never interrupted. The stored
+        configuration is used; only ``epochs``, ``device``, ``track_spectra`` and
+        ``eval_before_prune`` may change.
+    data_dir : where the dataset files are (see :func:`rmtprune.data.load_dataset`); a resumed run
+        uses the one it was started with unless given another.
+    log : called with one line per epoch and per pruning decision (``print`` for a console).
+    progress_bar : a progress bar over the batches (``None``: only on a terminal).
+    batch_callback : called as ``batch_callback(epoch, batch_index)`` before every batch (tests use
+        it to interrupt a run; a ``KeyboardInterrupt`` there leaves the last checkpoint valid).
+    force : a fresh run into a directory that already has files of the names it writes
+        (:data:`RUN_FILES`: another run's, or yours) overwrites them; without it that is refused
+        before any work.
+
+    Returns
+    -------
+    TrainResult
+    """
+    t_run = time.perf_counter()
+    run = _open(config, overrides, out, resume, force, data_dir, log)
+    run.progress_bar, run.batch_callback = progress_bar, batch_callback
+    _restore(run)
+    epoch = run.done
+    try:
+        for epoch in range(run.done + 1, run.cfg.epochs + 1):
+            row = _run_epoch(run, epoch)
+            for key in run.timings:
+                if key != "io":
+                    run.timings[key] += row[f"seconds_{key}"]
+            run.metrics.append(row)
+            if log is not None:
+                log(_format_epoch(row, run.cfg.epochs))
+            _save_epoch(run, epoch)
+    except BaseException as exc:
+        _interrupted(run, epoch, exc)
+        raise
+    _finish(run, nothing_trained=epoch == run.done)
+    run.timings["total"] = time.perf_counter() - t_run
+    return TrainResult(
+        model=run.model,
+        config=run.cfg,
+        metrics=run.metrics,
+        decisions=run.decisions,
+        timings=run.timings,
+        out=run.out_dir,
+        resumed_from=run.done if run.state is not None else None,
+        initial_params=run.initial_params,
+    )
+
+
+def _save_epoch(run: _Run, epoch: int) -> None:
+    """The checkpoint of ``epoch``, ``config.json`` with the first one, and the tables so far."""
+    out_dir = run.out_dir
+    if out_dir is None:
+        return
+    t0 = time.perf_counter()
+    data_dir = None if run.data_dir is None else str(Path(run.data_dir).expanduser().resolve())
+    _save_checkpoint(
+        out_dir,
+        {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "epoch": epoch,
+            "config": run.cfg.to_dict(),
+            "data_dir": data_dir,
+            "architecture": factored_layers(run.model),
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": _rng_state(run.loader_gen),
+            "metrics": run.metrics,
+            "pruner": run.pruner.state_dict() if run.pruner is not None else {},
+        },
+    )
+    if not run.config_written:
+        atomic_write_text(out_dir / "config.json", run.cfg.to_json() + "\n")
+        run.config_written = True
+    _write_outputs(out_dir, lambda: _write_tables(out_dir, run.metrics, run.decisions))
+    run.timings["io"] += time.perf_counter() - t0
+
+
+def _interrupted(run: _Run, epoch: int, exc: BaseException) -> None:
+    """A fresh run that failed before its first checkpoint leaves no directory; Ctrl-C says where it is."""
+    out_dir = run.out_dir
+    if out_dir is not None and run.state is None and not run.config_written:
+        _remove_empty_run(out_dir, run.created)
+    if isinstance(exc, KeyboardInterrupt) and run.log is not None and out_dir is not None:
+        where = (
+            f"the last complete checkpoint is {str(out_dir / CHECKPOINT)!r} (epoch {epoch - 1})"
+            if epoch - 1 > 0
+            else "no epoch was completed"
+        )
+        run.log(f"interrupted during epoch {epoch}; {where}")
+
+
+def _finish(run: _Run, nothing_trained: bool) -> None:
+    """Plots and the final model (and, for a run killed before its tables, the tables)."""
+    out_dir = run.out_dir
+    if out_dir is None:
+        return
+    from .. import plotting
+
+    t0 = time.perf_counter()
+    if nothing_trained:
+        # Nothing left to train: a run killed between its last checkpoint and its tables
+        # gets them written from the checkpoint now.
+        _write_outputs(out_dir, lambda: _write_tables(out_dir, run.metrics, run.decisions))
+    if plotting.have_matplotlib():
+        _write_outputs(out_dir, lambda: plotting.plot_training(out_dir, run.metrics))
+    elif run.log is not None:
+        run.log("plots skipped: " + plotting.MISSING_MATPLOTLIB)
+    _write_outputs(
+        out_dir, lambda: _save_model(run.model, out_dir / "model.safetensors", run.cfg, run.train_ds)
+    )
+    run.timings["io"] += time.perf_counter() - t0
+
+
+def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
+    """One pass over the training data; returns the summed loss, the correct count and the count."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    model.train()
+    loss_sum, correct, n = 0.0, 0, 0
+    regularise = cfg.l1 > 0 or cfg.l2 > 0
+    steps = len(run.loader)
+    batches = progress(run.loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", enable=run.progress_bar)
+    for i, (x, y) in enumerate(batches):
+        if run.batch_callback is not None:
+            run.batch_callback(epoch, i)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        total = loss + regularizer(model, cfg.l1, cfg.l2, weights="all") if regularise else loss
+        value = float(total.detach())
+        if not math.isfinite(value):
+            # Before the step: the weights stay as they were, and no checkpoint of this epoch is written.
+            raise DivergedError(
+                f"training diverged in epoch {epoch}, step {i + 1} of {steps}: the loss is {value}; "
+                f"lower the learning rate (--lr, now {cfg.lr:g}); nothing of epoch {epoch} was saved"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer_step(optimizer, f"training diverged in epoch {epoch}, step {i + 1} of {steps}", cfg.lr)
+        with torch.no_grad():
+            loss_sum += float(loss) * int(y.numel())
+            correct += int((logits.argmax(1) == y).sum())
+            n += int(y.numel())
+    return loss_sum, correct, n
+
+
+def _test(run: _Run) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the test set (summed per batch, as always)."""
+    from ..zoo.data import batches
+
+    res = evaluate(run.model, lambda: batches(run.test_ds, 1024), reduction="sum")
+    return res["loss"], res["accuracy"]
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch: train, step the schedule, cut if due, evaluate, fit spectra; return its metrics row."""
+    cfg, pruner = run.cfg, run.pruner
+    t0 = time.perf_counter()
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    loss_sum, correct, n = _train_steps(run, epoch)
+    run.scheduler.step()
+    t_train = time.perf_counter() - t0
+
+    pruned = pruner is not None and pruner.should_prune(epoch)
+    t_eval = t_prune = 0.0
+    acc_before = None
+    layers: dict[str, dict[str, Any]] = {}
+    if pruned:
+        if cfg.eval_before_prune:
+            t0 = time.perf_counter()
+            _, acc_before = _test(run)
+            t_eval += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruner.prune(run.model, epoch, run.optimizer)
+        t_prune = time.perf_counter() - t0
+        layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
+    t0 = time.perf_counter()
+    test_loss, test_acc = _test(run)
+    t_eval += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not pruned:
+        layers = _layer_stats(run.model, cfg.compression, fits=cfg.track_spectra)
+    t_spectra = time.perf_counter() - t0
+    return {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": loss_sum / max(n, 1),
+        "train_acc": correct / max(n, 1),
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "pruned": pruned,
+        "f": pruner.fraction(epoch) if pruned else None,
+        "test_acc_before_prune": acc_before,
+        "seconds_train": t_train,
+        "seconds_prune": t_prune,
+        "seconds_eval": t_eval,
+        "seconds_spectra": t_spectra,
+        "layers": layers,
+    }
+
+
+def _format_epoch(row: dict[str, Any], epochs: int) -> str:
+    line = (
+        f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+        f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
+        f"acc {100 * row['test_acc']:.2f}%  "
+        f"params {row['params']:,}  ({row['seconds_train']:.1f} s"
+    )
+    if row["pruned"]:
+        line += f", pruned f={row['f']:.3f} in {row['seconds_prune']:.2f} s"
+        if row.get("test_acc_before_prune") is not None:
+            line += f", test acc before the cut {100 * row['test_acc_before_prune']:.2f}%"
+    return line + ")"
+
+
+def _save_model(model: nn.Module, path: Path, cfg: TrainConfig, data: Any) -> None:
+    """The final model as safetensors + manifest; ``rmtprune.load(path)`` rebuilds it from the spec."""
+    from ..io import save
+
+    save(
+        model,
+        path,
+        factory=cfg.model,
+        factory_args={"input_shape": list(data.input_shape), "num_classes": int(data.num_classes)},
+    )
+
+
+def _layer_stats(model: nn.Module, compression: Any, fits: bool = True) -> dict[str, dict[str, Any]]:
+    """Per prunable layer: current rank and, with ``fits``, the BEMA fit (sigma2, n_spikes, n_bulk, ks)."""
+    from ..surgery import handler_for, plan
+
+    if fits:
+        report = plan(model, compression)
+        return {
+            row["layer"]: {**_layer_columns(row), "rank": row["rank_before"]}
+            for row in _report_rows(report)
+            if row["action"] != "skip"
+        }
+    out = {}
+    for name, mod in model.named_modules():
+        h = handler_for(mod)
+        if h is not None and not h.unsupported(mod) and not any(name.startswith(k + ".") for k in out):
+            out[name] = {
+                "rank": h.current_rank(mod),
+                "sigma2": None,
+                "n_spikes": None,
+                "n_bulk": None,
+                "ks": None,
+            }
+    return out
