@@ -181,3 +181,52 @@ def test_bad_output_paths_write_nothing(tmp_path, monkeypatch) -> None:
     with pytest.raises(RmtpruneError, match=r"could not write the model \(disk full\)"):
         rmtprune.save(net, tmp_path / "net.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+_RECORD = {"type": "LowRankLinear", "original_type": "Linear", "rank": 4, "matrix_shape": [48, 48],
+           "weight_shape": [48, 48], "bias": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"rank": 10**9}, r"architecture\['fc1'\] rank=1000000000 must be an int in \[1, min\(m, n\)=48\]"),
+        ({"rank": -1}, r"rank=-1 must be an int"),
+        ({"rank": 3.0}, r"rank=3.0 must be an int"),
+        ({"matrix_shape": [48]}, r"matrix_shape=\[48\] is not two positive ints"),
+        (
+            {"type": "os.system"},
+            r"type='os.system' is not one of LowRankConv1d, LowRankConv2d, LowRankLinear",
+        ),
+        ({"weight_shape": [0]}, r"weight_shape=\[0\] is not positive ints"),
+        ({"bias": None}, r"bias is not a bool"),
+        ({"original_type": 3}, r"original_type is not a name"),
+    ],
+)
+def test_check_layer_record_is_the_one_record_check(change: dict, match: str) -> None:
+    from rmtprune.manifest import check_layer_record
+
+    assert check_layer_record("fc1", dict(_RECORD)) == _RECORD
+    with pytest.raises(KeyError, match=match):  # the caller's error type (training's resume check)
+        check_layer_record("fc1", {**_RECORD, **change}, where="architecture['fc1']", error=KeyError)
+    with pytest.raises(CheckpointError, match="layer 'fc1' "):
+        check_layer_record("fc1", {**_RECORD, **change})
+
+
+def test_strict_records_need_every_field_and_legacy_ones_do_not() -> None:
+    from rmtprune.manifest import check_layer_record
+
+    short = {k: _RECORD[k] for k in ("type", "rank", "matrix_shape")}
+    assert check_layer_record("fc1", short) == short  # an older manifest's record
+    with pytest.raises(CheckpointError, match="weight_shape=None is not positive ints"):
+        check_layer_record("fc1", short, strict=True)
+
+
+def test_write_checkpoint_is_a_deprecated_name_of_write_model(tmp_path) -> None:
+    net, _ = compressed()
+    with pytest.warns(DeprecationWarning, match="use write_model"):
+        rio.write_checkpoint(net, tmp_path / "a.safetensors", tmp_path / "a.json")
+    rio.write_model(net, tmp_path / "b.safetensors", tmp_path / "b.json")
+    assert json.loads((tmp_path / "a.json").read_text())["layers"] == rio.factored_layers(net)
+    loaded = rmtprune.load(tmp_path / "a.safetensors", Net())
+    assert isinstance(loaded.fc1, LowRankLinear)
