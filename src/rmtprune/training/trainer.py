@@ -25,7 +25,7 @@ from ..errors import CheckpointError
 from ..finetune import DivergedError, evaluate, optimizer_step, regularizer
 from ..io import factored_layers
 from .config import TrainConfig, TrainResult, flat_overrides, flatten, unflatten
-from .pruner import LogFn, RMTPruner, _layer_columns, _report_rows
+from .pruner import LogFn, RMTPruner, _layer_columns
 from .resume import (
     _check_optimizer_fits,
     _check_scheduler_fits,
@@ -462,25 +462,29 @@ def _save_model(model: nn.Module, path: Path, cfg: TrainConfig, data: Any) -> No
 
 
 def _layer_stats(model: nn.Module, compression: Any, fits: bool = True) -> dict[str, dict[str, Any]]:
-    """Per prunable layer: current rank and, with ``fits``, the BEMA fit (sigma2, n_spikes, n_bulk, ks)."""
-    from ..surgery import handler_for, plan
+    """Per prunable layer: current rank and, with ``fits``, the BEMA fit (sigma2, n_spikes, n_bulk, ks).
 
+    The fits are those of the analyze stage (:func:`rmtprune.analysis.analyze`, the same fits a
+    plan with ``compression`` would decide from); layers it skips are left out.
+    """
     if fits:
-        report = plan(model, compression)
-        return {
-            row["layer"]: {**_layer_columns(row), "rank": row["rank_before"]}
-            for row in _report_rows(report)
-            if row["action"] != "skip"
-        }
+        from ..analysis import analyze
+
+        out = {}
+        for la in analyze(model, compression):
+            if la.verdict != "skip":
+                fit = la.fit.to_dict() if la.fit is not None else {}
+                out[la.name] = {"rank": la.rank, **{k: fit.get(k) for k in _FIT_COLUMNS}}
+        return out
+    from ..layers import handler_for
+
     out = {}
     for name, mod in model.named_modules():
         h = handler_for(mod)
         if h is not None and not h.unsupported(mod) and not any(name.startswith(k + ".") for k in out):
-            out[name] = {
-                "rank": h.current_rank(mod),
-                "sigma2": None,
-                "n_spikes": None,
-                "n_bulk": None,
-                "ks": None,
-            }
+            out[name] = {"rank": h.current_rank(mod), **dict.fromkeys(_FIT_COLUMNS)}
     return out
+
+
+#: The fit columns of a layer in the metrics (after its rank).
+_FIT_COLUMNS = ("sigma2", "n_spikes", "n_bulk", "ks")
