@@ -10,8 +10,9 @@ from torch import nn
 
 import rmtprune
 from rmtprune import CompressionConfig, LowRankConv2d, LowRankLinear
+from rmtprune._validate import check_number
 from rmtprune.errors import InvalidWeightsError, RmtpruneError
-from rmtprune.spectral import fit_censored
+from rmtprune.spectral import RULES, RankDecision, RankRule, RuleParam, fit_censored, register_rule
 from rmtprune.surgery import (
     LayerHandler,
     LinearHandler,
@@ -465,3 +466,125 @@ def test_float32_svd_gives_the_same_ranks() -> None:
     _, r32 = rmtprune.compress(b, svd_dtype="float32")
     assert [lp.rank for lp in r64] == [lp.rank for lp in r32]
     assert torch.allclose(a[0].dense_weight(), b[0].dense_weight(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------- the resolved config is on the plan
+def test_plan_records_the_resolved_svd_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = planted_mlp()
+    p = rmtprune.plan(net, CompressionConfig(overrides={"2": {"svd_dtype": "float32"}}))
+    assert (p["0"].svd_dtype, p["2"].svd_dtype, p["4"].svd_dtype) == ("float64", "float32", "float64")
+    q = Plan.from_json(p.to_json())
+    assert q.to_dict() == p.to_dict() and q["2"].svd_dtype == "float32"
+
+    def boom(self, name):
+        raise AssertionError("apply went back to the config")
+
+    monkeypatch.setattr(CompressionConfig, "for_layer", boom)
+    rmtprune.apply(net, q)
+    assert isinstance(net[2], LowRankLinear) and net[2].rank == p["2"].rank
+
+
+# ---------------------------------------------------------------------- a rule of one's own, end to end
+class TopShare(RankRule):
+    """Keep the top ``share`` of the singular values (a rule with a parameter that is no config field)."""
+
+    parameters = {"share": RuleParam(0.5, lambda name, v: check_number(name, v, 0.0, 1.0, lo_open=True))}
+
+    def select(self, s, shape, fit=None) -> RankDecision:
+        p = min(shape)
+        rank = max(1, int(self.share * p))
+        return RankDecision(self.name, rank, p, params=self.params(), reason=f"top {self.share:g} of p={p}")
+
+
+def test_a_registered_rule_compresses_a_model() -> None:
+    register_rule("top_share", TopShare)
+    try:
+        cfg = CompressionConfig(
+            rule="top_share", rule_params={"share": 0.25}, overrides={"2": {"rule_params": {"share": 0.1}}}
+        )
+        assert CompressionConfig.from_json(cfg.to_json()) == cfg
+        net = planted_mlp()
+        _, rep = rmtprune.compress(net, cfg)
+        assert (net[0].rank, net[2].rank) == (50, 15) and rep["4"].action == "keep"
+        assert rep["0"].decision["params"] == {"share": 0.25} and rep["0"].reason == "top 0.25 of p=200"
+        with pytest.raises(ValueError, match=r"share=2 must be in \(0, 1\]"):
+            CompressionConfig(rule="top_share", rule_params={"share": 2})
+        with pytest.raises(TypeError, match="bad parameters for rule 'top_share'"):
+            CompressionConfig(rule="top_share", rule_params={"shar": 0.5})
+    finally:
+        RULES.pop("top_share", None)
+
+
+# ---------------------------------------------------------------------- the output layer
+def test_protect_last_follows_the_output_layer_rule_of_hugging_face_models() -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    bert = dict(
+        vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    base = transformers.BertModel(transformers.BertConfig(**bert))
+    p = rmtprune.plan(base, CompressionConfig(rule="fixed", rank=2))
+    # A base model has no output layer: its unused pooler is an ordinary layer, not "(logits) kept".
+    assert p["pooler.dense"].action == "factor" and "protect_last" not in p["pooler.dense"].reason
+    head = transformers.BertForSequenceClassification(transformers.BertConfig(**bert, num_labels=12))
+    q = rmtprune.plan(head, CompressionConfig(rule="fixed", rank=2))
+    assert q["classifier"].action == "keep"
+    assert q["classifier"].reason == "fixed rank 2; last prunable layer (logits) kept: protect_last=True"
+    assert q["classifier"].fit is not None and q["classifier"].decision["rank"] == 2  # analysed, reported
+    assert q["bert.pooler.dense"].action == "factor"
+
+
+# ---------------------------------------------------------------------- the inverse and the check
+def test_densify_undoes_factoring_with_the_same_outputs_and_types() -> None:
+    net = planted_cnn()
+    types = {name: type(m) for name, m in net.named_modules()}
+    net.conv2.weight.requires_grad_(False)
+    net.eval()
+    assert not rmtprune.is_compressed(net)
+    rmtprune.compress(net, rule="fixed", ratio=0.5, factor_only_if_smaller=False, ks_max=math.inf)
+    assert rmtprune.is_compressed(net) and isinstance(net.conv2, LowRankConv2d)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = net(x)
+    assert rmtprune.densify(net) is net
+    assert not rmtprune.is_compressed(net)
+    assert {name: type(m) for name, m in net.named_modules()} == types
+    assert net.conv2.stride == (2, 2) and net.conv2.dilation == (2, 2) and net.conv2.padding == (2, 2)
+    assert not net.conv2.weight.requires_grad and net.conv2.bias.requires_grad and not net.conv2.training
+    with torch.no_grad():
+        assert torch.allclose(net(x), y, atol=1e-5)
+
+
+def test_densify_rebuilds_a_registered_transposed_type_and_shared_modules() -> None:
+    register_handler(FakeConv1D, TransposedLinearHandler())
+    layer = FakeConv1D(40, 30)
+    with torch.no_grad():
+        layer.weight.normal_()
+    net = nn.Sequential(layer, nn.ReLU(), nn.Linear(40, 40))
+    net.again = net[2]  # one module under two names
+    rmtprune.compress(net, rule="fixed", rank=3, protect_last=False)
+    assert isinstance(net[0], LowRankLinear) and net[0].original_type == "FakeConv1D"
+    x = torch.randn(5, 30)
+    with torch.no_grad():
+        y = net(x)
+    rmtprune.densify(net)
+    assert type(net[0]) is FakeConv1D and tuple(net[0].weight.shape) == (30, 40)
+    with torch.no_grad():
+        assert torch.allclose(net(x), y, atol=1e-5)
+
+
+def test_densify_removes_masks_and_refuses_what_it_cannot_rebuild() -> None:
+    from rmtprune.masks import set_mask
+
+    net = planted_mlp()
+    set_mask(net[0], net[0].weight.abs() > 0.01)
+    assert rmtprune.is_compressed(net)
+    rmtprune.densify(net)
+    assert not rmtprune.is_compressed(net) and (net[0].weight == 0).any()
+    odd = nn.Sequential(LowRankLinear(20, 10, 2))
+    odd[0].original_type = "Bilinear"
+    with pytest.raises(ValueError, match="layer '0' replaced a Bilinear, which densify cannot rebuild"):
+        rmtprune.densify(odd)
+    assert isinstance(odd[0], LowRankLinear)
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        rmtprune.is_compressed("model")  # type: ignore[arg-type]

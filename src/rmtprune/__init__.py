@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "tw1_quantile": "rmtprune.spectral",
     "RankDecision": "rmtprune.spectral",
     "make_rule": "rmtprune.spectral",
+    "register_rule": "rmtprune.spectral",
     # analysis of tensors and checkpoints
     "analyze_matrix": "rmtprune.analysis",
     "analyze_tensor": "rmtprune.analysis",
@@ -46,11 +47,13 @@ _LAZY: dict[str, str] = {
     # compression
     "CompressionConfig": "rmtprune.config",
     "FitConfig": "rmtprune.config",
-    "Plan": "rmtprune.surgery",
-    "LayerPlan": "rmtprune.surgery",
+    "Plan": "rmtprune.plan_record",
+    "LayerPlan": "rmtprune.plan_record",
     "plan": "rmtprune.surgery",
     "apply": "rmtprune.surgery",
     "compress": "rmtprune.surgery",
+    "densify": "rmtprune.surgery",
+    "is_compressed": "rmtprune.surgery",
     "LowRankLinear": "rmtprune.lowrank",
     "LowRankConv1d": "rmtprune.lowrank",
     "LowRankConv2d": "rmtprune.lowrank",
