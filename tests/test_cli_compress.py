@@ -179,3 +179,13 @@ def test_reference_spec_with_dataset_needs_no_data_files(
     assert main(argv) == 0
     assert "32x784" in capsys.readouterr().out  # fc1 built for 28x28 inputs
     assert not (work / "empty-cache").exists()
+
+
+def test_cut_last_flag_reaches_the_config(work: Path, capsys) -> None:
+    args = ["compress", "--model", "clifactory:mlp", "--dry-run", "--no-progress", "--rank", "3"]
+    assert main(args) == 0
+    kept = [line for line in capsys.readouterr().out.splitlines() if line.startswith("5 ")]
+    assert kept and " keep " in kept[0] and "protect_last=True" in kept[0]
+    assert main([*args, "--cut-last"]) == 0
+    cut = [line for line in capsys.readouterr().out.splitlines() if line.startswith("5 ")]
+    assert cut and " factor " in cut[0]

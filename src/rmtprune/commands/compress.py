@@ -15,7 +15,6 @@ renamed only when all are complete, so a failure or Ctrl-C leaves every file as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import warnings
@@ -23,21 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ._model_input import add_safety_flags, check_model_outputs, load_model, shape_arg, write_model_outputs
-
-#: CLI flag -> (CompressionConfig field, type, metavar).
-_FLAGS: dict[str, tuple[str, type, str | None]] = {
-    "--rule": ("rule", str, None),
-    "--keep-bulk": ("keep_bulk", float, "F"),
-    "--alpha": ("alpha", float, "A"),
-    "--beta": ("beta", float, "B"),
-    "--ks-max": ("ks_max", float, "KS"),
-    "--min-rank": ("min_rank", int, "K"),
-    "--energy": ("energy", float, "FRACTION"),
-    "--ratio": ("ratio", float, "R"),
-    "--rank": ("rank", int, "K"),
-    "--sigma": ("sigma", float, "SIGMA"),
-    "--svd-dtype": ("svd_dtype", str, None),
-}
+from ._options import add_compression_flags, compression_overrides
 
 _EPILOG = """\
 actions: factor (replaced by two thin layers), dense-truncate (rank-k weight written back dense),
@@ -53,10 +38,6 @@ exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, miss
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``compress`` and its options."""
-    from ..config import CompressionConfig
-    from ..spectral import RULES
-
-    fields = {f.name: f for f in dataclasses.fields(CompressionConfig)}
     p = subparsers.add_parser(
         "compress",
         help="replace noisy layers by low-rank factors (Marchenko-Pastur / BEMA rank)",
@@ -83,45 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--num-classes", type=int, metavar="N", help="output classes of a model spec")
     p.add_argument("--config", metavar="JSON", help="CompressionConfig as a JSON file (flags override it)")
-    choices = {"rule": sorted(RULES), "svd_dtype": ["float64", "float32"]}
-    for flag, (name, typ, metavar) in _FLAGS.items():
-        f = fields[name]
-        p.add_argument(
-            flag,
-            dest=name,
-            type=typ,
-            metavar=metavar,
-            choices=choices.get(name),
-            default=argparse.SUPPRESS,
-            help=f"{f.metadata.get('help', '')} (default: {f.default})",
-        )
-    p.add_argument(
-        "--include", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help="layers to compress"
-    )
-    p.add_argument(
-        "--exclude", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help="layers to leave"
-    )
-    p.add_argument(
-        "--dense-truncate",
-        dest="dense_truncate",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="where factoring would not save parameters, write the rank-k weight back dense",
-    )
-    p.add_argument(
-        "--factor-always",
-        dest="factor_only_if_smaller",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="factor even when k(m+n) >= mn",
-    )
-    p.add_argument(
-        "--cut-last",
-        dest="protect_last",
-        action="store_false",
-        default=argparse.SUPPRESS,
-        help="also cut the last prunable layer (the logits; kept by default)",
-    )
+    add_compression_flags(p, include_help="layers to compress", exclude_help="layers to leave")
     add_safety_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
@@ -156,24 +99,7 @@ def _config(args: argparse.Namespace) -> Any:
             base = CompressionConfig.from_json(Path(args.config)).to_dict()
         except (OSError, ValueError, TypeError) as exc:
             raise type(exc)(f"--config {args.config!r}: {exc}") from None
-    names = [f for f, _, _ in _FLAGS.values()] + [
-        "include",
-        "exclude",
-        "dense_truncate",
-        "factor_only_if_smaller",
-    ]
-    for name in names:
-        if hasattr(args, name):
-            base[name] = getattr(args, name)
-    given = vars(args)  # flags left out are absent (argparse.SUPPRESS)
-    if ("ratio" in given or "rank" in given) and "rule" not in given:
-        base["rule"] = "fixed"  # --ratio/--rank alone mean the fixed rule
-    if "ratio" in given and "rank" not in given:
-        base["rank"] = None
-    if "rank" in given and "ratio" not in given:
-        base["ratio"] = None
-    if "energy" in given and "rule" not in given:
-        base["rule"] = "energy"
+    base.update(compression_overrides(args))  # flags left out are absent (argparse.SUPPRESS)
     return CompressionConfig(**base)
 
 
