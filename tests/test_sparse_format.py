@@ -15,8 +15,8 @@ from rmtprune.sparse_format import (
     decode_tensor,
     encode_state_dict,
     encode_tensor,
-    load_model,
     load_sparse,
+    load_sparse_into,
     save_model,
     save_sparse,
     stored_bytes,
@@ -177,13 +177,13 @@ def test_model_round_trip_restores_masks(tmp_path):
     save_model(path, net, {"model": "x:y"})
     torch.manual_seed(1)
     fresh = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 4))
-    assert load_model(path, fresh) == {"model": "x:y"}
+    assert load_sparse_into(path, fresh) == {"model": "x:y"}
     assert torch.equal(masks_of(fresh)["0.weight"], mask)
     assert all(
         torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True)
     )
     with pytest.raises(CheckpointError, match="does not fit the model"):
-        load_model(path, torch.nn.Sequential(torch.nn.Linear(20, 5)))
+        load_sparse_into(path, torch.nn.Sequential(torch.nn.Linear(20, 5)))
 
 
 class _Tied(torch.nn.Module):
@@ -205,7 +205,7 @@ def test_tied_weights_stored_once(tmp_path):
     state, _, _ = load_sparse(path)
     assert ("emb.weight" in state) != ("out.weight" in state)
     fresh = _Tied()
-    load_model(path, fresh)
+    load_sparse_into(path, fresh)
     assert torch.equal(fresh.out.weight, net.emb.weight) and fresh.out.weight is fresh.emb.weight
     assert torch.equal(masks_of(fresh)["proj.weight"], masks_of(net)["proj.weight"])
 
@@ -278,3 +278,12 @@ def test_crafted_indices_and_expansion(tmp_path):
     both = dict(_CSR_PARTS, w=torch.ones(2, 4))
     with pytest.raises(CheckpointError, match="stored both dense and sparse"):
         load_sparse(_crafted(tmp_path, both, entry))
+
+
+def test_load_model_is_a_deprecated_name_of_load_sparse_into(tmp_path) -> None:
+    from rmtprune.sparse_format import load_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    save_model(tmp_path / "m.safetensors", net, {"k": 1})
+    with pytest.warns(DeprecationWarning, match="use load_sparse_into"):
+        assert load_model(tmp_path / "m.safetensors", torch.nn.Sequential(torch.nn.Linear(4, 3))) == {"k": 1}

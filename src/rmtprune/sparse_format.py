@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_path
+from ._tensor_source import _one_line, _reject_constant, _short
+from ._validate import check_choice
 from .errors import CheckpointError
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "save_sparse",
     "load_sparse",
     "save_model",
+    "load_sparse_into",
     "load_model",
     "manifest_from_metadata",
     "dense_shapes",
@@ -61,14 +64,6 @@ _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 #: expand that much (a 4096 x 4096 float32 layer at 99.95% sparsity expands ~1000x).
 MAX_EXPANSION = 1024
 _MIN_BUDGET = 64 << 20
-
-
-def _check_format(fmt: str) -> str:
-    if not isinstance(fmt, str):
-        raise TypeError(f"format={fmt!r} must be a string")
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r} must be one of {list(FORMATS)}")
-    return fmt
 
 
 def _pattern_bytes(fmt: str, shape: tuple[int, ...], nnz: int) -> int:
@@ -97,7 +92,7 @@ def encode_tensor(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -
     Returns ``(parts, entry)``: ``parts`` maps a part name (``values``, ``bitmask`` or
     ``crow``/``col``) to a contiguous CPU tensor; ``entry`` records format, shape, dtype and nnz.
     """
-    _check_format(fmt)
+    check_choice("format", fmt, FORMATS)
     if not isinstance(weight, torch.Tensor) or not isinstance(mask, torch.Tensor):
         raise TypeError("weight and mask must be torch tensors")
     if tuple(mask.shape) != tuple(weight.shape):
@@ -149,11 +144,6 @@ def _entry_nnz(entry: Mapping[str, Any], numel: int) -> int | None:
     if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= numel:
         raise CheckpointError(f"sparse entry has nnz {_short(nnz)}, not an integer in [0, {numel}]")
     return nnz
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _part_sizes(fmt: str, shape: tuple[int, ...], nnz: int) -> dict[str, int]:
@@ -242,7 +232,7 @@ def encode_state_dict(
     the parts of sparse entries under ``"<key>@<part>"``; ``manifest`` maps each sparse key to
     its entry (format, shape, dtype, nnz). Both go straight into a safetensors file.
     """
-    _check_format(fmt)
+    check_choice("format", fmt, FORMATS)
     unknown = sorted(set(masks) - set(state_dict))
     if unknown:
         raise KeyError(f"masks for keys not in the state dict: {unknown}")
@@ -290,10 +280,6 @@ def decode_state_dict(
             raise CheckpointError(f"manifest names sparse tensor {_short(key)} but the file lacks its parts")
         state[key], masks[key] = decode_tensor(grouped[key], entry)
     return state, masks
-
-
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not valid JSON")
 
 
 def manifest_from_metadata(metadata: Mapping[str, str] | None) -> dict[str, dict] | None:
@@ -456,11 +442,6 @@ def load_sparse(
     return state, masks, user
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def save_model(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -473,10 +454,13 @@ def save_model(
     return save_sparse(path, model.state_dict(), masks_of(model), metadata, fmt)
 
 
-def load_model(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
-    """Load a file written by :func:`save_model` (or plain safetensors) into ``model``; restore masks.
+def load_sparse_into(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
+    """Load a file written by :func:`save_model` (or plain safetensors) into ``model`` in place, with
+    its masks restored.
 
-    Returns the stored metadata. Raises :class:`CheckpointError` when the tensors do not fit the model.
+    For state dicts saved here; :func:`rmtprune.load` reads rmtprune's model files (factored layers
+    and masks), and :func:`rmtprune.weights_file.iter_tensors` anyone's. Returns the stored metadata;
+    raises :class:`CheckpointError` when the tensors do not fit the model.
     """
     from .masks import remove_masks, restore_masks
 
@@ -497,6 +481,18 @@ def load_model(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str
     remove_masks(model)
     restore_masks(model, masks)
     return meta
+
+
+def load_model(path: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
+    """Deprecated name of :func:`load_sparse_into` (kept for one release)."""
+    import warnings
+
+    warnings.warn(
+        "rmtprune.sparse_format.load_model is deprecated; use load_sparse_into",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return load_sparse_into(path, model)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

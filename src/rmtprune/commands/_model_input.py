@@ -16,10 +16,9 @@ from typing import Any
 __all__ = [
     "shape_arg",
     "factory_args",
-    "is_spec",
     "build",
     "load_weights",
-    "load_model",
+    "model_from_args",
     "add_safety_flags",
     "check_model_outputs",
     "write_model_outputs",
@@ -51,7 +50,7 @@ def factory_args(args: argparse.Namespace) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     if args.dataset:
-        from ..data import dataset_shape
+        from ..zoo.data import dataset_shape
 
         shape, classes = dataset_shape(args.dataset)
         out = {"input_shape": list(shape), "num_classes": classes}
@@ -62,18 +61,11 @@ def factory_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def is_spec(spec: str) -> bool:
-    """Whether ``spec`` names a reference model family (``mlp``, ``cnn``, ``vit``) of rmtprune.models."""
-    from ..models import MODEL_FAMILIES
-
-    return spec.partition(":")[0].strip().lower() in MODEL_FAMILIES
-
-
 def build(spec: str, fargs: dict[str, Any]) -> Any:
     """Build the model of a factory string; a reference spec needs input shape and classes."""
     from .. import io as rio
 
-    if not is_spec(spec):
+    if not rio.is_reference_spec(spec):
         return rio.build_factory(spec)
     if not {"input_shape", "num_classes"} <= set(fargs):
         raise ValueError(
@@ -94,7 +86,7 @@ def load_weights(model: Any, path: str) -> None:
         return
     # The hardened reader of `rmtprune analyze` (weights_only, structure walked, sparse/meta/
     # quantized tensors and oversized storages refused by name), not a bare torch.load.
-    from ..checkpoint import iter_tensors
+    from ..weights_file import iter_tensors
 
     state = dict(iter_tensors(path))
     own = model.state_dict()
@@ -160,7 +152,7 @@ def write_model_outputs(
 
     targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
     with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
-        rio.write_checkpoint(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
+        rio.write_model(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
         size = os.path.getsize(tmp_w)
         json_text, md_text = reports(size)
         try:
@@ -190,8 +182,9 @@ def add_safety_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, dict[str, Any], int]:
-    """The model, its factory (for OUT's manifest), factory args, and the input's size in bytes.
+def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, dict[str, Any], int]:
+    """The model the command line names (CHECKPOINT, or ``--model`` with ``--weights``), its factory
+    (for OUT's manifest), factory args, and the input's size in bytes.
 
     A CHECKPOINT's own factory is built only when it is a reference spec, or with
     ``--trust-factory``: a file never makes rmtprune import code by itself (docs/security.md).
@@ -208,7 +201,7 @@ def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, di
         manifest = rio.read_manifest(ckpt) or {}
         if args.model:
             factory = args.model
-            fargs = fargs if is_spec(factory) else {}
+            fargs = fargs if rio.is_reference_spec(factory) else {}
             model = build(factory, fargs)
             rio.load(ckpt, model)
             return model, factory, fargs, os.path.getsize(ckpt)
@@ -218,14 +211,14 @@ def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, di
                 f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
             )
         recorded = manifest.get("factory_args") or {}
-        spec = is_spec(factory)
+        spec = rio.is_reference_spec(factory)
         fargs = {**recorded, **fargs} if spec else recorded
         trust = getattr(args, "trust_factory", False)
         model = rio.load(ckpt, trust_factory=trust, factory_args=fargs if spec else None)
         return model, factory, fargs, os.path.getsize(ckpt)
     if not args.model:
         raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")
-    fargs = fargs if is_spec(args.model) else {}
+    fargs = fargs if rio.is_reference_spec(args.model) else {}
     model = build(args.model, fargs)
     if args.weights:
         load_weights(model, args.weights)
@@ -233,3 +226,7 @@ def load_model(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, di
     else:
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model, args.model, fargs, size
+
+
+#: The former name of :func:`model_from_args` (``sparse_format`` and ``io`` have loaders too).
+load_model = model_from_args
