@@ -106,3 +106,21 @@ def test_prunable_layers_and_errors():
     with pytest.raises(TypeError, match="nn.Module"):
         list(prunable_layers("net"))
     assert MASK_BUFFER == "rmtprune_mask"
+
+
+def test_prunable_types_is_a_deprecated_view_of_the_registry():
+    import rmtprune.masks as masks
+    from rmtprune.layers import supported_types
+
+    with pytest.warns(DeprecationWarning, match="layer registry"):
+        types = masks.PRUNABLE_TYPES
+    assert {nn.Linear, nn.Conv1d, nn.Conv2d} <= set(types) <= set(supported_types())
+
+
+def test_prunable_layers_reach_the_factors_of_a_low_rank_layer():
+    from rmtprune.lowrank import LowRankLinear
+
+    net = nn.Sequential(
+        LowRankLinear.from_factors(torch.randn(8, 2), torch.randn(2, 6), None), nn.Linear(8, 3)
+    )
+    assert [n for n, _ in prunable_layers(net)] == ["0.first", "0.second", "1"]

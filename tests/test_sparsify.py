@@ -11,12 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-import rmtprune.sparsify as sp
+import rmtprune.sparsity.core as core
+from rmtprune.analysis import analyze_tensor
 from rmtprune.errors import InvalidWeightsError
 from rmtprune.finetune import DivergedError
 from rmtprune.masks import count_nonzeros, get_mask, masks_of, set_mask
-from rmtprune.sparsify import (
+from rmtprune.sparsity import (
+    BUDGETS,
     SparsifyConfig,
+    SparsityPlan,
+    budget_names,
     plan_sparsity,
     proportional_counts,
     singular_vector_thresholds,
@@ -73,7 +77,7 @@ def test_config_json_round_trip():
     assert SparsifyConfig.from_json(cfg.to_json()) == cfg
     assert json.loads(cfg.to_json())["c_min"] == pytest.approx(1 / 750)
     assert SparsifyConfig().q == 30.0
-    with pytest.raises(ValueError, match="unknown SparsifyConfig keys"):
+    with pytest.raises(ValueError, match="unknown SparsifyConfig field"):
         SparsifyConfig.from_dict({"target": 0.5, "targte": 0.1})
 
 
@@ -83,15 +87,15 @@ def test_config_json_round_trip():
         ({"target": 1.0}, ValueError, r"target=1.0 must be in \[0, 1\)"),
         ({"target": -0.1}, ValueError, "target=-0.1"),
         ({"target": float("nan")}, ValueError, "target=nan"),
-        ({"target": True}, TypeError, "target must be a number"),
-        ({"target": "0.5"}, TypeError, "target must be a number"),
+        ({"target": True}, TypeError, "target=True must be a number"),
+        ({"target": "0.5"}, TypeError, "target='0.5' must be a number"),
         ({"budget": "random"}, ValueError, "budget='random'"),
         ({"n_cycles": 0}, ValueError, "n_cycles=0"),
         ({"theta": -1.0}, ValueError, "theta=-1.0"),
         ({"q": 0}, ValueError, "q=0"),
         ({"include": [""]}, TypeError, "non-empty pattern"),
         ({"storage": "coo"}, ValueError, "storage='coo'"),
-        ({"refit": 1}, TypeError, "refit must be a bool"),
+        ({"refit": 1}, TypeError, "refit=1 must be a bool"),
         ({"schedule": "linear"}, ValueError, "schedule='linear'"),
         ({"warmup": 1.0}, ValueError, r"warmup=1.0 must be in \[0, 1\)"),
         ({"lr": float("inf")}, ValueError, r"lr=inf must be in \(0, inf\)"),
@@ -138,7 +142,7 @@ def test_threshold_rejects_bad_edge():
 
 def test_singular_vector_step_spares_spikes():
     w = _spiked(96, 64, 3, 5.0, seed=3)
-    fit = sp.analyze_tensor("w", w)
+    fit = analyze_tensor("w", w)
     new, info = sparsify_singular_vectors(w, fit.fit.s_plus, theta=1.0)
     assert new.shape == w.shape and new.dtype == w.dtype
     assert 0 < info["zeroed_u"] < 1 and 0 < info["rel_change"] < 0.5
@@ -308,10 +312,10 @@ def test_failure_half_way_restores_weights_and_masks(monkeypatch):
         calls.append(k)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return sp.__dict__["_orig_mm"](weight, old, k)
+        return orig(weight, old, k)
 
-    monkeypatch.setitem(sp.__dict__, "_orig_mm", sp._magnitude_mask)
-    monkeypatch.setattr(sp, "_magnitude_mask", boom)
+    orig = core._magnitude_mask
+    monkeypatch.setattr(core, "_magnitude_mask", boom)
     with pytest.raises(RuntimeError, match="boom"):
         sparsify(model, SparsifyConfig(target=0.5))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -493,3 +497,124 @@ def test_only_parametrized_layers_is_a_clear_error():
     model = nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 4)))
     with pytest.raises(ValueError, match="no prunable layer.*layer '0' skipped: parametrized weight"):
         sparsify(model, SparsifyConfig(target=0.5, budget="global"), show_progress=False)
+
+
+# ----------------------------------------------------------------------------- package, plan, registry
+
+
+def test_top_level_config_then_function():
+    # The documented example: touching rmtprune.SparsifyConfig once imported the submodule
+    # rmtprune.sparsify, which then shadowed the function (TypeError: 'module' object is not callable).
+    import importlib
+    import sys
+
+    import rmtprune
+
+    cfg = rmtprune.SparsifyConfig(target=0.3, budget="global")
+    model, report = rmtprune.sparsify(Tiny(), cfg)
+    assert report.achieved == pytest.approx(0.3, abs=1e-3)
+    sys.modules.pop("rmtprune.sparsify", None)
+    with pytest.warns(DeprecationWarning, match="rmtprune.sparsity"):
+        old = importlib.import_module("rmtprune.sparsify")
+    assert old.SparsifyConfig is SparsifyConfig and old.BUDGETS == BUDGETS
+    assert callable(rmtprune.sparsify) and rmtprune.sparsify is sparsify
+    assert rmtprune.is_sparsified(model) and rmtprune.remove_masks(model) == 3
+
+
+def test_plan_is_applied_by_sparsify():
+    cfg = SparsifyConfig(target=0.5, budget="energy")
+    model = Tiny()
+    plan = plan_sparsity(model, cfg)
+    assert isinstance(plan, SparsityPlan) and plan.dry_run and plan.config is cfg
+    assert sum(plan.counts) == plan.wanted == round(0.5 * plan.selected_params)
+    assert [r.nnz_after for r in plan.layers] == [
+        r.params - k for r, k in zip(plan.layers, plan.counts, strict=True)
+    ]
+    report = plan.report()
+    assert report.dry_run and report.table() == plan.table() and "planned=50.00%" in plan.summary()
+    twin = copy.deepcopy(model)
+    _, applied = sparsify(model, plan)
+    _, direct = sparsify(twin, cfg)
+    assert json.loads(applied.to_json()) == json.loads(direct.to_json())
+    with pytest.raises(ValueError, match="stale"):
+        sparsify(model, plan)  # the weights changed since the plan
+    with pytest.raises(ValueError, match="another model"):
+        sparsify(Tiny(), plan_sparsity(Tiny(), cfg))
+
+
+@pytest.mark.parametrize("budget", ["global", "signal"])
+def test_protect_last_keeps_the_output_layer_dense(budget):
+    from rmtprune.layers import output_layer
+
+    model = Tiny()
+    assert output_layer(model)[0] == "head"
+    _, report = sparsify(model, SparsifyConfig(target=0.4, budget=budget, protect_last=True))
+    head = next(r for r in report.layers if r.name == "head")
+    assert get_mask(model.head) is None and head.kind == "dense" and "protect_last" in head.reason
+    assert _pruned(model) == round(0.4 * report.selected_params)  # the others absorb its share
+    assert not any("head" in w for w in report.warnings)
+    _, report = sparsify(Tiny(), SparsifyConfig(target=0.4, budget="global"))
+    assert next(r for r in report.layers if r.name == "head").sparsity > 0  # default: pruned
+
+
+def test_register_budget(monkeypatch):
+    from rmtprune.sparsity import ThresholdBudget, budgets, register_budget
+
+    monkeypatch.setattr(budgets, "_REGISTRY", dict(budgets._REGISTRY))
+
+    class Squared(ThresholdBudget):
+        capped = False
+
+        def score(self, layer, magnitude):
+            return magnitude**2  # same order as |w|: exactly global magnitude pruning
+
+    register_budget("squared", Squared)
+    assert "squared" in budget_names()
+    a = Tiny()
+    b = copy.deepcopy(a)
+    sparsify(a, SparsifyConfig(target=0.5, budget="squared", sv_sparsify=False))
+    sparsify(b, SparsifyConfig(target=0.5, budget="global", sv_sparsify=False))
+    assert all(torch.equal(m, masks_of(b)[k]) for k, m in masks_of(a).items())
+    with pytest.raises(ValueError, match="already registered"):
+        register_budget("squared", type("Other", (ThresholdBudget,), {}))
+    with pytest.raises(TypeError, match="Budget subclass"):
+        register_budget("bad", object)
+    with pytest.raises(ValueError, match="budget='cubed' must be one of noise, energy"):
+        SparsifyConfig(budget="cubed")
+
+
+def test_budgets_own_their_parameters():
+    from rmtprune.sparsity import make_budget
+
+    cfg = SparsifyConfig(budget_power=2.5)
+    assert make_budget("signal", cfg).budget_power == 2.5
+    assert make_budget("bulk", cfg).needs_fit and not make_budget("uniform", cfg).needs_fit
+    assert not make_budget("global", cfg).capped and make_budget("noise", cfg).capped
+
+
+def test_registered_layer_types_are_sparsified(monkeypatch):
+    from rmtprune import layers
+
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(_spiked(64, 48, 2, 4.0, seed=5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.T
+
+    monkeypatch.setattr(layers, "_REGISTRY", dict(layers._REGISTRY))
+    model = nn.Sequential(Dense(), nn.ReLU(), nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="no prunable layer"):
+        sparsify(model, SparsifyConfig(include=["0"]))
+    layers.register_handler(Dense, layers.LinearHandler())
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="noise"))
+    assert [r.name for r in report.layers] == ["0", "2"] and report.layers[0].verdict == "fit"
+    assert get_mask(model[0]) is not None
+
+
+def test_multihead_attention_is_reported_not_silently_skipped():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 4), "fc": nn.Linear(32, 32)})
+    _, report = sparsify(model, SparsifyConfig(target=0.5, budget="global"))
+    assert [r.name for r in report.layers] == ["fc"]
+    assert any(w.startswith("layer 'attn' skipped: MultiheadAttention") for w in report.warnings)

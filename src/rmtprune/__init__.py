@@ -64,10 +64,14 @@ _LAZY: dict[str, str] = {
     "TrainConfig": "rmtprune.training",
     "train": "rmtprune.training",
     # sparsification
-    "SparsifyConfig": "rmtprune.sparsify",
-    "sparsify": "rmtprune.sparsify",
-    "plan_sparsity": "rmtprune.sparsify",
-    "SparsifyReport": "rmtprune.sparsify",
+    "SparsifyConfig": "rmtprune.sparsity",
+    "sparsify": "rmtprune.sparsity",
+    "plan_sparsity": "rmtprune.sparsity",
+    "SparsifyReport": "rmtprune.sparsity",
+    "SparsityPlan": "rmtprune.sparsity",
+    "register_budget": "rmtprune.sparsity",
+    "remove_masks": "rmtprune.masks",
+    "is_sparsified": "rmtprune.masks",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -19,7 +19,6 @@ from torch import nn
 
 __all__ = [
     "MASK_BUFFER",
-    "PRUNABLE_TYPES",
     "prunable_layers",
     "get_mask",
     "set_mask",
@@ -36,16 +35,47 @@ __all__ = [
 
 #: Name of the mask buffer on a sparsified module.
 MASK_BUFFER = "rmtprune_mask"
-#: Module types whose ``weight`` can be pruned element-wise.
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PRUNABLE_TYPES":
+        import warnings
+
+        warnings.warn(
+            "rmtprune.masks.PRUNABLE_TYPES is deprecated; the layer registry "
+            "(rmtprune.layers.supported_types, handler_for) is the one list of layer types",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .layers import supported_types
+        from .lowrank import LowRankModule
+
+        return tuple(t for t in supported_types() if not issubclass(t, LowRankModule))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(dotted_name, module)`` of every Linear/Conv1d/Conv2d with a weight, in module order."""
+    """``(dotted_name, module)`` of every weight of a registered layer type, in module order.
+
+    The types are those of the layer registry (:mod:`rmtprune.layers`); a factored layer
+    contributes its two factors. A weight under ``torch.nn.utils.prune`` (or an old-style
+    ``spectral_norm`` hook) raises ``ValueError``: it is recomputed from ``weight_orig``.
+    """
+    from .layers import collect_layers, handler_for
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, mod in model.named_modules():
-        if isinstance(mod, PRUNABLE_TYPES) and isinstance(getattr(mod, "weight", None), torch.Tensor):
+    for entry in collect_layers(model):
+        if entry.handler is None:
+            continue
+        if entry.handler.factored:
+            prefix = f"{entry.name}." if entry.name else ""
+            subs = [(prefix + n, m) for n, m in entry.module.named_children() if handler_for(m) is not None]
+        else:
+            subs = [(entry.name, entry.module)]
+        for name, mod in subs:
+            if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+                continue
             if hasattr(mod, "weight_orig"):  # torch.nn.utils.prune or an old-style spectral_norm hook
                 why = parametrization(mod) or "weight recomputed from weight_orig"
                 raise ValueError(f"layer {name!r}: {why}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._model_input import add_safety_flags, check_model_outputs, load_model, write_model_outputs
+from ._options import add_flags, given
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -44,6 +45,8 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--warmup": ("warmup", float, "F"),
     "--storage": ("storage", str, None),
 }
+#: The SparsifyConfig fields set by the pattern and on/off options.
+_OTHER_FIELDS = ("include", "exclude", "sv_sparsify", "refit", "protect_last")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,10 +54,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     import dataclasses
 
     from ..finetune import SCHEDULES
-    from ..sparsify import BUDGETS, SparsifyConfig
+    from ..sparsity import SparsifyConfig, budget_names
+    from ..sparsity.config import STORAGE
 
-    defaults = {f.name: f.default for f in dataclasses.fields(SparsifyConfig)}
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(SparsifyConfig)}
+    fields = dataclasses.fields(SparsifyConfig)
+    helps = {f.name: f.metadata.get("help", "") for f in fields}
+    # Floats shown with :g in the help ("0.00133333", "1e-06").
+    shown = {f.name: f"{f.default:g}" for f in fields if isinstance(f.default, float)}
     p = subparsers.add_parser(
         "sparsify",
         help="prune weights to a global sparsity with RMT-guided per-layer budgets",
@@ -74,19 +80,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
     p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
     p.add_argument("--config", metavar="JSON", help="SparsifyConfig as a JSON file (flags override it)")
-    choices = {"budget": BUDGETS, "storage": ("auto", "bitmask", "csr"), "schedule": SCHEDULES}
-    for flag, (name, typ, metavar) in _FLAGS.items():
-        p.add_argument(
-            flag,
-            dest=name,
-            type=typ,
-            metavar=metavar,
-            choices=choices.get(name),
-            default=argparse.SUPPRESS,
-            help=f"{helps[name]} (default: {defaults[name]:g})"
-            if isinstance(defaults[name], float)
-            else f"{helps[name]} (default: {defaults[name]})",
-        )
+    choices = {"budget": budget_names(), "storage": STORAGE, "schedule": SCHEDULES}
+    add_flags(p, SparsifyConfig, _FLAGS, choices=choices, defaults=shown)
     p.add_argument(
         "--include", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help=helps["include"]
     )
@@ -102,6 +97,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--refit", dest="refit", action="store_true", default=argparse.SUPPRESS, help=helps["refit"]
+    )
+    p.add_argument(
+        "--protect-last",
+        dest="protect_last",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=helps["protect_last"] + " (off by default)",
     )
     p.add_argument(
         "--dataset",
@@ -129,7 +131,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from ..sparsify import SparsifyConfig
+    from ..sparsity import SparsifyConfig
 
     base: dict[str, Any] = {}
     if args.config:
@@ -139,10 +141,7 @@ def _config(args: argparse.Namespace) -> Any:
             raise OSError(f"cannot read --config {args.config!r}: {exc.strerror}") from None
         except ValueError as exc:
             raise ValueError(f"--config {args.config!r}: {exc}") from None
-    names = [f for f, _, _ in _FLAGS.values()] + ["include", "exclude", "sv_sparsify", "refit"]
-    for name in names:
-        if hasattr(args, name):
-            base[name] = getattr(args, name)
+    base.update(given(args, [f for f, _, _ in _FLAGS.values()] + list(_OTHER_FIELDS)))
     return SparsifyConfig(**base)
 
 
@@ -151,7 +150,7 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any]:
         return None, None
     import torch
 
-    from ..data import batches, load_dataset
+    from ..zoo.data import batches, load_dataset
 
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     if args.train_subset:
@@ -163,11 +162,10 @@ def _data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune sparsify``."""
-    import json
-
     from .. import __version__
     from .. import io as rio
-    from ..sparsify import plan_sparsity, sparsify
+    from .._format import dumps
+    from ..sparsity import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
         raise ValueError(f"expected [CHECKPOINT] OUT, got {len(args.paths)} paths")
@@ -183,19 +181,19 @@ def run(args: argparse.Namespace) -> int:
         check_model_outputs(args, src, out_path, report_json, report_md)
     model, factory, fargs, _ = load_model(args, src)
     if args.dry_run:
-        report = plan_sparsity(model, config, show=show)
-        print(report.table() if not args.quiet else report.summary())
+        plan = plan_sparsity(model, config, show=show).report()
+        print(plan.table() if not args.quiet else plan.summary())
         if not args.quiet:
-            print(report.summary())
-        for w in report.warnings:
+            print(plan.summary())
+        for w in plan.warnings:
             print(f"rmtprune: warning: {w}", file=sys.stderr)
         print("dry run: nothing written")
         return 0
     data, eval_data = _data(args)
     model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
     body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
-    body.update(json.loads(report.to_json()))
-    texts = (json.dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
+    body.update(report.to_dict())
+    texts = (dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
     size = write_model_outputs(
         model, out_path, report_json, report_md, factory=factory, factory_args=fargs, reports=lambda _: texts
     )

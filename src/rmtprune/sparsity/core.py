@@ -1,0 +1,363 @@
+"""Sparsification with RMT-guided budgets: :func:`plan_sparsity` decides, :func:`sparsify` applies.
+
+The pipeline, top to bottom:
+
+1. **Select and analyze** (:func:`plan_sparsity`): the layers from the layer registry, filtered by
+   ``include``/``exclude`` (:func:`~rmtprune.sparsity.state.select_layers`), fitted by
+   :func:`rmtprune.analyze` where the budget or step 1 needs a fit; the budget's counts at the
+   final target give a :class:`SparsityPlan` (per layer: count, verdict, reason), the model untouched.
+2. **Apply** (:func:`sparsify`): singular-vector sparsification (:mod:`~rmtprune.sparsity.vectors`)
+   on the plan's fits, then ``n_cycles`` cycles of magnitude pruning whose target ramps linearly to
+   ``target`` (counts from the budget, :mod:`~rmtprune.sparsity.budgets`), each followed by a
+   regularised fine-tune when data is given, and a final short fine-tune.
+
+References
+----------
+Berlyand, L., Bourdais, T., Owhadi, H. and Shmalo, Y. (2025). Pruning deep neural networks via a
+combination of the Marchenko-Pastur distribution and regularization. arXiv:2503.01922.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..finetune import check_lr, evaluate, finetune
+from ..masks import count_nonzeros, get_mask, masks_of, remove_masks, restore_masks, set_mask
+from .budgets import Budget, allocate, make_budget
+from .config import SparsifyConfig
+from .report import LayerSparsity, SparsifyReport, dense_warning, layer_record
+from .state import LayerState, check_finite, fit_layers, select_layers
+from .vectors import sv_step
+
+__all__ = ["SparsityPlan", "plan_sparsity", "sparsify"]
+
+
+@dataclass
+class SparsityPlan:
+    """The decision of :func:`plan_sparsity`: per layer, how many entries the final target prunes.
+
+    ``layers`` are the report rows at the final target (fit, verdict, reason, planned nonzeros);
+    ``counts`` the planned prune counts in the same order; ``warnings`` the selection warnings
+    followed by what the plan cannot meet. :meth:`report` renders it as a dry-run
+    :class:`SparsifyReport`; ``sparsify(model, plan)`` applies it (it must be the model the plan
+    was made for, unchanged since).
+    """
+
+    config: SparsifyConfig
+    layers: list[LayerSparsity]
+    counts: list[int]
+    wanted: int
+    total_params: int
+    selection_warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _states: list[LayerState] = field(default_factory=list, repr=False, compare=False)
+    _versions: list[int] = field(default_factory=list, repr=False, compare=False)
+
+    dry_run = True
+
+    @property
+    def target(self) -> float:
+        return self.config.target
+
+    @property
+    def budget(self) -> str:
+        return self.config.budget
+
+    @property
+    def selected_params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def selected_nnz(self) -> int:
+        return sum(r.nnz_after for r in self.layers)
+
+    @property
+    def achieved(self) -> float:
+        """The planned global sparsity over the selected layers."""
+        return 1 - self.selected_nnz / self.selected_params if self.selected_params else 0.0
+
+    @property
+    def stored_values(self) -> int:
+        return self.total_params - sum(r.params - r.nnz_after for r in self.layers)
+
+    def report(self) -> SparsifyReport:
+        """The plan as a dry-run :class:`SparsifyReport` (what the CLI's ``--dry-run`` prints)."""
+        return SparsifyReport(
+            target=self.target,
+            budget=self.budget,
+            achieved=self.achieved,
+            selected_params=self.selected_params,
+            selected_nnz=self.selected_nnz,
+            total_params=self.total_params,
+            stored_values=self.stored_values,
+            layers=self.layers,
+            warnings=list(self.warnings),
+            config=self.config.to_dict(),
+            dry_run=True,
+        )
+
+    def table(self) -> str:
+        """Per-layer table of the plan."""
+        return self.report().table()
+
+    def summary(self) -> str:
+        """One line: budget, target and the planned sparsity."""
+        return self.report().summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dict of the dry-run report."""
+        return self.report().to_dict()
+
+    def to_json(self) -> str:
+        """Indented JSON of the dry-run report."""
+        return self.report().to_json()
+
+    def to_markdown(self) -> str:
+        """Markdown of the dry-run report."""
+        return self.report().to_markdown()
+
+    def check_fresh(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` unless ``model`` is the model planned for, with unchanged weights."""
+        modules = {id(m) for m in model.modules()}
+        for layer, version in zip(self._states, self._versions, strict=True):
+            if id(layer.module) not in modules:
+                raise ValueError(f"the plan is for another model: layer {layer.name!r} is not in this one")
+            if layer.module.weight._version != version:
+                raise ValueError(f"the plan is stale: layer {layer.name!r} changed since plan_sparsity")
+
+
+def _check_config(config: SparsifyConfig | None) -> SparsifyConfig:
+    if config is None:
+        return SparsifyConfig()
+    if not isinstance(config, SparsifyConfig):
+        raise TypeError(f"config must be a SparsifyConfig, got {type(config).__name__}")
+    config.__post_init__()  # fields may have been changed after construction
+    return config
+
+
+def _prepare(
+    model: nn.Module, config: SparsifyConfig, budget: Budget, show: bool | None
+) -> tuple[list[LayerState], list[str]]:
+    """Selected layers with their fits (where the budget or step 1 needs one), and the selection warnings."""
+    layers, skipped, unmatched = select_layers(model, config.include, config.exclude, config.protect_last)
+    if not layers:
+        raise ValueError(
+            f"no prunable layer selected by include={config.include} exclude={config.exclude}"
+            + (f"; {skipped[0]}" if skipped else "")
+        )
+    check_finite(layers)
+    for layer in layers:
+        layer.nnz_before = layer.numel - layer.pruned
+    if budget.needs_fit or config.sv_sparsify:
+        fit_layers(model, layers, config.fit, show)
+    return layers, skipped + unmatched
+
+
+def plan_sparsity(
+    model: nn.Module, config: SparsifyConfig | None = None, show: bool | None = None
+) -> SparsityPlan:
+    """Fits and per-layer budgets at the final target on the current weights; the model is untouched.
+
+    Step 1 (which changes magnitudes slightly) and fine-tuning are not run, so the counts of the
+    real run can differ a little under the ``noise`` and ``global`` budgets.
+    """
+    config = _check_config(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    budget = make_budget(config.budget, config)
+    layers, select_warnings = _prepare(model, config, budget, show)
+    counts, wanted = allocate(layers, budget, config.max_layer_sparsity, config.target)
+    records = [layer_record(layer, planned=k) for layer, k in zip(layers, counts, strict=True)]
+    warnings = select_warnings + dense_warning(layers, records, budget.needs_fit)
+    pruned = sum(counts)
+    if pruned != wanted:
+        warnings.insert(
+            0, f"target={config.target:.4f} asks for {wanted:,} pruned weights, plan reaches {pruned:,}"
+        )
+    return SparsityPlan(
+        config=config,
+        layers=records,
+        counts=counts,
+        wanted=wanted,
+        total_params=count_nonzeros(model)["total"],
+        selection_warnings=select_warnings,
+        warnings=warnings,
+        _states=layers,
+        _versions=[layer.module.weight._version for layer in layers],
+    )
+
+
+def sparsify(
+    model: nn.Module,
+    config: SparsifyConfig | SparsityPlan | None = None,
+    *,
+    data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
+    show_progress: bool | None = None,
+) -> tuple[nn.Module, SparsifyReport]:
+    """Sparsify ``model`` in place (and return it) with RMT-guided budgets: plan, then apply.
+
+    Parameters
+    ----------
+    model : any ``nn.Module``; the weights of its registered layer types (:mod:`rmtprune.layers`;
+        factors of low-rank layers included) selected by ``config.include``/``exclude`` are pruned.
+    config : :class:`SparsifyConfig` (defaults if None), or a :class:`SparsityPlan` of this model
+        from :func:`plan_sparsity` (its fits are reused).
+    data : re-iterable of ``(inputs, targets)`` training batches (or a zero-argument callable
+        returning one); enables the regularised fine-tuning per cycle and the final fine-tune.
+    loss_fn : ``loss(outputs, targets)``, default cross-entropy.
+    eval_data : batches to measure loss/top-1 accuracy on before, after each cycle and at the end.
+
+    Returns
+    -------
+    ``(model, report)``. Pruned entries are zero and each pruned layer carries a boolean mask
+    buffer (:mod:`rmtprune.masks`). On any error the model's weights and masks are restored.
+    """
+    plan = config if isinstance(config, SparsityPlan) else None
+    config = plan.config if plan is not None else _check_config(config)  # type: ignore[union-attr]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if plan is not None:
+        _check_config(config)
+        plan.check_fresh(model)
+    if data is not None and (config.cycle_steps > 0 or config.finetune_epochs > 0):
+        check_lr(config.lr, model.parameters())  # before any work: lr=1e308 overflows float32 weights
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    old_masks = {k: v.clone() for k, v in masks_of(model).items()}
+    try:
+        plan = plan if plan is not None else plan_sparsity(model, config, show=show_progress)
+        return _apply(model, plan, data, loss_fn, eval_data, show_progress)
+    except BaseException:
+        with torch.no_grad():
+            model.load_state_dict(snapshot)
+        remove_masks(model)
+        restore_masks(model, old_masks)
+        raise
+
+
+def _cycle(
+    model: nn.Module, layers: list[LayerState], budget: Budget, config: SparsifyConfig, c: int, run: dict
+) -> tuple[dict[str, Any], int]:
+    """Cycle ``c``: refit if asked, prune to ``target * c / n_cycles``, fine-tune and evaluate."""
+    t = config.target * c / config.n_cycles
+    if config.refit and c > 1:
+        fit_layers(model, layers, config.fit, show=False)
+    counts, wanted = allocate(layers, budget, config.max_layer_sparsity, t)
+    for layer, k in zip(layers, counts, strict=True):
+        old = get_mask(layer.module)
+        if k == 0 and old is None:
+            continue
+        set_mask(layer.module, _magnitude_mask(layer.module.weight, old, k))
+    record: dict[str, Any] = {"cycle": c, "target": t, "achieved": _achieved(layers), "finetune": None}
+    if run["data"] is not None and config.cycle_steps > 0:
+        ft = finetune(
+            model,
+            run["data"],
+            steps=config.cycle_steps,
+            lr=config.lr,
+            l1=config.l1,
+            l2=config.l2,
+            group_lasso=config.group_lasso,
+            loss_fn=run["loss_fn"],
+            schedule=config.schedule,
+            warmup=config.warmup,
+        )
+        record["finetune"] = ft.to_dict()
+    record["eval"] = _evaluate(model, run)
+    return record, wanted
+
+
+def _evaluate(model: nn.Module, run: dict) -> dict[str, float] | None:
+    return evaluate(model, run["eval_data"], run["loss_fn"]) if run["eval_data"] is not None else None
+
+
+def _apply(
+    model: nn.Module, plan: SparsityPlan, data: Any, loss_fn: Any, eval_data: Any, show: bool | None
+) -> tuple[nn.Module, SparsifyReport]:
+    """Step 1 on the plan's fits, the pruning cycles, the final fine-tune, and the report."""
+    config, layers = plan.config, plan._states
+    budget = make_budget(config.budget, config)
+    run = {"data": data, "loss_fn": loss_fn, "eval_data": eval_data}
+    eval_before = _evaluate(model, run)
+    if config.sv_sparsify:
+        sv_step(layers, config, show)
+    cycles, wanted = [], 0
+    for c in range(1, config.n_cycles + 1):
+        record, wanted = _cycle(model, layers, budget, config, c, run)
+        cycles.append(record)
+    final = None
+    if data is not None and config.finetune_epochs > 0:
+        final = finetune(
+            model,
+            data,
+            epochs=config.finetune_epochs,
+            lr=config.lr,
+            loss_fn=loss_fn,
+            schedule=config.schedule,
+            warmup=config.warmup,
+        ).to_dict()
+    report = _report(model, layers, config, budget, wanted)
+    report.warnings = plan.selection_warnings + report.warnings
+    report.cycles = cycles
+    report.final_finetune = final
+    report.eval_before = eval_before
+    report.eval_after = _evaluate(model, run)
+    return model, report
+
+
+def _report(
+    model: nn.Module, layers: list[LayerState], config: SparsifyConfig, budget: Budget, wanted: int
+) -> SparsifyReport:
+    """The report of a finished run: the layers as they are now, against the target's count."""
+    records = [layer_record(layer) for layer in layers]
+    selected = sum(r.params for r in records)
+    nnz = sum(r.nnz_after for r in records)
+    counts = count_nonzeros(model)
+    warnings = []
+    achieved_count = selected - nnz
+    if achieved_count != wanted:
+        warnings.append(
+            f"target={config.target:.4f} asks for {wanted:,} pruned weights, got {achieved_count:,} "
+            f"({achieved_count / max(selected, 1):.2%}): "
+            + (
+                "the model was already sparser (masks only grow)"
+                if achieved_count > wanted
+                else "layers left dense or capped at max_layer_sparsity cannot absorb the rest"
+            )
+        )
+    return SparsifyReport(
+        target=config.target,
+        budget=config.budget,
+        achieved=achieved_count / selected if selected else 0.0,
+        selected_params=selected,
+        selected_nnz=nnz,
+        total_params=counts["total"],
+        stored_values=counts["stored"],
+        layers=records,
+        warnings=warnings + dense_warning(layers, records, budget.needs_fit),
+        config=config.to_dict(),
+        dry_run=False,
+    )
+
+
+def _achieved(layers: list[LayerState]) -> float:
+    total = sum(layer.numel for layer in layers)
+    return sum(layer.pruned for layer in layers) / total if total else 0.0
+
+
+def _magnitude_mask(weight: torch.Tensor, old: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Mask keeping all but the ``k`` smallest ``|w|`` (already-pruned entries go first)."""
+    score = weight.detach().abs().to(torch.float64).reshape(-1)
+    if old is not None:
+        score = score.masked_fill(~old.reshape(-1).to(score.device), -math.inf)
+    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        keep[torch.topk(score, k, largest=False, sorted=False).indices] = False
+    return keep.reshape(weight.shape)
