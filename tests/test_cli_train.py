@@ -194,3 +194,28 @@ def test_resume_of_a_crafted_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "contains itself" in err and "Traceback" not in err
+
+
+def test_train_takes_every_compression_option(tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = ["--epochs", "1", "--prune-every", "1", "--rule", "energy", "--energy", "0.5", "--alpha", "0.2"]
+    extra += ["--exclude", "head", "--prune-output", "--svd-dtype", "float32"]
+    assert main(_args(out, *extra)) == 0
+    comp = json.loads((out / "config.json").read_text())["compression"]
+    assert (comp["rule"], comp["energy"], comp["alpha"], comp["exclude"]) == ("energy", 0.5, 0.2, ["head"])
+    assert (comp["protect_last"], comp["svd_dtype"], comp["keep_bulk"]) == (False, "float32", 0.45)
+    decisions = json.loads((out / "decisions.json").read_text())
+    assert {d["layer"]: d["action"] for d in decisions}["head"] == "skip"
+    capsys.readouterr()
+    # --ratio alone means the fixed rule, as in rmtprune compress; a resume may not change it.
+    assert main(["train", "--out", str(out), "--resume", "--ratio", "0.5"]) == 2
+    assert "rule='fixed' differs from the run being resumed (rule='energy')" in capsys.readouterr().err
+
+
+def test_train_help_lists_the_compression_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    flags = ("--rule", "--keep-bulk", "--alpha", "--beta", "--ks-max", "--min-rank", "--energy", "--ratio")
+    flags += ("--rank", "--sigma", "--svd-dtype", "--include", "--exclude", "--cut-last, --prune-output")
+    assert all(flag in text for flag in flags)

@@ -99,3 +99,41 @@ def test_matplotlib_is_imported_lazily_and_pyplot_never() -> None:
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_importing_plotting_does_not_import_matplotlib():
+    code = "import sys, rmtprune.plotting; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+MISSING = r"^matplotlib is not installed: pip install 'rmtprune\[plot\]'$"
+
+
+def test_without_matplotlib_every_plot_is_one_line(tmp_path, monkeypatch):
+    import rmtprune.plotting as plotting
+    from rmtprune.errors import RmtpruneError
+
+    monkeypatch.setattr(plotting, "have_matplotlib", lambda: False)
+    la = analyze_tensor("w", torch.randn(60, 40))
+    for call in (
+        lambda: plotting.plot_esd(la, tmp_path / "a.png"),
+        lambda: plotting.plot_summary([la], tmp_path / "b.png"),
+        lambda: plotting.plot_training(tmp_path, []),
+    ):
+        with pytest.raises(
+            RmtpruneError, match=r"^matplotlib is not installed: pip install 'rmtprune\[plot\]'$"
+        ):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_training_run_without_matplotlib_skips_its_plots(tmp_path, monkeypatch):
+    import rmtprune.plotting as plotting
+    from rmtprune.training import train
+
+    monkeypatch.setattr(plotting, "have_matplotlib", lambda: False)
+    lines: list[str] = []
+    kw = dict(dataset="digits", model="mlp:16", epochs=1, train_subset=200, test_subset=50, prune=False)
+    train(out=tmp_path / "run", log=lines.append, track_spectra=False, **kw)
+    assert not list((tmp_path / "run").glob("*.png")) and (tmp_path / "run" / "model.safetensors").is_file()
+    assert any("plots skipped: matplotlib is not installed" in line for line in lines)

@@ -694,3 +694,66 @@ def test_the_good_checkpoint_still_resumes(tmp_path, good_state):
     torch.save(good_state, out / CHECKPOINT)
     res = train(out=out, resume=True)
     assert res.resumed_from == 2 and res.model.fc1.rank == good_state["architecture"]["fc1"]["rank"]
+
+
+# -- the nested compression config and the flat layout of earlier releases -----------------------
+
+
+def _flat_layout(cfg: dict) -> dict:
+    """A config dict as releases before the nested ``compression`` wrote it."""
+    flat = {k: v for k, v in cfg.items() if k != "compression"}
+    comp = cfg["compression"]
+    flat.update(
+        keep_bulk=comp["keep_bulk"],
+        ks_max=comp["ks_max"],
+        min_rank=comp["min_rank"],
+        exclude=comp["exclude"],
+        keep_output_rank=comp["protect_last"],
+    )
+    return flat
+
+
+def test_config_nests_a_compression_config():
+    cfg = TrainConfig(compression=rmtprune.CompressionConfig(keep_bulk=0.3, rule="energy", exclude=["head"]))
+    d = cfg.to_dict()
+    assert d["compression"]["rule"] == "energy" and "keep_bulk" not in d
+    assert TrainConfig().compression.keep_bulk == 0.45  # the trainer's default f
+    assert TrainConfig(compression={"ks_max": 0.2}).compression.keep_bulk == 0.45  # a dict: some fields
+    with pytest.raises(ValueError, match="unknown CompressionConfig field"):
+        TrainConfig(compression={"kep_bulk": 0.2})
+
+
+def test_flat_fields_are_deprecated_aliases():
+    with pytest.warns(DeprecationWarning, match="compression="):
+        cfg = TrainConfig(keep_bulk=0.3, ks_max=0.2, min_rank=2, exclude=["head"], keep_output_rank=False)
+    comp = cfg.compression
+    assert (comp.keep_bulk, comp.ks_max, comp.min_rank, comp.exclude, comp.protect_last) == (
+        0.3, 0.2, 2, ["head"], False,
+    )  # fmt: skip
+    # The flat layout of old config.json files and checkpoints is read (no warning: a file cannot change).
+    assert TrainConfig.from_dict(_flat_layout(cfg.to_dict())) == cfg
+
+
+def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path, good_state):
+    import copy
+
+    state = copy.deepcopy(good_state)
+    state["config"] = _flat_layout(state["config"])
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(state, out / CHECKPOINT)
+    res = train(out=out, resume=True)
+    assert res.resumed_from == 2 and res.config == TrainConfig.from_dict(good_state["config"])
+    assert "compression" in json.loads((out / "config.json").read_text())  # rewritten in the new layout
+    with pytest.raises(RmtpruneError, match=r"ks_max=0.3 differs from the run being resumed \(ks_max=0.1\)"):
+        train(out=out, resume=True, compression={"ks_max": 0.3})
+
+
+def test_train_takes_compression_fields():
+    res = train(
+        **{**TINY, "epochs": 2, "compression": {"rule": "energy", "energy": 0.5, "exclude": ["head"]}}
+    )
+    assert res.config.compression.rule == "energy" and res.config.compression.keep_bulk == 0.2
+    assert {d["layer"]: d["action"] for d in res.decisions}["head"] == "skip"
+    with pytest.raises(ValueError, match="unknown CompressionConfig field"):
+        train(**{**TINY, "compression": {"rules": "energy"}})
