@@ -199,8 +199,9 @@ def compare(args: argparse.Namespace) -> None:
         "Both runs see exactly the same inputs.",
         "- Readers: `safetensors-header`, `safetensors-body`, `sharded-index`, `torch-zip` (zip archives) "
         "and `torch-legacy` (pre-1.6 `torch.save` pickles) go through "
-        "`rmtprune.checkpoint` (`list_tensors`, `iter_tensors`, `analyze_checkpoint`); `idx` through "
-        "`rmtprune.data.read_idx`; `sparse-format` through `rmtprune.sparse_format.load_sparse`; "
+        "`rmtprune.weights_file` (`list_tensors`, `iter_tensors`) and `rmtprune.analyze_file` (named "
+        "`rmtprune.checkpoint` and `analyze_checkpoint` before 0.2); `idx` through "
+        "`rmtprune.zoo.data.read_idx`; `sparse-format` through `rmtprune.sparse_format.load_sparse`; "
         "`manifest` (the rmtprune manifest in a safetensors header) through `rmtprune.load`, from the "
         "file alone and into a fresh model.",
         "- Outcomes: *loaded* (the reader returned), *clean error* (a one-line `RmtpruneError`), *crash* "

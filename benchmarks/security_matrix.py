@@ -503,7 +503,7 @@ def cases() -> list[Case]:
 
 def _manifest(factory, factory_args=None, layers=None, **over) -> dict:
     m = {
-        "format": "rmtprune-checkpoint",
+        "format": "rmtprune-checkpoint",  # the format's name before 0.2: read by every revision compared
         "format_version": 1,
         "rmtprune_version": "0.1.0",
         "torch_version": "2.0",
@@ -540,7 +540,11 @@ def _net(d: Path, name: str = "net", spec: str = "mlp:64", shape=(1, 8, 8), clas
     import torch
 
     import rmtprune
-    from rmtprune.models import build_model
+
+    try:
+        from rmtprune.zoo.models import build_model
+    except ImportError:  # a revision before the zoo (--compare)
+        from rmtprune.models import build_model
 
     torch.manual_seed(0)
     fargs = {"input_shape": list(shape), "num_classes": classes}

@@ -129,12 +129,13 @@ _MANIFEST_SPEC = ("mlp:16,12", [1, 4, 4], 3)
 
 
 def write_manifest_seeds(root: Path = SEEDS) -> None:
-    """Checkpoints written by ``rmtprune.save``: factored layers, and factored + sparse layers."""
+    """Model files written by ``rmtprune.save``: factored layers, and factored + sparse layers."""
     import torch
 
     import rmtprune
     from rmtprune.masks import set_mask
-    from rmtprune.models import build_model
+
+    build_model = _build_model()
 
     spec, shape, classes = _MANIFEST_SPEC
     fargs = {"input_shape": shape, "num_classes": classes}
@@ -496,27 +497,47 @@ def _case_manifest(rng: random.Random) -> Case:
     return Case({"x.safetensors": _join_safetensors(header, body, rng)}, "x.safetensors", name)
 
 
+def _build_model() -> Callable[..., Any]:
+    """``build_model`` of the rmtprune under test (``rmtprune.models`` before the ``zoo``, for the
+    benchmark's ``--compare`` runs of older revisions)."""
+    try:
+        from rmtprune.zoo.models import build_model
+    except ImportError:
+        from rmtprune.models import build_model
+    return build_model
+
+
 def _load_manifest(path: Path) -> None:
     """``rmtprune.load`` from the file alone (the spec it records), then into a fresh model."""
     import rmtprune
-    from rmtprune.models import build_model
 
+    build_model = _build_model()
     rmtprune.load(path)
     spec, shape, classes = _MANIFEST_SPEC
     rmtprune.load(path, build_model(spec, tuple(shape), classes))
 
 
-def _load_checkpoint(path: Path) -> None:
-    from rmtprune.checkpoint import analyze_checkpoint, iter_tensors, list_tensors
+def _load_weights_file(path: Path) -> None:
+    """List, iterate and analyse a weights file (through ``rmtprune.checkpoint`` before it was
+    renamed, for the benchmark's ``--compare`` runs of older revisions)."""
+    try:
+        from rmtprune.weights_analysis import analyze_file
+        from rmtprune.weights_file import iter_tensors, list_tensors
+    except ImportError:
+        from rmtprune.checkpoint import analyze_checkpoint as analyze_file
+        from rmtprune.checkpoint import iter_tensors, list_tensors
 
     list_tensors(path)
     for _ in iter_tensors(path):
         pass
-    analyze_checkpoint(path, progress=False)
+    analyze_file(path, progress=False)
 
 
 def _load_idx(path: Path) -> None:
-    from rmtprune.data import read_idx
+    try:
+        from rmtprune.zoo.data import read_idx
+    except ImportError:
+        from rmtprune.data import read_idx
 
     read_idx(path)
 
@@ -537,11 +558,11 @@ class Reader:
 REGISTRY: dict[str, Reader] = {
     r.name: r
     for r in (
-        Reader("safetensors-header", _case_safetensors_header, _load_checkpoint),
-        Reader("safetensors-body", _case_safetensors_body, _load_checkpoint),
-        Reader("sharded-index", _case_index, _load_checkpoint),
-        Reader("torch-zip", _case_torch, _load_checkpoint),
-        Reader("torch-legacy", _case_torch_legacy, _load_checkpoint),
+        Reader("safetensors-header", _case_safetensors_header, _load_weights_file),
+        Reader("safetensors-body", _case_safetensors_body, _load_weights_file),
+        Reader("sharded-index", _case_index, _load_weights_file),
+        Reader("torch-zip", _case_torch, _load_weights_file),
+        Reader("torch-legacy", _case_torch_legacy, _load_weights_file),
         Reader("idx", _case_idx, _load_idx),
         Reader("sparse-format", _case_sparse, _load_sparse),
         Reader("manifest", _case_manifest, _load_manifest),
@@ -676,8 +697,8 @@ def warm_up() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in ("plain.safetensors", "state.pt"):
-            _load_checkpoint(SEEDS / name)
-        _load_checkpoint(SEEDS / "sharded")
+            _load_weights_file(SEEDS / name)
+        _load_weights_file(SEEDS / "sharded")
         _load_idx(SEEDS / "images-idx3-ubyte.gz")
         _load_sparse(SEEDS / "sparse-csr.safetensors")
 
@@ -738,9 +759,9 @@ if pytest is not None:
     def test_seeds_load(tmp_path: Path) -> None:
         """The unmutated seeds load (a fuzz run that only ever errors would test nothing)."""
         for name in ("plain.safetensors", "small.safetensors", "state.pt", "wrapped.pt", "legacy.pt"):
-            _load_checkpoint(SEEDS / name)
-        _load_checkpoint(SEEDS / "sharded")
-        _load_checkpoint(SEEDS / "sharded" / "model.safetensors.index.json")
+            _load_weights_file(SEEDS / name)
+        _load_weights_file(SEEDS / "sharded")
+        _load_weights_file(SEEDS / "sharded" / "model.safetensors.index.json")
         _load_idx(SEEDS / "images-idx3-ubyte.gz")
         _load_sparse(SEEDS / "sparse-csr.safetensors")
         _load_sparse(SEEDS / "sparse-bitmask.safetensors")
@@ -757,7 +778,7 @@ if pytest is not None:
 
         kind = path.relative_to(CRASHERS).parts[0]
         load = {"idx": _load_idx, "sparse": _load_sparse, "manifest": _load_manifest}.get(
-            kind, _load_checkpoint
+            kind, _load_weights_file
         )
         target = path.parent if kind == "dirs" else path
         with pytest.raises(RmtpruneError) as info, bounded():

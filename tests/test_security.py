@@ -26,7 +26,7 @@ import rmtprune
 from rmtprune import io as rio
 from rmtprune.cli import main
 from rmtprune.errors import CheckpointError
-from rmtprune.models import build_model
+from rmtprune.zoo.models import build_model
 
 
 def _digest(path: Path) -> bytes:
