@@ -9,19 +9,8 @@ from __future__ import annotations
 
 import warnings
 
-from .sparsity import (  # noqa: F401
-    LayerSparsity,
-    SparsifyConfig,
-    SparsifyReport,
-    SparsityPlan,
-    plan_sparsity,
-    proportional_counts,
-    singular_vector_thresholds,
-    sparsify,
-    sparsify_singular_vectors,
-    threshold_counts,
-)
-from .sparsity.budgets import budget_names as _budget_names
+from . import sparsity as _sparsity
+from .sparsity import *  # noqa: F403
 
 warnings.warn(
     "rmtprune.sparsify (the module) is deprecated; import from rmtprune.sparsity "
@@ -31,18 +20,6 @@ warnings.warn(
 )
 
 #: The registered budget names (as of import; :func:`rmtprune.sparsity.budget_names` stays current).
-BUDGETS = _budget_names()
+BUDGETS = _sparsity.budget_names()
 
-__all__ = [
-    "BUDGETS",
-    "SparsifyConfig",
-    "LayerSparsity",
-    "SparsifyReport",
-    "SparsityPlan",
-    "sparsify",
-    "plan_sparsity",
-    "singular_vector_thresholds",
-    "sparsify_singular_vectors",
-    "proportional_counts",
-    "threshold_counts",
-]
+__all__ = list(_sparsity.__all__)
