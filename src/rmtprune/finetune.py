@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validate import check_choice, check_number
+from ._validate import check_choice, check_int, check_number
 from .errors import RmtpruneError, first_line
 from .masks import apply_masks, mask_gradients, prunable_layers
 
@@ -207,22 +207,13 @@ def finetune(
     cosine-annealed minimum: a fresh Adam at a constant ``lr`` moves every weight by about
     ``lr`` per step and costs the *dense* model accuracy by itself.
     """
-    if steps is not None and (not isinstance(steps, int) or steps < 0):
-        raise ValueError(f"steps={steps!r} must be a non-negative int")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 <= epochs < math.inf:
-        raise ValueError(f"epochs={epochs!r} must be a finite number >= 0")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"lr={lr!r} must be a finite number > 0")
-    if (
-        isinstance(weight_decay, bool)
-        or not isinstance(weight_decay, (int, float))
-        or not 0 <= weight_decay < math.inf
-    ):
-        raise ValueError(f"weight_decay={weight_decay!r} must be a finite number >= 0")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup={warmup!r} must be a fraction of the steps in [0, 1)")
+    if steps is not None:
+        check_int("steps", steps, 0)
+    check_number("epochs", epochs, 0.0)
+    check_number("lr", lr, 0.0, lo_open=True)
+    check_number("weight_decay", weight_decay, 0.0)
+    check_choice("schedule", schedule, SCHEDULES)
+    check_number("warmup", warmup, 0.0, 1.0, hi_open=True)
     loss_fn = loss_fn or nn.functional.cross_entropy
     if steps is None:
         n_batches = len(data) if hasattr(data, "__len__") else sum(1 for _ in iterate_batches(data))

@@ -74,6 +74,8 @@ def _rug(ax: Any, xs: np.ndarray, color: str, height: float = 0.07) -> None:
         ax.vlines(xs, 0.0, height, transform=ax.get_xaxis_transform(), color=color, lw=1.2, zorder=4)
 
 
+# plot_esd and plot_summary run over 80 lines: each is one figure drawn as a straight sequence of
+# matplotlib calls on arrays computed at its top; split, the pieces would pass a dozen arrays around.
 def plot_esd(
     layer: LayerAnalysis,
     path: str | os.PathLike[str],

@@ -198,16 +198,19 @@ class TrainConfig:
             self.decay_T = float(self.decay_T)
         self.compression = compression_from(self.compression)
         given = {"keep_bulk": keep_bulk, "ks_max": ks_max, "min_rank": min_rank, "exclude": exclude}
-        given["keep_output_rank"] = keep_output_rank
-        _, legacy = split_legacy({k: v for k, v in given.items() if v is not None})
-        if legacy:
+        self._apply_legacy({**given, "keep_output_rank": keep_output_rank})
+
+    def _apply_legacy(self, given: dict[str, Any]) -> None:
+        """Map the deprecated flat keyword arguments that were given into ``compression``."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if given:
             warnings.warn(
-                f"TrainConfig({', '.join(k for k, v in given.items() if v is not None)}=...) is deprecated: "
+                f"TrainConfig({', '.join(given)}=...) is deprecated: "
                 "give compression=CompressionConfig(...) (or a dict of its fields) instead",
                 DeprecationWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-            self.compression = compression_from(legacy, self.compression)
+            self.compression = compression_from(split_legacy(given)[1], self.compression)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field, the compression config nested under ``compression``."""
