@@ -7,8 +7,8 @@
   ``"rmtprune"``, so the weights file alone is enough to load;
 - ``net.json``: the same manifest, indented, for people and tools.
 
-The manifest (:mod:`rmtprune.manifest`, ``format: "rmtprune-model"``; files of the earlier name
-``"rmtprune-checkpoint"`` still load) records, per factored layer, its low-rank type, rank, matrix
+The manifest (:mod:`rmtprune.manifest`; ``format`` is ``manifest.FORMAT``, and files of an earlier
+name of the format still load) records, per factored layer, its low-rank type, rank, matrix
 shape and the layer type it replaced, plus the rmtprune and torch versions, the compression config,
 a summary of the fits, and optionally how to rebuild the architecture (``factory``).
 ``load(path, model)`` takes a freshly built instance of the original architecture, replaces the

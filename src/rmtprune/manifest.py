@@ -1,8 +1,8 @@
 """The manifest of an rmtprune model file: what it records, how it is checked, how a model is rebuilt.
 
 A model file (:func:`rmtprune.save`) carries this JSON manifest in its safetensors header and
-beside it: ``format`` (:data:`FORMAT`, ``"rmtprune-model"``; files written before 0.2 say
-``"rmtprune-checkpoint"`` and still load), ``format_version``, the versions, the factory that
+beside it: ``format`` (:data:`FORMAT`; files with an earlier name of the format,
+:data:`LEGACY_FORMATS`, still load), ``format_version``, the versions, the factory that
 rebuilds the architecture, and one record per factored layer (:func:`factored_layers`). Every
 field is checked (:func:`check_manifest`, :func:`check_layer_record`) before anything is built or
 allocated from it; only rmtprune's own reference specs are built from a file
