@@ -9,7 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from rmtprune.training import evaluate
+from rmtprune.finetune import evaluate
+from rmtprune.zoo.data import batches
 
 
 def clone(model: nn.Module) -> nn.Module:
@@ -19,7 +20,8 @@ def clone(model: nn.Module) -> nn.Module:
 
 def test_metrics(model: nn.Module, data: Any) -> tuple[float, float]:
     """(loss, accuracy) on ``data`` (the full test split)."""
-    return evaluate(model, data)
+    res = evaluate(model, lambda: batches(data, 1024), reduction="sum")
+    return res["loss"], res["accuracy"]
 
 
 def n_params(model: nn.Module) -> int:

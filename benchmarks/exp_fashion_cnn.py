@@ -44,8 +44,7 @@ def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfi
         prune=prune,
         prune_every=1,
         prune_start=1,
-        keep_bulk=args.keep_bulk,
-        ks_max=ks_max,
+        compression={"keep_bulk": args.keep_bulk, "ks_max": ks_max},
         track_spectra=False,
     )
     return TrainConfig(**cfg)

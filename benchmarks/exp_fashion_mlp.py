@@ -74,7 +74,7 @@ def config(args: Any, arm: str, seed: int) -> TrainConfig:
         prune=prune,
         prune_every=args.prune_every,
         prune_start=args.prune_start,
-        keep_bulk=args.keep_bulk,
+        compression={"keep_bulk": args.keep_bulk},
         decay_T=decay_T(args),
         track_spectra=True,
     )

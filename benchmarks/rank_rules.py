@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 from _cli import log
+from _measure import test_metrics
 from _report import md_table
 from torch import nn
 from torch.nn.utils import prune
@@ -62,7 +63,7 @@ from rmtprune.analysis import as_matrix
 from rmtprune.config import CompressionConfig
 from rmtprune.lowrank import LowRankModule
 from rmtprune.spectral import MIN_P
-from rmtprune.training import TrainConfig, evaluate, train
+from rmtprune.training import TrainConfig, train
 from rmtprune.zoo.data import batches, load_dataset
 from rmtprune.zoo.models import build_model
 
@@ -370,7 +371,7 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     dense = tr["model"]
     names = prunable_layers(dense)
     dense_w = stored_weights(dense, names)
-    acc = lambda m: evaluate(m, test)[1]  # noqa: E731
+    acc = lambda m: test_metrics(m, test)[1]  # noqa: E731
     dense_acc = acc(dense)
     log(f"  dense: {100 * dense_acc:.2f}%  prunable weights {dense_w:,} in {len(names)} layers")
 
