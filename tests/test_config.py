@@ -116,3 +116,21 @@ def test_selects_and_overrides_in_order() -> None:
 )
 def test_make_rule(kwargs: dict, cls: type) -> None:
     assert isinstance(CompressionConfig(**kwargs).make_rule(), cls)
+
+
+def test_a_rule_reading_a_missing_field_is_refused_only_when_used() -> None:
+    from rmtprune.spectral import RULES, RankRule, RuleParam, register_rule
+
+    class Misdeclared(RankRule):
+        parameters = {"x": RuleParam(1.0, None, "no_such_field")}
+
+        def select(self, s, shape, fit=None):  # pragma: no cover - never reached
+            raise AssertionError
+
+    register_rule("misdeclared", Misdeclared)
+    try:
+        assert CompressionConfig().rule == "bema"  # other rules are unaffected
+        with pytest.raises(TypeError, match="reads the config field 'no_such_field'"):
+            CompressionConfig(rule="misdeclared")
+    finally:
+        RULES.pop("misdeclared", None)

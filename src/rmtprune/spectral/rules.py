@@ -198,7 +198,16 @@ class RankRule(ABC):
     @classmethod
     def config_params(cls, config: Any) -> dict[str, Any]:
         """The constructor arguments a config gives: each parameter's ``field``, plus ``rule_params``."""
-        out = {pname: getattr(config, prm.field) for pname, prm in cls.parameters.items() if prm.field}
+        out = {}
+        for pname, prm in cls.parameters.items():
+            if prm.field is None:
+                continue
+            if not hasattr(config, prm.field):
+                raise TypeError(
+                    f"rule {cls.name!r}: parameter {pname!r} reads the config field {prm.field!r}, which "
+                    f"{type(config).__name__} does not have (declare field=None and use rule_params)"
+                )
+            out[pname] = getattr(config, prm.field)
         extra = dict(getattr(config, "rule_params", None) or {})
         for pname in sorted(set(extra) & set(out)):
             field_name = cls.parameters[pname].field
