@@ -51,7 +51,7 @@ def config(args: Any, seed: int, prune: bool, ks_max: float = 0.1) -> TrainConfi
 
 
 def summary(model: Any, test: Any) -> dict[str, Any]:
-    from rmtprune.surgery import handler_for
+    from rmtprune.layers import handler_for
 
     loss, acc = test_metrics(model, test)
     ranks = {}

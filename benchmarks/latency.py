@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 import rmtprune  # noqa: E402
 from rmtprune._atomic import atomic_write_text  # noqa: E402
 from rmtprune._format import table as format_table  # noqa: E402
-from rmtprune.surgery import handler_for  # noqa: E402
+from rmtprune.layers import handler_for  # noqa: E402
 from rmtprune.zoo.data import batches, load_dataset  # noqa: E402
 from rmtprune.zoo.models import build_model  # noqa: E402
 

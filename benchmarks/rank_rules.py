@@ -165,11 +165,11 @@ def _vit_from_sparsify_cache(cfg: TrainConfig, args: argparse.Namespace) -> dict
     info = DEFAULT_CACHE / f"{tag}.json"
     if not (path.is_file() and info.is_file()):
         return None
-    from rmtprune.sparse_format import load_model
+    from rmtprune.sparse_format import load_sparse_into
 
     ds = load_dataset(cfg.dataset, "test", data_dir=args.data_dir)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes)
-    load_model(path, model)
+    load_sparse_into(path, model)
     meta = json.loads(info.read_text())
     log(f"  reusing {path} (benchmarks/sparsify_vit.py: Adam lr 1e-3 cosine, batch 128)")
     recipe = f"Adam lr 1e-3 cosine to 0, batch 128, {cfg.epochs} epochs (trained by sparsify_vit.py)"

@@ -30,7 +30,7 @@ from _stats import mean_std, pm
 
 from rmtprune._atomic import atomic_write_text
 from rmtprune.finetune import evaluate
-from rmtprune.sparsify import SparsifyConfig, sparsify
+from rmtprune.sparsity import SparsifyConfig, sparsify
 from rmtprune.zoo.data import batches, load_dataset
 
 TAGS = {

@@ -43,8 +43,8 @@ from torch import nn
 from rmtprune._atomic import atomic_path, atomic_write_text
 from rmtprune.finetune import evaluate
 from rmtprune.masks import count_nonzeros
-from rmtprune.sparse_format import load_model, save_model
-from rmtprune.sparsify import SparsifyConfig, sparsify
+from rmtprune.sparse_format import load_sparse_into, save_model
+from rmtprune.sparsity import SparsifyConfig, sparsify
 from rmtprune.zoo.data import batches, load_dataset
 from rmtprune.zoo.models import build_model
 
@@ -99,7 +99,7 @@ def train_vit(
     path = CACHE / f"{tag}.safetensors"
     info_path = CACHE / f"{tag}.json"
     if path.is_file() and info_path.is_file():
-        load_model(path, model)
+        load_sparse_into(path, model)
         return model, json.loads(info_path.read_text())
     CACHE.mkdir(parents=True, exist_ok=True)
     loader = batches(train_ds, 128, shuffle=True, generator=torch.Generator().manual_seed(seed))
