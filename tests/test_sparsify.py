@@ -17,7 +17,6 @@ from rmtprune.errors import InvalidWeightsError
 from rmtprune.finetune import DivergedError
 from rmtprune.masks import count_nonzeros, get_mask, masks_of, set_mask
 from rmtprune.sparsity import (
-    BUDGETS,
     SparsifyConfig,
     SparsityPlan,
     budget_names,
@@ -516,7 +515,7 @@ def test_top_level_config_then_function():
     sys.modules.pop("rmtprune.sparsify", None)
     with pytest.warns(DeprecationWarning, match="rmtprune.sparsity"):
         old = importlib.import_module("rmtprune.sparsify")
-    assert old.SparsifyConfig is SparsifyConfig and old.BUDGETS == BUDGETS
+    assert old.SparsifyConfig is SparsifyConfig and old.BUDGETS == budget_names() == rmtprune.sparsity.BUDGETS
     assert callable(rmtprune.sparsify) and rmtprune.sparsify is sparsify
     assert rmtprune.is_sparsified(model) and rmtprune.remove_masks(model) == 3
 
