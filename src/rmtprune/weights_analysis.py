@@ -122,7 +122,7 @@ def _compile_patterns(patterns: str | Iterable[str] | None, option: str) -> tupl
         glob = _as_glob(pat)
         how = f"write it as {glob!r}" if glob else "write it as a glob (* ? [...] on dotted names)"
         warnings.warn(
-            f"{option} pattern {pat!r} is a regular expression; analyze patterns are shell globs, as in "
+            f"{option} pattern '{pat}' is a regular expression; analyze patterns are shell globs, as in "
             f"compress and sparsify (regexes are accepted until the next release): {how}",
             DeprecationWarning,
             stacklevel=3,
