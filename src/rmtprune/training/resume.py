@@ -118,34 +118,12 @@ def _values(obj: dict | list) -> list[Any]:
 
 
 def _check_architecture(arch: Any) -> None:
-    _want(isinstance(arch, dict), "architecture is not a dict")
-    from ..lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+    """Every factored layer of the checkpoint, by the same check as a model file's manifest."""
+    from ..manifest import check_layer_record
 
-    kinds = {c.__name__ for c in (LowRankLinear, LowRankConv1d, LowRankConv2d)}
+    _want(isinstance(arch, dict), "architecture is not a dict")
     for name, spec in arch.items():
-        where = f"architecture[{name!r}]"
-        _want(isinstance(name, str) and isinstance(spec, dict), f"{where} is not a layer spec")
-        _want(spec.get("type") in kinds, f"{where} type={spec.get('type')!r} is not one of {sorted(kinds)}")
-        _want(isinstance(spec.get("original_type"), str), f"{where} original_type is not a name")
-        shape = spec.get("matrix_shape")
-        _want(
-            isinstance(shape, (list, tuple))
-            and len(shape) == 2
-            and all(_is_int(v) and v >= 1 for v in shape),
-            f"{where} matrix_shape={shape!r} is not two positive ints",
-        )
-        wshape = spec.get("weight_shape")
-        _want(
-            isinstance(wshape, (list, tuple)) and all(_is_int(v) and v >= 1 for v in wshape),
-            f"{where} weight_shape={wshape!r} is not positive ints",
-        )
-        rank = spec.get("rank")
-        _want(
-            _is_int(rank) and 1 <= rank <= min(shape),
-            f"{where} rank={rank!r} must be an int in [1, min(m, n)={min(shape)}] "
-            f"for matrix {shape[0]}x{shape[1]}",
-        )
-        _want(isinstance(spec.get("bias"), bool), f"{where} bias is not a bool")
+        check_layer_record(name, spec, where=f"architecture[{name!r}]", error=_BadFieldError, strict=True)
 
 
 def _check_rng(rng: Any) -> None:
