@@ -88,7 +88,12 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(
             f"{str(path)!r} is not a valid safetensors file: __metadata__ is not a map of strings"
         )
-    data_len = size - 8 - n
+    return _check_entries(path, header, size - 8 - n)
+
+
+def _check_entries(path: Path, header: dict[str, Any], data_len: int) -> dict[str, TensorInfo]:
+    """Check every tensor entry of a parsed header against the ``data_len`` bytes that follow it:
+    a dtype name, a valid shape, offsets that match the byte size and tile the data exactly."""
     out: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():

@@ -277,24 +277,7 @@ def analyze_file(
     exc = _compile_patterns(exclude, "exclude")
     src = _open(path)
     infos = src.infos()
-    matched = [
-        i
-        for i in infos
-        if (not inc or any(p.matches(i.name) for p in inc)) and not any(p.matches(i.name) for p in exc)
-    ]
-    if (inc or exc) and not matched:
-        raise ValueError(
-            f"no tensor of {str(path)!r} matches include={[p.text for p in inc]} "
-            f"exclude={[p.text for p in exc]} ({len(infos)} tensors, e.g. {infos[0].name!r})"
-        )
-    ignored: list[IgnoredTensor] = []
-    todo: list[TensorInfo] = []
-    for info in matched:
-        reason = _ignore_reason(info)
-        if reason is None:
-            todo.append(info)
-        else:
-            ignored.append(IgnoredTensor(info.name, info.shape, info.dtype, reason))
+    matched, todo, ignored = _select(infos, inc, exc, path)
     layers: list[LayerAnalysis] = []
     reads = _iter_source(src, path, [i.name for i in todo])
     for name, tensor in _progress(reads, total=len(todo), desc="analyze", enable=progress):
@@ -314,6 +297,31 @@ def analyze_file(
         ks_max=fit.ks_max,
         unwrapped=tuple(getattr(src, "unwrapped", ())),
     )
+
+
+def _select(
+    infos: list[TensorInfo], inc: tuple[_Pattern, ...], exc: tuple[_Pattern, ...], path: Any
+) -> tuple[list[TensorInfo], list[TensorInfo], list[IgnoredTensor]]:
+    """The tensors the patterns keep, those of them to analyse, and those ignored (with the reason)."""
+    matched = [
+        i
+        for i in infos
+        if (not inc or any(p.matches(i.name) for p in inc)) and not any(p.matches(i.name) for p in exc)
+    ]
+    if (inc or exc) and not matched:
+        raise ValueError(
+            f"no tensor of {str(path)!r} matches include={[p.text for p in inc]} "
+            f"exclude={[p.text for p in exc]} ({len(infos)} tensors, e.g. {infos[0].name!r})"
+        )
+    ignored: list[IgnoredTensor] = []
+    todo: list[TensorInfo] = []
+    for info in matched:
+        reason = _ignore_reason(info)
+        if reason is None:
+            todo.append(info)
+        else:
+            ignored.append(IgnoredTensor(info.name, info.shape, info.dtype, reason))
+    return matched, todo, ignored
 
 
 def _fit_config(fit: FitConfig | None, alpha: Any, beta: Any, ks_max: Any) -> FitConfig:
