@@ -135,8 +135,25 @@ def test_extract_reads_fences_and_skip_markers(tmp_path: Path) -> None:
     ]
 
 
+@pytest.fixture
+def registries() -> Iterator[None]:
+    """Layer types, rank rules and budgets an example registers are dropped after it (not leaked)."""
+    from rmtprune import layers
+    from rmtprune.sparsity import budgets
+    from rmtprune.spectral import rules
+
+    found = [layers._REGISTRY, rules.RULES, budgets._REGISTRY]
+    saved = [dict(r) for r in found]
+    yield
+    for registry, before in zip(found, saved, strict=True):
+        registry.clear()
+        registry.update(before)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda ex: ex.id)
-def test_example_runs(example: Example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_runs(
+    example: Example, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registries: None
+) -> None:
     if example.skip is not None:
         pytest.skip(f"{example.id}: {example.skip}")
     old = _DEPRECATED.search(example.code)
