@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 __all__ = ["json_default", "dumps", "human", "ratio", "table"]
@@ -53,12 +53,14 @@ def table(
     markdown: bool = False,
     pad_last: bool = False,
     sep_line: bool = True,
+    right: Collection[int] = (),
 ) -> str:
     """Rows as an aligned text table (two spaces between columns) or a Markdown table.
 
-    Text: a header, a dashed rule (``sep_line``) and the rows, left aligned; the last column is not
-    padded unless ``pad_last``, and trailing spaces are stripped. Markdown: ``|`` in cells escaped.
-    No trailing newline.
+    Text: a header, a dashed rule (``sep_line``) and the rows, left aligned except the columns
+    (indices) in ``right``, which are right aligned (numbers); the last column is not padded unless
+    ``pad_last``, and trailing spaces are stripped. Markdown: ``|`` in cells escaped. No trailing
+    newline.
     """
     cells = [[str(c) for c in head]] + [[str(c) for c in r] for r in rows]
     if markdown:
@@ -68,7 +70,10 @@ def table(
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
 
     def line(r: Sequence[str]) -> str:
-        parts = [c.ljust(widths[i]) if (pad_last or i < len(r) - 1) else c for i, c in enumerate(r)]
+        parts = [
+            c.rjust(widths[i]) if i in right else c.ljust(widths[i]) if (pad_last or i < len(r) - 1) else c
+            for i, c in enumerate(r)
+        ]
         return "  ".join(parts).rstrip()
 
     out = [line(cells[0])]

@@ -139,14 +139,10 @@ def finetune(model: Any, data: Any, epochs: int, lr: float, seed: int, batch_siz
 
 
 def _table(rows: list[list[str]]) -> str:
-    """The before/after table: numbers right-aligned (``_format.table`` aligns every column left)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The before/after table: the first column left, the numbers right-aligned."""
+    from .._format import table
+
+    return table(rows[0], rows[1:], right=range(1, len(rows[0])))
 
 
 def run(args: argparse.Namespace) -> int:

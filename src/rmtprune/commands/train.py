@@ -118,15 +118,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]], right: set[int] | None = None) -> str:
-    right = right or set()
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        cells = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .._format import table
+
+    return table(rows[0], rows[1:], right=right or ())
 
 
 def summary(result: Any) -> str:

@@ -230,9 +230,6 @@ def describe(model: nn.Module) -> str:
         shape = "x".join(map(str, weight.shape)) if isinstance(weight, torch.Tensor) else "-"
         rows.append((name or "(root)", type(mod).__name__, shape, f"{sum(p.numel() for p in own):,}"))
     rows.append(("total", "", "", f"{count_parameters(model):,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        "  ".join(cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i]) for i, cell in enumerate(r))
-        for r in rows
-    ]
-    return "\n".join(lines)
+    from .._format import table
+
+    return table(rows[0], rows[1:], sep_line=False, right=(3,))
