@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 #: The demo's run: the 2023 paper's MNIST net [784, 1000, 10], a short SGD schedule.
@@ -146,14 +147,11 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``rmtprune demo``."""
+    """Run ``rmtprune demo``: train, measure, compress, measure, fine-tune, measure, report."""
     import torch
 
     from .. import compress, save
-    from .._atomic import atomic_write_text
-    from ..analysis import analyze_tensor
-    from ..plotting import plot_esd
-    from ..training import evaluate, train, writable_dir
+    from ..training import writable_dir
     from ..zoo.data import load_dataset
 
     if args.threads is not None:
@@ -165,6 +163,38 @@ def run(args: argparse.Namespace) -> int:
     out = writable_dir(args.out)
 
     dataset = _load(args.data_dir)
+    model, epochs = _train_dense(args, dataset)
+    seconds = {"train": time.perf_counter() - t_start}
+    test = load_dataset(dataset, "test", data_dir=args.data_dir)
+    shape = tuple(test.input_shape)
+    before = _measure(model, test, shape)
+    esd = _esd(model, out)
+
+    t0 = time.perf_counter()
+    model, report = compress(model)
+    seconds["compress"] = time.perf_counter() - t0
+    after = _measure(model, test, shape)
+    ft_epochs = DEMO_FINETUNE[dataset]
+    t0 = time.perf_counter()
+    finetune(model, load_dataset(dataset, "train", data_dir=args.data_dir), ft_epochs, DEMO_LR / 5, args.seed)
+    seconds["finetune"] = time.perf_counter() - t0
+    tuned = _measure(model, test, shape, latency=after["latency_ms"])
+    save(
+        model,
+        out / "model.safetensors",
+        plan=report,
+        factory=DEMO_MODEL,
+        factory_args={"input_shape": list(shape), "num_classes": int(test.num_classes)},
+    )
+    seconds["total"] = time.perf_counter() - t_start
+    _finish(out, dataset, epochs, ft_epochs, (before, after, tuned), report, esd, seconds)
+    return 0
+
+
+def _train_dense(args: argparse.Namespace, dataset: str) -> tuple[Any, int]:
+    """The dense MLP the demo compresses, trained with the demo's SGD recipe."""
+    from ..training import train
+
     epochs = DEMO_EPOCHS[dataset]
     _say(f"training MLP {DEMO_MODEL} on {dataset} for {epochs} epochs (SGD, lr {DEMO_LR}, momentum 0.9)...")
     result = train(
@@ -181,73 +211,75 @@ def run(args: argparse.Namespace) -> int:
         log=lambda line: _say("  " + line),
         progress_bar=False if args.no_progress else None,
     )
-    model = result.model
-    t_train = time.perf_counter() - t_start
-    test = load_dataset(dataset, "test", data_dir=args.data_dir)
-    shape = tuple(test.input_shape)
+    return result.model, epochs
 
-    params_before = sum(p.numel() for p in model.parameters())
-    loss_before, acc_before = evaluate(model, test, "cpu")
-    lat_before = latency_ms(model, shape)
+
+def _measure(model: Any, test: Any, shape: tuple[int, ...], latency: float | None = None) -> dict[str, Any]:
+    """Test accuracy and loss, parameters and latency (measured unless given) of ``model``."""
+    from ..finetune import evaluate
+    from ..zoo.data import batches
+
+    res = evaluate(model, lambda: batches(test, 1024), reduction="sum")
+    return {
+        "test_acc": res["accuracy"],
+        "test_loss": res["loss"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "latency_ms": latency_ms(model, shape) if latency is None else latency,
+    }
+
+
+def _esd(model: Any, out: Path) -> tuple[str, Any, Path | None]:
+    """The first linear layer's analysis and its ESD plot (None when it has no fit)."""
+    import torch
+
+    from ..analysis import analyze_tensor
+    from ..plotting import plot_esd
 
     first = next(name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear))
     layer = analyze_tensor(first, model.get_submodule(first).weight)
-    esd = None
-    if layer.fit is not None:
-        esd = plot_esd(layer, out / f"esd_{first}.png")
+    path = plot_esd(layer, out / f"esd_{first}.png") if layer.fit is not None else None
+    return first, layer, path
 
-    t0 = time.perf_counter()
-    model, report = compress(model)
-    t_compress = time.perf_counter() - t0
-    params_after = sum(p.numel() for p in model.parameters())
-    loss_after, acc_after = evaluate(model, test, "cpu")
-    lat_after = latency_ms(model, shape)
-    ft_epochs = DEMO_FINETUNE[dataset]
-    t0 = time.perf_counter()
-    finetune(model, load_dataset(dataset, "train", data_dir=args.data_dir), ft_epochs, DEMO_LR / 5, args.seed)
-    t_finetune = time.perf_counter() - t0
-    loss_ft, acc_ft = evaluate(model, test, "cpu")
-    save(
-        model,
-        out / "model.safetensors",
-        plan=report,
-        factory=DEMO_MODEL,
-        factory_args={"input_shape": list(shape), "num_classes": int(test.num_classes)},
-    )
 
-    rows = [
+def _rows(before: dict, after: dict, tuned: dict, ft_epochs: int) -> list[list[str]]:
+    """The before / after the cut / after the fine-tune table, with the change at the end."""
+
+    def row(label: str, m: dict) -> list[str]:
+        acc, loss, n, lat = m["test_acc"], m["test_loss"], m["params"], m["latency_ms"]
+        return [label, f"{100 * acc:.2f}%", f"{loss:.4f}", f"{n:,}", f"{lat:.2f} ms"]
+
+    return [
         ["", "test accuracy", "test loss", "parameters", f"latency (batch {LATENCY_BATCH}, median)"],
-        [
-            "before",
-            f"{100 * acc_before:.2f}%",
-            f"{loss_before:.4f}",
-            f"{params_before:,}",
-            f"{lat_before:.2f} ms",
-        ],
-        [
-            "after the cut",
-            f"{100 * acc_after:.2f}%",
-            f"{loss_after:.4f}",
-            f"{params_after:,}",
-            f"{lat_after:.2f} ms",
-        ],
-        [
-            f"+ fine-tune ({ft_epochs} ep)",
-            f"{100 * acc_ft:.2f}%",
-            f"{loss_ft:.4f}",
-            f"{params_after:,}",
-            f"{lat_after:.2f} ms",
-        ],
+        row("before", before),
+        row("after the cut", after),
+        row(f"+ fine-tune ({ft_epochs} ep)", tuned),
         [
             "change (fine-tuned)",
-            f"{100 * (acc_ft - acc_before):+.2f} pt",
-            f"{loss_ft - loss_before:+.4f}",
-            f"{100 * (params_after / params_before - 1):+.1f}%",
-            f"{lat_before / lat_after:.1f}x faster",
+            f"{100 * (tuned['test_acc'] - before['test_acc']):+.2f} pt",
+            f"{tuned['test_loss'] - before['test_loss']:+.4f}",
+            f"{100 * (tuned['params'] / before['params'] - 1):+.1f}%",
+            f"{before['latency_ms'] / tuned['latency_ms']:.1f}x faster",
         ],
     ]
-    table = _table(rows)
-    elapsed = time.perf_counter() - t_start
+
+
+def _finish(
+    out: Path,
+    dataset: str,
+    epochs: int,
+    ft_epochs: int,
+    measured: tuple[dict, dict, dict],
+    report: Any,
+    esd: tuple[str, Any, Path | None],
+    seconds: dict[str, float],
+) -> None:
+    """Print the table and the compression report, and write summary.json and summary.md."""
+    import torch
+
+    from .._atomic import atomic_write_text
+
+    before, after, tuned = measured
+    table = _table(_rows(before, after, tuned, ft_epochs))
     _say("")
     _say(
         f"MLP {DEMO_MODEL} on {dataset}, compressed with the default RMT rule "
@@ -262,35 +294,26 @@ def run(args: argparse.Namespace) -> int:
         "dataset": dataset,
         "model": DEMO_MODEL,
         "epochs": epochs,
-        "before": {
-            "test_acc": acc_before,
-            "test_loss": loss_before,
-            "params": params_before,
-            "latency_ms": lat_before,
-        },
-        "after": {
-            "test_acc": acc_after,
-            "test_loss": loss_after,
-            "params": params_after,
-            "latency_ms": lat_after,
-        },
-        "finetuned": {"epochs": ft_epochs, "test_acc": acc_ft, "test_loss": loss_ft, "params": params_after},
-        "seconds": {"train": t_train, "compress": t_compress, "finetune": t_finetune, "total": elapsed},
+        "before": before,
+        "after": after,
+        "finetuned": {"epochs": ft_epochs, **{k: tuned[k] for k in ("test_acc", "test_loss", "params")}},
+        "seconds": seconds,
         "torch_threads": torch.get_num_threads(),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "summary.md", "# rmtprune demo\n\n```\n" + table + "\n```\n")
     _say("")
-    if esd is not None:
-        _say(f"ESD of layer {first!r}: {esd}")
+    first, layer, path = esd
+    if path is not None:
+        _say(f"ESD of layer {first!r}: {path}")
     else:
         _say(f"no ESD plot: layer {first!r} has no fit ({layer.verdict}: {layer.message})")
     _say(f"compressed, fine-tuned model: {out / 'model.safetensors'}; summary: {out / 'summary.json'}")
     _say(
-        f"done in {elapsed:.0f} s (training {t_train:.0f} s, compression {t_compress:.1f} s, "
-        f"fine-tuning {t_finetune:.0f} s; torch threads: {torch.get_num_threads()})"
+        f"done in {seconds['total']:.0f} s (training {seconds['train']:.0f} s, compression "
+        f"{seconds['compress']:.1f} s, fine-tuning {seconds['finetune']:.0f} s; torch threads: "
+        f"{torch.get_num_threads()})"
     )
-    return 0
 
 
 def _report_lines(report: Any) -> list[str]:
