@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear, LowRankModule
-from .masks import parametrization
 
 __all__ = [
     "LayerHandler",
@@ -33,7 +32,54 @@ __all__ = [
     "LayerEntry",
     "collect_layers",
     "output_layer",
+    "parametrization",
 ]
+
+
+#: Names of torch's parametrizations and weight hooks, as the user wrote them.
+_KNOWN = {
+    "_WeightNorm": "weight_norm",
+    "_SpectralNorm": "spectral_norm",
+    "_Orthogonal": "orthogonal",
+    "WeightNorm": "weight_norm",
+    "SpectralNorm": "spectral_norm",
+}
+
+
+def parametrization(module: nn.Module) -> str | None:
+    """Why ``module``'s weight is not a plain parameter that can be cut or masked, or None.
+
+    A weight under ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``, any custom one) or an old-style hook
+    (``torch.nn.utils.weight_norm``: ``weight_g``/``weight_v``; ``spectral_norm``: ``weight_orig``;
+    ``torch.nn.utils.prune``) is recomputed from other tensors at every forward pass: factoring or
+    masking the computed ``weight`` would silently drop the parametrization (or be undone by it).
+    The message says what to remove first.
+    """
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        found = []
+        for tensor, plist in module.parametrizations.items():
+            kinds = [_KNOWN.get(type(p).__name__, type(p).__name__) for p in plist]
+            found.append(f"{tensor}: {', '.join(kinds)}")
+        return (
+            f"parametrized weight ({'; '.join(found)}): remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))"
+        )
+    from torch.nn.utils.prune import BasePruningMethod
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            return "pruned with torch.nn.utils.prune: call prune.remove(module, 'weight') first"
+        kind = _KNOWN.get(type(hook).__name__)
+        if kind is not None and getattr(hook, "name", None) is not None:
+            return f"{kind} hook on {hook.name!r}: call torch.nn.utils.remove_{kind}(module) first"
+    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+        return "weight_norm hook (weight_g, weight_v): call torch.nn.utils.remove_weight_norm(module) first"
+    if hasattr(module, "weight_orig"):
+        return "weight recomputed from weight_orig (spectral_norm or prune hook): remove the hook first"
+    return None
 
 
 class LayerHandler:

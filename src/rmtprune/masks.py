@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layers import collect_layers, handler_for, parametrization, supported_types
+from .lowrank import LowRankModule
+
 __all__ = [
     "MASK_BUFFER",
     "prunable_layers",
@@ -47,9 +50,6 @@ def __getattr__(name: str) -> Any:
             DeprecationWarning,
             stacklevel=2,
         )
-        from .layers import supported_types
-        from .lowrank import LowRankModule
-
         return tuple(t for t in supported_types() if not issubclass(t, LowRankModule))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -61,8 +61,6 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     contributes its two factors. A weight under ``torch.nn.utils.prune`` (or an old-style
     ``spectral_norm`` hook) raises ``ValueError``: it is recomputed from ``weight_orig``.
     """
-    from .layers import collect_layers, handler_for
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for entry in collect_layers(model):
@@ -80,52 +78,6 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
                 why = parametrization(mod) or "weight recomputed from weight_orig"
                 raise ValueError(f"layer {name!r}: {why}")
             yield name, mod
-
-
-#: Names of torch's parametrizations and weight hooks, as the user wrote them.
-_KNOWN = {
-    "_WeightNorm": "weight_norm",
-    "_SpectralNorm": "spectral_norm",
-    "_Orthogonal": "orthogonal",
-    "WeightNorm": "weight_norm",
-    "SpectralNorm": "spectral_norm",
-}
-
-
-def parametrization(module: nn.Module) -> str | None:
-    """Why ``module``'s weight is not a plain parameter that can be cut or masked, or None.
-
-    A weight under ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
-    ``spectral_norm``, ``orthogonal``, any custom one) or an old-style hook
-    (``torch.nn.utils.weight_norm``: ``weight_g``/``weight_v``; ``spectral_norm``: ``weight_orig``;
-    ``torch.nn.utils.prune``) is recomputed from other tensors at every forward pass: factoring or
-    masking the computed ``weight`` would silently drop the parametrization (or be undone by it).
-    The message says what to remove first.
-    """
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(module):
-        found = []
-        for tensor, plist in module.parametrizations.items():
-            kinds = [_KNOWN.get(type(p).__name__, type(p).__name__) for p in plist]
-            found.append(f"{tensor}: {', '.join(kinds)}")
-        return (
-            f"parametrized weight ({'; '.join(found)}): remove the parametrization first "
-            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))"
-        )
-    from torch.nn.utils.prune import BasePruningMethod
-
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, BasePruningMethod):
-            return "pruned with torch.nn.utils.prune: call prune.remove(module, 'weight') first"
-        kind = _KNOWN.get(type(hook).__name__)
-        if kind is not None and getattr(hook, "name", None) is not None:
-            return f"{kind} hook on {hook.name!r}: call torch.nn.utils.remove_{kind}(module) first"
-    if hasattr(module, "weight_g") and hasattr(module, "weight_v"):
-        return "weight_norm hook (weight_g, weight_v): call torch.nn.utils.remove_weight_norm(module) first"
-    if hasattr(module, "weight_orig"):
-        return "weight recomputed from weight_orig (spectral_norm or prune hook): remove the hook first"
-    return None
 
 
 def get_mask(module: nn.Module) -> torch.Tensor | None:
