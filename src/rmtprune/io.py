@@ -43,16 +43,18 @@ from .manifest import (
     factored_layers,
     is_reference_spec,
     manifest_path,
+    read_header,
+    read_manifest,
 )
 
 __all__ = [
     "save",
     "load",
     "write_model",
-    "read_manifest",
     "restructure",
     "check_tensors",
     # the manifest, in rmtprune.manifest (kept importable from here)
+    "read_manifest",
     "manifest_path",
     "build_from_manifest",
     "build_factory",
@@ -182,40 +184,6 @@ def write_checkpoint(*args: Any, **kwargs: Any) -> None:
     write_model(*args, **kwargs)
 
 
-def _open(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """Header metadata and tensor shapes of a safetensors file, with clear errors."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from None
-    return meta, shapes
-
-
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest of an rmtprune checkpoint (from the safetensors header), or None for plain files."""
-    meta, _ = _open(Path(path).expanduser())
-    raw = meta.get(META_KEY)
-    if raw is None:
-        return None
-    try:
-        manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} has a corrupt rmtprune manifest: {exc}") from None
-    except RecursionError:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has an rmtprune manifest nested too deeply"
-        ) from None
-    return check_manifest(manifest, path)
-
-
 def restructure(model: nn.Module, layers: dict[str, dict[str, Any]], undo: list[Any] | None = None) -> None:
     """Replace each layer of :func:`factored_layers` specs by an (all-zero) factored layer of its rank.
 
@@ -339,7 +307,7 @@ def load(
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path).expanduser()
-    meta, shapes = _open(path)
+    meta, shapes = read_header(path)
     try:
         sparse = manifest_from_metadata(meta)
         shapes = dense_shapes(shapes, sparse)

@@ -12,6 +12,7 @@ allocated from it; only rmtprune's own reference specs are built from a file
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ __all__ = [
     "build_manifest",
     "check_manifest",
     "check_layer_record",
+    "read_header",
+    "read_manifest",
     "is_reference_spec",
     "build_from_manifest",
     "build_factory",
@@ -215,6 +218,40 @@ def check_manifest(manifest: Any, path: Any = "<manifest>") -> dict[str, Any]:
     for name, record in layers.items():
         check_layer_record(name, record, where=f"{where}: manifest layer {name!r}")
     return manifest
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Header metadata and tensor shapes of a safetensors file, with clear errors (no tensor is read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from None
+    return meta, shapes
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checked manifest of an rmtprune model file (from its safetensors header); None for plain files."""
+    meta, _ = read_header(Path(path).expanduser())
+    raw = meta.get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} has a corrupt rmtprune manifest: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has an rmtprune manifest nested too deeply"
+        ) from None
+    return check_manifest(manifest, path)
 
 
 #: Keys a reference model spec's ``factory_args`` may hold.
