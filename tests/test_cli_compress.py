@@ -139,7 +139,7 @@ def test_options_mirror_the_config(work: Path, tmp_path: Path) -> None:
             "does not match the model",
         ),
         (["--model", "clifactory:mlp", "--keep-bulk", "2", "out/x.safetensors"], r"keep_bulk=2.0 must be in"),
-        (["out/x.safetensors"], "give CHECKPOINT OUT"),
+        (["out/x.safetensors"], "give MODEL_FILE OUT"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(work: Path, capsys, argv: list[str], message: str) -> None:
@@ -169,7 +169,7 @@ def test_reference_spec_with_dataset_needs_no_data_files(
     work: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     # No data anywhere and downloads impossible: the dataset only sets the input shape.
-    from rmtprune import data
+    from rmtprune.zoo import data
 
     monkeypatch.delenv(data.DATA_ENV, raising=False)
     monkeypatch.setenv(data.CACHE_ENV, str(work / "empty-cache"))

@@ -161,7 +161,7 @@ def test_bad_values_exit_2(factory, tmp_path, capsys, extra, match):
         (["--model", "{factory}", "OUT"], "MODULE:FACTORY"),
         (["--model", "mlp:10", "--input-shape", "1,x", "OUT"], "comma-separated ints"),
         (["--model", "vit:dim=32", "OUT"], "give --dataset"),
-        (["OUT"], "give [CHECKPOINT] OUT"),
+        (["OUT"], "give [MODEL_FILE] OUT"),
         (
             ["--model", "{factory}:make", "--weights", "w.pt", "IN", "OUT"],
             "--weights goes with --model alone",

@@ -230,3 +230,24 @@ def test_write_checkpoint_is_a_deprecated_name_of_write_model(tmp_path) -> None:
     assert json.loads((tmp_path / "a.json").read_text())["layers"] == rio.factored_layers(net)
     loaded = rmtprune.load(tmp_path / "a.safetensors", Net())
     assert isinstance(loaded.fc1, LowRankLinear)
+
+
+def test_files_of_the_legacy_format_name_still_load(tmp_path) -> None:
+    """Model files written before 0.2 say format "rmtprune-checkpoint"; they load as before."""
+    from safetensors.torch import save_model
+
+    net, report = compressed()
+    path = rmtprune.save(net, tmp_path / "net.safetensors", plan=report, factory="mlp:8")
+    manifest = rio.read_manifest(path)
+    assert manifest["format"] == "rmtprune-model" == rio.FORMAT
+    legacy = {**manifest, "format": "rmtprune-checkpoint"}
+    save_model(net, str(tmp_path / "old.safetensors"), metadata={"rmtprune": json.dumps(legacy)})
+    assert rio.read_manifest(tmp_path / "old.safetensors")["format"] == "rmtprune-checkpoint"
+    fresh = rmtprune.load(tmp_path / "old.safetensors", Net().eval())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net.eval()(x))
+    legacy["format"] = "rmtprune-something"
+    save_model(net, str(tmp_path / "bad.safetensors"), metadata={"rmtprune": json.dumps(legacy)})
+    with pytest.raises(CheckpointError, match="not an rmtprune manifest"):
+        rmtprune.load(tmp_path / "bad.safetensors", Net())

@@ -70,14 +70,14 @@ def test_plot_esd_type_check(tmp_path: Path) -> None:
 def test_plot_summary_of_layers_and_checkpoint(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from rmtprune.checkpoint import analyze_checkpoint
+    from rmtprune.weights_analysis import analyze_file
 
     assert _png(plot_summary(list(layers().values()), tmp_path / "a.png", ks_max=0.05))
     save_file(
         {"a.weight": spiked(60, 90, [5.0], seed=3), "b.weight": torch.randn(1, 30)},
         tmp_path / "m.safetensors",
     )
-    res = analyze_checkpoint(tmp_path / "m.safetensors")
+    res = analyze_file(tmp_path / "m.safetensors")
     assert _png(plot_summary(res, tmp_path / "b.png"))
 
 

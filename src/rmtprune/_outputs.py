@@ -43,7 +43,9 @@ def _head(path: Path) -> str:
 
 def _manifest_json(path: Path) -> bool:
     data = _json_object(path)
-    return data is not None and data.get("format") == "rmtprune-checkpoint"
+    from .manifest import FORMAT, LEGACY_FORMATS
+
+    return data is not None and data.get("format") in (FORMAT, *LEGACY_FORMATS)
 
 
 #: ``format`` fields of the JSON reports rmtprune writes.
@@ -75,7 +77,7 @@ def _analysis_csv(path: Path) -> bool:
 
 def _safetensors_ours(path: Path) -> bool:
     try:
-        from .io import read_manifest
+        from .manifest import read_manifest
 
         return read_manifest(path) is not None
     except Exception:  # not readable as ours: treat as the user's

@@ -45,9 +45,9 @@ __all__ = [
 ]
 
 #: Value of the manifest's ``format`` field.
-FORMAT = "rmtprune-checkpoint"
+FORMAT = "rmtprune-model"
 #: Earlier names of the same format, still read.
-LEGACY_FORMATS: tuple[str, ...] = ()
+LEGACY_FORMATS = ("rmtprune-checkpoint",)
 #: Version of the manifest layout.
 FORMAT_VERSION = 1
 #: Key of the manifest in the safetensors header metadata.

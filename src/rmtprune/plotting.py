@@ -215,7 +215,7 @@ def plot_summary(
 ) -> Path:
     """One figure for all layers: bulk fraction, number of spikes and KS distance with the gate.
 
-    ``analyses`` is a :class:`~rmtprune.checkpoint.CheckpointAnalysis` (its ``ks_max`` and path are
+    ``analyses`` is a :class:`~rmtprune.weights_analysis.FileAnalysis` (its ``ks_max`` and path are
     used) or a sequence of :class:`LayerAnalysis`. Bars are coloured by verdict; layers without a
     fit are labelled with their verdict. Written atomically as PNG; returns the path.
     """
@@ -228,7 +228,7 @@ def plot_summary(
     else:
         layers = list(analyses)
     if not all(isinstance(la, LayerAnalysis) for la in layers):
-        raise TypeError("analyses must be a CheckpointAnalysis or a sequence of LayerAnalysis")
+        raise TypeError("analyses must be a FileAnalysis or a sequence of LayerAnalysis")
     if not layers:
         raise ValueError("no layers to plot: the analysis is empty")
     ks_max = DEFAULT_KS_MAX if ks_max is None else float(ks_max)

@@ -1,6 +1,6 @@
 """Model input shared by ``rmtprune compress`` and ``rmtprune sparsify``.
 
-Both take either ``--model MODULE:FACTORY|SPEC [--weights FILE]`` or a CHECKPOINT written by
+Both take either ``--model MODULE:FACTORY|SPEC [--weights FILE]`` or a MODEL_FILE written by
 rmtprune (whose manifest records the factory), and record the factory in OUT's manifest.
 """
 
@@ -98,8 +98,8 @@ def load_weights(model: Any, path: str) -> None:
 
 
 def _sidecar_unless_in_place(src: str | None, out_path: Path) -> Path | None:
-    """CHECKPOINT's own ``.json`` manifest is an input too, except in a re-cut in place (OUT ==
-    CHECKPOINT), where it is OUT's manifest and is replaced with it."""
+    """MODEL_FILE's own ``.json`` manifest is an input too, except in a re-cut in place (OUT ==
+    MODEL_FILE), where it is OUT's manifest and is replaced with it."""
     from .. import io as rio
 
     if src is None or not src.endswith(".safetensors"):
@@ -113,7 +113,7 @@ def check_model_outputs(
     args: argparse.Namespace, src: str | None, out_path: Path, report_json: Path, report_md: Path
 ) -> None:
     """Check OUT, its manifest and the two reports before any work (docs/security.md): none a
-    directory or an input (OUT may be CHECKPOINT: a re-cut in place), none a user's file unless
+    directory or an input (OUT may be MODEL_FILE: a re-cut in place), none a user's file unless
     ``--force``."""
     from .. import io as rio
     from .._outputs import Output, check_outputs
@@ -144,7 +144,7 @@ def write_model_outputs(
 ) -> int:
     """Write OUT, its manifest and the two reports as one group (the paths checked by
     :func:`check_model_outputs`): each under a temporary name, all renamed into place only when all
-    are complete, so a failure or Ctrl-C leaves OUT (even OUT == CHECKPOINT) and its sidecars as they
+    are complete, so a failure or Ctrl-C leaves OUT (even OUT == MODEL_FILE) and its sidecars as they
     were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts. Returns OUT's size in bytes."""
     from .. import io as rio
     from .._atomic import atomic_paths
@@ -164,13 +164,13 @@ def write_model_outputs(
 
 
 def add_safety_flags(p: argparse.ArgumentParser) -> None:
-    """``--trust-factory`` (let a CHECKPOINT's recorded ``MODULE:FACTORY`` be imported and called)
+    """``--trust-factory`` (let a MODEL_FILE's recorded ``MODULE:FACTORY`` be imported and called)
     and ``--force`` (replace sidecars of OUT's name that rmtprune did not write)."""
     p.add_argument(
         "--trust-factory",
         action="store_true",
         help=(
-            "build CHECKPOINT's model with the MODULE:FACTORY its manifest records, which imports and "
+            "build MODEL_FILE's model with the MODULE:FACTORY its manifest records, which imports and "
             "runs that code (off by default: only rmtprune's mlp/cnn/vit specs are built from a file; "
             "see docs/security.md)"
         ),
@@ -183,10 +183,10 @@ def add_safety_flags(p: argparse.ArgumentParser) -> None:
 
 
 def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, str, dict[str, Any], int]:
-    """The model the command line names (CHECKPOINT, or ``--model`` with ``--weights``), its factory
+    """The model the command line names (MODEL_FILE, or ``--model`` with ``--weights``), its factory
     (for OUT's manifest), factory args, and the input's size in bytes.
 
-    A CHECKPOINT's own factory is built only when it is a reference spec, or with
+    A MODEL_FILE's own factory is built only when it is a reference spec, or with
     ``--trust-factory``: a file never makes rmtprune import code by itself (docs/security.md).
     """
     from .. import io as rio
@@ -195,9 +195,9 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
     fargs = factory_args(args)
     if ckpt is not None:
         if args.weights:
-            raise ValueError("--weights goes with --model alone; CHECKPOINT already holds the weights")
+            raise ValueError("--weights goes with --model alone; MODEL_FILE already holds the weights")
         if not Path(ckpt).is_file():
-            raise CheckpointError(f"CHECKPOINT {ckpt!r} does not exist")
+            raise CheckpointError(f"MODEL_FILE {ckpt!r} does not exist")
         manifest = rio.read_manifest(ckpt) or {}
         if args.model:
             factory = args.model
@@ -208,7 +208,7 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
         factory = manifest.get("factory")
         if not factory:
             raise CheckpointError(
-                f"CHECKPOINT {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
+                f"MODEL_FILE {ckpt!r} records no model factory; add --model MODULE:FACTORY to rebuild it"
             )
         recorded = manifest.get("factory_args") or {}
         spec = rio.is_reference_spec(factory)
@@ -217,7 +217,7 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
         model = rio.load(ckpt, trust_factory=trust, factory_args=fargs if spec else None)
         return model, factory, fargs, os.path.getsize(ckpt)
     if not args.model:
-        raise ValueError("give [CHECKPOINT] OUT, or --model MODULE:FACTORY with OUT")
+        raise ValueError("give [MODEL_FILE] OUT, or --model MODULE:FACTORY with OUT")
     fargs = fargs if rio.is_reference_spec(args.model) else {}
     model = build(args.model, fargs)
     if args.weights:

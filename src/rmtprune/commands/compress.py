@@ -2,14 +2,14 @@
 
 Input: ``--model MODULE:FACTORY`` (a zero-argument callable returning the ``nn.Module``) or a
 reference model spec (``--model mlp:1000 --dataset mnist``), with optional ``--weights FILE``
-(safetensors, an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``);
-or ``CHECKPOINT``, a file written by rmtprune whose manifest records how to rebuild the model.
+(safetensors, an rmtprune model file, or a torch state dict loaded with ``weights_only=True``);
+or ``MODEL_FILE``, a file written by rmtprune whose manifest records how to rebuild the model.
 Output: ``OUT`` (``.safetensors`` with the manifest embedded), ``OUT`` with suffix ``.json`` (the
 manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``. Every output path is
 checked before any work (never a directory, never one of the inputs, never a file of that name that
 rmtprune did not write unless ``--force``); the four files are written under temporary names and
 renamed only when all are complete, so a failure or Ctrl-C leaves every file as it was, and
-``OUT == CHECKPOINT`` re-cuts in place safely.
+``OUT == MODEL_FILE`` re-cuts in place safely.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ analysed: unsupported type, grouped conv, or not selected by --include/--exclude
 patterns: shell globs on dotted layer names; a name without wildcards also matches as a suffix.
 outputs: OUT (.safetensors), OUT.json (manifest), OUT.report.json and OUT.report.md (stem-based);
 all renamed into place only when all are written; sidecars rmtprune did not write are never replaced
-(--force overrides). A CHECKPOINT's recorded MODULE:FACTORY is not run unless --trust-factory.
+(--force overrides). A MODEL_FILE's recorded MODULE:FACTORY is not run unless --trust-factory.
 exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, missing directory).
 """
 
@@ -52,8 +52,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="*",
-        metavar="[CHECKPOINT] OUT",
-        help="CHECKPOINT: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+        metavar="[MODEL_FILE] OUT",
+        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
     )
     p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
     p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
@@ -76,7 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
     paths = list(args.paths)
     if len(paths) > 2:
-        raise ValueError(f"expected [CHECKPOINT] OUT, got {len(paths)} paths")
+        raise ValueError(f"expected [MODEL_FILE] OUT, got {len(paths)} paths")
     if len(paths) == 2:
         return paths[0], paths[1]
     if len(paths) == 1:
@@ -84,10 +84,10 @@ def _paths(args: argparse.Namespace) -> tuple[str | None, str | None]:
             return None, paths[0]
         if args.dry_run:
             return paths[0], None
-        raise ValueError("give CHECKPOINT OUT, or --model MODULE:FACTORY with OUT")
+        raise ValueError("give MODEL_FILE OUT, or --model MODULE:FACTORY with OUT")
     if args.model and args.dry_run:
         return None, None
-    raise ValueError("give [CHECKPOINT] OUT (or --model MODULE:FACTORY --dry-run)")
+    raise ValueError("give [MODEL_FILE] OUT (or --model MODULE:FACTORY --dry-run)")
 
 
 def _config(args: argparse.Namespace) -> Any:

@@ -3,8 +3,8 @@
 Same input/output conventions as ``rmtprune compress``. Input: ``--model MODULE:FACTORY`` (a
 zero-argument callable returning the ``nn.Module``) or a reference model spec (``--model
 vit:dim=64,depth=4 --dataset fashion-mnist``), with optional ``--weights FILE`` (safetensors or
-an rmtprune checkpoint, or a torch state dict loaded with ``weights_only=True``); or
-``CHECKPOINT``, a file written by ``rmtprune compress`` or ``rmtprune sparsify`` whose manifest
+an rmtprune model file, or a torch state dict loaded with ``weights_only=True``); or
+``MODEL_FILE``, a file written by ``rmtprune compress`` or ``rmtprune sparsify`` whose manifest
 records how to rebuild the model (factored layers and masks included). Output: ``OUT``
 (``.safetensors``, sparse layers stored sparsely, manifest embedded), ``OUT`` with suffix
 ``.json`` (the manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``.
@@ -74,8 +74,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="[CHECKPOINT] OUT",
-        help="CHECKPOINT: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+        metavar="[MODEL_FILE] OUT",
+        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
     )
     p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
     p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from ..sparsity import plan_sparsity, sparsify
 
     if len(args.paths) > 2:
-        raise ValueError(f"expected [CHECKPOINT] OUT, got {len(args.paths)} paths")
+        raise ValueError(f"expected [MODEL_FILE] OUT, got {len(args.paths)} paths")
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
     show = False if args.no_progress else None
