@@ -163,6 +163,25 @@ def write_model_outputs(
     return size
 
 
+def add_model_args(parser: argparse.ArgumentParser, *, optional_paths: bool = False) -> None:
+    """The model input every model command takes: ``[MODEL_FILE] OUT``, ``--model``, ``--weights``.
+
+    ``optional_paths`` lets the command run with no path at all (``compress --dry-run``).
+    """
+    parser.add_argument(
+        "paths",
+        nargs="*" if optional_paths else "+",
+        metavar="[MODEL_FILE] OUT",
+        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+    )
+    parser.add_argument(
+        "--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec"
+    )
+    parser.add_argument(
+        "--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)"
+    )
+
+
 def add_safety_flags(p: argparse.ArgumentParser) -> None:
     """``--trust-factory`` (let a MODEL_FILE's recorded ``MODULE:FACTORY`` be imported and called)
     and ``--force`` (replace sidecars of OUT's name that rmtprune did not write)."""

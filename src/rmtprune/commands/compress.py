@@ -21,7 +21,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ._model_input import add_safety_flags, check_model_outputs, load_model, shape_arg, write_model_outputs
+from ._model_input import (
+    add_model_args,
+    add_safety_flags,
+    check_model_outputs,
+    model_from_args,
+    shape_arg,
+    write_model_outputs,
+)
 from ._options import add_compression_flags, compression_overrides
 
 _EPILOG = """\
@@ -49,14 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "paths",
-        nargs="*",
-        metavar="[MODEL_FILE] OUT",
-        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
-    )
-    p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
-    p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
+    add_model_args(p, optional_paths=True)
     p.add_argument("--dataset", metavar="NAME", help="dataset giving input shape and classes of a model spec")
     p.add_argument("--data-dir", metavar="DIR", help="directory holding the dataset files")
     p.add_argument(
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     if out is not None and not args.dry_run:
         out_path, report_json, report_md = _outputs(args, ckpt, out)
-    model, factory, fargs, size_before = load_model(args, ckpt)
+    model, factory, fargs, size_before = model_from_args(args, ckpt)
 
     example = None
     shape = fargs.get("input_shape") or (shape_arg(args.input_shape) if args.input_shape else None)

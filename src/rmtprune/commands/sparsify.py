@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._model_input import add_safety_flags, check_model_outputs, load_model, write_model_outputs
+from ._model_input import (
+    add_model_args,
+    add_safety_flags,
+    check_model_outputs,
+    model_from_args,
+    write_model_outputs,
+)
 from ._options import add_flags, given
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
@@ -71,14 +77,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "cycle and a short fine-tune. Writes OUT (sparse safetensors) and its report."
         ),
     )
-    p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="[MODEL_FILE] OUT",
-        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
-    )
-    p.add_argument("--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec")
-    p.add_argument("--weights", metavar="FILE", help="weights for --model (safetensors or torch state dict)")
+    add_model_args(p)
     p.add_argument("--config", metavar="JSON", help="SparsifyConfig as a JSON file (flags override it)")
     choices = {"budget": budget_names(), "storage": STORAGE, "schedule": SCHEDULES}
     add_flags(p, SparsifyConfig, _FLAGS, choices=choices, defaults=shown)
@@ -179,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     report_json, report_md = Path(prefix + ".json").expanduser(), Path(prefix + ".md").expanduser()
     if not args.dry_run:
         check_model_outputs(args, src, out_path, report_json, report_md)
-    model, factory, fargs, _ = load_model(args, src)
+    model, factory, fargs, _ = model_from_args(args, src)
     if args.dry_run:
         plan = plan_sparsity(model, config, show=show).report()
         print(plan.table() if not args.quiet else plan.summary())
