@@ -123,3 +123,21 @@ def test_divergence_is_a_one_line_user_error_naming_the_step():
     assert isinstance(info.value, RmtpruneError) and isinstance(info.value, FloatingPointError)
     assert "\n" not in msg and "fine-tuning diverged at step" in msg and "lower the learning rate" in msg
     assert "1e+30" in msg
+
+
+def test_finetune_with_another_optimizer_matches_a_plain_loop():
+    """``optimizer=`` runs the same loop with, e.g., SGD: the weights equal a hand-written SGD loop's."""
+    data = _problem()
+    ours, ref = _net(), _net()
+    finetune(ours, data, epochs=2, lr=0.05, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        for x, y in data:
+            loss = nn.functional.cross_entropy(ref(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="must return a torch.optim.Optimizer"):
+        finetune(_net(), data, steps=1, optimizer=lambda ps: "sgd")

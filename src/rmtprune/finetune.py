@@ -195,8 +195,13 @@ def finetune(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     warmup: float = 0.0,
+    optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with Adam, pruned entries frozen, optional regularisation.
+
+    ``optimizer`` builds another optimizer from the trainable parameters (e.g.
+    ``lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9)``); ``lr`` and the schedule still set
+    its learning rate at every step.
 
     Runs ``steps`` optimizer steps, or ``epochs`` passes over ``data`` when ``steps`` is None
     (fractional epochs stop early). ``loss_fn`` defaults to cross-entropy. The model is left in
@@ -222,7 +227,14 @@ def finetune(
     if steps == 0 or not params:
         return FinetuneResult(0, float("nan"), float("nan"))
     check_lr(lr, params)
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer is None:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = optimizer(params)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer(params) must return a torch.optim.Optimizer, got {type(opt).__name__}"
+            )
     factor = lr_factor(steps, schedule, warmup)
     device = _device(model)
     was_training = model.training

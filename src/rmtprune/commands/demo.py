@@ -117,24 +117,24 @@ def latency_ms(
 
 
 def finetune(model: Any, data: Any, epochs: int, lr: float, seed: int, batch_size: int = 128) -> Any:
-    """A few epochs of plain SGD (momentum 0.9) on ``data``, in place; returns the model.
+    """A few epochs of plain SGD (momentum 0.9) on ``data``, in place, through the library's one
+    fine-tune loop (:func:`rmtprune.finetune.finetune` with an SGD optimizer); returns the model."""
+    import math
 
-    Not :func:`rmtprune.finetune.finetune`: that one is Adam (with masks and a schedule), and the
-    demo's printed numbers come from this SGD loop; switching would change them.
-    """
     import torch
 
+    from ..finetune import finetune as _finetune
     from ..zoo.data import FastLoader
 
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    model.train()
-    for _ in range(epochs):
-        for x, y in FastLoader(data, batch_size, shuffle=True, generator=gen):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    steps = epochs * math.ceil(len(data) / batch_size)
+    _finetune(
+        model,
+        lambda: FastLoader(data, batch_size, shuffle=True, generator=gen),
+        steps=steps,
+        lr=lr,
+        optimizer=lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    )
     model.eval()
     return model
 
