@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -757,3 +758,22 @@ def test_train_takes_compression_fields():
     assert {d["layer"]: d["action"] for d in res.decisions}["head"] == "skip"
     with pytest.raises(ValueError, match="unknown CompressionConfig field"):
         train(**{**TINY, "compression": {"rules": "energy"}})
+
+
+def test_deprecated_flat_fields_read_back_the_nested_value() -> None:
+    """``cfg.keep_bulk`` (deprecated) reads ``cfg.compression.keep_bulk``, not the InitVar's None."""
+    import dataclasses
+
+    from rmtprune.config import CompressionConfig
+
+    with pytest.warns(DeprecationWarning):
+        cfg = TrainConfig(keep_bulk=0.3)
+    with pytest.warns(DeprecationWarning, match="compression.keep_bulk"):
+        assert cfg.keep_bulk == 0.3
+    with pytest.warns(DeprecationWarning, match="compression.protect_last"):
+        assert TrainConfig().keep_output_rank is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        # dataclasses.replace copies the nested config, and the flat names do not override it
+        new = dataclasses.replace(cfg, compression=CompressionConfig(keep_bulk=0.2))
+        assert new.compression.keep_bulk == 0.2 and dataclasses.replace(cfg, epochs=3).epochs == 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import warnings
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -240,6 +241,31 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
+
+
+def _legacy_property(old: str, new: str) -> property:
+    """``TrainConfig.<old>`` read back (deprecated): the nested ``compression.<new>``."""
+
+    def get(self: TrainConfig) -> Any:
+        if sys._getframe(1).f_globals.get("__name__") == "dataclasses":
+            # dataclasses.replace() copies init-only fields by reading them: the value lives in
+            # ``compression`` (copied too), so give the InitVar's "not given" default.
+            return None
+        warnings.warn(
+            f"TrainConfig.{old} is deprecated: read TrainConfig.compression.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(self.compression, new)
+
+    return property(get, doc=f"Deprecated: ``compression.{new}``.")
+
+
+# The flat fields are init-only (dataclass InitVar) keywords; reading them back gives the nested
+# value, as the flat field did before (not the InitVar's class default None). The generated
+# __init__ captured its defaults already, so replacing the class attributes is safe.
+for _old, _new in LEGACY_FIELDS.items():
+    setattr(TrainConfig, _old, _legacy_property(_old, _new))
 
 
 @dataclass
