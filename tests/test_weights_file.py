@@ -792,3 +792,23 @@ def test_safetensors_header_over_the_cap_is_not_called_truncated(tmp_path: Path)
     cut.write_bytes(struct.pack("<Q", 5000) + b'{"a": 1}')
     with pytest.raises(CheckpointError, match=r"is truncated: its safetensors header declares 5000 bytes"):
         list_tensors(cut)
+
+
+def test_a_glob_that_used_to_select_more_as_a_regex_says_so(tmp_path: Path) -> None:
+    """``fc`` was a regex (every name containing "fc"); as a glob it is the module ``fc``: say so."""
+    import rmtprune
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: torch.randn(40, 30) for k in ("fc.weight", "fc1.weight", "head_fc.weight")}, str(path))
+    with pytest.warns(
+        DeprecationWarning, match=r"'fc' is a shell glob now and matches 1 .* matched 3: write '\*fc\*'"
+    ):
+        assert [la.name for la in analyze_file(path, include=["fc"]).layers] == ["fc.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert len(analyze_file(path, include=["*fc*"]).layers) == 3  # the same under both readings
+    with pytest.raises(ValueError, match="no tensor .* matches .* as the regular expression"):
+        analyze_file(path, include=["head"])
+    # the deprecated name keeps reading its patterns as regular expressions for its last release
+    with pytest.warns(DeprecationWarning, match="analyze_checkpoint is deprecated"):
+        assert len(rmtprune.analyze_checkpoint(path, include=["fc"]).layers) == 3

@@ -99,12 +99,26 @@ def _as_glob(regex: str) -> str | None:
     return re.sub(r"\*+", "*", glob)
 
 
-def _compile_patterns(patterns: str | Iterable[str] | None, option: str) -> tuple[_Pattern, ...]:
-    """Check ``include``/``exclude`` patterns: globs, or (deprecated) regexes, with a warning for each."""
+def _compile_patterns(
+    patterns: str | Iterable[str] | None, option: str, *, regex: bool = False
+) -> tuple[_Pattern, ...]:
+    """Check ``include``/``exclude`` patterns: globs, or (deprecated) regexes, with a warning for each.
+
+    ``regex``: every pattern is a regular expression (``re.search``), as the deprecated
+    :func:`analyze_checkpoint` has always read them.
+    """
     if patterns is None:
         return ()
     out = []
     for pat in check_patterns(option, patterns if isinstance(patterns, str) else list(patterns)):
+        if regex:
+            try:
+                out.append(_Pattern(pat, re.compile(pat)))
+            except re.error as exc:
+                raise ValueError(
+                    f"{option} pattern {pat!r} is not a valid regular expression: {exc}"
+                ) from None
+            continue
         for cls in _GLOB_CLASS.findall(pat):  # [z-a] is an error in both languages
             try:
                 re.compile(cls.replace("[!", "[^", 1))
@@ -235,6 +249,7 @@ def analyze_file(
     progress: bool | None = None,
     *,
     fit: FitConfig | None = None,
+    _regex: bool = False,
 ) -> FileAnalysis:
     """Analyse every 2-D and 4-D floating-point tensor of a weights file, one tensor in memory at a time.
 
@@ -273,8 +288,8 @@ def analyze_file(
     from ._progress import progress as _progress
 
     fit = _fit_config(fit, alpha, beta, ks_max)
-    inc = _compile_patterns(include, "include")
-    exc = _compile_patterns(exclude, "exclude")
+    inc = _compile_patterns(include, "include", regex=_regex)
+    exc = _compile_patterns(exclude, "exclude", regex=_regex)
     src = _open(path)
     infos = src.infos()
     matched, todo, ignored = _select(infos, inc, exc, path)
@@ -303,6 +318,7 @@ def _select(
     infos: list[TensorInfo], inc: tuple[_Pattern, ...], exc: tuple[_Pattern, ...], path: Any
 ) -> tuple[list[TensorInfo], list[TensorInfo], list[IgnoredTensor]]:
     """The tensors the patterns keep, those of them to analyse, and those ignored (with the reason)."""
+    changed = _changed_meaning(infos, inc, exc)
     matched = [
         i
         for i in infos
@@ -312,7 +328,10 @@ def _select(
         raise ValueError(
             f"no tensor of {str(path)!r} matches include={[p.text for p in inc]} "
             f"exclude={[p.text for p in exc]} ({len(infos)} tensors, e.g. {infos[0].name!r})"
+            + (f"; {changed[0]}" if changed else "")
         )
+    for note in changed:
+        warnings.warn(note, DeprecationWarning, stacklevel=4)
     ignored: list[IgnoredTensor] = []
     todo: list[TensorInfo] = []
     for info in matched:
@@ -322,6 +341,32 @@ def _select(
         else:
             ignored.append(IgnoredTensor(info.name, info.shape, info.dtype, reason))
     return matched, todo, ignored
+
+
+def _changed_meaning(
+    infos: list[TensorInfo], inc: tuple[_Pattern, ...], exc: tuple[_Pattern, ...]
+) -> list[str]:
+    """One sentence per glob that keeps other tensors than the regular expression (``re.search``)
+    analyze read it as before this release: ``fc`` was every name containing "fc", and as a glob it
+    is the module ``fc`` only. Says how many each reading matches and the glob for the old one."""
+    notes = []
+    for option, pats in (("include", inc), ("exclude", exc)):
+        for p in pats:
+            if p.regex is not None:
+                continue
+            try:
+                old = re.compile(p.text)
+            except re.error:
+                continue
+            as_glob = sum(p.matches(i.name) for i in infos)
+            as_regex = sum(old.search(i.name) is not None for i in infos)
+            if as_glob != as_regex or any(p.matches(i.name) != bool(old.search(i.name)) for i in infos):
+                notes.append(
+                    f"{option} pattern {p.text!r} is a shell glob now and matches {as_glob} tensor(s); "
+                    f"read as the regular expression analyze used before (re.search) it matched "
+                    f"{as_regex}: write {_as_glob(p.text) or p.text!r} for that selection"
+                )
+    return notes
 
 
 def _fit_config(fit: FitConfig | None, alpha: Any, beta: Any, ks_max: Any) -> FitConfig:
@@ -340,11 +385,13 @@ def analyze_checkpoint(*args: Any, **kwargs: Any) -> FileAnalysis:
     """Deprecated name of :func:`analyze_file` (kept for one release): "checkpoint" now means only a
     training checkpoint, and this reads any weights file."""
     warnings.warn(
-        "rmtprune.analyze_checkpoint is deprecated; use rmtprune.analyze_file (same arguments)",
+        "rmtprune.analyze_checkpoint is deprecated; use rmtprune.analyze_file (the same arguments, "
+        "but include/exclude are shell globs there; analyze_checkpoint still reads them as regular "
+        "expressions)",
         DeprecationWarning,
         stacklevel=2,
     )
-    return analyze_file(*args, **kwargs)
+    return analyze_file(*args, **kwargs, _regex=True)
 
 
 def _analyze_one(name: str, tensor: Any, fit: FitConfig) -> LayerAnalysis:
