@@ -220,3 +220,14 @@ def test_console_script(ckpt: Path, tmp_path: Path) -> None:
     assert (
         bad.returncode == 2 and bad.stderr.startswith("rmtprune: error: ") and "Traceback" not in bad.stderr
     )
+
+
+def test_plots_without_matplotlib_fail_before_the_analysis(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rmtprune.plotting
+
+    monkeypatch.setattr(rmtprune.plotting, "have_matplotlib", lambda: False)
+    code, out, err = run(capsys, ckpt, "--plots", tmp_path / "plots")
+    assert code == 2 and out == "" and "rmtprune[plot]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "plots").exists()

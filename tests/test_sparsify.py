@@ -517,6 +517,10 @@ def test_top_level_config_then_function():
         old = importlib.import_module("rmtprune.sparsify")
     assert old.SparsifyConfig is SparsifyConfig and old.BUDGETS == budget_names() == rmtprune.sparsity.BUDGETS
     assert callable(rmtprune.sparsify) and rmtprune.sparsify is sparsify
+    # the old spelling `import rmtprune.sparsify as sp; sp.SparsifyConfig` keeps working this release
+    import rmtprune.sparsify as sp
+
+    assert sp is sparsify and sp.SparsifyConfig is SparsifyConfig and sp.plan_sparsity is plan_sparsity
     assert rmtprune.is_sparsified(model) and rmtprune.remove_masks(model) == 3
 
 

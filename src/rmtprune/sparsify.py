@@ -23,3 +23,12 @@ warnings.warn(
 BUDGETS = _sparsity.budget_names()
 
 __all__ = list(_sparsity.__all__)
+
+# ``import rmtprune.sparsify as sp`` binds ``sp`` to the *function* ``rmtprune.sparsify`` (the package
+# never lets a submodule replace a public function), so the old ``sp.SparsifyConfig`` /
+# ``sp.plan_sparsity`` would fail: for this last release the function carries the module's public
+# names too. They are set only once this deprecated module is imported.
+for _name in __all__:
+    if _name != "sparsify":
+        setattr(_sparsity.sparsify, _name, getattr(_sparsity, _name))
+_sparsity.sparsify.BUDGETS = BUDGETS

@@ -491,3 +491,7 @@ def densify(model: nn.Module) -> nn.Module:
     if is_sparsified(model):
         remove_masks(model)
     return model
+
+
+#: The old private name of :func:`rmtprune.layers.collect_layers` (benchmarks of earlier revisions use it).
+_collect = collect_layers

@@ -19,6 +19,7 @@ __all__ = [
     "build",
     "load_weights",
     "model_from_args",
+    "add_model_args",
     "add_safety_flags",
     "check_model_outputs",
     "write_model_outputs",
@@ -249,3 +250,10 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
 
 #: The former name of :func:`model_from_args` (``sparse_format`` and ``io`` have loaders too).
 load_model = model_from_args
+
+
+def is_spec(spec: str) -> bool:
+    """Deprecated (one release): :func:`rmtprune.io.is_reference_spec`."""
+    from .. import io as rio
+
+    return rio.is_reference_spec(spec)

@@ -202,6 +202,10 @@ def _check_outputs(args: argparse.Namespace) -> Path | None:
     check_outputs(outputs, inputs=[args.file, sidecar], force=args.force)
     if args.plots is None:
         return None
+    from ..plotting import MISSING_MATPLOTLIB, have_matplotlib
+
+    if not have_matplotlib():  # before the analysis, which may take minutes
+        raise RmtpruneError(f"--plots needs matplotlib, and {MISSING_MATPLOTLIB}")
     plots = Path(args.plots).expanduser()
     if plots.exists() and not plots.is_dir():
         raise RmtpruneError(f"--plots {args.plots!r} exists and is not a directory")
