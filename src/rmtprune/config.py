@@ -29,7 +29,7 @@ from ._validate import check_bool, check_choice, check_int, check_number, check_
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, get_rule
 from .spectral.rules import RankRule, check_alpha, check_beta
 
-__all__ = ["CompressionConfig", "FitConfig", "match_pattern", "OVERRIDABLE"]
+__all__ = ["CompressionConfig", "FitConfig", "match_pattern", "unmatched_patterns", "OVERRIDABLE"]
 
 #: Fields a per-layer override may set (everything but the layer selection itself).
 OVERRIDABLE = (
@@ -57,6 +57,20 @@ def match_pattern(name: str, pattern: str) -> bool:
     if name == pattern or name.endswith("." + pattern):
         return True
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def unmatched_patterns(names: list[str], what: str, **patterns: list[str]) -> list[str]:
+    """One message per pattern that matches none of ``names``, in the order given.
+
+    ``patterns`` maps a kind (``include``, ``exclude``, ``override``) to its patterns; the message is
+    ``"<kind> pattern '<p>' matches no <what>"``.
+    """
+    return [
+        f"{kind} pattern {p!r} matches no {what}"
+        for kind, pats in patterns.items()
+        for p in pats
+        if not any(match_pattern(n, p) for n in names)
+    ]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import nn
 from ._progress import progress as _progress
 from ._validate import check_fields
 from .analysis import LayerAnalysis, analyze
-from .config import CompressionConfig, match_pattern
+from .config import CompressionConfig, unmatched_patterns
 from .errors import InvalidWeightsError, RmtpruneError, first_line
 from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: old import path, kept one release)
     LayerEntry,
@@ -99,14 +99,9 @@ def _positions(model: nn.Module, entries: list[LayerEntry], example_input: Any) 
 
 
 def _warn_unmatched(config: CompressionConfig, names: list[str]) -> list[str]:
-    out = []
-    for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
-        for p in patterns:
-            if not any(match_pattern(n, p) for n in names):
-                out.append(f"{kind} pattern {p!r} matches no layer")
-    for p in config.overrides:
-        if not any(match_pattern(n, p) for n in names):
-            out.append(f"override pattern {p!r} matches no layer")
+    out = unmatched_patterns(
+        names, "layer", include=config.include, exclude=config.exclude, override=list(config.overrides)
+    )
     for msg in out:
         warnings.warn(msg, UserWarning, stacklevel=3)
     return out

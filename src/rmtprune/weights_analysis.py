@@ -358,9 +358,10 @@ def _changed_meaning(
                 old = re.compile(p.text)
             except re.error:
                 continue
-            as_glob = sum(p.matches(i.name) for i in infos)
-            as_regex = sum(old.search(i.name) is not None for i in infos)
-            if as_glob != as_regex or any(p.matches(i.name) != bool(old.search(i.name)) for i in infos):
+            glob_hits = [p.matches(i.name) for i in infos]
+            regex_hits = [old.search(i.name) is not None for i in infos]
+            if glob_hits != regex_hits:
+                as_glob, as_regex = sum(glob_hits), sum(regex_hits)
                 notes.append(
                     f"{option} pattern {p.text!r} is a shell glob now and matches {as_glob} tensor(s); "
                     f"read as the regular expression analyze used before (re.search) it matched "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..analysis import LayerAnalysis, analyze
-from ..config import match_pattern
+from ..config import match_pattern, unmatched_patterns
 from ..errors import InvalidWeightsError
 from ..layers import LayerEntry, collect_layers, handler_for, output_layer, parametrized
 from ..masks import get_mask
@@ -130,13 +130,7 @@ def select_layers(
             continue
         layer.protected = out_name is not None and out_name in names
         out.append(layer)
-    warnings = [
-        f"{kind} pattern {p!r} matches no prunable layer"
-        for kind, pats in (("include", include), ("exclude", exclude))
-        for p in pats
-        if not any(match_pattern(n, p) for n in names_seen)
-    ]
-    return out, skipped, warnings
+    return out, skipped, unmatched_patterns(names_seen, "prunable layer", include=include, exclude=exclude)
 
 
 def check_finite(layers: list[LayerState]) -> None:
