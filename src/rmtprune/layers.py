@@ -8,10 +8,22 @@ with :func:`register_handler` reaches every one of them.
 Registered: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, Hugging Face ``transformers`` ``Conv1D``
 (GPT-2 style, transposed weight; only once ``transformers`` is imported) and the ``LowRank*``
 modules themselves, whose spectrum comes from QR of their factors, never from the ``m x n`` product.
+
+A subclass of a registered type is handled like its base only while it computes what the base
+computes: one that overrides the forward path (``forward``, ``_conv_forward``, ``__call__``, or a
+``weight`` / ``bias`` property; e.g. timm's ``Conv2dSame`` pads at run time, ``StdConv2d``
+standardises its weight) or a module whose instance carries its own ``forward`` is skipped with the
+reason (:func:`changed_forward`), by compression, analysis and sparsification alike: cutting it as a
+plain layer would silently change its function. Registering the subclass itself
+(``register_handler(MyConv)``, the base's handler; or a handler of its own) says it is safe.
+Forward hooks and pre-hooks on a layer are not carried over to its factored replacement, so
+compression skips a hooked layer with the reason (:func:`hooked`); masking keeps the module and its
+hooks, so sparsification still prunes it.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -28,6 +40,8 @@ __all__ = [
     "LowRankHandler",
     "register_handler",
     "handler_for",
+    "changed_forward",
+    "hooked",
     "supported_types",
     "LayerEntry",
     "collect_layers",
@@ -90,6 +104,9 @@ class LayerHandler:
 
     #: True for already factored layers (spectrum from QR of the factors).
     factored: bool = False
+    #: Class attributes through which the layer computes its output. A subclass of the registered
+    #: type that defines any of them differently is not handled (:func:`changed_forward`).
+    forward_path: tuple[str, ...] = ("forward", "__call__", "_call_impl", "weight", "bias")
 
     def unsupported(self, module: nn.Module) -> str | None:
         """A reason why this particular layer cannot be compressed (e.g. grouped conv), or None."""
@@ -170,6 +187,8 @@ class TransposedLinearHandler(LinearHandler):
 class ConvHandler(LayerHandler):
     """``nn.Conv1d`` / ``nn.Conv2d`` (``out x in x k...`` read as ``out x (in * k...)``)."""
 
+    forward_path = (*LayerHandler.forward_path, "_conv_forward")
+
     def unsupported(self, module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}) is not supported"
@@ -235,10 +254,25 @@ _REGISTRY: dict[type, LayerHandler] = {
 }
 
 
-def register_handler(layer_type: type, handler: LayerHandler) -> None:
-    """Make layers of ``layer_type`` (and its subclasses) prunable with ``handler``."""
+def register_handler(layer_type: type, handler: LayerHandler | None = None) -> None:
+    """Make layers of ``layer_type`` (and subclasses keeping its forward path) prunable with ``handler``.
+
+    ``handler=None`` registers a subclass of a registered type with its base's handler: the way to
+    say that a subclass overriding ``forward`` (which :func:`changed_forward` refuses) still maps
+    its input exactly as the base does, so the base's factored replacement is exact, e.g. a
+    ``Linear`` subclass whose ``forward`` only adds logging.
+    """
     if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
         raise TypeError(f"layer_type={layer_type!r} must be an nn.Module subclass")
+    if handler is None:
+        _register_transformers()
+        handler = _nearest(layer_type)[1]
+        if handler is None:
+            kinds = ", ".join(sorted(c.__name__ for c in _REGISTRY))
+            raise TypeError(
+                f"layer_type={layer_type.__name__} derives from no registered type ({kinds}): "
+                "give it a handler, register_handler(layer_type, handler)"
+            )
     if not isinstance(handler, LayerHandler):
         raise TypeError(f"handler={handler!r} must be a LayerHandler instance")
     _REGISTRY[layer_type] = handler
@@ -253,14 +287,90 @@ def _register_transformers() -> None:
         _REGISTRY[conv1d] = TransposedLinearHandler()
 
 
-def handler_for(module: nn.Module) -> LayerHandler | None:
-    """The handler registered for the module's type (nearest in its MRO), or None."""
-    _register_transformers()
-    for cls in type(module).__mro__:
-        h = _REGISTRY.get(cls)
+def _nearest(cls: type) -> tuple[type | None, LayerHandler | None]:
+    """The nearest registered class in ``cls``'s MRO and its handler, or ``(None, None)``."""
+    for base in cls.__mro__:
+        h = _REGISTRY.get(base)
         if h is not None:
-            return h
-    return None
+            return base, h
+    return None, None
+
+
+def handler_for(module: nn.Module) -> LayerHandler | None:
+    """The handler registered for the module's type (nearest in its MRO), or None.
+
+    None too when the module computes something else than that registered type
+    (:func:`changed_forward`): a subclass overriding the forward path, or an instance ``forward``.
+    """
+    _register_transformers()
+    base, h = _nearest(type(module))
+    if h is None or _changed(module, base, h):
+        return None
+    return h
+
+
+def changed_forward(module: nn.Module) -> str:
+    """Why ``module`` does not compute what the registered type it derives from computes, or "".
+
+    A subclass that defines any attribute of the handler's ``forward_path`` (``forward``,
+    ``_conv_forward``, ``__call__``, a ``weight`` property ...) differently from the registered
+    base, or a module whose instance has its own ``forward`` (``accelerate`` offload hooks, a
+    monkey-patch), may map its input differently: timm's ``Conv2dSame`` pads at run time,
+    ``StdConv2d`` standardises its weight. Factoring it as the base would change its function,
+    and masking it would zero entries of a weight that is transformed before use, so it is not
+    handled. Registering the subclass itself (:func:`register_handler`) says it is safe.
+    """
+    _register_transformers()
+    base, h = _nearest(type(module))
+    return "" if h is None else _changed(module, base, h)
+
+
+def _changed(module: nn.Module, base: type | None, h: LayerHandler) -> str:
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        # torch's own subclass (``ParametrizedLinear``: ``weight`` a property); the layer is
+        # reported through ``parametrization``, its class is the one torch derived from.
+        cls = cls.__bases__[0]
+    if "forward" in vars(module):
+        return (
+            f"this {cls.__name__} has its own forward on the instance (a hook or patch replaced it); "
+            "factoring or masking it as a plain layer could change its function"
+        )
+    if base is cls:
+        return ""
+    for attr in h.forward_path:
+        if inspect.getattr_static(cls, attr, None) is not inspect.getattr_static(base, attr, None):
+            owner = next((c for c in cls.__mro__ if attr in vars(c)), cls)
+            return (
+                f"{cls.__name__} overrides {attr} (in {owner.__name__}, a subclass of {base.__name__}); "
+                f"factoring or masking it as a plain {base.__name__} would change its function "
+                f"(register_handler({cls.__name__}) if it computes exactly what {base.__name__} does)"
+            )
+    return ""
+
+
+def hooked(module: nn.Module) -> str:
+    """Why a layer with forward hooks or forward pre-hooks is not factored, or "".
+
+    Factoring replaces the module, and its hooks stay on the old one: a hook that changes the input
+    or the output would be dropped silently. Hooks that ``parametrization`` explains (legacy
+    ``weight_norm``, ``torch.nn.utils.prune``) are reported there. Masking keeps the module and its
+    hooks, so sparsification does not ask this.
+    """
+    kinds = []
+    found = (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks))
+    for label, hooks in found:
+        if hooks:
+            names = sorted({getattr(hk, "__qualname__", type(hk).__name__) for hk in hooks.values()})
+            kinds.append(f"{len(hooks)} {label}{'s' if len(hooks) > 1 else ''} ({', '.join(names)})")
+    if not kinds:
+        return ""
+    return (
+        f"{' and '.join(kinds)} on the layer; factoring replaces the module and would drop them: "
+        "remove them first (handle.remove())"
+    )
 
 
 @dataclass
@@ -294,12 +404,18 @@ def collect_layers(model: nn.Module) -> list[LayerEntry]:
             entries.append(LayerEntry(name, module, None, "MultiheadAttention reads its weights directly"))
             claimed.append(name)
             continue
+        changed = changed_forward(module)
+        if changed:
+            entries.append(LayerEntry(name, module, None, changed))
+            claimed.append(name)
+            continue
         h = handler_for(module)
         if h is not None:
             why = (
                 parametrized(module, h)
                 or h.unsupported(module)
                 or shared(name, module, h, param_owners, module_names)
+                or _hooked(module, h)
             )
             entries.append(LayerEntry(name, module, h, why))
             claimed.append(name)
@@ -308,6 +424,16 @@ def collect_layers(model: nn.Module) -> list[LayerEntry]:
         if own:
             entries.append(LayerEntry(name, module, None, f"unsupported layer type {type(module).__name__}"))
     return entries
+
+
+def _hooked(module: nn.Module, h: LayerHandler) -> str:
+    """:func:`hooked` for the layer, and for the factors of a factored layer."""
+    mods = list(module.modules()) if h.factored else [module]
+    for mod in mods:
+        why = hooked(mod)
+        if why:
+            return why if mod is module else f"factor {type(mod).__name__}: {why}"
+    return ""
 
 
 def parametrized(module: nn.Module, h: LayerHandler) -> str:

@@ -3,10 +3,13 @@
 Layers come from the one layer registry (:func:`rmtprune.layers.collect_layers`), so a type added
 with :func:`rmtprune.layers.register_handler` (or Hugging Face's ``Conv1D``) is pruned too; a
 factored layer contributes its two factors. Masking works element-wise on any weight, so
-layers compression cannot cut (grouped convolutions, tied weights) are still selected; only a
-weight recomputed at every forward pass (``weight_norm`` and the like) is skipped, with a
-warning. Fits come from :func:`rmtprune.analysis.analyze`, which owns the fit, the gate and the
-verdict sentence.
+layers compression cannot cut (grouped convolutions, tied weights, layers with forward hooks,
+which masking keeps) are still selected; a weight recomputed at every forward pass
+(``weight_norm`` and the like) is skipped, with a warning, and so is a subclass of a registered
+type that overrides its forward (:func:`rmtprune.layers.changed_forward`): whether zeros in its
+stored weight stay zeros in what it computes is unknown (weight standardisation, as in
+``StdConv2d``, turns them into non-zeros). Every layer not handled is named in a warning. Fits
+come from :func:`rmtprune.analysis.analyze`, which owns the fit, the gate and the verdict sentence.
 """
 
 from __future__ import annotations
@@ -90,13 +93,13 @@ def _factors(entry: LayerEntry) -> list[tuple[str, nn.Module]]:
 
 
 def _candidates(entries: list[LayerEntry]) -> tuple[list[LayerState], list[str]]:
-    """Every maskable weight (factors of low-rank layers included), and warnings for layers whose
-    prunable sub-layers the registry does not reach (``nn.MultiheadAttention``)."""
+    """Every maskable weight (factors of low-rank layers included), and one warning per layer the
+    registry does not handle (an unsupported type such as an embedding, a subclass that changes
+    the forward, ``nn.MultiheadAttention``), with the reason: no layer is left out silently."""
     out, warnings = [], []
     for e in entries:
         if e.handler is None:
-            if any(handler_for(m) is not None for m in e.module.modules() if m is not e.module):
-                warnings.append(f"layer {e.name!r} skipped: {e.reason}")
+            warnings.append(f"layer {e.name!r} skipped: {e.reason}")
             continue
         if e.handler.factored:
             out += [LayerState(n, m, e.name, e.module, e) for n, m in _factors(e)]
