@@ -412,3 +412,47 @@ def test_compressing_an_already_compiled_model_recompiles() -> None:
     out = compiled(x)
     assert torch.allclose(out, model(x), atol=1e-6)
     assert not torch.allclose(out, dense_out, atol=1e-3)  # not a stale graph of the dense model
+
+
+# ---------------------------------------------------------------- code that reads layer.weight
+class ReadsWeightDtype(nn.Module):
+    """Casts its input to the projection's ``weight.dtype`` as transformers' ViT does in ``forward``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 4, stride=4)
+        self.head = nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x.to(self.proj.weight.dtype)).flatten(2).mean(-1)
+        return F.linear(x, self.head.weight, self.head.bias)  # computes with the weight itself
+
+
+def test_factored_layers_give_their_dense_weight_to_code_that_reads_it() -> None:
+    torch.manual_seed(0)
+    model = ReadsWeightDtype().double().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x).detach()
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in ("proj", "head")}
+    rmtprune.compress(model, **FULL)
+    assert isinstance(model.proj, LowRankModule) and isinstance(model.head, LowRankModule)
+    for name, w in dense.items():
+        got = model.get_submodule(name).weight
+        assert got.shape == w.shape and got.dtype == w.dtype and torch.allclose(got, w, atol=1e-12)
+    assert torch.allclose(model(x), before, atol=1e-12)
+    with pytest.raises(AttributeError):
+        model.head.weight = torch.zeros(12, 16, dtype=torch.float64)
+    with pytest.raises(KeyError, match="already exists"):
+        model.head.weight = nn.Parameter(torch.zeros(12, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask the factors"):
+        rmtprune.masks.set_mask(model.head, torch.ones(12, 16, dtype=torch.bool))
+
+
+def test_factored_conv1d_weight_keeps_the_transposed_layout() -> None:
+    layer = _conv1d_transformers()  # weight stored in x out: 20 x 14
+    model = nn.Sequential(layer).double()
+    w = layer.weight.detach().clone()
+    rmtprune.compress(model, **FULL)
+    assert model[0].transposed and torch.allclose(model[0].weight, w, atol=1e-12)
+    rmtprune.compress(model, rule="fixed", ratio=0.5, protect_last=False)  # a re-cut keeps it
+    assert model[0].transposed and model[0].rank == 7 and model[0].weight.shape == (20, 14)

@@ -179,6 +179,11 @@ class TransposedLinearHandler(LinearHandler):
     def matrix(self, module: nn.Module) -> torch.Tensor:
         return module.weight.T
 
+    def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
+        layer = super().build(module, A, B)
+        layer.transposed = True  # its ``.weight`` reads ``in x out``, as the replaced layer's did
+        return layer
+
     def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:
         with torch.no_grad():
             module.weight.copy_(W.T)
@@ -239,7 +244,9 @@ class LowRankHandler(LayerHandler):
 
     def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
         if isinstance(module, LowRankLinear):
-            return LowRankLinear.from_factors(A, B, module.bias, original_type=module.original_type)
+            layer = LowRankLinear.from_factors(A, B, module.bias, original_type=module.original_type)
+            layer.transposed = module.transposed
+            return layer
         return type(module).from_conv(module, A, B)
 
     def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:  # pragma: no cover
@@ -381,6 +388,9 @@ class LayerEntry:
     module: nn.Module
     handler: LayerHandler | None
     reason: str  # why unsupported ("" if supported)
+    #: Other modules holding one of this layer's weights (a tied ``lm_head`` / ``embed_tokens``):
+    #: masking it would prune them too, so sparsification skips it.
+    tied_to: tuple[str, ...] = ()
 
 
 def collect_layers(model: nn.Module) -> list[LayerEntry]:
@@ -417,7 +427,7 @@ def collect_layers(model: nn.Module) -> list[LayerEntry]:
                 or shared(name, module, h, param_owners, module_names)
                 or _hooked(module, h)
             )
-            entries.append(LayerEntry(name, module, h, why))
+            entries.append(LayerEntry(name, module, h, why, tied_to(name, h.weights(module), param_owners)))
             claimed.append(name)
             continue
         own = [p for p in module.parameters(recurse=False) if p.ndim >= 2]
@@ -462,11 +472,20 @@ def shared(
     if len(names) > 1:
         listed = ", ".join(repr(n) for n in names)
         return f"module is registered under several names ({listed}); cutting it would untie them"
-    for w in h.weights(module):
-        others = [o for o in param_owners.get(id(w), []) if o != name and not o.startswith(name + ".")]
-        if others:
-            return f"weight is tied to {others[0]!r}; cutting it would untie them"
+    others = tied_to(name, h.weights(module), param_owners)
+    if others:
+        return f"weight is tied to {others[0]!r}; cutting it would untie them"
     return ""
+
+
+def tied_to(name: str, weights: list[torch.Tensor], param_owners: dict[int, list[str]]) -> tuple[str, ...]:
+    """The other modules (not ``name`` nor its children) that hold one of ``weights``."""
+    others: list[str] = []
+    for w in weights:
+        for o in param_owners.get(id(w), []):
+            if o != name and not o.startswith(name + ".") and o not in others:
+                others.append(o)
+    return tuple(others)
 
 
 def supported_types() -> list[type]:

@@ -98,6 +98,21 @@ class LowRankModule(nn.Module):
         """The bias of the layer (held by ``second``), or None."""
         return self.second.bias
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight ``A @ B`` in the replaced layer's shape and layout, formed at each access.
+
+        Read only (assigning raises), differentiable, not a parameter. It exists because model code
+        reads a layer's ``.weight`` directly, most often for its dtype or device (transformers' ViT,
+        CLIP and DINOv2 read their patch projection's ``weight.dtype`` in ``forward``, T5 its
+        feed-forward's), and such code must keep working, with the right values if it computes
+        with it. Each access costs the ``m x k x n`` product (do not read it in a hot path); the
+        layer's own forward never forms it. A :class:`LowRankLinear` that replaced a layer storing
+        its weight ``in x out`` (``transposed``: transformers' GPT-2 ``Conv1D``) gives that layout.
+        """
+        W = self.dense_weight()
+        return W.T if getattr(self, "transposed", False) else W
+
     def _dense_weight_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -116,6 +131,10 @@ class LowRankLinear(LowRankModule):
     bias : whether ``second`` has a bias (the original layer's bias).
     device, dtype : of the parameters (left uninitialised-random like ``nn.Linear``).
     """
+
+    #: True when the replaced layer stored its weight ``in x out`` (transformers' GPT-2 ``Conv1D``):
+    #: :attr:`weight` then gives that layout. Set by the layer's handler when it builds this module.
+    transposed: bool = False
 
     def __init__(
         self,

@@ -91,6 +91,11 @@ def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     Raises ``ValueError`` for a parametrized weight (see :func:`parametrization`): the zeros would
     land in a tensor recomputed at the next forward pass.
     """
+    if isinstance(module, LowRankModule):
+        raise ValueError(
+            f"cannot mask {type(module).__name__}: its weight is the product of two factors; "
+            "mask the factors ('first', 'second') instead"
+        )
     why = parametrization(module)
     if why is not None:
         raise ValueError(f"cannot mask {type(module).__name__}: {why}")
@@ -124,7 +129,11 @@ def restore_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if key == "weight":
             name = ""
         mod = modules.get(name) if name is not None else None
-        if mod is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+        if (
+            mod is None
+            or isinstance(mod, LowRankModule)  # its .weight is a product, the masks go on its factors
+            or not isinstance(getattr(mod, "weight", None), torch.Tensor)
+        ):
             raise KeyError(f"mask {key!r} names no layer weight of the model")
         set_mask(mod, mask)
 

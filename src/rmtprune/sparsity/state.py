@@ -2,14 +2,15 @@
 
 Layers come from the one layer registry (:func:`rmtprune.layers.collect_layers`), so a type added
 with :func:`rmtprune.layers.register_handler` (or Hugging Face's ``Conv1D``) is pruned too; a
-factored layer contributes its two factors. Masking works element-wise on any weight, so
-layers compression cannot cut (grouped convolutions, tied weights, layers with forward hooks,
-which masking keeps) are still selected; a weight recomputed at every forward pass
-(``weight_norm`` and the like) is skipped, with a warning, and so is a subclass of a registered
-type that overrides its forward (:func:`rmtprune.layers.changed_forward`): whether zeros in its
-stored weight stay zeros in what it computes is unknown (weight standardisation, as in
-``StdConv2d``, turns them into non-zeros). Every layer not handled is named in a warning. Fits
-come from :func:`rmtprune.analysis.analyze`, which owns the fit, the gate and the verdict sentence.
+factored layer contributes its two factors. Masking works element-wise on any weight, so layers
+compression cannot cut (grouped convolutions, layers with forward hooks, which masking keeps) are
+still selected. Skipped, each with a warning: a weight tied to another module (a language model's
+``lm_head`` and its ``embed_tokens``: masking would prune the embedding too), a weight recomputed
+at every forward pass (``weight_norm`` and the like), and a subclass of a registered type that
+overrides its forward (:func:`rmtprune.layers.changed_forward`), where whether zeros in the stored
+weight stay zeros in what it computes is unknown (weight standardisation, as in ``StdConv2d``,
+turns them into non-zeros). Every layer not handled is named in a warning. Fits come from
+:func:`rmtprune.analysis.analyze`, which owns the fit, the gate and the verdict sentence.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ def select_layers(
         if (include and not hit(include)) or hit(exclude):
             continue
         why = parametrized(layer.entry.module, layer.entry.handler)  # type: ignore[union-attr]
+        tied = layer.entry.tied_to if layer.factored_parent is None else ()  # type: ignore[union-attr]
+        if tied and not why:
+            listed = ", ".join(repr(t) for t in tied)
+            why = f"weight is tied to {listed}; masking it would prune {listed} too"
         if why:
             skipped.append(f"layer {layer.name!r} skipped: {why}")
             continue
