@@ -17,7 +17,10 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 #: The layers of docs/architecture.md, first to last (top-level module or package names).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "_validate", "_format", "_progress", "_atomic", "_tensor_source"]),
+    (
+        "foundation",
+        ["errors", "_validate", "_format", "_progress", "_atomic", "_tensor_source", "_hf_guard"],
+    ),
     ("experiment kit", ["zoo"]),
     ("engine", ["spectral"]),
     ("configuration and modules", ["config", "lowrank", "layers", "masks"]),
@@ -34,6 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "sparse_format",
             "_outputs",
             "io",
+            "hf",
         ],
     ),
     ("train", ["training"]),

@@ -57,8 +57,8 @@ _LAZY: dict[str, str] = {
     "LowRankLinear": "rmtprune.lowrank",
     "LowRankConv1d": "rmtprune.lowrank",
     "LowRankConv2d": "rmtprune.lowrank",
-    "save": "rmtprune.io",
-    "load": "rmtprune.io",
+    "save": "rmtprune.hf",
+    "load": "rmtprune.hf",
     # training
     "RMTPruner": "rmtprune.training",
     "TrainConfig": "rmtprune.training",

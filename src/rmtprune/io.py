@@ -53,6 +53,7 @@ __all__ = [
     "write_model",
     "restructure",
     "check_tensors",
+    "non_persistent_buffers",
     # the manifest, in rmtprune.manifest (kept importable from here)
     "read_manifest",
     "manifest_path",
@@ -142,19 +143,20 @@ def write_model(
     plan: Any = None,
     factory: str | None = None,
     factory_args: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the weights and the manifest to the given (temporary) paths, not atomically.
 
     The building block of :func:`save` for commands that write more files in one atomic group
     (:func:`rmtprune._atomic.atomic_paths`). A failed write (a full disk) raises
-    :class:`~rmtprune.errors.RmtpruneError` naming the file.
+    :class:`~rmtprune.errors.RmtpruneError` naming the file. ``extra`` adds top-level manifest fields.
     """
     from safetensors.torch import save_file, save_model
 
     from .masks import masks_of
     from .sparse_format import METADATA_KEY, encode_state_dict
 
-    manifest = build_manifest(model, plan, factory, factory_args)
+    manifest = build_manifest(model, plan, factory, factory_args, extra)
     text = json.dumps(manifest, indent=2, sort_keys=True, default=json_default) + "\n"
     meta = {META_KEY: json.dumps(manifest, default=json_default)}
     masks = masks_of(model)
@@ -229,14 +231,30 @@ def restructure(model: nn.Module, layers: dict[str, dict[str, Any]], undo: list[
         undo.append((parent, child, mod))
 
 
+def non_persistent_buffers(model: nn.Module) -> set[str]:
+    """State-dict names of the model's non-persistent buffers (``position_ids`` of a BERT): a file
+    may still hold them (older transformers saved them) and loading ignores them, as transformers does."""
+    out: set[str] = set()
+    for prefix, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            out.add(f"{prefix}.{b}" if prefix else b)
+    return out
+
+
 def check_tensors(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """Raise naming the first tensor (in model order) whose name or shape does not match the file."""
+    """Raise naming the first tensor (in model order) whose name or shape does not match the file.
+
+    A tensor missing from the file is accepted when it is the same parameter as one the file stores
+    under another name (tied weights: ``lm_head.weight`` is ``embed_tokens.weight``); a file's tensor
+    named after one of the model's non-persistent buffers is ignored.
+    """
     sd = model.state_dict(keep_vars=True)
-    stored_ptrs = {sd[k].data_ptr() for k in shapes if k in sd}
+    # Tied by identity, not data_ptr: on the meta device every tensor's data_ptr is 0.
+    stored_ids = {id(sd[k]) for k in shapes if k in sd}
     for key, t in sd.items():
         layer = key.rpartition(".")[0] or key
         if key not in shapes:
-            if t.data_ptr() in stored_ptrs and t.numel():  # tied weight stored under another name
+            if id(t) in stored_ids and t.numel():  # tied weight stored under another name
                 continue
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not match the model: layer {layer!r} tensor {key!r} "
@@ -247,7 +265,8 @@ def check_tensors(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: Pa
                 f"checkpoint {str(path)!r} does not match the model: layer {layer!r} tensor {key!r} is "
                 f"{_fmt(shapes[key])} in the checkpoint but {_fmt(t.shape)} in the model"
             )
-    extra = [k for k in shapes if k not in sd]
+    ignored = non_persistent_buffers(model)
+    extra = [k for k in shapes if k not in sd and k not in ignored]
     if extra:
         raise CheckpointError(
             f"checkpoint {str(path)!r} does not match the model: tensor {extra[0]!r} "
@@ -285,6 +304,7 @@ def load(
     *,
     trust_factory: bool = False,
     factory_args: dict[str, Any] | None = None,
+    build: Any = None,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save` into ``model`` (restructured in place) and return it.
 
@@ -296,7 +316,9 @@ def load(
     other code unless ``trust_factory=True`` (see ``docs/security.md``). The manifest is validated
     and the architecture checked against the file's tensors on the meta device before anything is
     allocated; ``factory_args`` override the recorded ones for that build. A plain safetensors file
-    without a manifest loads as a state dict. Raises
+    without a manifest loads as a state dict. ``build`` (a zero-argument callable returning the dense
+    model; :mod:`rmtprune.hf` passes one) replaces the factory when ``model`` is None: it is called
+    once under the meta device for the checks, then for real. Raises
     :class:`CheckpointError` naming the first mismatching layer; the model is then left as it was.
     """
     from safetensors.torch import load_file
@@ -325,15 +347,21 @@ def load(
         if factory_args:
             recorded = manifest.get("factory_args") or {}
             manifest = {**manifest, "factory_args": {**recorded, **factory_args}}
+
         # Build the architecture on the meta device first (no memory) and check it against the
         # file, so a crafted spec ("mlp:4000000" in a 34 kB file) is refused before allocating.
+        def make() -> nn.Module:
+            if build is not None:
+                return build()
+            return build_from_manifest(manifest, trust_factory=trust_factory, path=path)
+
         with torch.device("meta"):
-            skeleton = build_from_manifest(manifest, trust_factory=trust_factory, path=path)
+            skeleton = make()
         _check_expansion(skeleton, path)
         restructure(skeleton, layers)
         check_tensors(skeleton, shapes, path)
         del skeleton
-        model = build_from_manifest(manifest, trust_factory=trust_factory, path=path)
+        model = make()
     undo: list[Any] = []
     try:
         restructure(model, layers, undo)
@@ -347,6 +375,8 @@ def load(
         masks: dict[str, torch.Tensor] = {}
         if sparse:
             state, masks = decode_state_dict(state, sparse)
+        for key in non_persistent_buffers(model).intersection(state):
+            del state[key]
         model.load_state_dict(state, strict=False)
         remove_masks(model)  # the file's masks replace any the model carried
         restore_masks(model, masks)

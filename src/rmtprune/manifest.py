@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,15 @@ def factored_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def build_manifest(
-    model: nn.Module, plan: Any, factory: str | None, factory_args: dict[str, Any] | None
+    model: nn.Module,
+    plan: Any,
+    factory: str | None,
+    factory_args: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest :func:`rmtprune.save` writes for ``model``: format, versions, the factory, the
-    factored layers (:func:`factored_layers`) and, given the compression ``plan``, its config and fits."""
+    factored layers (:func:`factored_layers`) and, given the compression ``plan``, its config and fits.
+    ``extra`` adds top-level fields (``hf``: the Hugging Face class a directory was built with)."""
     fits = {}
     config = None
     if plan is not None:
@@ -108,6 +114,7 @@ def build_manifest(
         "rule": None if config is None else config["rule"],
         "config": config,
         "fits": fits,
+        **(extra or {}),
     }
 
 
@@ -184,6 +191,28 @@ def check_layer_record(
     return record
 
 
+#: A Python class name: what a manifest's ``hf.class`` may be (looked up in ``transformers`` only).
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def check_hf_record(hf: Any, where: str) -> None:
+    """Check a manifest's ``hf`` field (written by :func:`rmtprune.hf.save_pretrained`): an object with
+    ``class``, the name of a ``transformers`` model class (a name, never a module path), and strings
+    ``model_type`` and ``dtype``."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{where}: manifest hf must be an object, got {type(hf).__name__}")
+    cls = hf.get("class")
+    if not isinstance(cls, str) or not _CLASS_NAME.fullmatch(cls):
+        raise CheckpointError(f"{where}: manifest hf.class={cls!r} must be a transformers class name")
+    for key in ("model_type", "dtype"):
+        v = hf.get(key)
+        if v is not None and (not isinstance(v, str) or len(v) > 64):
+            raise CheckpointError(f"{where}: manifest hf.{key}={v!r} must be a short string")
+    files = hf.get("files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and len(f) < 512 for f in files):
+        raise CheckpointError(f"{where}: manifest hf.files must be a list of file names")
+
+
 def check_manifest(manifest: Any, path: Any = "<manifest>") -> dict[str, Any]:
     """Validate a manifest's structure before anything is built or allocated from it; return it.
 
@@ -208,6 +237,9 @@ def check_manifest(manifest: Any, path: Any = "<manifest>") -> dict[str, Any]:
     fargs = manifest.get("factory_args")
     if fargs is not None and not isinstance(fargs, dict):
         raise CheckpointError(f"{where}: manifest factory_args must be an object, got {type(fargs).__name__}")
+    hf = manifest.get("hf")
+    if hf is not None:
+        check_hf_record(hf, where)
     layers = manifest.get("layers")
     if layers is None:
         layers = manifest["layers"] = {}
@@ -224,6 +256,11 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]
     """Header metadata and tensor shapes of a safetensors file, with clear errors (no tensor is read)."""
     from safetensors import safe_open
 
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory: a Hugging Face model directory loads with "
+            "rmtprune.load(DIR) (rmtprune.hf.load_pretrained)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

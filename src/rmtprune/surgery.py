@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hf_guard import guard_save_pretrained
 from ._progress import progress as _progress
 from ._validate import check_fields
 from .analysis import LayerAnalysis, analyze
@@ -378,6 +379,8 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
                     item[1].weight.copy_(item[2])
         raise
     plan.applied = True
+    if any(lp.action == "factor" for lp in plan):
+        guard_save_pretrained(model)  # transformers' own save would lose the factored layers
     return model
 
 

@@ -173,7 +173,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, optional_paths: bool = Fa
         "paths",
         nargs="*" if optional_paths else "+",
         metavar="[MODEL_FILE] OUT",
-        help="MODEL_FILE: a model file written by rmtprune (omit it with --model); OUT: output .safetensors",
+        help=(
+            "MODEL_FILE: a model file written by rmtprune (omit it with --model), or a Hugging Face model "
+            "directory (config.json + safetensors; needs rmtprune[hf]); OUT: output .safetensors, or a "
+            "directory when the input is one"
+        ),
     )
     parser.add_argument(
         "--model", metavar="MODULE:FACTORY|SPEC", help="model factory or reference model spec"
@@ -213,6 +217,8 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
     from ..errors import CheckpointError
 
     fargs = factory_args(args)
+    if ckpt is not None and Path(ckpt).expanduser().is_dir():
+        return _model_from_dir(args, ckpt)
     if ckpt is not None:
         if args.weights:
             raise ValueError("--weights goes with --model alone; MODEL_FILE already holds the weights")
@@ -246,6 +252,54 @@ def model_from_args(args: argparse.Namespace, ckpt: str | None) -> tuple[Any, st
     else:
         size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model, args.model, fargs, size
+
+
+def _model_from_dir(args: argparse.Namespace, src: str) -> tuple[Any, str, dict[str, Any], int]:
+    """A Hugging Face model directory (plain, or written by rmtprune) as a transformers model."""
+    from .. import hf
+
+    if args.weights or args.model:
+        raise ValueError(f"MODEL_DIR {src!r} holds its own architecture and weights: drop --model/--weights")
+    d = Path(src).expanduser()
+    model = hf.load_pretrained(d)
+    size = sum(p.stat().st_size for p in d.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    return model, "", {}, size
+
+
+def is_model_dir(src: str | None) -> bool:
+    """Whether the command's input is a directory (a Hugging Face model, plain or compressed)."""
+    return src is not None and Path(src).expanduser().is_dir()
+
+
+def check_dir_outputs(args: argparse.Namespace, src: str, out: str) -> Path:
+    """Check OUT_DIR before any work (:func:`rmtprune.hf.check_out_dir`)."""
+    from .. import hf
+
+    return hf.check_out_dir(out, inputs=[Path(src)], force=args.force)
+
+
+def write_dir_outputs(
+    model: Any,
+    out_dir: Path,
+    src: str,
+    *,
+    plan: Any = None,
+    force: bool = False,
+    reports: Callable[[int], tuple[str, str]],
+) -> int:
+    """Write OUT_DIR (:func:`rmtprune.hf.save_pretrained`, atomic) with the command's two reports
+    inside as ``report.json`` and ``report.md``. Returns the size of its weights file in bytes."""
+    from .. import hf
+
+    sizes: list[int] = []
+
+    def texts(size: int) -> dict[str, str]:
+        sizes.append(size)
+        json_text, md_text = reports(size)
+        return {"report.json": json_text, "report.md": md_text}
+
+    hf.save_pretrained(model, out_dir, plan=plan, source=Path(src).expanduser(), force=force, reports=texts)
+    return sizes[0]
 
 
 #: The former name of :func:`model_from_args` (``sparse_format`` and ``io`` have loaders too).

@@ -22,8 +22,11 @@ from typing import Any
 from ._model_input import (
     add_model_args,
     add_safety_flags,
+    check_dir_outputs,
     check_model_outputs,
+    is_model_dir,
     model_from_args,
+    write_dir_outputs,
     write_model_outputs,
 )
 from ._options import add_flags, given
@@ -171,13 +174,21 @@ def run(args: argparse.Namespace) -> int:
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
     show = False if args.no_progress else None
+    directory = is_model_dir(src)
     out_path = Path(out).expanduser()
-    if out_path.suffix != ".safetensors":
-        raise ValueError(f"OUT {out!r} must end in .safetensors")
-    prefix = args.report or str(out_path.with_suffix("")) + ".report"
-    report_json, report_md = Path(prefix + ".json").expanduser(), Path(prefix + ".md").expanduser()
-    if not args.dry_run:
-        check_model_outputs(args, src, out_path, report_json, report_md)
+    if directory:
+        if args.report:
+            raise ValueError("--report goes with file outputs; a model directory holds its report.json/.md")
+        report_json, report_md = out_path / "report.json", out_path / "report.md"
+        if not args.dry_run:
+            out_path = check_dir_outputs(args, src, out)  # type: ignore[arg-type]
+    else:
+        if out_path.suffix != ".safetensors":
+            raise ValueError(f"OUT {out!r} must end in .safetensors")
+        prefix = args.report or str(out_path.with_suffix("")) + ".report"
+        report_json, report_md = Path(prefix + ".json").expanduser(), Path(prefix + ".md").expanduser()
+        if not args.dry_run:
+            check_model_outputs(args, src, out_path, report_json, report_md)
     model, factory, fargs, _ = model_from_args(args, src)
     if args.dry_run:
         plan = plan_sparsity(model, config, show=show).report()
@@ -193,17 +204,29 @@ def run(args: argparse.Namespace) -> int:
     body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
     body.update(report.to_dict())
     texts = (dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
-    size = write_model_outputs(
-        model, out_path, report_json, report_md, factory=factory, factory_args=fargs, reports=lambda _: texts
-    )
+    if directory:
+        size = write_dir_outputs(model, out_path, src, force=args.force, reports=lambda _: texts)  # type: ignore[arg-type]
+    else:
+        size = write_model_outputs(
+            model,
+            out_path,
+            report_json,
+            report_md,
+            factory=factory,
+            factory_args=fargs,
+            reports=lambda _: texts,
+        )
     if not args.quiet:
         print(report.table())
         print()
     for w in report.warnings:
         print(f"rmtprune: warning: {w}", file=sys.stderr)
     print(report.summary())
-    print(
-        f"wrote {out_path} ({size / 1024:.1f} KiB), {rio.manifest_path(out_path).name}, "
-        f"{report_json}, {report_md}"
-    )
+    if directory:
+        print(f"wrote {out_path}/ ({size / 1024:.1f} KiB of weights; load it with rmtprune.load(DIR))")
+    else:
+        print(
+            f"wrote {out_path} ({size / 1024:.1f} KiB), {rio.manifest_path(out_path).name}, "
+            f"{report_json}, {report_md}"
+        )
     return 0

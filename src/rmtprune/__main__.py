@@ -1,0 +1,5 @@
+"""``python -m rmtprune``: the ``rmtprune`` command."""
+
+from rmtprune.cli import main
+
+raise SystemExit(main())
