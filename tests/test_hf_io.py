@@ -311,3 +311,32 @@ def test_transformers_save_pretrained_of_a_compressed_model_refuses(tmp_path):
     dense = tiny("bert")  # an uncompressed model keeps transformers' own save
     dense.save_pretrained(tmp_path / "dense")
     assert (tmp_path / "dense" / "model.safetensors").is_file()
+
+
+def test_cli_config_factory_with_a_transformers_4_weights_file(tmp_path, monkeypatch):
+    """--model MODULE:FACTORY (a config-only BertModel) with --weights model.safetensors that still
+    holds embeddings.position_ids (as transformers 4.x saved it) used to fail on that buffer."""
+    from safetensors.torch import save_file
+
+    from rmtprune.cli import main
+
+    model = tiny("bert")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model.config.to_json_file(tmp_path / "config.json")
+    (tmp_path / "mybert.py").write_text(
+        "import transformers\n\n"
+        "def build():\n"
+        "    cfg = transformers.BertConfig.from_json_file(__file__.replace('mybert.py', 'config.json'))\n"
+        "    return transformers.BertModel(cfg)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    args = ["compress", "--model", "mybert:build", "--weights", "model.safetensors", "out.safetensors"]
+    assert main([*args, "--rule", "fixed", "--rank", "8", "--no-progress", "--quiet"]) == 0
+    fresh = transformers.BertModel(model.config).eval()
+    back = rmtprune.load(tmp_path / "out.safetensors", fresh)
+    expect = tiny("bert")
+    rmtprune.apply(expect, rmtprune.plan(expect, CompressionConfig(rule="fixed", rank=8)))
+    torch.testing.assert_close(out_of(back, "bert"), out_of(expect, "bert"), rtol=1e-5, atol=1e-5)
