@@ -139,6 +139,8 @@ def collect_calibration(
 
     def make_hook(name: str, n: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                raise ValueError(f"layer {name!r} was not called with its input as first positional argument")
             x = args[0]
             last = state["last"]
             if last is not None and last[0] is x and last[1] is state["mask"]:

@@ -67,6 +67,24 @@ def gpt2(seed: int = 0) -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=60,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def linear_names(model: nn.Module) -> list[str]:
     kinds = (nn.Linear, transformers.pytorch_utils.Conv1D)
     return [n for n, m in model.named_modules() if isinstance(m, kinds) and not n.endswith("lm_head")]
@@ -137,15 +155,17 @@ def test_allocate_ranks_edges():
 @pytest.mark.filterwarnings("ignore:svd_llm")  # BERT's pooler sees 12 rows for 32 inputs: damped
 @pytest.mark.parametrize("method", list(B.METHODS))
 @pytest.mark.parametrize("keep", [0.35, 0.8])
-@pytest.mark.parametrize("make", ["mlp", "bert", "gpt2"])
+@pytest.mark.parametrize("make", ["mlp", "bert", "gpt2", "llama"])
 def test_stored_params_match_the_budget(method, keep, make):
     if make == "mlp":
         model, names = mlp(), MLP_NAMES
         batches = [correlated_inputs(64, 24)]
     else:
-        model = bert() if make == "bert" else gpt2()
+        model = {"bert": bert, "gpt2": gpt2, "llama": llama}[make]()
         names = linear_names(model)
         batches = token_batches()
+        if make == "llama":  # as the harness calls it: token windows, no attention mask
+            batches = [{"input_ids": b["input_ids"]} for b in batches]
     calib = B.collect_calibration(model, names, batches)
     dense = B.stored_params(model, names)
     assert dense == sum(B.dense_counts(model, names))
