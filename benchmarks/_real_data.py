@@ -59,6 +59,16 @@ def item_path(name: str, cache: Path | None = None) -> Path:
     return path
 
 
+def _write_derived(path: Path, obj: object) -> None:
+    """Keep extracted text beside its source for later runs (skipped when the cache is read-only)."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 # ====================================================================== Python docs (reST -> prose)
 _CODE_DIRECTIVES = {
     "code-block", "sourcecode", "code", "doctest", "testcode", "testsetup", "testcleanup", "testoutput",
@@ -177,9 +187,7 @@ def python_docs(cache: Path | None = None) -> tuple[Document, ...]:
             paras = rst_to_paragraphs(path.read_text(encoding="utf-8", errors="replace"))
             if paras:
                 found[f"doc:{path.relative_to(root).as_posix()}"] = paras
-        tmp = derived.with_suffix(".tmp")
-        tmp.write_text(json.dumps(found))
-        os.replace(tmp, derived)
+        _write_derived(derived, found)
     docs = [Document(doc_id, split_of(doc_id), tuple(paras)) for doc_id, paras in found.items()]
     return tuple(sorted(docs, key=lambda d: _hash(d.id)))
 
@@ -252,12 +260,10 @@ def wordnet(pos: str = "noun", cache: Path | None = None) -> tuple[Synset, ...]:
     derived = path.parent / f"{pos}-v{EXTRACT_VERSION}.json"
     if derived.is_file():
         rows = json.loads(derived.read_text())
-        return tuple(Synset(r[0], r[1], tuple(r[2]), r[3], tuple(r[4])) for r in rows)
+        return tuple(Synset(r[0], split_of(r[0]), tuple(r[1]), r[2], tuple(r[3])) for r in rows)
     lines = path.read_text(encoding="latin-1").splitlines()
     out = sorted((s for line in lines if (s := _parse_data_line(line, pos))), key=lambda s: _hash(s.id))
-    tmp = derived.with_suffix(".tmp")
-    tmp.write_text(json.dumps([[s.id, s.split, s.lemmas, s.definition, s.examples] for s in out]))
-    os.replace(tmp, derived)
+    _write_derived(derived, [[s.id, s.lemmas, s.definition, s.examples] for s in out])
     return tuple(out)
 
 

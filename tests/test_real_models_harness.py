@@ -242,3 +242,12 @@ def test_quick_run_on_the_real_minilm(tmp_path: Path) -> None:
     text = out.read_text()
     assert "QUICK smoke run" in text and "| magnitude" in text and "Q4_1" in text
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_extracted_text_kept_and_reread(fake_cache: Path) -> None:
+    first = (D.python_docs(fake_cache), D.wordnet("noun", fake_cache))
+    assert list((fake_cache / "python-doc").glob("paragraphs-v*.json"))
+    assert list((fake_cache / WN_ROOT).glob("noun-v*.json"))
+    D.python_docs.cache_clear()
+    D.wordnet.cache_clear()
+    assert (D.python_docs(fake_cache), D.wordnet("noun", fake_cache)) == first
