@@ -22,10 +22,31 @@ def is_transformers_model(model: Any) -> bool:
     )
 
 
-def guard_save_pretrained(model: Any) -> None:
-    """Make ``model.save_pretrained`` refuse (a transformers model with factored layers); no-op otherwise."""
-    if not is_transformers_model(model) or "save_pretrained" in vars(model):
-        return
+def guard_save_pretrained(model: Any, layers: list[str] | None = None) -> None:
+    """Make ``save_pretrained`` refuse on every transformers model that holds a factored layer: the
+    model itself and, given the factored ``layers``' names, each transformers model among their
+    ancestors (a ``BertModel`` inside a sentence-transformers wrapper). No-op for other models.
+
+    Calling the class's method directly (``type(model).save_pretrained(model, d)``) still bypasses
+    this: only the instance is guarded, never transformers' classes.
+    """
+    targets = [model]
+    for name in layers or []:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            try:
+                targets.append(model.get_submodule(".".join(parts[:i])))
+            except AttributeError:
+                break
+    seen: set[int] = set()
+    for mod in targets:
+        if id(mod) in seen or not is_transformers_model(mod) or "save_pretrained" in vars(mod):
+            continue
+        seen.add(id(mod))
+        _guard(mod)
+
+
+def _guard(model: Any) -> None:
     name = type(model).__name__
 
     def save_pretrained(*args: Any, **kwargs: Any) -> None:

@@ -119,8 +119,9 @@ def _read_config(d: Path) -> dict[str, Any]:
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = f"{type(exc).__name__}: {_line(exc)}"
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({why})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise CheckpointError(f"{str(path)!r} has no model_type: not a transformers model config")
     if raw.get("auto_map"):
@@ -135,27 +136,46 @@ def _auto_config(d: Path) -> Any:
     tf = transformers_module()
     try:
         config = tf.AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{str(d / 'config.json')!r}: {str(exc).splitlines()[0][:300]}") from None
+    except Exception as exc:  # transformers and huggingface_hub raise their own types (StrictDataclassError)
+        raise CheckpointError(f"{str(d / 'config.json')!r}: {type(exc).__name__}: {_line(exc)}") from None
     if hasattr(config, "transformers_weights"):  # our own directory's hint to transformers
         del config.transformers_weights
     return config
 
 
+def _model_class_names() -> set[str]:
+    """Names of the concrete model classes transformers' auto mappings know (``BertModel``,
+    ``LlamaForCausalLM``, ...): a config or manifest may name one of these, never a base class, a
+    tokenizer, a pipeline or a module path."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attr, value in vars(modeling_auto).items():
+        if attr.endswith("_MAPPING_NAMES") and isinstance(value, dict):
+            for v in value.values():
+                names.update([v] if isinstance(v, str) else [x for x in v if isinstance(x, str)])
+    return names
+
+
 def _resolve_class(names: list[str], config: Any, where: str) -> type:
-    """The transformers model class: the first of ``names`` that transformers exports and that takes
-    this config, else the ``AutoModel`` class of the config. Only names, never module paths."""
+    """The transformers model class: the first of ``names`` that is a concrete transformers model
+    class taking this config, else the ``AutoModel`` class of the config. Only names, never paths."""
     tf = transformers_module()
+    known = _model_class_names()
     for name in names:
+        if name not in known:
+            continue
         try:
             cls = getattr(tf, name)
         except (AttributeError, ImportError, RuntimeError):
             continue
+        config_class = getattr(cls, "config_class", None)
         if (
             isinstance(cls, type)
             and issubclass(cls, tf.PreTrainedModel)
             and cls.__module__.startswith("transformers.")
-            and isinstance(config, cls.config_class)
+            and isinstance(config_class, type)
+            and isinstance(config, config_class)
         ):
             return cls
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -170,10 +190,22 @@ def _resolve_class(names: list[str], config: Any, where: str) -> type:
 
 
 def _build(cls: type, config: Any, dtype: torch.dtype | None) -> nn.Module:
-    model = cls._from_config(config)  # type: ignore[attr-defined]
+    """The architecture from its config (random weights); the model's own checks of the config
+    (zero heads, negative sizes) become one :class:`CheckpointError`."""
+    try:
+        model = cls._from_config(config)  # type: ignore[attr-defined]
+    except Exception as exc:  # the model's own code validates its config with any exception type
+        raise CheckpointError(
+            f"config.json does not build a {cls.__name__}: {type(exc).__name__}: {_line(exc)}"
+        ) from None
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "")[:300]
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -202,16 +234,37 @@ def _weight_files(d: Path) -> list[Path]:
     raise CheckpointError(f"{str(d)!r} has no model.safetensors (or model.safetensors.index.json)")
 
 
+#: Config keys giving a number of layers: each layer holds at least one tensor of the files.
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+
+
+def _check_headers(raw: dict[str, Any], files: list[Path], where: str) -> int:
+    """Read every weight file's header (one-line error on a corrupt one) and refuse a config whose
+    layer count exceeds the files' tensor count, before anything is built: a crafted
+    ``num_hidden_layers: 1000000`` would otherwise take hours to build. Returns the tensor count."""
+    from .manifest import read_header
+
+    n = sum(len(read_header(f)[1]) for f in files)
+    for key in _LAYER_KEYS:
+        v = raw.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > n:
+            raise CheckpointError(
+                f"{where}: config.json has {key}={v} but the weight files hold {n} tensors; "
+                "refused as inconsistent"
+            )
+    return n
+
+
 def _load_plain(d: Path, model_class: str | None, dtype: torch.dtype | None) -> nn.Module:
     raw = _read_config(d)
+    files = _weight_files(d)
+    _check_headers(raw, files, repr(str(d)))
     config = _auto_config(d)
-    names = (
-        [model_class] if model_class else [a for a in raw.get("architectures") or [] if isinstance(a, str)]
-    )
+    archs = [a for a in raw.get("architectures") or [] if isinstance(a, str)]
+    names = [model_class] if model_class else archs
     cls = _resolve_class(names, config, str(d))
     if model_class and cls.__name__ != model_class:
         raise CheckpointError(f"model class {model_class!r} is not a transformers model for {str(d)!r}")
-    files = _weight_files(d)
     with torch.device("meta"):
         skeleton = _build(cls, config, dtype)
     dense = sum(p.numel() * p.element_size() for p in skeleton.parameters())
@@ -236,8 +289,8 @@ def _load_plain(d: Path, model_class: str | None, dtype: torch.dtype | None) -> 
             output_loading_info=True,
             **kwargs,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{str(d)!r}: {str(exc).splitlines()[0][:300]}") from None
+    except Exception as exc:  # safetensors, transformers and the model's code raise their own types
+        raise CheckpointError(f"{str(d)!r}: {type(exc).__name__}: {_line(exc)}") from None
     finally:
         tf.logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or ())
@@ -246,17 +299,32 @@ def _load_plain(d: Path, model_class: str | None, dtype: torch.dtype | None) -> 
             f"{str(d)!r}: the weights lack {len(missing)} tensor(s) that {cls.__name__} needs (first: "
             f"{missing[0]!r}); transformers would initialise them at random"
         )
-    mismatched = sorted(info.get("mismatched_keys") or ())
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
     if mismatched:
         raise CheckpointError(f"{str(d)!r}: tensor {mismatched[0]!r} has another shape than {cls.__name__}'s")
+    from .io import non_persistent_buffers
+
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) - non_persistent_buffers(model))
+    if unexpected:
+        raise CheckpointError(
+            f"{str(d)!r}: the weights hold {len(unexpected)} tensor(s) that {cls.__name__} does not have "
+            f"(first: {unexpected[0]!r}); transformers would drop them, so the model would not be the file's"
+        )
     return model.eval()
 
 
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
 def _dtype(name: Any, where: str) -> torch.dtype:
-    dt = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise CheckpointError(f"{where}: manifest hf.dtype={name!r} is not a floating torch dtype")
-    return dt
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise CheckpointError(f"{where}: manifest hf.dtype={name!r} must be one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
 
 
 def _load_compressed(d: Path, dtype: torch.dtype | None) -> nn.Module:
@@ -267,7 +335,8 @@ def _load_compressed(d: Path, dtype: torch.dtype | None) -> nn.Module:
         raise CheckpointError(f"{where}: {WEIGHTS_NAME} has no rmtprune manifest with a transformers class")
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{where} has {WEIGHTS_NAME} but no config.json")
-    _read_config(d)
+    raw = _read_config(d)
+    _check_headers(raw, [path], where)
     config = _auto_config(d)
     hf = manifest["hf"]
     cls = _resolve_class([hf["class"]], config, where)
@@ -345,8 +414,19 @@ def _side_files(source: Path | None) -> list[str]:
     return out
 
 
-def _ours(d: Path) -> set[str] | None:
-    """The files a directory written by :func:`save_pretrained` recorded, or None if it is not one."""
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ours(d: Path) -> dict[str, str] | None:
+    """The files (name -> sha256) a directory written by :func:`save_pretrained` recorded, or None
+    if it is not one."""
     try:
         manifest = read_manifest(d / WEIGHTS_NAME) if (d / WEIGHTS_NAME).is_file() else None
     except CheckpointError:
@@ -354,7 +434,7 @@ def _ours(d: Path) -> set[str] | None:
     if not manifest or manifest.get("format") not in (FORMAT, *LEGACY_FORMATS):
         return None
     files = (manifest.get("hf") or {}).get("files")
-    return set(files) if isinstance(files, list) else None
+    return dict(files) if isinstance(files, dict) else None
 
 
 def _existing(d: Path) -> list[str]:
@@ -380,6 +460,11 @@ def check_out_dir(
         r = Path(inp).expanduser().resolve()
         if r != resolved and resolved in r.parents:
             raise CheckpointError(f"{where} contains the input {str(inp)!r}; choose another directory")
+        if r != resolved and r in resolved.parents and r.is_dir():
+            raise CheckpointError(
+                f"{where} is inside the input directory {str(inp)!r} (its next copy would carry it "
+                "along); choose a directory outside it"
+            )
     if not p.exists() or force:
         return p
     existing = _existing(p)
@@ -391,11 +476,18 @@ def check_out_dir(
             f"{where} exists and was not written by rmtprune (it holds {existing[0]!r}); choose a new "
             "directory, or pass --force (force=True) to replace it"
         )
-    foreign = [f for f in existing if f not in recorded and f not in _OURS]
+    # A file is ours when we wrote it with these bytes (its recorded sha256), or is one of our own
+    # names (the weights and manifest hold the record; the reports are written after it).
+    foreign = [
+        f
+        for f in existing
+        if f not in (WEIGHTS_NAME, MANIFEST_NAME, "report.json", "report.md")
+        and (f not in recorded or (p / f).is_symlink() or _sha256(p / f) != recorded[f])
+    ]
     if foreign:
         raise CheckpointError(
-            f"{where} holds {foreign[0]!r}, which rmtprune did not write there; move it, or pass "
-            "--force (force=True) to replace the directory"
+            f"{where} holds {foreign[0]!r}, which rmtprune did not write there (or was changed since); "
+            "move it, or pass --force (force=True) to replace the directory"
         )
     return p
 
@@ -408,16 +500,21 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.rmtprune-tmp-{tag}"
     tmp.mkdir()
+    old = out.parent / f".{out.name}.rmtprune-old-{tag}"
+    moved = False
     try:
         yield tmp
-        old = out.parent / f".{out.name}.rmtprune-old-{tag}"
         if out.exists():
             os.rename(out, old)
+            moved = True
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if moved and not out.exists():
+            os.rename(old, out)  # the new one could not take its place: put the old one back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _note(model: nn.Module, manifest_layers: int) -> str:
@@ -476,16 +573,20 @@ def save_pretrained(
         (tmp / "config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
-        names = set(side) | {"config.json", WEIGHTS_NAME, MANIFEST_NAME, NOTE_NAME}
+        names = set(side) | {"config.json"}
         if write_gen:
             gen.to_json_file(str(tmp / "generation_config.json"))
             names.add("generation_config.json")
+        from .manifest import factored_layers
+
+        (tmp / NOTE_NAME).write_text(_note(model, len(factored_layers(model))), encoding="utf-8")
+        names.add(NOTE_NAME)
         hf = {
             "class": type(model).__name__,
             "model_type": str(getattr(model.config, "model_type", "")),
             "dtype": dtype,
             "transformers_version": _tf_version(),
-            "files": sorted(names),
+            "files": {name: _sha256(tmp / name) for name in sorted(names)},
         }
         write_model(model, tmp / WEIGHTS_NAME, tmp / MANIFEST_NAME, plan=plan, extra={"hf": hf})
         if reports is not None:
@@ -493,9 +594,6 @@ def save_pretrained(
                 if name not in ("report.json", "report.md"):
                     raise ValueError(f"reports may write report.json and report.md, not {name!r}")
                 (tmp / name).write_text(text, encoding="utf-8")
-        from .manifest import factored_layers
-
-        (tmp / NOTE_NAME).write_text(_note(model, len(factored_layers(model))), encoding="utf-8")
     return out
 
 
@@ -505,10 +603,17 @@ def _tf_version() -> str:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """:func:`rmtprune.save`: a transformers model saved to a path without the ``.safetensors``
-    suffix goes to a directory (:func:`save_pretrained`); anything else to :func:`rmtprune.io.save`."""
+    """:func:`rmtprune.save`: a transformers model saved to a directory path (an existing directory,
+    or a name without a weights-file suffix) goes to :func:`save_pretrained`; anything else to
+    :func:`rmtprune.io.save`."""
     from .io import save as save_file
 
-    if is_hf_model(model) and isinstance(path, (str, os.PathLike)) and Path(path).suffix != ".safetensors":
-        return save_pretrained(model, path, **kwargs)
+    if is_hf_model(model) and isinstance(path, (str, os.PathLike)):
+        p = Path(path).expanduser()
+        if p.is_dir() or p.suffix.lower() not in _FILE_SUFFIXES:
+            return save_pretrained(model, path, **kwargs)
     return save_file(model, path, **kwargs)
+
+
+#: Suffixes that name a file, not a model directory, in :func:`save` (io.save then says which it takes).
+_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json", ".gguf", ".pkl")

@@ -197,8 +197,8 @@ _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 def check_hf_record(hf: Any, where: str) -> None:
     """Check a manifest's ``hf`` field (written by :func:`rmtprune.hf.save_pretrained`): an object with
-    ``class``, the name of a ``transformers`` model class (a name, never a module path), and strings
-    ``model_type`` and ``dtype``."""
+    ``class``, the name of a ``transformers`` model class (a name, never a module path), strings
+    ``model_type`` and ``dtype``, and ``files``, each file written mapped to its sha256."""
     if not isinstance(hf, dict):
         raise CheckpointError(f"{where}: manifest hf must be an object, got {type(hf).__name__}")
     cls = hf.get("class")
@@ -208,9 +208,11 @@ def check_hf_record(hf: Any, where: str) -> None:
         v = hf.get(key)
         if v is not None and (not isinstance(v, str) or len(v) > 64):
             raise CheckpointError(f"{where}: manifest hf.{key}={v!r} must be a short string")
-    files = hf.get("files", [])
-    if not isinstance(files, list) or not all(isinstance(f, str) and len(f) < 512 for f in files):
-        raise CheckpointError(f"{where}: manifest hf.files must be a list of file names")
+    files = hf.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(f, str) and len(f) < 512 and isinstance(h, str) and len(h) == 64 for f, h in files.items()
+    ):
+        raise CheckpointError(f"{where}: manifest hf.files must map file names to sha256 digests")
 
 
 def check_manifest(manifest: Any, path: Any = "<manifest>") -> dict[str, Any]:

@@ -379,8 +379,9 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
                     item[1].weight.copy_(item[2])
         raise
     plan.applied = True
-    if any(lp.action == "factor" for lp in plan):
-        guard_save_pretrained(model)  # transformers' own save would lose the factored layers
+    factored = [lp.name for lp in plan if lp.action == "factor"]
+    if factored:  # transformers' own save_pretrained would lose the factored layers
+        guard_save_pretrained(model, factored)
     return model
 
 
