@@ -207,6 +207,14 @@ def dense_warning(layers: list[LayerState], records: list[LayerSparsity], needs_
         for layer, r in zip(layers, records, strict=True)
         if not layer.protected and r.verdict == "fit" and r.sigma is None and r.nnz_after == r.params
     ]
-    return (
-        [f"{len(dense)} layer(s) left dense without an accepted MP fit: {', '.join(dense)}"] if dense else []
+    if not dense:
+        return []
+    # A transformer has hundreds of such layers: name a few, the table lists them all.
+    shown = ", ".join(dense[:_NAMED]) + (
+        f" and {len(dense) - _NAMED} more (see the table)" if len(dense) > _NAMED else ""
     )
+    return [f"{len(dense)} layer(s) left dense without an accepted MP fit: {shown}"]
+
+
+#: How many layer names a warning lists before "and N more".
+_NAMED = 5
