@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from rmtprune.zoo.files import sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -89,15 +90,6 @@ def default_cache() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "rmtprune" / "real"
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -135,7 +127,7 @@ def download(item: Item, downloads: Path) -> Path:
             _run(["apt-get", "download", f"{item.package}={item.version}"], downloads)
         if not path.is_file():
             raise SystemExit(f"fetch_real: the download of {item.package} did not produce {item.filename}")
-    got = sha256(path)
+    got = sha256_file(path)
     if got != item.sha256:
         raise SystemExit(
             f"fetch_real: sha256 of {path} is {got}, expected {item.sha256} "

@@ -340,3 +340,16 @@ def test_cli_config_factory_with_a_transformers_4_weights_file(tmp_path, monkeyp
     expect = tiny("bert")
     rmtprune.apply(expect, rmtprune.plan(expect, CompressionConfig(rule="fixed", rank=8)))
     torch.testing.assert_close(out_of(back, "bert"), out_of(expect, "bert"), rtol=1e-5, atol=1e-5)
+
+
+def test_a_killed_runs_temporary_directory_is_cleaned_by_the_next(tmp_path):
+    """OUT_DIR is written through rmtprune._atomic.atomic_dir: a temporary directory a SIGKILLed run
+    left (its pid gone) is removed by the next write of the same OUT_DIR; the moved-aside old
+    directory's name (``.old``) is never one it removes."""
+    stale = tmp_path / ".out.rmtprune-999999999-0badf00d.tmp"
+    stale.mkdir()
+    (stale / "rmtprune.safetensors").write_bytes(b"half")
+    kept = tmp_path / ".out.rmtprune-999999999-0badf00d.old"
+    kept.mkdir()
+    hf.save_pretrained(tiny("bert"), tmp_path / "out")
+    assert not stale.exists() and kept.is_dir()

@@ -25,6 +25,7 @@ from .errors import RmtpruneError
 __all__ = [
     "atomic_path",
     "atomic_paths",
+    "atomic_dir",
     "atomic_write_text",
     "atomic_write_bytes",
     "check_writable_dir",
@@ -180,6 +181,40 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     """
     with atomic_paths([path], suffix=suffix) as (tmp,):
         yield tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory for the directory ``path``; when the block succeeds it takes
+    ``path``'s place, else it is removed and ``path`` is left as it was.
+
+    The temporary directory has the name of every rmtprune temporary path (:func:`temp_name_re`), so
+    one left by a killed run is removed by the next run on the same target. A directory cannot be
+    renamed over another, so an existing ``path`` is first moved aside under a name that
+    :func:`clean_stale` never removes (``...old``), put back if the final rename fails, and deleted
+    only once the new one is in place.
+    """
+    target = Path(path).expanduser()
+    parent = check_writable_dir(target)
+    clean_stale(target)
+    stem = f".{_short(target.name)}.{_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, old = parent / f"{stem}.tmp", parent / f"{stem}.old"
+    tmp.mkdir()
+    moved = False
+    try:
+        yield tmp
+        if target.exists():
+            os.rename(target, old)
+            moved = True
+        os.rename(tmp, target)
+        _fsync_dir(parent)
+    except BaseException:
+        if moved and not target.exists():
+            os.rename(old, target)  # the new one could not take its place: put the old one back
+        _remove(tmp)
+        raise
+    if moved:
+        _remove(old)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

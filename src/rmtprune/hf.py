@@ -25,29 +25,28 @@ equal the compressed model's before saving. ``transformers`` is the optional ext
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_dir
 from ._hf_guard import guard_save_pretrained, is_transformers_model
 from .errors import CheckpointError, RmtpruneError
 from .io import load as load_file
 from .io import write_model
-from .manifest import FORMAT, LEGACY_FORMATS, read_manifest
+from .manifest import FORMAT, LEGACY_FORMATS, factored_layers, read_manifest
+from .zoo.files import sha256_file
 
 __all__ = [
     "WEIGHTS_NAME",
     "MANIFEST_NAME",
     "NOTE_NAME",
-    "is_hf_dir",
     "is_compressed_dir",
     "is_hf_model",
     "load_pretrained",
@@ -74,7 +73,9 @@ _WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl",
     ".pickle", ".npz", ".npy", ".ot", ".tflite", ".joblib", ".index.json",
 )  # fmt: skip
-_OURS = {WEIGHTS_NAME, MANIFEST_NAME, NOTE_NAME, "config.json", "report.json", "report.md"}
+#: The commands' reports inside an output directory (written after the manifest, so not in its record).
+REPORTS = ("report.json", "report.md")
+_OURS = {WEIGHTS_NAME, MANIFEST_NAME, NOTE_NAME, "config.json", *REPORTS}
 _MAX_COPY_BYTES = 256 << 20  # a tokenizer.json is tens of MB at most
 _MAX_COPY_FILES = 1000
 _MAX_CONFIG_BYTES = 4 << 20
@@ -92,12 +93,6 @@ def transformers_module() -> Any:
             "Hugging Face model directories need transformers: pip install 'rmtprune[hf]'"
         ) from None
     return transformers
-
-
-def is_hf_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a directory holding a ``config.json`` (plain or written by rmtprune)."""
-    p = Path(path).expanduser()
-    return p.is_dir() and (p / "config.json").is_file()
 
 
 def is_compressed_dir(path: str | os.PathLike[str]) -> bool:
@@ -414,16 +409,6 @@ def _side_files(source: Path | None) -> list[str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _ours(d: Path) -> dict[str, str] | None:
     """The files (name -> sha256) a directory written by :func:`save_pretrained` recorded, or None
     if it is not one."""
@@ -481,8 +466,8 @@ def check_out_dir(
     foreign = [
         f
         for f in existing
-        if f not in (WEIGHTS_NAME, MANIFEST_NAME, "report.json", "report.md")
-        and (f not in recorded or (p / f).is_symlink() or _sha256(p / f) != recorded[f])
+        if f not in (WEIGHTS_NAME, MANIFEST_NAME, *REPORTS)
+        and (f not in recorded or (p / f).is_symlink() or sha256_file(p / f) != recorded[f])
     ]
     if foreign:
         raise CheckpointError(
@@ -490,31 +475,6 @@ def check_out_dir(
             "move it, or pass --force (force=True) to replace the directory"
         )
     return p
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; on success it replaces ``out`` (the old one is
-    removed only after the new one is in place), on any failure or Ctrl-C it is removed and ``out``
-    is left as it was."""
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.parent / f".{out.name}.rmtprune-tmp-{tag}"
-    tmp.mkdir()
-    old = out.parent / f".{out.name}.rmtprune-old-{tag}"
-    moved = False
-    try:
-        yield tmp
-        if out.exists():
-            os.rename(out, old)
-            moved = True
-        os.rename(tmp, out)
-    except BaseException:
-        if moved and not out.exists():
-            os.rename(old, out)  # the new one could not take its place: put the old one back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _note(model: nn.Module, manifest_layers: int) -> str:
@@ -577,29 +537,22 @@ def save_pretrained(
         if write_gen:
             gen.to_json_file(str(tmp / "generation_config.json"))
             names.add("generation_config.json")
-        from .manifest import factored_layers
-
         (tmp / NOTE_NAME).write_text(_note(model, len(factored_layers(model))), encoding="utf-8")
         names.add(NOTE_NAME)
         hf = {
             "class": type(model).__name__,
             "model_type": str(getattr(model.config, "model_type", "")),
             "dtype": dtype,
-            "transformers_version": _tf_version(),
-            "files": {name: _sha256(tmp / name) for name in sorted(names)},
+            "transformers_version": str(transformers_module().__version__),
+            "files": {name: sha256_file(tmp / name) for name in sorted(names)},
         }
         write_model(model, tmp / WEIGHTS_NAME, tmp / MANIFEST_NAME, plan=plan, extra={"hf": hf})
         if reports is not None:
             for name, text in reports((tmp / WEIGHTS_NAME).stat().st_size).items():
-                if name not in ("report.json", "report.md"):
+                if name not in REPORTS:
                     raise ValueError(f"reports may write report.json and report.md, not {name!r}")
                 (tmp / name).write_text(text, encoding="utf-8")
     return out
-
-
-def _tf_version() -> str:
-    tf = transformers_module()
-    return str(tf.__version__)
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> Path:
