@@ -142,11 +142,18 @@ def write_model_outputs(
     factory_args: dict[str, Any],
     reports: Callable[[int], tuple[str, str]],
     plan: Any = None,
+    src: str | None = None,
+    force: bool = False,
 ) -> int:
     """Write OUT, its manifest and the two reports as one group (the paths checked by
     :func:`check_model_outputs`): each under a temporary name, all renamed into place only when all
     are complete, so a failure or Ctrl-C leaves OUT (even OUT == MODEL_FILE) and its sidecars as they
-    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts. Returns OUT's size in bytes."""
+    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts. Returns OUT's size in bytes.
+
+    When the input ``src`` is a model directory, OUT is a directory (checked by
+    :func:`check_dir_outputs`) holding the weights and the reports: see :func:`_write_dir_outputs`."""
+    if is_model_dir(src):
+        return _write_dir_outputs(model, out_path, src, plan=plan, force=force, reports=reports)  # type: ignore[arg-type]
     from .. import io as rio
     from .._atomic import atomic_paths
     from ..errors import RmtpruneError
@@ -271,14 +278,17 @@ def is_model_dir(src: str | None) -> bool:
     return src is not None and Path(src).expanduser().is_dir()
 
 
-def check_dir_outputs(args: argparse.Namespace, src: str, out: str) -> Path:
-    """Check OUT_DIR before any work (:func:`rmtprune.hf.check_out_dir`)."""
+def check_dir_outputs(args: argparse.Namespace, src: str, out: str) -> tuple[Path, Path, Path]:
+    """Check OUT_DIR before any work (:func:`rmtprune.hf.check_out_dir`); return it and the paths
+    of the JSON and Markdown reports inside it."""
     from .. import hf
 
-    return hf.check_out_dir(out, inputs=[Path(src)], force=args.force)
+    out_dir = hf.check_out_dir(out, inputs=[Path(src)], force=args.force)
+    report_json, report_md = (out_dir / name for name in hf.REPORTS)
+    return out_dir, report_json, report_md
 
 
-def write_dir_outputs(
+def _write_dir_outputs(
     model: Any,
     out_dir: Path,
     src: str,
@@ -288,7 +298,7 @@ def write_dir_outputs(
     reports: Callable[[int], tuple[str, str]],
 ) -> int:
     """Write OUT_DIR (:func:`rmtprune.hf.save_pretrained`, atomic) with the command's two reports
-    inside as ``report.json`` and ``report.md``. Returns the size of its weights file in bytes."""
+    inside (:data:`rmtprune.hf.REPORTS`). Returns the size of its weights file in bytes."""
     from .. import hf
 
     sizes: list[int] = []
@@ -296,7 +306,7 @@ def write_dir_outputs(
     def texts(size: int) -> dict[str, str]:
         sizes.append(size)
         json_text, md_text = reports(size)
-        return {"report.json": json_text, "report.md": md_text}
+        return dict(zip(hf.REPORTS, (json_text, md_text), strict=True))
 
     hf.save_pretrained(model, out_dir, plan=plan, source=Path(src).expanduser(), force=force, reports=texts)
     return sizes[0]

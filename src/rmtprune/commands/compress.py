@@ -29,7 +29,6 @@ from ._model_input import (
     is_model_dir,
     model_from_args,
     shape_arg,
-    write_dir_outputs,
     write_model_outputs,
 )
 from ._options import add_compression_flags, compression_overrides
@@ -118,8 +117,7 @@ def _outputs(args: argparse.Namespace, ckpt: str | None, out: str) -> tuple[Path
     """Check OUT and its sidecars before any work: refuse inputs, directories, users' files.
     For a model directory, OUT is a directory holding the reports."""
     if ckpt is not None and is_model_dir(ckpt):
-        out_dir = check_dir_outputs(args, ckpt, out)
-        return out_dir, out_dir / "report.json", out_dir / "report.md"
+        return check_dir_outputs(args, ckpt, out)
     out_path = Path(out).expanduser()
     if out_path.suffix != ".safetensors":
         raise ValueError(f"OUT {out!r} must end in .safetensors")
@@ -177,33 +175,24 @@ def run(args: argparse.Namespace) -> int:
         ]
         return json.dumps(data, indent=2) + "\n", "\n".join(md)
 
-    directory = ckpt is not None and is_model_dir(ckpt)
-    if directory:
-        size_after = write_dir_outputs(
-            model,
-            out_path,
-            ckpt,
-            plan=the_plan,
-            force=args.force,
-            reports=reports,  # type: ignore[arg-type]
-        )
-    else:
-        size_after = write_model_outputs(
-            model,
-            out_path,
-            report_json,
-            report_md,
-            factory=factory,
-            factory_args=fargs,
-            reports=reports,
-            plan=the_plan,
-        )
+    size_after = write_model_outputs(
+        model,
+        out_path,
+        report_json,
+        report_md,
+        factory=factory,
+        factory_args=fargs,
+        reports=reports,
+        plan=the_plan,
+        src=ckpt,
+        force=args.force,
+    )
     if not args.quiet:
         print(the_plan.table(), end="")
     else:
         print("\n".join(the_plan.summary_lines()))
     print(f"file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}")
-    if directory:
+    if is_model_dir(ckpt):
         print(f"wrote {out_path}/ (load it with rmtprune.load({str(out_path)!r}))")
     else:
         print(f"wrote {out_path}, {rio.manifest_path(out_path).name}, {report_json.name}, {report_md.name}")

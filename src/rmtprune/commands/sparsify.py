@@ -26,7 +26,6 @@ from ._model_input import (
     check_model_outputs,
     is_model_dir,
     model_from_args,
-    write_dir_outputs,
     write_model_outputs,
 )
 from ._options import add_flags, given
@@ -179,9 +178,8 @@ def run(args: argparse.Namespace) -> int:
     if directory:
         if args.report:
             raise ValueError("--report goes with file outputs; a model directory holds its report.json/.md")
-        report_json, report_md = out_path / "report.json", out_path / "report.md"
         if not args.dry_run:
-            out_path = check_dir_outputs(args, src, out)  # type: ignore[arg-type]
+            out_path, report_json, report_md = check_dir_outputs(args, src, out)  # type: ignore[arg-type]
     else:
         if out_path.suffix != ".safetensors":
             raise ValueError(f"OUT {out!r} must end in .safetensors")
@@ -204,18 +202,17 @@ def run(args: argparse.Namespace) -> int:
     body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
     body.update(report.to_dict())
     texts = (dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
-    if directory:
-        size = write_dir_outputs(model, out_path, src, force=args.force, reports=lambda _: texts)  # type: ignore[arg-type]
-    else:
-        size = write_model_outputs(
-            model,
-            out_path,
-            report_json,
-            report_md,
-            factory=factory,
-            factory_args=fargs,
-            reports=lambda _: texts,
-        )
+    size = write_model_outputs(
+        model,
+        out_path,
+        report_json,
+        report_md,
+        factory=factory,
+        factory_args=fargs,
+        reports=lambda _: texts,
+        src=src,
+        force=args.force,
+    )
     if not args.quiet:
         print(report.table())
         print()
