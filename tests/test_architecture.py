@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("experiment kit", ["zoo"]),
     ("engine", ["spectral"]),
     ("configuration and modules", ["config", "lowrank", "layers", "masks"]),
-    ("analyze", ["analysis", "finetune"]),
+    ("analyze", ["analysis", "calibration", "finetune"]),
     ("decide and cut", ["plan_record", "surgery", "sparsity", "plotting"]),
     (
         "persist",

@@ -157,6 +157,18 @@ class LayerHandler:
         """A new module computing ``x -> (A @ B) x + bias``, same device and dtype as ``module``."""
         raise NotImplementedError
 
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input ``x`` as rows in the matrix's column space (``rows x n``).
+
+        Each row ``r`` is one position the matrix multiplies (``y = W r``): a token for a linear
+        layer, an unfolded patch for a convolution. Calibration (:mod:`rmtprune.calibration`)
+        accumulates ``sum r r^T`` from these rows. The default reads the last axis as the features.
+        """
+        n = self.matrix_shape(module)[1]
+        if x.ndim == 0 or x.shape[-1] != n:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's {n} features")
+        return x.detach().reshape(-1, n)
+
     def write_dense(self, module: nn.Module, W: torch.Tensor) -> None:
         """Copy the ``m x n`` matrix ``W`` into the layer's dense weight."""
         with torch.no_grad():
@@ -205,9 +217,36 @@ class ConvHandler(LayerHandler):
     def default_positions(self, module: nn.Module) -> int | None:
         return None  # depends on the input size
 
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _unfold_rows(module, x)
+
     def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
         cls = LowRankConv2d if isinstance(module, nn.Conv2d) else LowRankConv1d
         return cls.from_conv(module, A, B)
+
+
+def _unfold_rows(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A convolution's input as ``(batch * positions) x (in * k...)`` patch rows (``F.unfold``).
+
+    The column order (channel, then kernel offsets) is the order of ``weight.reshape(out, -1)``.
+    A string ``padding`` ("same") is refused: its asymmetric padding has no ``unfold`` equivalent.
+    """
+    if isinstance(conv.padding, str) or getattr(conv, "padding_mode", "zeros") != "zeros":
+        raise ValueError(
+            f"calibration does not support padding={conv.padding!r} / padding_mode="
+            f"{getattr(conv, 'padding_mode', 'zeros')!r} convolutions"
+        )
+    x = x.detach()
+    one_d = isinstance(conv, nn.Conv1d)
+    if one_d:  # (B, C, L) -> (B, C, 1, L)
+        x = x.unsqueeze(-2)
+        k, d, p, st = (1, *conv.kernel_size), (1, *conv.dilation), (0, *conv.padding), (1, *conv.stride)
+    else:
+        k, d, p, st = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    if x.ndim == 3 and not one_d:
+        x = x.unsqueeze(0)  # an unbatched (C, H, W) input
+    cols = torch.nn.functional.unfold(x, k, dilation=d, padding=p, stride=st)  # (B, n, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 class LowRankHandler(LayerHandler):
@@ -241,6 +280,11 @@ class LowRankHandler(LayerHandler):
 
     def svd(self, module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return module.svd(torch.float64)
+
+    def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, LowRankLinear):
+            return super().input_rows(module, x)
+        return _unfold_rows(module.first, x)
 
     def build(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
         if isinstance(module, LowRankLinear):
