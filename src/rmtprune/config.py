@@ -29,7 +29,17 @@ from ._validate import check_bool, check_choice, check_int, check_number, check_
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, get_rule
 from .spectral.rules import RankRule, check_alpha, check_beta
 
-__all__ = ["CompressionConfig", "FitConfig", "match_pattern", "unmatched_patterns", "OVERRIDABLE"]
+__all__ = [
+    "CompressionConfig",
+    "FitConfig",
+    "match_pattern",
+    "unmatched_patterns",
+    "OVERRIDABLE",
+    "ALLOCATIONS",
+]
+
+#: How :func:`rmtprune.compress` spreads a ``target`` budget over layers (:mod:`rmtprune.allocation`).
+ALLOCATIONS = ("rmt", "uniform", "energy", "gavish_donoho", "spikes")
 
 #: Fields a per-layer override may set (everything but the layer selection itself).
 OVERRIDABLE = (
@@ -122,6 +132,19 @@ class CompressionConfig:
         into the dense weight (True) or keep the layer as it is (False).
     svd_dtype : precision of the SVD, ``float64`` (default) or ``float32`` (faster on big layers;
         the fit always runs in float64).
+    target : keep this fraction of the selected layers' parameters as stored (weights ``k (m + n)``
+        when factored, ``m n`` dense, plus biases), in (0, 1]; the ranks are then chosen across
+        layers by ``allocation`` and ``rule`` is not used. None: every layer by its own ``rule``.
+    target_macs : the same budget on multiply-accumulates per sample instead (convolutions need an
+        example input to count theirs). At most one of ``target`` and ``target_macs``.
+    allocation : how a target is spread over layers: ``rmt`` (each direction's ``s_i / s_plus``
+        against its own layer's noise edge; the generalized-MP edge when calibrated), ``uniform``,
+        ``energy``, ``gavish_donoho``, ``spikes`` (see :mod:`rmtprune.allocation`).
+    damping : with calibration data, the input covariance ``C`` is whitened as ``C + damping *
+        mean(diag C) I`` (keeps the Cholesky factor invertible on unseen directions).
+    guard : with calibration data, the largest relative output error ``||(W - W') x|| / ||W x||`` a
+        layer may have on the calibration's held-out slice; a layer above it gets rank back (or stays
+        dense) and the budget is rebalanced over the others. None: no guard.
     protect_last : keep the model's last layer of a prunable type (in registration order: the
         logits layer of a classifier) uncut; it is still analysed and reported. The output-width guard of
         METHOD.md section 6: a 10-class head cut to rank 1 by a noisy fit destroys the classifier.
@@ -153,6 +176,21 @@ class CompressionConfig:
     protect_last: bool = field(
         default=True, metadata={"help": "never cut the last prunable layer (a classifier's logits)"}
     )
+    target: float | None = field(
+        default=None, metadata={"help": "keep this fraction of the selected layers' parameters (0, 1]"}
+    )
+    target_macs: float | None = field(
+        default=None, metadata={"help": "keep this fraction of the selected layers' MACs (0, 1]"}
+    )
+    allocation: str = field(
+        default="rmt", metadata={"help": f"how a target is spread over layers: {', '.join(ALLOCATIONS)}"}
+    )
+    damping: float = field(
+        default=1e-2, metadata={"help": "relative damping of the calibration covariance before whitening"}
+    )
+    guard: float | None = field(
+        default=None, metadata={"help": "largest relative output error of a layer on held-out calibration"}
+    )
 
     def __post_init__(self) -> None:
         get_rule(self.rule)
@@ -169,6 +207,15 @@ class CompressionConfig:
         for flag in ("factor_only_if_smaller", "dense_truncate", "protect_last"):
             check_bool(flag, getattr(self, flag))
         check_choice("svd_dtype", self.svd_dtype, _SVD_DTYPES)
+        for name in ("target", "target_macs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(name, getattr(self, name), 0.0, 1.0, lo_open=True))
+        if self.target is not None and self.target_macs is not None:
+            raise ValueError("give target or target_macs, not both")
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        self.damping = check_number("damping", self.damping, 0.0, 1e6)
+        if self.guard is not None:
+            self.guard = check_number("guard", self.guard, 0.0, math.inf, lo_open=True, allow_inf=True)
         if not isinstance(self.overrides, dict):
             raise TypeError(f"overrides={self.overrides!r} must be a dict pattern -> {{field: value}}")
         for pattern, values in self.overrides.items():

@@ -374,6 +374,22 @@ def load_pretrained(
 from_pretrained = load_pretrained
 
 
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in model directory ``path`` (local files only, never the model's own code).
+
+    Used to turn a calibration text into token windows (``rmtprune compress DIR OUT --calibration
+    FILE.txt``). ``ValueError`` naming the directory when it holds no tokenizer transformers can read.
+    """
+    d = Path(path).expanduser()
+    tf = transformers_module()
+    try:
+        return tf.AutoTokenizer.from_pretrained(str(d), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
+        raise ValueError(
+            f"model directory {str(d)!r} has no tokenizer transformers can read ({_line(exc)})"
+        ) from None
+
+
 def load(path: str | os.PathLike[str], model: nn.Module | None = None, **kwargs: Any) -> nn.Module:
     """:func:`rmtprune.load`: a directory loads with :func:`load_pretrained`, a file with
     :func:`rmtprune.io.load` (see there for ``model``, ``trust_factory`` and ``factory_args``)."""

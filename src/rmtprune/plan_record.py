@@ -40,6 +40,8 @@ class LayerPlan:
     MACs are per sample (per token for linear layers applied to sequences); None where they
     depend on an input size that was not given. ``svd_dtype`` is the layer's resolved SVD
     precision (per-layer overrides applied; None for ``skip``), what :func:`~rmtprune.apply` uses.
+    ``truncation`` is ``whitened`` for a layer cut in its calibration-whitened space (its factors
+    live only in the in-memory plan), ``svd`` or None for a plain truncated SVD.
     """
 
     name: str
@@ -59,6 +61,7 @@ class LayerPlan:
     macs_after: int | None = None
     dtype: str = ""
     svd_dtype: str | None = None
+    truncation: str | None = None
     _svd: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -105,7 +108,9 @@ class Plan:
     """Per-layer decisions for a whole model, plus the config and totals. JSON round trip.
 
     Iterate it for the :class:`LayerPlan` records, index it by layer name. After :func:`apply`
-    (or :func:`compress`, which returns it as the report) ``applied`` is True.
+    (or :func:`compress`, which returns it as the report) ``applied`` is True. ``budget`` records a
+    ``target`` / ``target_macs`` plan: the allocation, the threshold, the cost before / wanted /
+    after, and what the guard changed.
     """
 
     layers: list[LayerPlan]
@@ -114,6 +119,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     applied: bool = False
     rmtprune_version: str = __version__
+    budget: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers)
@@ -186,6 +192,7 @@ class Plan:
             "config": self.config.to_dict(),
             "model_params_before": self.model_params_before,
             "warnings": list(self.warnings),
+            "budget": self.budget,
             "totals": self.totals(),
             "layers": [lp.to_dict() for lp in self.layers],
         }
@@ -207,6 +214,7 @@ class Plan:
             warnings=list(data.get("warnings", [])),
             applied=bool(data.get("applied", False)),
             rmtprune_version=str(data.get("rmtprune_version", "")),
+            budget=data.get("budget"),
         )
 
     def to_json(self) -> str:
@@ -246,6 +254,19 @@ class Plan:
                 f"MACs/sample (planned layers with known input size): {t['macs_before']:,} -> "
                 f"{t['macs_after']:,} ({ratio(t['macs_after'], t['macs_before'])})"
             )
+        b = self.budget
+        if b:
+            what = "MACs" if b["of"] == "macs" else "parameters"
+            lines.append(
+                f"budget: {b['allocation']} allocation ({b['truncation']} truncation) kept "
+                f"{b['after']:,} of {b['before']:,} selected-layer {what} ({ratio(b['after'], b['before'])}; "
+                f"asked {b['target'] if b['of'] == 'params' else b['target_macs']})"
+            )
+            for g in b.get("guard_changes", []):
+                lines.append(
+                    f"guard: {g['layer']} error {g['error']:.3g} at rank {g['rank']} -> rank {g['new_rank']} "
+                    f"(error {g['new_error']:.3g})"
+                )
         lines += [f"warning: {w}" for w in self.warnings]
         return lines
 

@@ -14,16 +14,20 @@ the model's output (kept by ``protect_last``) is :func:`rmtprune.layers.output_l
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ._hf_guard import guard_save_pretrained
 from ._progress import progress as _progress
 from ._validate import check_fields
+from .allocation import Candidate, allocate
 from .analysis import LayerAnalysis, analyze
+from .calibration import Calibration, collect, whitening_factor
 from .config import CompressionConfig, unmatched_patterns
 from .errors import InvalidWeightsError, RmtpruneError, first_line
 from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: old import path, kept one release)
@@ -40,6 +44,8 @@ from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: ol
 from .lowrank import LowRankLinear, LowRankModule
 from .masks import is_sparsified, remove_masks
 from .plan_record import ACTIONS, LayerPlan, Plan
+from .spectral.gmp import whitened_noise_edge
+from .spectral.rules import gavish_donoho_omega
 
 __all__ = [
     "ACTIONS",
@@ -219,6 +225,296 @@ def _skipped(la: LayerAnalysis) -> LayerPlan:
     )
 
 
+# ====================================================================== a budget across layers
+def _tall_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if M.shape[0] < M.shape[1]:
+        U, s, Vh = torch.linalg.svd(M.T, full_matrices=False)
+        return Vh.T, s, U.T
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def _dense_matrix(la: LayerAnalysis) -> torch.Tensor:
+    """The layer's ``m x n`` matrix in float64 (a factored layer's product ``A @ B``)."""
+    if la.factored:
+        A, B = la.module.factors()
+        return (A.detach().to(torch.float64) @ B.detach().to(torch.float64)).cpu()
+    return la.handler.matrix(la.module).detach().to(torch.float64).cpu()
+
+
+def _gd_edge(s: np.ndarray, m: int, n: int) -> float:
+    """Gavish-Donoho's unknown-noise threshold ``omega(beta) median(s)``: a layer's edge without an MP fit."""
+    return float(gavish_donoho_omega(min(m, n) / max(m, n)) * np.median(s))
+
+
+class _Layer:
+    """One layer of a budgeted plan: its truncation-space SVD, noise edge and candidate."""
+
+    def __init__(self, la: LayerAnalysis, cfg: CompressionConfig, positions: int | None, calib: Any) -> None:
+        self.la = la
+        m, n = la.matrix_shape
+        self.m, self.n = m, n
+        fit = la.fit
+        has_sigma = fit is not None and fit.sigma2 > 0
+        gate = "accepted" if la.verdict == "fit" else f"refused by the gate ({la.message})"
+        if calib is None:
+            self.truncation = "svd"
+            self.U, s_t, self.Vh = la.svd if la.svd is not None else (None, None, None)
+            self.s = np.asarray(la.s, dtype=np.float64)
+            if has_sigma:
+                self.edge, self.edge_how = float(fit.s_plus), f"BEMA edge, fit {gate}"
+            else:
+                self.edge, self.edge_how = _gd_edge(self.s, m, n), "no MP fit: Gavish-Donoho median threshold"
+            self.W = None
+        else:
+            self.truncation = "whitened"
+            try:
+                stats = calib[la.name]
+            except ValueError:
+                raise ValueError(f"the calibration has no statistics for layer {la.name!r}") from None
+            if stats.n != n:
+                raise ValueError(f"calibration of layer {la.name!r} has {stats.n} features, the layer {n}")
+            C = stats.second_moment.cpu()
+            S, lam = whitening_factor(C, cfg.damping)
+            W = _dense_matrix(la)
+            U, s_w, Vh = _tall_svd(W @ S)
+            # un-whiten the right factor: B' = Vh S^-1, so that W ~ U diag(s) B'
+            self.Vh = torch.linalg.solve_triangular(S.T, Vh.T, upper=True).T
+            self.U, self.s, self.W = U, s_w.numpy(), W
+            if has_sigma:
+                cov = torch.linalg.eigvalsh(C + lam * torch.eye(n, dtype=C.dtype)).clamp_min(0).numpy()
+                self.edge = float(whitened_noise_edge(fit.sigma2, cov, (m, n), cfg.beta))
+                self.edge_how = f"generalized-MP edge of the whitened noise, BEMA sigma2 from a fit {gate}"
+            else:
+                self.edge = _gd_edge(self.s, m, n)
+                self.edge_how = "no MP fit: Gavish-Donoho median threshold of the whitened spectrum"
+            self.held = calib.held_out.get(la.name)
+        n_spikes = int(np.count_nonzero(self.s > self.edge))
+        k_now = la.rank if la.rank is not None else min(m, n)
+        self.cand = Candidate(
+            la.name,
+            self.s,
+            m,
+            n,
+            positions=1 if positions is None else int(positions),
+            min_rank=cfg.min_rank,
+            max_rank=k_now,
+            edge=self.edge,
+            n_spikes=n_spikes,
+            factored=la.factored,
+        )
+
+    def guard_error(self, k: int) -> float:
+        """Relative output error ``||(W - W_k) x|| / ||W x||`` over the held-out calibration inputs."""
+        C = self.held.second_moment.cpu()
+        W = self.W
+        D = W - (self.U[:, :k] * torch.as_tensor(self.s[:k])) @ self.Vh[:k]
+        den = float(((W @ C) * W).sum())
+        num = float(((D @ C) * D).sum())
+        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def _guard(layers: list[_Layer], ranks: dict[str, int], tol: float) -> dict[str, dict[str, Any]]:
+    """Raise the rank of every layer whose held-out error exceeds ``tol`` (bisection; dense if need be)."""
+    changed = {}
+    for ly in layers:
+        c = ly.cand
+        k = ranks[c.name]
+        if k >= c.max_rank or c.cost(k) >= c.dense:
+            continue
+        err = ly.guard_error(k)
+        if err <= tol:
+            continue
+        lo, hi = k + 1, c.max_rank  # the smallest rank whose error is within tol (hi: dense, error 0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if c.cost(mid) < c.dense and ly.guard_error(mid) <= tol:
+                hi = mid
+            else:
+                lo = mid + 1
+        new = lo if c.cost(lo) < c.dense else c.max_rank
+        changed[c.name] = {
+            "rank": k,
+            "error": err,
+            "new_rank": new,
+            "new_error": 0.0 if new >= c.max_rank else ly.guard_error(new),
+        }
+    return changed
+
+
+def _budget_plan(
+    analysis: Any,
+    config: CompressionConfig,
+    pos: dict[str, int],
+    protected: str | None,
+    calib: Calibration | None,
+    keep_svd: bool,
+    progress: bool | None,
+) -> tuple[list[LayerPlan], dict[str, Any], list[str]]:
+    """Every layer's rank from one budget (``target`` / ``target_macs``) and the allocation."""
+    macs = config.target_macs is not None
+    fraction = config.target_macs if macs else config.target
+    out: list[LayerPlan | None] = []
+    layers: list[_Layer] = []
+    warns: list[str] = []
+    work = [la for la in analysis]
+    for la in _progress(work, total=len(work), desc="budget", enable=progress):
+        if la.verdict == "skip":
+            out.append(_skipped(la))
+            continue
+        cfg = config.for_layer(la.name)
+        positions = pos.get(la.name, la.handler.default_positions(la.module))
+        if la.name == protected:
+            n_now = _param_count(la.module)
+            mm, nn_ = la.matrix_shape
+            w_now = None if positions is None else (la.rank * (mm + nn_) if la.factored else mm * nn_)
+            out.append(
+                LayerPlan(
+                    name=la.name,
+                    layer_type=la.layer_type,
+                    shape=la.shape,
+                    matrix_shape=la.matrix_shape,
+                    action="keep",
+                    reason=f"{analysis.output_reason}; kept outside the budget: protect_last=True",
+                    rank_before=la.rank,
+                    rank=la.rank,
+                    rule=f"target:{config.allocation}",
+                    fit=None if la.fit is None else la.fit.to_dict(),
+                    params_before=n_now,
+                    params_after=n_now,
+                    macs_before=None if w_now is None else w_now * positions,
+                    macs_after=None if w_now is None else w_now * positions,
+                    dtype=la.dtype,
+                    svd_dtype=cfg.svd_dtype,
+                )
+            )
+            continue
+        if macs and positions is None:
+            raise ValueError(
+                f"target_macs needs each layer's output size: layer {la.name!r} is a {la.layer_type}; "
+                "give example_input (CLI: --input-shape)"
+            )
+        layers.append(_Layer(la, cfg, positions, calib))
+        out.append(None)
+    if not layers:
+        raise RmtpruneError("no selected layer can take part in the budget")
+    cands = [ly.cand for ly in layers]
+    bias = {ly.la.name: (ly.m if ly.la.handler.has_bias(ly.la.module) else 0) for ly in layers}
+    if macs:
+        before = sum(c.cost(c.max_rank) for c in cands)
+        budget = int(math.floor(fraction * before))
+    else:
+        before = sum(c.cost(c.max_rank) + bias[c.name] for c in cands)
+        budget = int(math.floor(fraction * before)) - sum(bias.values())
+    alloc = allocate(cands, budget, config.allocation)
+    guard_log: list[dict[str, Any]] = []
+    if config.guard is not None:
+        for round_ in range(1, 5):
+            changed = _guard(layers, alloc.ranks, config.guard)
+            if not changed:
+                break
+            for name, rec in changed.items():
+                guard_log.append({"layer": name, "round": round_, **rec})
+                next(c for c in cands if c.name == name).min_rank = rec["new_rank"]
+            alloc = allocate(cands, budget, config.allocation)
+        else:
+            warns.append("the guard was still raising ranks after 4 rounds; the last allocation stands")
+    if not alloc.feasible:
+        warns.append(
+            f"the budget ({fraction:.4g} of the selected layers' {'MACs' if macs else 'parameters'}) "
+            "is below what min_rank and the guard need; the plan keeps more"
+        )
+    guarded = {g["layer"]: g for g in guard_log}
+    it = iter(layers)
+    plans: list[LayerPlan] = []
+    for item in out:
+        if item is not None:
+            plans.append(item)
+            continue
+        ly = next(it)
+        plans.append(_budget_layer(ly, alloc, config, guarded.get(ly.la.name), bias[ly.la.name]))
+    after = sum(c.cost(alloc.ranks[c.name]) for c in cands) + (0 if macs else sum(bias.values()))
+    record = {
+        "target": config.target,
+        "target_macs": config.target_macs,
+        "of": "macs" if macs else "params",
+        "allocation": config.allocation,
+        "truncation": "whitened" if calib is not None else "svd",
+        "threshold": None if not math.isfinite(alloc.threshold) else float(alloc.threshold),
+        "before": int(before),
+        "wanted": int(math.floor(fraction * before)),
+        "after": int(after),
+        "kept": after / before if before else 1.0,
+        "guard": config.guard,
+        "guard_changes": guard_log,
+        "calibration": None if calib is None else calib.summary(),
+    }
+    return plans, record, warns
+
+
+def _budget_layer(
+    ly: _Layer, alloc: Any, config: CompressionConfig, guard: dict[str, Any] | None, bias: int
+) -> LayerPlan:
+    la, c = ly.la, ly.cand
+    m, n = ly.m, ly.n
+    k = alloc.ranks[c.name]
+    k_now = c.max_rank
+    pos = c.positions
+    w_now = c.cost(k_now) // pos
+    lp = LayerPlan(
+        name=la.name,
+        layer_type=la.layer_type,
+        shape=la.shape,
+        matrix_shape=(m, n),
+        action="keep",
+        reason="",
+        rank_before=k_now,
+        rank=k_now,
+        rule=f"target:{config.allocation}",
+        fit=None if la.fit is None else la.fit.to_dict(),
+        params_before=_param_count(la.module),
+        params_after=_param_count(la.module),
+        macs_before=w_now * pos if pos else None,
+        macs_after=w_now * pos if pos else None,
+        dtype=la.dtype,
+        svd_dtype=config.for_layer(la.name).svd_dtype,
+    )
+    score = alloc.scores[c.name]
+    top = float(score[0]) if score.size else float("nan")
+    lp.decision = {
+        "allocation": config.allocation,
+        "truncation": ly.truncation,
+        "edge": ly.edge,
+        "edge_how": ly.edge_how,
+        "n_above_edge": c.n_spikes,
+        "threshold": alloc.threshold if math.isfinite(alloc.threshold) else None,
+        "score_at_rank": None if k == 0 or k > score.size else float(score[k - 1]),
+        "top_score": top,
+        "guard": guard,
+    }
+    why = (
+        f"{config.allocation}: rank {k} of {c.s.size}, {c.n_spikes} directions above the edge "
+        f"{ly.edge:.4g} ({ly.edge_how})"
+    )
+    if guard is not None:
+        why += (
+            f"; guard: held-out error {guard['error']:.3g} > {config.guard:g} at rank {guard['rank']}, "
+            f"raised to {guard['new_rank']}"
+        )
+    dense = not la.factored and c.cost(k) >= c.dense
+    if k >= k_now or dense:
+        lp.reason = why + ("; kept dense: k(m+n) >= mn" if dense and k < k_now else "; nothing to cut")
+        return lp
+    lp.action, lp.rank, lp.reason = "factor", k, why
+    lp.params_after = k * (m + n) + bias
+    if pos:
+        lp.macs_after = k * (m + n) * pos
+    if ly.U is not None:
+        s_k = torch.as_tensor(ly.s[:k], dtype=ly.U.dtype)
+        lp._svd = (ly.U[:, :k].clone(), s_k, ly.Vh[:k].clone(), _versions(la.handler, la.module))
+    lp.truncation = ly.truncation
+    return lp
+
+
 def plan(
     model: nn.Module,
     config: CompressionConfig | None = None,
@@ -226,6 +522,7 @@ def plan(
     example_input: Any = None,
     progress: bool | None = False,
     keep_svd: bool = False,
+    calibration: Calibration | Any = None,
 ) -> Plan:
     """Decide, for every prunable layer of ``model``, what :func:`apply` will do. The model is not changed.
 
@@ -238,6 +535,12 @@ def plan(
     progress : show a progress bar over layers (None: when stderr is a terminal).
     keep_svd : compute each layer's full SVD now and keep the top-``k`` triplets of the layers to cut
         in the plan, so :func:`apply` needs no second decomposition (:func:`compress` does this).
+    calibration : a :class:`~rmtprune.calibration.Calibration` (or batches of real inputs, collected
+        with :func:`rmtprune.calibration.collect`): truncate each layer in the space whitened by its
+        input covariance (SVD-LLM, arXiv:2403.07378), the output error on those inputs being what
+        is minimised, and score directions against the generalized-MP edge of the whitened noise.
+        Needs ``config.target`` or ``target_macs``. A whitened plan keeps its factors in memory:
+        it cannot be re-applied from JSON.
 
     Raises
     ------
@@ -258,11 +561,32 @@ def plan(
 
     todo = [e for e in entries if e.handler is not None and not e.reason and config.selects(e.name)[0]]
     _check_finite(todo)
+    budgeted = config.target is not None or config.target_macs is not None
+    if calibration is not None and not budgeted:
+        raise ValueError("calibration= needs a budget: give target= (or target_macs=)")
+    if config.guard is not None and calibration is None:
+        raise ValueError("guard= measures each layer's error on held-out calibration data: give calibration=")
+    if calibration is not None and not isinstance(calibration, Calibration):
+        calibration = collect(
+            model,
+            calibration,
+            layers=[e.name for e in todo],
+            held_out=0.125 if config.guard is not None else 0.0,
+            progress=progress,
+        )
+    if config.guard is not None and not calibration.held_out:
+        raise ValueError("guard= needs held-out calibration: collect(..., held_out=) over 2+ batches")
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
-    analysis = analyze(model, config, keep_svd=keep_svd, progress=progress, entries=entries)
+    whiten = calibration is not None
+    analysis = analyze(model, config, keep_svd=keep_svd and not whiten, progress=progress, entries=entries)
     # The one output-layer rule (layers.output_layer), known before any layer is decided.
     protected = analysis.output_layer if config.protect_last else None
+    if budgeted:
+        layers, budget, more = _budget_plan(analysis, config, pos, protected, calibration, keep_svd, progress)
+        plan_ = Plan(layers, config, _param_count(model), warns + more)
+        plan_.budget = budget
+        return plan_
     layers = []
     for la in analysis:
         if la.verdict == "skip":
@@ -297,6 +621,11 @@ def _factors(
     cached = lp._svd
     if cached is not None and cached[3] == _versions(h, mod):
         U, s, Vh = cached[:3]
+    elif lp.truncation == "whitened":
+        raise ValueError(
+            f"layer {lp.name!r} was planned with calibration data (whitened truncation) and its factors "
+            "are gone (the weights changed, or the plan was read from JSON); plan again with calibration="
+        )
     else:
         U, s, Vh = h.svd(mod, _DTYPES[lp.svd_dtype or "float64"])
         U, s, Vh = U[:, :k], s[:k], Vh[:k]
@@ -391,6 +720,7 @@ def compress(
     *,
     example_input: Any = None,
     progress: bool | None = False,
+    calibration: Calibration | Any = None,
     **overrides: Any,
 ) -> tuple[nn.Module, Plan]:
     """Plan and apply low-rank compression in place; returns ``(model, report)``.
@@ -399,6 +729,13 @@ def compress(
     name is a ``TypeError``, as for any keyword argument). Each layer is decomposed once (the plan
     keeps the top-``k`` SVD of the layers it cuts). Works on already compressed models too:
     factored layers are re-cut from QR of their factors. The report is the applied :class:`Plan`.
+
+    ``compress(model, target=0.8)`` keeps 80% of the selected layers' parameters as stored, the
+    ranks allocated across layers by ``allocation`` (default ``rmt``: each direction's singular value
+    over its own layer's noise edge); with ``calibration=`` (batches of real inputs, or a
+    :class:`~rmtprune.calibration.Calibration`) each layer is truncated in its input-whitened space
+    and ``guard=`` can give rank back to layers whose held-out output error is too large (see
+    :func:`plan`).
     """
     config = CompressionConfig() if config is None else config
     if overrides:
@@ -407,7 +744,9 @@ def compress(
         except ValueError as exc:
             raise TypeError(str(exc)) from None
         config = dataclasses.replace(config, **overrides)
-    p = plan(model, config, example_input=example_input, progress=progress, keep_svd=True)
+    p = plan(
+        model, config, example_input=example_input, progress=progress, keep_svd=True, calibration=calibration
+    )
     apply(model, p, progress=progress)
     return model, p
 

@@ -42,6 +42,11 @@ COMPRESSION_FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--rank": ("rank", int, "K"),
     "--sigma": ("sigma", float, "SIGMA"),
     "--svd-dtype": ("svd_dtype", str, None),
+    "--target": ("target", float, "F"),
+    "--target-macs": ("target_macs", float, "F"),
+    "--allocation": ("allocation", str, None),
+    "--damping": ("damping", float, "D"),
+    "--guard": ("guard", float, "TOL"),
 }
 
 #: The on/off options of :class:`~rmtprune.config.CompressionConfig`: ``--flag -> (field, action, help)``.

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ._calibration import add_calibration_args, calibration_batches
 from ._model_input import (
     add_model_args,
     add_safety_flags,
@@ -67,6 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, metavar="N", help="output classes of a model spec")
     p.add_argument("--config", metavar="JSON", help="CompressionConfig as a JSON file (flags override it)")
     add_compression_flags(p, include_help="layers to compress", exclude_help="layers to leave")
+    add_calibration_args(p, recover=True)
     add_safety_flags(p)
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
@@ -136,9 +138,17 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt, out = _paths(args)
     config = _config(args)
+    if args.calibration and config.target is None and config.target_macs is None:
+        raise ValueError("--calibration needs a budget: add --target F (or --target-macs F)")
     if out is not None and not args.dry_run:
         out_path, report_json, report_md = _outputs(args, ckpt, out)
     model, factory, fargs, size_before = model_from_args(args, ckpt)
+    batches = calibration_batches(args, ckpt if is_model_dir(ckpt) else None, args.data_dir)
+    teacher = None
+    if batches is not None and args.recover_steps and not args.dry_run:
+        import copy
+
+        teacher = copy.deepcopy(model)
 
     example = None
     shape = fargs.get("input_shape") or (shape_arg(args.input_shape) if args.input_shape else None)
@@ -148,7 +158,14 @@ def run(args: argparse.Namespace) -> int:
     show = False if args.no_progress else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        the_plan = plan(model, config, example_input=example, progress=show, keep_svd=not args.dry_run)
+        the_plan = plan(
+            model,
+            config,
+            example_input=example,
+            progress=show,
+            keep_svd=not args.dry_run,
+            calibration=batches,
+        )
     for w in caught:
         print(f"rmtprune: warning: {w.message}", file=sys.stderr)
 
@@ -157,12 +174,21 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     apply(model, the_plan, progress=show)
+    recovery = None
+    if teacher is not None:
+        from ..finetune import recover
+
+        recovery = recover(
+            model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr, progress=show
+        )
+        del teacher
 
     def reports(size_after: int) -> tuple[str, str]:
         files = {"input": ckpt or args.weights, "size_before": size_before, "output": str(out_path)}
         files["size_after"] = size_after
         data = {"format": "rmtprune-compress-report", **the_plan.to_dict()}
         data["files"] = files
+        data["recovery"] = recovery
         data["command"] = " ".join(["rmtprune", *sys.argv[1:]]) if sys.argv else "rmtprune compress"
         md = [
             f"# rmtprune compress: {out_path.name}",
@@ -191,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
         print(the_plan.table(), end="")
     else:
         print("\n".join(the_plan.summary_lines()))
+    if recovery is not None:
+        print(
+            f"recovery: {args.recover_steps} steps, loss {recovery.get('loss_start', float('nan')):.4g} -> "
+            f"{recovery.get('loss_end', float('nan')):.4g}"
+        )
     print(f"file size: {_human_bytes(size_before)} -> {_human_bytes(size_after)}")
     if is_model_dir(ckpt):
         print(f"wrote {out_path}/ (load it with rmtprune.load({str(out_path)!r}))")
