@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._validate import check_choice, check_int, check_number
+from ._progress import progress as _progress
+from ._validate import check_bool, check_choice, check_int, check_number
 from .errors import RmtpruneError, first_line
-from .masks import apply_masks, mask_gradients, prunable_layers
+from .lowrank import LowRankModule
+from .masks import apply_masks, get_mask, mask_gradients, prunable_layers
 
 SCHEDULES = ("constant", "cosine")
 
@@ -36,6 +39,8 @@ __all__ = [
     "evaluate",
     "iterate_batches",
     "check_lr",
+    "recover",
+    "distill_loss",
 ]
 
 
@@ -308,3 +313,255 @@ def evaluate(
     if n == 0:
         raise ValueError("data yielded no batches")
     return {"loss": loss_sum / n, "accuracy": correct / n, "n": n}
+
+
+# ====================================================================== recovery by distillation
+#: What :func:`recover` trains, and the distillation losses it knows.
+RECOVER_TRAINABLE = ("factors", "all")
+RECOVER_LOSSES = ("auto", "kl", "mse")
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    """``model(x)``, ``model(*x)`` or ``model(**x)`` for a tensor, tuple or mapping batch (the forms
+    :func:`rmtprune.calibration.collect` accepts), its tensors moved to the model's device."""
+    device = _device(model)
+    if isinstance(batch, Mapping):
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    if isinstance(batch, tuple):
+        return model(*(v.to(device) if torch.is_tensor(v) else v for v in batch))
+    if torch.is_tensor(batch):
+        return model(batch.to(device))
+    raise TypeError(f"a recovery batch is a {type(batch).__name__}: expected a tensor, tuple or dict")
+
+
+def _pick(out: Any, loss: str) -> tuple[str, torch.Tensor]:
+    """``(loss kind, tensor)`` compared by the distillation loss: ``.logits`` for KL,
+    ``.last_hidden_state`` (else ``.logits``, a tensor, or a tuple's first tensor) for MSE."""
+    fields = out if isinstance(out, Mapping) else {}  # a transformers ModelOutput is both
+    logits = fields.get("logits", getattr(out, "logits", None))
+    hidden = fields.get("last_hidden_state", getattr(out, "last_hidden_state", None))
+    if not torch.is_tensor(out) and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        out = out[0]
+    plain = out if torch.is_tensor(out) else None
+    if loss == "auto":
+        loss = "kl" if torch.is_tensor(logits) else "mse"
+    if loss == "kl":
+        t = logits if torch.is_tensor(logits) else plain
+    else:
+        t = next((v for v in (hidden, logits, plain) if torch.is_tensor(v)), None)
+    if t is None:
+        what = "logits (.logits or a tensor)" if loss == "kl" else "a tensor output"
+        raise TypeError(f"loss={loss!r} needs {what}; the model returned a {type(out).__name__}")
+    return loss, t
+
+
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The distillation loss of one batch, in float32, over the positions ``mask`` keeps.
+
+    ``kind="kl"``: ``KL(teacher || student)`` of the softmax over the last dim (temperature 1),
+    averaged over positions (every leading index). ``"mse"``: ``sum (s - t)^2 / sum t^2`` over the
+    kept positions, the squared error relative to the teacher's mean square. ``mask`` (a batch's
+    ``attention_mask``) applies when its shape is the outputs' leading shape; otherwise every
+    position counts (a classifier's pooled logits, a conv's feature map).
+    """
+    check_choice("kind", kind, ("kl", "mse"))
+    if tuple(student.shape) != tuple(teacher.shape):
+        raise ValueError(f"student output {tuple(student.shape)} != teacher output {tuple(teacher.shape)}")
+    s, t = student.float(), teacher.detach().float().to(student.device)
+    if kind == "kl":
+        log_t = torch.log_softmax(t, dim=-1)
+        per = (log_t.exp() * (log_t - torch.log_softmax(s, dim=-1))).sum(-1)
+        sq_t = None
+    else:
+        per = (s - t).pow(2)
+        sq_t = t.pow(2)
+    keep = None
+    if mask is not None and s.ndim >= 2 and tuple(mask.shape) == tuple(s.shape[:-1]):
+        keep = mask.to(device=s.device) != 0
+    if kind == "kl":
+        return per[keep].mean() if keep is not None else per.mean()
+    if keep is not None:
+        per, sq_t = per[keep], sq_t[keep]
+    return per.sum() / sq_t.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _sparse_masks(model: nn.Module, keep_zeros: bool) -> dict[nn.Parameter, torch.Tensor]:
+    """Each sparse weight's zero pattern (True = kept), captured before training: the mask buffers
+    of :mod:`rmtprune.masks`, and with ``keep_zeros`` every registered layer weight holding exact zeros."""
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    for mod in model.modules():
+        mask = get_mask(mod)
+        if mask is not None and isinstance(mod.weight, nn.Parameter):
+            out[mod.weight] = mask.detach().clone().to(device=mod.weight.device, dtype=torch.bool)
+    if keep_zeros:
+        for _, mod in prunable_layers(model):
+            w = mod.weight
+            if isinstance(w, nn.Parameter) and w not in out and bool((w == 0).any()):
+                out[w] = w.detach() != 0
+    return out
+
+
+def _recover_params(model: nn.Module, trainable: str, sparse: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """The parameters :func:`recover` trains: every one (``"all"``), or those of the factored
+    layers and of the layers whose weight is sparse (``"factors"``)."""
+    if trainable == "all":
+        return list(model.parameters())
+    sparse_ids = {id(p) for p in sparse}
+    chosen: dict[int, nn.Parameter] = {}
+    for mod in model.modules():
+        if isinstance(mod, LowRankModule) or id(getattr(mod, "weight", None)) in sparse_ids:
+            chosen.update((id(p), p) for p in mod.parameters())
+    return list(chosen.values())
+
+
+def _check_recover(model: Any, teacher: Any, steps: Any, lr: Any, weight_decay: Any, seed: Any) -> None:
+    for name, m in (("model", model), ("teacher", teacher)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
+    if teacher is model:
+        raise ValueError("teacher is model: pass the dense model from before compression (a deep copy)")
+    check_int("steps", steps, 0)
+    check_number("lr", lr, 0.0, lo_open=True)
+    check_number("weight_decay", weight_decay, 0.0)
+    check_int("seed", seed)
+
+
+def recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    trainable: str = "factors",
+    loss: str = "auto",
+    weight_decay: float = 0.0,
+    keep_zeros: bool = False,
+    progress: bool | None = False,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Recovery after compression: distil ``teacher`` (the dense model) into ``model``, ``steps`` AdamW steps.
+
+    The short fine-tune the benchmarks give every compression method alike (issue 13), in the
+    spirit of the recovery steps of LLM-Pruner (arXiv:2305.11627) and SVD-LLM (arXiv:2403.07378),
+    with the teacher's output as the target (Hinton et al., arXiv:1503.02531) so no labels are
+    needed: any calibration ``batches`` do (a tensor, tuple or mapping each, as for
+    :func:`rmtprune.calibration.collect`), cycled in a fresh seeded order each pass.
+
+    ``loss``: ``"kl"`` compares softmaxes (``.logits`` of a transformers LM / classifier, or a
+    plain logits tensor), ``"mse"`` the relative squared error of ``.last_hidden_state`` or any
+    tensor output, ``"auto"`` KL when the output has ``.logits``, else MSE; padding positions (the
+    batch's ``attention_mask``) are left out (:func:`distill_loss`). ``trainable="factors"`` trains
+    the parameters of the factored layers (:mod:`rmtprune.lowrank`) and of the sparse layers only;
+    ``"all"`` every parameter. Sparse weights keep their zeros: their pattern (mask buffers of
+    :mod:`rmtprune.masks`, and with ``keep_zeros`` any registered layer weight with exact zeros, as
+    one-shot sparse pruning leaves) is captured first, gradients are masked and the zeros re-applied
+    after every step.
+
+    Both models run in eval mode (no dropout, batch-norm statistics untouched: the target is the
+    teacher's deterministic output); modes and ``requires_grad`` are restored afterwards, the
+    teacher is only read (under ``no_grad``). Returns ``{"steps", "loss", "loss_start",
+    "loss_end", "window", "losses", "trainable_params", "seconds"}``: ``loss_start`` / ``loss_end``
+    are the mean loss of the first / last ``window`` steps (each measured before its update).
+    """
+    _check_recover(model, teacher, steps, lr, weight_decay, seed)
+    check_choice("trainable", trainable, RECOVER_TRAINABLE)
+    check_choice("loss", loss, RECOVER_LOSSES)
+    check_bool("keep_zeros", keep_zeros)
+    nan = float("nan")
+    result: dict[str, Any] = {"steps": 0, "loss": loss, "loss_start": nan, "loss_end": nan, "window": 0}
+    result.update(losses=[], trainable_params=0, seconds=0.0)
+    if steps == 0:
+        return result
+    t0 = time.perf_counter()
+    batches = list(batches)
+    if not batches:
+        raise ValueError("recovery needs at least one batch; got none")
+    sparse = _sparse_masks(model, keep_zeros)
+    params = _recover_params(model, trainable, sparse)
+    if not params:
+        raise ValueError(
+            "trainable='factors' found no factored or sparse layer in the model; compress it first "
+            "(or pass keep_zeros=True for zeroed weights without masks, or trainable='all')"
+        )
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters() if p.numel()}
+    ids = {id(p) for p in params}
+    shared = [n for n, p in model.named_parameters() if id(p) in ids and p.data_ptr() in teacher_ptrs]
+    if shared:
+        raise ValueError(
+            f"parameter {shared[0]!r} is shared with the teacher: pass a copy of the dense model"
+        )
+    check_lr(lr, params)
+    grads = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in [*model.modules(), *teacher.modules()]}
+    try:
+        for p in grads:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        model.eval()
+        teacher.eval()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        kind, losses = _recover_loop(model, teacher, batches, opt, sparse, steps, loss, progress, seed)
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+            if id(p) in ids:
+                p.grad = None
+        for m, mode in modes.items():
+            m.training = mode
+    window = max(1, min(10, steps // 5))
+    result.update(steps=steps, window=window, losses=losses, trainable_params=sum(p.numel() for p in params))
+    result.update(loss_start=sum(losses[:window]) / window, loss_end=sum(losses[-window:]) / window)
+    result.update(loss=kind, seconds=time.perf_counter() - t0)
+    return result
+
+
+def _recover_loop(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches: list[Any],
+    opt: torch.optim.Optimizer,
+    sparse: Mapping[nn.Parameter, torch.Tensor],
+    steps: int,
+    loss: str,
+    progress: bool | None,
+    seed: int,
+) -> tuple[str, list[float]]:
+    """The optimizer steps of :func:`recover`: ``(loss kind used, loss of each step)``."""
+    gen = torch.Generator().manual_seed(seed)
+    lr = opt.param_groups[0]["lr"]
+    order: list[int] = []
+    losses: list[float] = []
+    kind = loss
+    with torch.no_grad():
+        for w, keep in sparse.items():
+            w.mul_(keep.to(w.dtype))
+    for step in _progress(range(steps), total=steps, desc="recover", enable=progress):
+        if not order:
+            order = torch.randperm(len(batches), generator=gen).tolist()
+        batch = batches[order.pop()]
+        with torch.no_grad():
+            target = _call(teacher, batch)
+        kind, t = _pick(target, loss)
+        _, s = _pick(_call(model, batch), kind)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        value = distill_loss(s, t, kind, mask if torch.is_tensor(mask) else None)
+        losses.append(float(value.detach()))
+        if not math.isfinite(losses[-1]):
+            raise DivergedError(
+                f"recovery diverged at step {step + 1} of {steps}: the loss is {losses[-1]}; "
+                f"lower the learning rate (lr, now {lr:g})"
+            )
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        for w, keep in sparse.items():
+            if w.grad is not None:
+                w.grad.mul_(keep.to(w.grad.dtype))
+        optimizer_step(opt, f"recovery diverged at step {step + 1} of {steps}", lr)
+        with torch.no_grad():
+            for w, keep in sparse.items():
+                w.mul_(keep.to(w.dtype))
+    return kind, losses
