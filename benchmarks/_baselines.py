@@ -28,9 +28,12 @@ Not reproduced (one-shot baselines on statistics of the dense model): Wanda's an
 layer-by-layer recalibration on the outputs of already compressed layers, SVD-LLM's LoRA-style
 parameter update after truncation and ASVD's sensitivity-based per-layer rank search.
 
-Calibration (:func:`collect_calibration`) streams each layer's input through float64
-accumulators: ``X^T X`` (``n x n``), ``sum |x|`` and the token count, so memory does not depend on
+Calibration (:func:`collect_calibration`) is :func:`rmtprune.calibration.collect` (the library's
+one pass, also what ``rmtprune.compress(calibration=...)`` reads): each layer's input through float64
+accumulators, ``X^T X`` (``n x n``), ``sum |x|`` and the token count, so memory does not depend on
 the amount of data; padding tokens are left out when a batch carries an ``attention_mask``.
+:func:`from_calibration` views a library ``Calibration`` as the baselines' :class:`CalibStats`
+without copying, so one pass feeds the library's methods and the baselines alike.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from rmtprune.calibration import Calibration, collect
 from rmtprune.layers import LayerHandler, LinearHandler, collect_layers, handler_for
 from rmtprune.lowrank import LowRankLinear, LowRankModule
 
@@ -51,6 +55,7 @@ __all__ = [
     "LayerStats",
     "CalibStats",
     "collect_calibration",
+    "from_calibration",
     "stored_params",
     "dense_counts",
     "budget",
@@ -115,6 +120,18 @@ class CalibStats:
         return name in self.layers
 
 
+def from_calibration(calibration: Calibration) -> CalibStats:
+    """The truncation statistics (``calibration.fit``) of a library ``Calibration``, as :class:`CalibStats`.
+
+    The tensors are shared, not copied; the guard's held-out statistics are not part of it.
+    """
+    if not isinstance(calibration, Calibration):
+        raise TypeError(
+            f"calibration must be an rmtprune.calibration.Calibration, got {type(calibration).__name__}"
+        )
+    return CalibStats({name: LayerStats(st.xtx, st.abs_sum, st.rows) for name, st in calibration.fit.items()})
+
+
 def collect_calibration(
     model: nn.Module,
     layer_names: Sequence[str],
@@ -124,101 +141,24 @@ def collect_calibration(
 ) -> CalibStats:
     """Input statistics of the named linear layers over ``batches`` (model in eval mode, no grad).
 
-    A batch is a dict (``model(**batch)``) or a tensor (``model(batch)``), moved to the model's
-    device. When a dict holds an ``attention_mask``, only the rows it marks (non-padding tokens)
-    are counted. Layers fed the same input tensor one after the other (q/k/v, gate/up) compute
-    the product once. ``X^T X`` costs ``2 n^2`` flops per token and layer; ``matmul_dtype=
-    torch.float32`` computes each batch's product in float32 (about 3x faster on CPU) before adding
-    it to the float64 accumulator.
+    :func:`rmtprune.calibration.collect` with nothing held out. A batch is a dict
+    (``model(**batch)``) or a tensor (``model(batch)``), moved to the model's device. When a dict
+    holds an ``attention_mask``, only the rows it marks (non-padding tokens) are counted. Layers fed
+    the same input tensor one after the other (q/k/v, gate/up) compute the product once. ``X^T X``
+    costs ``2 n^2`` flops per token and layer; ``matmul_dtype=torch.float32`` computes each batch's
+    product in float32 (about 3x faster on CPU) before adding it to the float64 accumulator.
     """
-    layers = _linear_layers(model, layer_names, check_cuttable=False)
+    names = [name for name, _, _ in _linear_layers(model, layer_names)]
     if len(batches) == 0:
         raise ValueError("batches is empty: calibration needs at least one batch")
-    stats: dict[str, LayerStats] = {}
-    state: dict[str, object] = {"mask": None, "last": None}
-
-    def make_hook(name: str, n: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not args or not torch.is_tensor(args[0]):
-                raise ValueError(f"layer {name!r} was not called with its input as first positional argument")
-            x = args[0]
-            last = state["last"]
-            if last is not None and last[0] is x and last[1] is state["mask"]:
-                prod, abs_sum, rows = last[2], last[3], last[4]
-            else:
-                flat = _masked_rows(x, state["mask"], name, n)
-                wide = flat.to(matmul_dtype)
-                prod = (wide.T @ wide).to(torch.float64)
-                abs_sum = flat.to(torch.float64).abs().sum(0)
-                rows = flat.shape[0]
-                state["last"] = (x, state["mask"], prod, abs_sum, rows)
-            acc = stats.get(name)
-            if acc is None:
-                dev = x.device
-                acc = stats[name] = LayerStats(
-                    torch.zeros(n, n, dtype=torch.float64, device=dev),
-                    torch.zeros(n, dtype=torch.float64, device=dev),
-                )
-            acc.xtx += prod
-            acc.abs_sum += abs_sum
-            acc.tokens += int(rows)
-
-        return hook
-
-    handles = [
-        module.register_forward_hook(make_hook(name, h.matrix_shape(module)[1])) for name, module, h in layers
-    ]
-    was_training = model.training
-    device = _model_device(model)
-    model.eval()
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) and not torch.is_tensor(batch):
+            raise TypeError(f"batch {i} is a {type(batch).__name__}: expected a dict or a Tensor")
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                state["last"] = None
-                if isinstance(batch, Mapping):
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    state["mask"] = batch.get("attention_mask")
-                    model(**batch)
-                elif torch.is_tensor(batch):
-                    state["mask"] = None
-                    model(batch.to(device))
-                else:
-                    raise TypeError(f"batch {i} is a {type(batch).__name__}: expected a dict or a Tensor")
-    finally:
-        state["last"] = None
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name, _, _ in layers if stats.get(name) is None or stats[name].tokens == 0]
-    if missing:
-        raise ValueError(f"layer {missing[0]!r} saw no calibration tokens (is it used in the forward pass?)")
-    return CalibStats({name: stats[name] for name, _, _ in layers})
-
-
-def _masked_rows(x: torch.Tensor, mask: torch.Tensor | None, name: str, n: int) -> torch.Tensor:
-    """The input's rows (``tokens x n``), padding rows left out when an attention mask is given.
-
-    An input with one row per sequence (BERT's pooler reads the first token) has no padding rows.
-    """
-    if x.shape[-1] != n:
-        raise ValueError(f"layer {name!r}: input has {x.shape[-1]} features, the weight expects {n}")
-    flat = x.detach().reshape(-1, n)
-    if mask is None:
-        return flat
-    if flat.shape[0] == mask.shape[0] and x.shape[:-1] != mask.shape:
-        return flat  # one row per sequence (a pooler on the first token): no padding rows
-    if mask.numel() != flat.shape[0]:
-        raise ValueError(
-            f"layer {name!r}: input of shape {tuple(x.shape)} does not line up with attention_mask of "
-            f"shape {tuple(mask.shape)}; cannot leave the padding out"
-        )
-    return flat[mask.reshape(-1).to(device=flat.device) != 0]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+        cal = collect(model, batches, layers=names, held_out=0, matmul_dtype=matmul_dtype)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("saw no calibration input", "saw no calibration tokens")) from None
+    return from_calibration(cal)
 
 
 # --------------------------------------------------------------------------------------------------

