@@ -175,12 +175,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     apply(model, the_plan, progress=show)
     recovery = None
+    if teacher is not None and not any(lp.action == "factor" for lp in the_plan):
+        print("rmtprune: note: nothing was factored; --recover-steps skipped", file=sys.stderr)
+        teacher = None
     if teacher is not None:
         from ..finetune import recover
 
         recovery = recover(
             model, teacher, batches, steps=args.recover_steps, lr=args.recover_lr, progress=show
         )
+        recovery.pop("losses", None)  # the report keeps the summary, not one value per step
         del teacher
 
     def reports(size_after: int) -> tuple[str, str]:
