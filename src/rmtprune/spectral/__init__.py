@@ -10,6 +10,7 @@ from .bema import (
     fit_bulk,
     fit_censored,
 )
+from .gmp import gmp_edge, gmp_tw_scale, whitened_noise_edge
 from .mp import MarchenkoPastur, mp_cdf, mp_pdf, mp_ppf, mp_support
 from .rules import (
     RULES,
@@ -39,6 +40,9 @@ __all__ = [
     "mp_ppf",
     "mp_support",
     "tw1_quantile",
+    "gmp_edge",
+    "gmp_tw_scale",
+    "whitened_noise_edge",
     "SpectrumFit",
     "fit_bulk",
     "fit_censored",
