@@ -44,7 +44,7 @@ from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: ol
 from .lowrank import LowRankLinear, LowRankModule
 from .masks import is_sparsified, remove_masks
 from .plan_record import ACTIONS, LayerPlan, Plan
-from .spectral.gmp import whitened_noise_edge
+from .spectral import whitened_noise_edge
 from .spectral.rules import gavish_donoho_omega
 
 __all__ = [
