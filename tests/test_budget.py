@@ -159,12 +159,22 @@ def test_guard_gives_rank_back_and_reports_it() -> None:
     errs = {lp.name: lp for lp in free if lp.name in CUT}
     assert errs
     _, p = rmtprune.compress(net, target=0.3, include=CUT, calibration=cal, guard=0.05)
+    assert p.budget["after"] <= p.budget["wanted"]  # the guard moves parameters, never breaks the target
     changes = p.budget["guard_changes"]
     assert changes, "a 5% tolerance at 30% of the parameters must make the guard act"
     for g in changes:
         assert g["error"] > 0.05 and g["new_rank"] > g["rank"]
         assert "guard:" in p[g["layer"]].reason
     assert any(line.startswith("guard:") for line in p.summary_lines())
+
+
+def test_guard_is_ignored_without_calibration_and_off_with_none() -> None:
+    _, p = rmtprune.compress(_net(), target=0.5, include=CUT)
+    assert p.budget["guard"] is None and p.budget["guard_changes"] == []
+    _, p = rmtprune.compress(_net(), target=0.5, include=CUT, calibration=_inputs(), guard=None)
+    assert p.budget["guard"] is None
+    _, p = rmtprune.compress(_net(), target=0.5, include=CUT, calibration=_inputs())
+    assert p.budget["guard"] == 0.2  # the default, on the held-out eighth of the batches
 
 
 def test_budget_plan_json_round_trip_and_whitened_reapply_refused() -> None:
@@ -188,8 +198,6 @@ def test_bad_budget_arguments_are_named() -> None:
         rmtprune.CompressionConfig(allocation="magic")
     with pytest.raises(ValueError, match="needs a budget"):
         rmtprune.compress(net, calibration=_inputs())
-    with pytest.raises(ValueError, match="give calibration"):
-        rmtprune.compress(net, target=0.5, guard=0.1)
     conv = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
     with pytest.raises(ValueError, match="example_input"):
         rmtprune.compress(conv, target_macs=0.5)

@@ -407,21 +407,42 @@ def _budget_plan(
         budget = int(math.floor(fraction * before)) - sum(bias.values())
     alloc = allocate(cands, budget, config.allocation)
     guard_log: list[dict[str, Any]] = []
-    if config.guard is not None:
+    skipped: list[str] = []
+    tol = config.guard if calib is not None and calib.held_out else None
+    if config.guard is not None and calib is not None and not calib.held_out:
+        warns.append("guard skipped: the calibration has no held-out slice (collect(..., held_out=))")
+    if tol is not None:
+        by_name = {c.name: c for c in cands}
         for round_ in range(1, 5):
-            changed = _guard(layers, alloc.ranks, config.guard)
-            if not changed:
-                break
-            for name, rec in changed.items():
+            changed = _guard(layers, alloc.ranks, tol)
+            # worst first, and only while the raised floors still fit the budget: the guard moves
+            # parameters between layers, it never breaks the target
+            took = False
+            for name, rec in sorted(changed.items(), key=lambda kv: -kv[1]["error"]):
+                c = by_name[name]
+                old_floor = c.min_rank
+                c.min_rank = rec["new_rank"]
+                if sum(x.cost(x.min_rank) for x in cands) > budget:
+                    c.min_rank = old_floor
+                    skipped.append(name)
+                    continue
                 guard_log.append({"layer": name, "round": round_, **rec})
-                next(c for c in cands if c.name == name).min_rank = rec["new_rank"]
+                took = True
+            if not took:
+                break
             alloc = allocate(cands, budget, config.allocation)
         else:
             warns.append("the guard was still raising ranks after 4 rounds; the last allocation stands")
+        if skipped:
+            names = sorted(set(skipped))
+            warns.append(
+                f"guard: {len(names)} layer(s) above the tolerance could not get rank back within the "
+                f"budget ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            )
     if not alloc.feasible:
         warns.append(
             f"the budget ({fraction:.4g} of the selected layers' {'MACs' if macs else 'parameters'}) "
-            "is below what min_rank and the guard need; the plan keeps more"
+            "is below what min_rank needs; the plan keeps more"
         )
     guarded = {g["layer"]: g for g in guard_log}
     it = iter(layers)
@@ -444,7 +465,7 @@ def _budget_plan(
         "wanted": int(math.floor(fraction * before)),
         "after": int(after),
         "kept": after / before if before else 1.0,
-        "guard": config.guard,
+        "guard": tol,
         "guard_changes": guard_log,
         "calibration": None if calib is None else calib.summary(),
     }
@@ -564,8 +585,6 @@ def plan(
     budgeted = config.target is not None or config.target_macs is not None
     if calibration is not None and not budgeted:
         raise ValueError("calibration= needs a budget: give target= (or target_macs=)")
-    if config.guard is not None and calibration is None:
-        raise ValueError("guard= measures each layer's error on held-out calibration data: give calibration=")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = collect(
             model,
@@ -574,8 +593,6 @@ def plan(
             held_out=0.125 if config.guard is not None else 0.0,
             progress=progress,
         )
-    if config.guard is not None and not calibration.held_out:
-        raise ValueError("guard= needs held-out calibration: collect(..., held_out=) over 2+ batches")
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
     whiten = calibration is not None
