@@ -16,13 +16,22 @@ factors of a low-rank layer) with an accepted Marchenko-Pastur fit:
    ``cycle_steps`` steps after each cycle, with pruned entries frozen by masks; then
 4. an optional **short fine-tune** (``finetune_epochs``) on data.
 
+**With calibration** (``sparsify(model, config, calibration=...)``, a
+:class:`rmtprune.calibration.Calibration` or batches of inputs) the within-layer score is Wanda's
+``|W_ij| * ||X_j||_2`` per output row (:mod:`.scores`), and the pruning is one-shot without data.
+The layerwise allocators (:mod:`.layerwise`) give each layer or transformer block a sparsity
+around the target: ``owl`` (outlier ratio, arXiv:2310.05175), ``alphapruning`` (ESD heavy-tail
+exponent, arXiv:2410.10912) and ``rmt`` (ours: the MP/BEMA fit's bulk energy); ``uniform`` with
+Wanda's score is Wanda itself (arXiv:2306.11695).
+
 Steps 3-4 run only when data is given. Layers without an accepted fit are left dense and
 reported (under the fit-based budgets). A model that already carries masks is re-sparsified from
 them: masks only grow. :func:`plan_sparsity` makes the decision (a :class:`SparsityPlan`) without
 touching the model; :func:`sparsify` applies it.
 
 Modules: :mod:`.config` (:class:`SparsifyConfig`), :mod:`.state` (layer selection and fits),
-:mod:`.budgets`, :mod:`.vectors`, :mod:`.report`, :mod:`.core` (plan and apply).
+:mod:`.budgets`, :mod:`.layerwise` (OWL, AlphaPruning, RMT allocators), :mod:`.scores`
+(magnitude and Wanda within a layer), :mod:`.vectors`, :mod:`.report`, :mod:`.core` (plan and apply).
 
 References
 ----------
@@ -42,10 +51,12 @@ from .budgets import (
     make_budget,
     proportional_counts,
     register_budget,
+    shifted_counts,
     threshold_counts,
 )
 from .config import SparsifyConfig
 from .core import SparsityPlan, plan_sparsity, sparsify
+from .layerwise import AlphaPruningBudget, LayerwiseBudget, OwlBudget, RmtBudget, block_of, esd_alpha
 from .report import LayerSparsity, SparsifyReport
 from .state import LayerState
 from .vectors import singular_vector_thresholds, sparsify_singular_vectors
@@ -68,7 +79,14 @@ __all__ = [
     "singular_vector_thresholds",
     "sparsify_singular_vectors",
     "proportional_counts",
+    "shifted_counts",
     "threshold_counts",
+    "LayerwiseBudget",
+    "OwlBudget",
+    "AlphaPruningBudget",
+    "RmtBudget",
+    "block_of",
+    "esd_alpha",
 ]
 
 

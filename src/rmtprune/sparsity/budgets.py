@@ -37,6 +37,7 @@ __all__ = [
     "make_budget",
     "allocate",
     "proportional_counts",
+    "shifted_counts",
     "threshold_counts",
 ]
 
@@ -50,6 +51,9 @@ class Budget:
     needs_fit: ClassVar[bool] = False
     #: Whether ``max_layer_sparsity`` caps each layer (plain global magnitude pruning is not capped).
     capped: ClassVar[bool] = True
+    #: Whether the rule reads every layer's spectrum (the analysis runs) without needing the fit
+    #: to be accepted (the layerwise allocators of :mod:`.layerwise`).
+    needs_spectrum: ClassVar[bool] = False
 
     def counts(
         self, layers: Sequence[LayerState], floors: list[int], caps: list[int], total: int
@@ -62,7 +66,8 @@ class ThresholdBudget(Budget):
     """One global threshold on a per-entry score: the ``total`` smallest scores are pruned."""
 
     def score(self, layer: LayerState, magnitude: torch.Tensor) -> torch.Tensor:
-        """Score of every entry of ``layer`` (flat, float64, CPU), given ``magnitude = |w|``."""
+        """Score of every entry of ``layer`` (flat, float64, CPU), given ``magnitude = |w|`` (with
+        calibration, Wanda's ``|w| * ||X_j||_2`` in its place: :meth:`LayerState.entry_scores`)."""
         return magnitude
 
     def counts(
@@ -70,7 +75,7 @@ class ThresholdBudget(Budget):
     ) -> list[int]:
         scores = []
         for layer in layers:
-            w = self.score(layer, layer.module.weight.detach().abs().to(torch.float64).reshape(-1).cpu())
+            w = self.score(layer, layer.entry_scores())
             mask = layer.mask
             if mask is not None:
                 w = w.masked_fill(~mask.reshape(-1).cpu(), -math.inf)  # already pruned: counted first
@@ -261,6 +266,40 @@ def proportional_counts(
     d = f(lam_hi)
     base = np.clip(np.floor(d), lo_c, reach).astype(np.int64)
     return _round_to_total(base, d - np.floor(d), lo_c, reach, int(total - base.sum()))
+
+
+def shifted_counts(
+    numels: list[int], floors: list[int], caps: list[int], fractions: list[float], total: int
+) -> list[int]:
+    """Integer prune counts ``k_l = clip((f_l + c) * n_l, floor_l, cap_l)`` summing to ``total``.
+
+    The layerwise allocators (OWL, the RMT budget) give each layer a sparsity ``f_l`` whose
+    parameter-weighted mean is already the target; the common shift ``c`` (by bisection, 0 when no
+    floor or cap binds) absorbs what the clipping moves, and largest-remainder rounding makes the
+    sum exact. Out of reach, the counts saturate (all floors or all caps).
+    """
+    n = np.asarray(numels, dtype=np.float64)
+    lo_c = np.asarray(floors, dtype=np.float64)
+    hi_c = np.maximum(np.asarray(caps, dtype=np.float64), lo_c)
+    f = np.asarray(fractions, dtype=np.float64)
+    if total <= lo_c.sum():
+        return [int(v) for v in lo_c]
+    if total >= hi_c.sum():
+        return [int(v) for v in hi_c]
+
+    def at(c: float) -> np.ndarray:
+        return np.clip((f + c) * n, lo_c, hi_c)
+
+    c_lo, c_hi = -1.0 - float(np.max(f)), 1.0 - float(np.min(f))  # at(c_lo) = floors, at(c_hi) = caps
+    for _ in range(200):
+        mid = 0.5 * (c_lo + c_hi)
+        if at(mid).sum() < total:
+            c_lo = mid
+        else:
+            c_hi = mid
+    d = at(c_hi)
+    base = np.clip(np.floor(d), lo_c, hi_c).astype(np.int64)
+    return _round_to_total(base, d - np.floor(d), lo_c, hi_c, int(total - base.sum()))
 
 
 def _round_to_total(

@@ -14,6 +14,8 @@ from ..config import FitConfig
 from ..finetune import SCHEDULES
 from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
 from .budgets import budget_names
+from .layerwise import ALLOCATIONS, ALPHA_FITS, DEFAULT_RMT_METRIC, RMT_METRICS
+from .scores import SCORES
 
 __all__ = ["SparsifyConfig", "STORAGE"]
 
@@ -36,6 +38,13 @@ class SparsifyConfig:
     singular vector (Gaussian-like entries below one standard deviation) and, through the floor
     ``c_min = 1/750``, about 0.1% of those of a spike.
 
+    ``score`` is the within-layer score (:mod:`~rmtprune.sparsity.scores`): ``wanda`` (``|W_ij| *
+    ||X_j||_2`` per output row, needs ``calibration=``) or ``magnitude``; ``auto`` picks ``wanda``
+    when calibration is given. The layerwise budgets (``owl``, ``alphapruning``, ``rmt``,
+    :mod:`~rmtprune.sparsity.layerwise`) read ``budget_range`` (their band around the target;
+    ``None``: each one's default, 0.08, 0.3 and 0.1), ``allocation`` (per transformer block or per
+    layer), and their own ``outlier_m``, ``alpha_fit``, ``rmt_metric``.
+
     ``protect_last`` keeps the output layer (:func:`rmtprune.layers.output_layer`, the same rule
     as :class:`~rmtprune.config.CompressionConfig.protect_last`) dense. It is off by default,
     unlike compression's: magnitude pruning of a head removes its smallest entries, not whole
@@ -53,6 +62,33 @@ class SparsifyConfig:
         metadata=_meta(
             "strength p of the energy (|w| / bulk_energy**p), signal (|w| * bulk_energy**p) and bulk budgets"
         ),
+    )
+    score: str = field(
+        default="auto",
+        metadata=_meta(f"within-layer score, one of {SCORES} (auto: wanda with calibration, else magnitude)"),
+    )
+    budget_range: float | None = field(
+        default=None,
+        metadata=_meta(
+            "band of the layerwise budgets around the target (owl: +-lam, alphapruning: t*(1+-eps), "
+            "rmt: +-eps); None: each budget's default (0.08, 0.3, 0.1)"
+        ),
+    )
+    allocation: str = field(
+        default="auto",
+        metadata=_meta(
+            f"layerwise budgets: a sparsity per block or layer, one of {ALLOCATIONS} (auto: the budget's)"
+        ),
+    )
+    rmt_metric: str = field(
+        default=DEFAULT_RMT_METRIC, metadata=_meta(f"rmt budget: the fit's metric, one of {RMT_METRICS}")
+    )
+    outlier_m: float = field(
+        default=5.0, metadata=_meta("owl budget: outliers are scores above M x the mean")
+    )
+    alpha_fit: str = field(
+        default="peak",
+        metadata=_meta(f"alphapruning budget: ESD exponent estimator, one of {ALPHA_FITS}"),
     )
     refit: bool = field(default=False, metadata=_meta("refit the MP bulk before every cycle (else once)"))
     sv_sparsify: bool = field(default=True, metadata=_meta("step 1: sparsify singular vectors and recompose"))
@@ -94,6 +130,13 @@ class SparsifyConfig:
         self.n_cycles = check_int("n_cycles", self.n_cycles, 1, 1000)
         self.max_layer_sparsity = check_number("max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0)
         self.budget_power = check_number("budget_power", self.budget_power, 0.0, _INF, hi_open=True)
+        check_choice("score", self.score, SCORES)
+        if self.budget_range is not None:
+            self.budget_range = check_number("budget_range", self.budget_range, 0.0, 1.0)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_choice("rmt_metric", self.rmt_metric, RMT_METRICS)
+        self.outlier_m = check_number("outlier_m", self.outlier_m, 0.0, _INF, lo_open=True, hi_open=True)
+        check_choice("alpha_fit", self.alpha_fit, ALPHA_FITS)
         for name in ("refit", "sv_sparsify", "protect_last"):
             check_bool(name, getattr(self, name))
         self.theta = check_number("theta", self.theta, 0.0, _INF, hi_open=True)

@@ -3,13 +3,16 @@
 The pipeline, top to bottom:
 
 1. **Select and analyze** (:func:`plan_sparsity`): the layers from the layer registry, filtered by
-   ``include``/``exclude`` (:func:`~rmtprune.sparsity.state.select_layers`), fitted by
-   :func:`rmtprune.analyze` where the budget or step 1 needs a fit; the budget's counts at the
-   final target give a :class:`SparsityPlan` (per layer: count, verdict, reason), the model untouched.
+   ``include``/``exclude`` (:func:`~rmtprune.sparsity.state.select_layers`), each layer's input
+   norms ``||X_j||_2`` from ``calibration=`` for Wanda's score, fitted by :func:`rmtprune.analyze`
+   where the budget or step 1 needs a fit or a spectrum; the budget's counts at the final target
+   give a :class:`SparsityPlan` (per layer: count, verdict, reason), the model untouched.
 2. **Apply** (:func:`sparsify`): singular-vector sparsification (:mod:`~rmtprune.sparsity.vectors`)
-   on the plan's fits, then ``n_cycles`` cycles of magnitude pruning whose target ramps linearly to
-   ``target`` (counts from the budget, :mod:`~rmtprune.sparsity.budgets`), each followed by a
-   regularised fine-tune when data is given, and a final short fine-tune.
+   on the plan's fits, then ``n_cycles`` cycles of pruning whose target ramps linearly to
+   ``target`` (counts from the budget, :mod:`~rmtprune.sparsity.budgets` and
+   :mod:`~rmtprune.sparsity.layerwise`; entries by the score, :mod:`~rmtprune.sparsity.scores`),
+   each followed by a regularised fine-tune when data is given, and a final short fine-tune. With
+   Wanda's score and no data the pruning is one-shot: one cycle at the target.
 
 References
 ----------
@@ -19,7 +22,6 @@ combination of the Marchenko-Pastur distribution and regularization. arXiv:2503.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration import Calibration, collect
 from ..finetune import check_lr, evaluate, finetune
 from ..masks import count_nonzeros, get_mask, masks_of, remove_masks, restore_masks, set_mask
 from .budgets import Budget, allocate, make_budget
 from .config import SparsifyConfig
 from .report import LayerSparsity, SparsifyReport, dense_warning, layer_record
+from .scores import as_matrix, layer_mask, magnitude_keep
 from .state import LayerState, check_finite, fit_layers, select_layers
 from .vectors import sv_step
 
@@ -56,6 +60,8 @@ class SparsityPlan:
     total_params: int
     selection_warnings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: The within-layer score the plan resolved (``magnitude`` or ``wanda``).
+    score: str = "magnitude"
     _states: list[LayerState] = field(default_factory=list, repr=False, compare=False)
     _versions: list[int] = field(default_factory=list, repr=False, compare=False)
 
@@ -100,6 +106,7 @@ class SparsityPlan:
             warnings=list(self.warnings),
             config=self.config.to_dict(),
             dry_run=True,
+            score=self.score,
         )
 
     def table(self) -> str:
@@ -141,10 +148,52 @@ def _check_config(config: SparsifyConfig | None) -> SparsifyConfig:
     return config
 
 
+def _score(config: SparsifyConfig, calibration: Any) -> str:
+    """The within-layer score: ``config.score``, ``auto`` resolved by whether calibration is given."""
+    if config.score == "auto":
+        return "wanda" if calibration is not None else "magnitude"
+    if config.score == "wanda" and calibration is None:
+        raise ValueError("score='wanda' needs calibration= (a Calibration or batches of model inputs)")
+    return config.score
+
+
+def _attach_norms(model: nn.Module, layers: list[LayerState], calibration: Any, show: bool | None) -> None:
+    """Give every prunable layer its ``||X_j||_2`` from ``calibration`` (collected here from batches)."""
+    todo = [layer for layer in layers if not layer.protected]
+    for layer in todo:
+        if layer.factored_parent is not None:
+            raise ValueError(
+                f"score='wanda' cannot prune layer {layer.name!r}, a factor of low-rank layer "
+                f"{layer.factored_parent!r} (calibration reads the inputs of whole layers): exclude it"
+            )
+    if not isinstance(calibration, Calibration):
+        if isinstance(calibration, (str, bytes, nn.Module)) or not isinstance(calibration, Iterable):
+            raise TypeError(
+                "calibration must be a rmtprune.calibration.Calibration or an iterable of model inputs, "
+                f"got {type(calibration).__name__}"
+            )
+        calibration = collect(model, calibration, layers=[x.name for x in todo], held_out=0.0, progress=show)
+    for layer in todo:
+        if layer.name not in calibration:
+            raise ValueError(
+                f"calibration has no statistics for layer {layer.name!r} ({len(calibration.names)} layers "
+                "calibrated): collect them for every selected layer, or exclude it"
+            )
+        st = calibration[layer.name]
+        n = int(as_matrix(layer, layer.module.weight).shape[1])
+        if st.n != n or st.rows <= 0:
+            raise ValueError(
+                f"calibration statistics of layer {layer.name!r} are for {st.n} input features and "
+                f"{st.rows} rows; the layer has {n} input features"
+            )
+        layer.act_norm = st.l2_norm.detach().to(device="cpu", dtype=torch.float64)
+
+
 def _prepare(
-    model: nn.Module, config: SparsifyConfig, budget: Budget, show: bool | None
+    model: nn.Module, config: SparsifyConfig, budget: Budget, show: bool | None, calibration: Any = None
 ) -> tuple[list[LayerState], list[str]]:
-    """Selected layers with their fits (where the budget or step 1 needs one), and the selection warnings."""
+    """Selected layers with their scores' data and fits (where the budget or step 1 needs one), and
+    the selection warnings."""
     layers, skipped, unmatched = select_layers(model, config.include, config.exclude, config.protect_last)
     if not layers:
         raise ValueError(
@@ -152,26 +201,36 @@ def _prepare(
             + (f"; {skipped[0]}" if skipped else "")
         )
     check_finite(layers)
+    score = _score(config, calibration)
     for layer in layers:
         layer.nnz_before = layer.numel - layer.pruned
-    if budget.needs_fit or config.sv_sparsify:
+        layer.score = score
+    if score == "wanda":
+        _attach_norms(model, layers, calibration, show)
+    if budget.needs_fit or budget.needs_spectrum or config.sv_sparsify:
         fit_layers(model, layers, config.fit, show)
     return layers, skipped + unmatched
 
 
 def plan_sparsity(
-    model: nn.Module, config: SparsifyConfig | None = None, show: bool | None = None
+    model: nn.Module,
+    config: SparsifyConfig | None = None,
+    show: bool | None = None,
+    *,
+    calibration: Calibration | Iterable[Any] | None = None,
 ) -> SparsityPlan:
     """Fits and per-layer budgets at the final target on the current weights; the model is untouched.
 
     Step 1 (which changes magnitudes slightly) and fine-tuning are not run, so the counts of the
-    real run can differ a little under the ``noise`` and ``global`` budgets.
+    real run can differ a little under the ``noise`` and ``global`` budgets. ``calibration`` (a
+    :class:`rmtprune.calibration.Calibration`, or batches of model inputs collected here with
+    :func:`rmtprune.calibration.collect`) gives Wanda's score (``config.score``).
     """
     config = _check_config(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     budget = make_budget(config.budget, config)
-    layers, select_warnings = _prepare(model, config, budget, show)
+    layers, select_warnings = _prepare(model, config, budget, show, calibration)
     counts, wanted = allocate(layers, budget, config.max_layer_sparsity, config.target)
     records = [layer_record(layer, planned=k) for layer, k in zip(layers, counts, strict=True)]
     warnings = select_warnings + dense_warning(layers, records, budget.needs_fit)
@@ -188,6 +247,7 @@ def plan_sparsity(
         total_params=count_nonzeros(model)["total"],
         selection_warnings=select_warnings,
         warnings=warnings,
+        score=layers[0].score,
         _states=layers,
         _versions=[layer.module.weight._version for layer in layers],
     )
@@ -201,6 +261,7 @@ def sparsify(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     eval_data: Iterable[Any] | Callable[[], Iterable[Any]] | None = None,
     show_progress: bool | None = None,
+    calibration: Calibration | Iterable[Any] | None = None,
 ) -> tuple[nn.Module, SparsifyReport]:
     """Sparsify ``model`` in place (and return it) with RMT-guided budgets: plan, then apply.
 
@@ -214,6 +275,11 @@ def sparsify(
         returning one); enables the regularised fine-tuning per cycle and the final fine-tune.
     loss_fn : ``loss(outputs, targets)``, default cross-entropy.
     eval_data : batches to measure loss/top-1 accuracy on before, after each cycle and at the end.
+    calibration : a :class:`rmtprune.calibration.Calibration` of the selected layers, or batches of
+        model inputs (collected with :func:`rmtprune.calibration.collect`): the within-layer score
+        becomes Wanda's ``|W_ij| * ||X_j||_2`` per output row (``config.score="auto"``). Without
+        ``data`` the run is one-shot (one cycle at the target, exactly the target's count).
+        Ignored when ``config`` is a plan (the plan holds its own).
 
     Returns
     -------
@@ -232,7 +298,8 @@ def sparsify(
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     old_masks = {k: v.clone() for k, v in masks_of(model).items()}
     try:
-        plan = plan if plan is not None else plan_sparsity(model, config, show=show_progress)
+        if plan is None:
+            plan = plan_sparsity(model, config, show=show_progress, calibration=calibration)
         return _apply(model, plan, data, loss_fn, eval_data, show_progress)
     except BaseException:
         with torch.no_grad():
@@ -246,7 +313,7 @@ def _cycle(
     model: nn.Module, layers: list[LayerState], budget: Budget, config: SparsifyConfig, c: int, run: dict
 ) -> tuple[dict[str, Any], int]:
     """Cycle ``c``: refit if asked, prune to ``target * c / n_cycles``, fine-tune and evaluate."""
-    t = config.target * c / config.n_cycles
+    t = config.target * c / run["n_cycles"]
     if config.refit and c > 1:
         fit_layers(model, layers, config.fit, show=False)
     counts, wanted = allocate(layers, budget, config.max_layer_sparsity, t)
@@ -254,7 +321,10 @@ def _cycle(
         old = get_mask(layer.module)
         if k == 0 and old is None:
             continue
-        set_mask(layer.module, _magnitude_mask(layer.module.weight, old, k))
+        if layer.score == "magnitude":
+            set_mask(layer.module, _magnitude_mask(layer.module.weight, old, k))
+        else:
+            set_mask(layer.module, layer_mask(layer, old, k, layer.score))
     record: dict[str, Any] = {"cycle": c, "target": t, "achieved": _achieved(layers), "finetune": None}
     if run["data"] is not None and config.cycle_steps > 0:
         ft = finetune(
@@ -284,12 +354,18 @@ def _apply(
     """Step 1 on the plan's fits, the pruning cycles, the final fine-tune, and the report."""
     config, layers = plan.config, plan._states
     budget = make_budget(config.budget, config)
-    run = {"data": data, "loss_fn": loss_fn, "eval_data": eval_data}
+    one_shot = plan.score == "wanda" and data is None  # nothing between cycles would change the scores
+    run = {
+        "data": data,
+        "loss_fn": loss_fn,
+        "eval_data": eval_data,
+        "n_cycles": 1 if one_shot else config.n_cycles,
+    }
     eval_before = _evaluate(model, run)
     if config.sv_sparsify:
         sv_step(layers, config, show)
     cycles, wanted = [], 0
-    for c in range(1, config.n_cycles + 1):
+    for c in range(1, run["n_cycles"] + 1):
         record, wanted = _cycle(model, layers, budget, config, c, run)
         cycles.append(record)
     final = None
@@ -304,6 +380,7 @@ def _apply(
             warmup=config.warmup,
         ).to_dict()
     report = _report(model, layers, config, budget, wanted)
+    report.score = plan.score
     report.warnings = plan.selection_warnings + report.warnings
     report.cycles = cycles
     report.final_finetune = final
@@ -354,10 +431,4 @@ def _achieved(layers: list[LayerState]) -> float:
 
 def _magnitude_mask(weight: torch.Tensor, old: torch.Tensor | None, k: int) -> torch.Tensor:
     """Mask keeping all but the ``k`` smallest ``|w|`` (already-pruned entries go first)."""
-    score = weight.detach().abs().to(torch.float64).reshape(-1)
-    if old is not None:
-        score = score.masked_fill(~old.reshape(-1).to(score.device), -math.inf)
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    if k > 0:
-        keep[torch.topk(score, k, largest=False, sorted=False).indices] = False
-    return keep.reshape(weight.shape)
+    return magnitude_keep(weight, old, k)

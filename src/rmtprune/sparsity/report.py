@@ -36,6 +36,10 @@ class LayerSparsity:
     sv_zeroed_u: float | None = None
     sv_zeroed_v: float | None = None
     sv_rel_change: float | None = None
+    #: What a layerwise budget read for this layer (OWL's outlier ratio, AlphaPruning's alpha, the
+    #: RMT metric) and, in words, the sparsity it gave and why.
+    metric: float | None = None
+    allocation: str = ""
 
     @property
     def sparsity(self) -> float:
@@ -79,6 +83,8 @@ class SparsifyReport:
     warnings: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     dry_run: bool = False
+    #: The within-layer score: ``magnitude`` (``|w|``) or ``wanda`` (``|w| * ||X_j||_2`` per output row).
+    score: str = "magnitude"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict."""
@@ -94,6 +100,9 @@ class SparsifyReport:
         """Fixed-width per-layer table (the CLI prints it)."""
         head = ("layer", "kind", "shape", "verdict", "spikes", "ks", "sv-zeroed", "sparsity", "nnz")
         rows = [[r.name, r.kind, "x".join(map(str, r.shape)), r.verdict, *r.cells()] for r in self.layers]
+        if any(r.allocation for r in self.layers):  # a layerwise budget: say why each layer got its share
+            head += ("why",)
+            rows = [row + [r.allocation or "-"] for row, r in zip(rows, self.layers, strict=True)]
         return table(head, rows, sep_line=False)
 
     @property
@@ -109,6 +118,8 @@ class SparsifyReport:
             f"{self.selected_params:,} selected weights; stored values {self.stored_values:,} of "
             f"{self.total_params:,} parameters ({self.saved:.1%} fewer)"
         )
+        if self.score != "magnitude":
+            text += f"; within-layer score {self.score}"
         if self.eval_before and self.eval_after:
             text += f"; accuracy {self.eval_before['accuracy']:.2%} -> {self.eval_after['accuracy']:.2%}"
         return text
@@ -133,6 +144,9 @@ class SparsifyReport:
             [f"`{r.name}`", r.kind, "x".join(map(str, r.shape)), r.verdict, r.reason or "-", *r.cells()]
             for r in self.layers
         ]
+        if any(r.allocation for r in self.layers):
+            cols += ("why",)
+            rows = [row + [r.allocation or "-"] for row, r in zip(rows, self.layers, strict=True)]
         out += ["## Layers", "", table(cols, rows, markdown=True)]
         return "\n".join(out) + "\n"
 
@@ -190,6 +204,8 @@ def layer_record(layer: LayerState, planned: int | None = None) -> LayerSparsity
         sv_zeroed_u=sv.get("zeroed_u"),
         sv_zeroed_v=sv.get("zeroed_v"),
         sv_rel_change=sv.get("rel_change"),
+        metric=layer.metric,
+        allocation=layer.allocation,
     )
 
 

@@ -29,6 +29,7 @@ from ..errors import InvalidWeightsError
 from ..layers import LayerEntry, collect_layers, handler_for, output_layer, parametrized
 from ..masks import get_mask
 from ..spectral import SpectrumFit
+from .scores import entry_scores
 
 __all__ = ["LayerState", "select_layers", "fit_layers"]
 
@@ -51,6 +52,13 @@ class LayerState:
     sv_info: dict[str, float] | None = None
     nnz_before: int = 0
     protected: bool = False
+    #: Within-layer score (``magnitude`` or ``wanda``, :mod:`.scores`) and, for ``wanda``, the
+    #: calibration's ``||X_j||_2`` per input feature of the layer's matrix.
+    score: str = "magnitude"
+    act_norm: torch.Tensor | None = None
+    #: What a layerwise budget (:mod:`.layerwise`) read for this layer and the sparsity it gave.
+    metric: float | None = None
+    allocation: str = ""
 
     @property
     def numel(self) -> int:
@@ -78,6 +86,10 @@ class LayerState:
     def bulk_energy(self) -> float:
         """Share of the layer's ``sum(s**2)`` in the MP bulk: 1 for pure noise, small for strong signal."""
         return max(float(self.fit.bulk_energy), 1e-12)  # type: ignore[union-attr]
+
+    def entry_scores(self) -> torch.Tensor:
+        """Every entry's score under :attr:`score`, flat in the weight's order (float64, CPU)."""
+        return entry_scores(self, self.score)
 
     def takes_part(self, needs_fit: bool) -> bool:
         """Whether a budget may prune this layer (protected layers never; others need a fit if asked)."""
