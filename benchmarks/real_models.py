@@ -480,7 +480,9 @@ def run_library(
 
     spec = LIBRARY_METHODS[name]
     kwargs: dict[str, Any] = {"target": keep, "include": list(bench.layers), "allocation": spec["allocation"]}
-    if spec["guard"]:
+    if not spec["guard"]:
+        kwargs["guard"] = None  # the library guards calibrated plans by default
+    elif args.guard is not None:
         kwargs["guard"] = args.guard
     if spec["calibrated"]:
         if draw is None or draw.calibration is None:
@@ -494,9 +496,10 @@ def run_library(
     except TypeError as exc:
         raise SystemExit(f"{name}: this rmtprune has no budgeted compress yet ({exc})") from None
     extra: dict[str, Any] = {"factored": sum(lp.action == "factor" for lp in plan.layers)}
-    guarded = [lp for lp in plan.layers if getattr(lp, "guard", None)]
+    budget = getattr(plan, "budget", None) or {}
     if spec["guard"]:
-        extra["guard_changed"] = len(guarded)
+        extra["guard"] = budget.get("guard")
+        extra["guard_changed"] = len(budget.get("guard_changes") or [])
     return model, extra
 
 
@@ -641,6 +644,14 @@ def fmt_quality(model: str, row: dict[str, Any]) -> str:
     return ", ".join(f"{k} {row[k]:.4g}" for k in QUALITY[model] if row.get(k) is not None)
 
 
+def save_partial(
+    name: str, rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """The rows so far, in ``<out>.<model>.partial.json`` (a long run that is stopped keeps them)."""
+    path = args.out.with_name(f"{args.out.stem}.{name}.partial.json")
+    dump_json(path, {"command": args.command, "info": info, "summary": summarize(rows), "results": rows})
+
+
 def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every requested method, budget and calibration draw on model ``name``: rows and facts about the run."""
     from tqdm import tqdm
@@ -682,6 +693,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
             bar.total += len(jobs)
             for method, keep in jobs:
                 rows.append(measure(bench, method, keep, draw, args))
+                save_partial(name, rows, info, args)
                 r = rows[-1]
                 q = fmt_quality(name, r)
                 log(f"[{name}] draw {seed} {method} @ {keep:.3f}: kept {r['kept']:.3f}, {q}")
@@ -838,7 +850,9 @@ def write_results(
             if args.split != "eval"
             else []
         ),
-        f"- library settings: guard tolerance {args.guard:g} (rmt-whitened-guard), damping "
+        "- library settings: guard tolerance "
+        + ("the library default" if args.guard is None else f"{args.guard:g}")
+        + " for rmt-whitened-guard, no guard for the other methods; damping "
         + ("the library default" if args.damping is None else f"{args.damping:g}")
         + " (the library's whitened methods; `svd_llm` damps only a singular covariance).",
         *(
@@ -859,10 +873,9 @@ def write_results(
         "*compress s* excludes the one-off calibration. Sparse layers run as dense matrices with "
         "zeros, so their latency is ~1.",
         "",
-        "## Today's numbers, reproduced",
-        "",
-        *reproduction(results),
     ]
+    repro = reproduction(results)
+    lines += ["## Today's numbers, reproduced", "", *repro] if repro else []
     summary = {model: summarize(rows) for model, rows in results.items()}
     for model, rows in results.items():
         i = info[model]
@@ -919,7 +932,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--held-out", type=float, default=0.125, help="share of each draw's batches kept for the guard"
     )
-    p.add_argument("--guard", type=float, default=0.5, help="guard tolerance of rmt-whitened-guard")
+    p.add_argument(
+        "--guard",
+        type=float,
+        default=None,
+        help="guard tolerance of rmt-whitened-guard (default: the library's)",
+    )
     p.add_argument("--damping", type=float, default=None, help="damping of the library's whitened methods")
     p.add_argument("--recover-steps", type=int, default=0, help="distillation steps after every method")
     p.add_argument("--recover-lr", type=float, default=1e-4, help="learning rate of the recovery")
@@ -941,7 +959,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SmolLM2 held-out tokens, in domain and out (default 4096 each)",
     )
     p.add_argument(
-        "--sentences", type=int, default=None, help="MiniLM held-out sentences and pairs (default 500)"
+        "--sentences",
+        type=int,
+        default=None,
+        help="MiniLM held-out sentences, pairs, OOD sentences (500/500/300)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--cache", type=Path, default=None, help=f"real-model cache (default {default_cache()})")
@@ -971,7 +992,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tokens:
         args.sizes.tokens = args.sizes.ood_tokens = args.tokens
     if args.sentences:
-        args.sizes.sentences = args.sizes.pairs = args.sentences
+        args.sizes.sentences = args.sizes.pairs = args.sizes.ood_sentences = args.sentences
     if args.calib_samples:
         args.sizes.calib_sequences = args.sizes.calib_sentences = args.calib_samples
         args.sizes.calib_pool = max(args.sizes.calib_pool, 4 * args.calib_samples)
