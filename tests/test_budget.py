@@ -284,3 +284,32 @@ def test_cli_bad_calibration_exit_2_nothing_written(
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_sparsify_with_calibration_is_wanda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.safetensors"
+    rc = main(
+        [
+            "sparsify",
+            "--model",
+            "mlp:64",
+            "--input-shape",
+            "1,28,28",
+            "--num-classes",
+            "10",
+            "--target",
+            "0.6",
+            "--calibration",
+            "mnist",
+            "--calibration-samples",
+            "128",
+            "--budget",
+            "rmt",
+            str(out),
+            "--no-progress",
+            "--quiet",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "within-layer score wanda" in text and "achieved=60.00%" in text

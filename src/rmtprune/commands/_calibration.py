@@ -1,6 +1,6 @@
 """Calibration data and recovery on the command line: ``--calibration``, ``--calibration-samples``, ...
 
-``--calibration SOURCE`` is a dataset name of the zoo (``mnist``, ``fashion``, ``digits``: a seeded
+``--calibration SOURCE`` is a dataset name of the zoo (``mnist``, ``fashion-mnist``, ``digits``: a seeded
 random subset of its training split) or a UTF-8 text file, tokenized with the model directory's own
 tokenizer into non-overlapping windows of ``--calibration-seq-len`` tokens. Shared by ``compress``
 and ``sparsify``; ``--recover-steps`` (compress) distils the compressed model towards the dense one
@@ -23,11 +23,11 @@ MAX_TEXT_BYTES = 64 * 2**20
 
 def add_calibration_args(p: argparse.ArgumentParser, *, recover: bool = False) -> None:
     """Add the calibration options (and the recovery ones when ``recover``) to ``p``."""
-    g = p.add_argument_group("calibration data (data-aware mode; needs --target)")
+    g = p.add_argument_group("calibration data (data-aware mode)")
     g.add_argument(
         "--calibration",
         metavar="SOURCE",
-        help="a dataset name (mnist, fashion, digits: training split) or a text file (model directories)",
+        help="a dataset name (mnist, fashion-mnist, digits: training split) or a text file (model dirs)",
     )
     g.add_argument(
         "--calibration-samples",

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._calibration import add_calibration_args, calibration_batches
 from ._model_input import (
     add_model_args,
     add_safety_flags,
@@ -52,6 +53,12 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--lr-schedule": ("schedule", str, None),
     "--warmup": ("warmup", float, "F"),
     "--storage": ("storage", str, None),
+    "--score": ("score", str, None),
+    "--allocation": ("allocation", str, None),
+    "--budget-range": ("budget_range", float, "R"),
+    "--rmt-metric": ("rmt_metric", str, None),
+    "--outlier-m": ("outlier_m", float, "M"),
+    "--alpha-fit": ("alpha_fit", str, None),
 }
 #: The SparsifyConfig fields set by the pattern and on/off options.
 _OTHER_FIELDS = ("include", "exclude", "sv_sparsify", "refit", "protect_last")
@@ -64,6 +71,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..finetune import SCHEDULES
     from ..sparsity import SparsifyConfig, budget_names
     from ..sparsity.config import STORAGE
+    from ..sparsity.layerwise import ALLOCATIONS, ALPHA_FITS, RMT_METRICS
+    from ..sparsity.scores import SCORES
 
     fields = dataclasses.fields(SparsifyConfig)
     helps = {f.name: f.metadata.get("help", "") for f in fields}
@@ -81,8 +90,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_model_args(p)
     p.add_argument("--config", metavar="JSON", help="SparsifyConfig as a JSON file (flags override it)")
-    choices = {"budget": budget_names(), "storage": STORAGE, "schedule": SCHEDULES}
+    choices = {
+        "budget": budget_names(),
+        "storage": STORAGE,
+        "schedule": SCHEDULES,
+        "score": SCORES,
+        "allocation": ALLOCATIONS,
+        "rmt_metric": RMT_METRICS,
+        "alpha_fit": ALPHA_FITS,
+    }
     add_flags(p, SparsifyConfig, _FLAGS, choices=choices, defaults=shown)
+    add_calibration_args(p)
     p.add_argument(
         "--include", action="append", metavar="PATTERN", default=argparse.SUPPRESS, help=helps["include"]
     )
@@ -188,8 +206,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.dry_run:
             check_model_outputs(args, src, out_path, report_json, report_md)
     model, factory, fargs, _ = model_from_args(args, src)
+    calib = calibration_batches(args, src if directory else None, args.data_dir)
     if args.dry_run:
-        plan = plan_sparsity(model, config, show=show).report()
+        plan = plan_sparsity(model, config, show=show, calibration=calib).report()
         print(plan.table() if not args.quiet else plan.summary())
         if not args.quiet:
             print(plan.summary())
@@ -198,7 +217,9 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: nothing written")
         return 0
     data, eval_data = _data(args)
-    model, report = sparsify(model, config, data=data, eval_data=eval_data, show_progress=show)
+    model, report = sparsify(
+        model, config, data=data, eval_data=eval_data, show_progress=show, calibration=calib
+    )
     body = {"format": "rmtprune-sparsify-report", "rmtprune_version": __version__}
     body.update(report.to_dict())
     texts = (dumps(body, indent=2, sort_keys=True) + "\n", report.to_markdown())
