@@ -53,13 +53,16 @@ from rmtprune.calibration import Calibration, collect
 from rmtprune.finetune import evaluate, finetune
 from rmtprune.layers import collect_layers, handler_for, output_layer
 from rmtprune.lowrank import LowRankModule
-from rmtprune.masks import set_mask
+from rmtprune.masks import remove_masks, set_mask
+from rmtprune.sparsity import SparsifyConfig, sparsify
 from rmtprune.spectral import MIN_P
 from rmtprune.zoo.data import Dataset, batches, load_dataset
 
 NAME = "budget_small"
 ALLOCATIONS = ("rmt", "uniform", "energy", "gavish_donoho", "spikes")
 TRUNCATIONS = ("svd", "whitened")
+#: The sparse references at the same stored count.
+SPARSE = ("magnitude", "wanda", "rmt-wanda", "rmt-magnitude")
 BUDGETS = (0.25, 0.40, 0.60)
 LR_GRID = (1e-4, 3e-4, 1e-3)
 #: Allocations fine-tuned (with both truncations), and the budget at which the lr is chosen.
@@ -121,8 +124,11 @@ Fixed before the run (issue 13, task H5); not changed after.
   References at the same stored count, `floor(F (W + b)) - b` nonzero weights: global magnitude
   (`torch.nn.utils.prune.global_unstructured`, L1, then `prune.remove`) and Wanda (|W_ij| ||X_j||,
   the same fraction pruned in every output row of every layer; convolutions over their unfolded
-  patches; ||X_j|| from the same calibration statistics). `rmtprune.sparsify(calibration=)` had not
-  landed (no such commit in `git log`), so no RMT sparse method is run.
+  patches; ||X_j|| from the same calibration statistics). `rmtprune.sparsify(calibration=)` landed
+  (58c46a3) while this protocol was written, so two RMT-allocated sparse references go through it,
+  one-shot (`sv_sparsify=False`, `n_cycles=1`, no data) at the sparsity `1 - n_keep / W`:
+  `budget="rmt"` with `score="wanda"` (the same calibration) and with `score="magnitude"`
+  (data-free); library defaults for `rmt_metric`, `budget_range` and `allocation` (nothing tuned).
 - **Metrics**: test accuracy without fine-tuning; parameters as stored; per seed the difference to
   `uniform` with the same truncation, mean +- sample std over seeds (one seed: no std).
 - **Fine-tuning** (a second stage, after every number without it; as time allows): rmt and uniform
@@ -396,11 +402,23 @@ def compressed(
 def sparse_copy(
     dense: nn.Module, names: list[str], method: str, n_keep: int, calib: Calibration
 ) -> nn.Module:
+    """A copy of ``dense`` with ``n_keep`` nonzero weights over ``names`` by ``method`` (:data:`SPARSE`)."""
     model = copy.deepcopy(dense)
     if method == "magnitude":
         global_magnitude(model, names, n_keep)
-    else:
+    elif method == "wanda":
         wanda(model, names, calib, n_keep)
+    elif method in ("rmt-wanda", "rmt-magnitude"):
+        total = sum(model.get_submodule(n).weight.numel() for n in names)
+        score = method.split("-")[1]
+        cfg = SparsifyConfig(
+            target=1 - n_keep / total, budget="rmt", score=score, include=list(names), sv_sparsify=False,
+            n_cycles=1,
+        )  # fmt: skip
+        sparsify(model, cfg, calibration=calib if score == "wanda" else None, show_progress=False)
+        remove_masks(model)
+    else:
+        raise ValueError(f"unknown sparse method {method!r}; known: {', '.join(SPARSE)}")
     return model.eval()
 
 
@@ -456,10 +474,14 @@ def run_model(args: argparse.Namespace, key: str, train: Dataset, test: Dataset)
                         secs = time.perf_counter() - t0
                         row = _row(key, seed, target, f"{alloc}/{trunc}", model, names, before, test, secs)
                         row.update(allocation=alloc, truncation=trunc, warnings=list(report.warnings))
-                        row["ranks"] = {lp.name: lp.rank for lp in report.layers if lp.name in names}
+                        row["ranks"] = {
+                            lp.name: lp.rank if lp.action == "factor" else None
+                            for lp in report.layers
+                            if lp.name in names
+                        }
                         res["rows"].append(row)
                 n_keep = weight_budget(dense, names, target)
-                for method in ("magnitude", "wanda"):
+                for method in SPARSE:
                     t0 = time.perf_counter()
                     model = sparse_copy(dense, names, method, n_keep, calib)
                     secs = time.perf_counter() - t0
@@ -558,7 +580,12 @@ def choose_lr(
 def label(method: str) -> str:
     alloc, _, trunc = method.partition("/")
     if not trunc:
-        return {"magnitude": "global magnitude (sparse)", "wanda": "Wanda (sparse, calibration)"}[method]
+        return {
+            "magnitude": "global magnitude (sparse)",
+            "wanda": "Wanda (sparse, calibration)",
+            "rmt-wanda": "sparsify rmt budget + Wanda (calibration)",
+            "rmt-magnitude": "sparsify rmt budget + magnitude",
+        }[method]
     return f"{alloc}, {'data-free SVD' if trunc == 'svd' else 'whitened'}"
 
 
@@ -578,7 +605,7 @@ def model_section(res: dict[str, Any], budgets: Sequence[float]) -> str:
     )
     lines.append(f"- training ({dense[0]['epochs']} epochs): {times}")
     lines.append("")
-    methods = [f"{a}/{t}" for t in TRUNCATIONS for a in ALLOCATIONS] + ["magnitude", "wanda"]
+    methods = [f"{a}/{t}" for t in TRUNCATIONS for a in ALLOCATIONS] + list(SPARSE)
     head = ["method", *[f"{100 * b:g}%: acc (kept)" for b in budgets]]
     body = []
     for m in methods:
@@ -601,7 +628,7 @@ def model_section(res: dict[str, Any], budgets: Sequence[float]) -> str:
                 wins = sum(v > 0 for v in d)
                 cells.append(f"{pm(d, sign=True)} ({wins}/{len(d)})" if d else "-")
             body.append(cells)
-    for m in ("magnitude", "wanda"):
+    for m in SPARSE:
         for t in TRUNCATIONS:
             cells = [f"{label(m)} vs uniform, {'data-free SVD' if t == 'svd' else 'whitened'}"]
             for b in budgets:

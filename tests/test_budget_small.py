@@ -150,3 +150,17 @@ def test_svd_memo_gives_the_same_compression() -> None:
                     assert torch.equal(m(x), plain[(alloc, cal is None)])
     assert counts["hits"] > counts["misses"] > 0
     assert (torch.linalg.svd, torch.linalg.svdvals, torch.linalg.eigvalsh) == originals  # restored
+
+
+def test_library_sparse_references_hit_the_count() -> None:
+    model = _mlp(4)
+    names = S.hidden_layers(model)
+    calib = collect(model, [torch.randn(32, 36) for _ in range(2)], layers=names, held_out=0)
+    n_keep = S.weight_budget(model, names, 0.4)
+    for method in ("rmt-wanda", "rmt-magnitude"):
+        pruned = S.sparse_copy(model, names, method, n_keep, calib)
+        assert S.stored_params(pruned, names) == math.floor(0.4 * S.stored_params(model, names))
+        assert not rmtprune.is_sparsified(pruned)  # masks dropped, zeros kept
+    assert S.stored_params(model, names) == 36 * 48 + 48 + 48 * 40 + 40  # the dense model is untouched
+    with pytest.raises(ValueError, match="unknown sparse method"):
+        S.sparse_copy(model, names, "random", n_keep, calib)
