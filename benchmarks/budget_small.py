@@ -716,6 +716,7 @@ def summary_lines(results: Sequence[dict[str, Any]], budgets: Sequence[float]) -
 def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     """The results markdown (protocol first) and the raw rows as JSON beside it, atomically."""
     wall = time.perf_counter() - args.t0
+    results = sorted(results, key=lambda r: list(MODELS).index(r["key"]))
     head = [
         "# One budget on the small models: RMT allocation vs uniform, energy, Gavish-Donoho, spikes",
         "",
