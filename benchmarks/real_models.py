@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +123,9 @@ class Sizes:
 
     Evaluation: ``sentences`` / ``pairs`` / ``ood_sentences`` (MiniLM), ``tokens`` / ``ood_tokens`` in
     windows of ``seq_len`` (SmolLM2). Calibration: each draw takes ``calib_sentences`` of a pool of
-    ``calib_pool_sentences`` calibration sentences, or ``calib_sequences`` of a pool of ``calib_pool``
-    windows of ``calib_seq_len`` tokens. Validation: ``val_sentences`` sentences, pairs and
+    ``calib_pool_sentences`` calibration sentences (``calib_batch_sentences`` a batch), or
+    ``calib_sequences`` of a pool of ``calib_pool`` windows of ``calib_seq_len`` tokens (``calib_batch``
+    a batch). Validation: ``val_sentences`` sentences, pairs and
     out-of-domain sentences; ``val_tokens`` tokens in and out of domain.
     """
 
@@ -229,14 +230,15 @@ def load_smollm2(cache: Path, sizes: Sizes) -> Bench:
     bench = Bench("smollm2", model, tok, layers, sizes)
     bench.data["windows"] = token_windows(tok, "eval", sizes.tokens // sizes.seq_len, sizes.seq_len, cache)
     bench.data["ood_windows"] = text_windows(
-        tok, [data.ood_text(cache, "eval")], sizes.ood_tokens // sizes.seq_len, sizes.seq_len, "ood eval"
+        tok, ood_speeches("eval", cache), sizes.ood_tokens // sizes.seq_len, sizes.seq_len, "ood eval"
     )
     bench.data["calib_pool"] = token_windows(tok, "calib", sizes.calib_pool, sizes.calib_seq_len, cache)
     n_val = max(1, sizes.val_tokens // sizes.seq_len)
-    ood_val = data.ood_text(cache, "validation")
     val = {
         "windows": token_windows(tok, "validation", n_val, sizes.seq_len, cache),
-        "ood_windows": text_windows(tok, [ood_val], n_val, sizes.seq_len, "ood validation"),
+        "ood_windows": text_windows(
+            tok, ood_speeches("validation", cache), n_val, sizes.seq_len, "ood validation"
+        ),
     }
     bench.validation = Bench("smollm2", model, tok, layers, sizes, val)
     return bench
@@ -259,6 +261,11 @@ def text_windows(tok: Any, texts: Iterable[str], n: int, seq_len: int, what: str
     if len(ids) < n * seq_len:
         raise ValueError(f"{what} has {len(ids)} tokens, fewer than {n} x {seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def ood_speeches(split: str, cache: Path | None = None) -> Iterator[str]:
+    """The out-of-domain text of ``split`` speech by speech (``ood_text`` is these joined by blank lines)."""
+    yield from data.ood_text(cache, split).split("\n\n")
 
 
 def token_windows(tok: Any, split: str, n: int, seq_len: int, cache: Path | None = None) -> torch.Tensor:
@@ -649,6 +656,7 @@ def save_partial(
 ) -> None:
     """The rows so far, in ``<out>.<model>.partial.json`` (a long run that is stopped keeps them)."""
     path = args.out.with_name(f"{args.out.stem}.{name}.partial.json")
+    info["wall_s"] = time.perf_counter() - args.t0
     dump_json(path, {"command": args.command, "info": info, "summary": summarize(rows), "results": rows})
 
 
@@ -837,7 +845,7 @@ def write_results(
         f"- machine: {machine()} (shared with other jobs; torch threads: {args.threads})",
         f"- versions: {versions('torch', 'transformers', 'gguf', 'safetensors', 'numpy')}",
         f"- command: `{args.command}` (cache: `benchmarks/fetch_real.sh`)",
-        f"- wall time: {(time.perf_counter() - args.t0) / 60:.1f} min"
+        f"- wall time: {(getattr(args, 'wall_s', None) or time.perf_counter() - args.t0) / 60:.1f} min"
         + ("; QUICK smoke run (one budget, tiny data), not a result" if args.quick else ""),
         (
             f"- recovery: every method gets the same {args.recover_steps}-step distillation fine-tune "
@@ -971,6 +979,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-file-size", action="store_true", help="skip saving each model to measure its file")
     p.add_argument("--note", dest="notes", action="append", default=[], help="a line added under the tables")
+    p.add_argument(
+        "--report-from", nargs="+", default=None, metavar="JSON",
+        help="write the report of a stopped run from its .partial.json files, measuring nothing",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.model_list = [m for m in args.models.split(",") if m]
     args.method_list = [m for m in args.methods.split(",") if m]
@@ -1010,9 +1022,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report_from(args: argparse.Namespace) -> int:
+    """Write the report of a stopped run from its ``<out>.<model>.partial.json`` files (no measuring).
+
+    The report says it is partial and keeps the run's own command; ``--seeds`` / ``--held-out`` /
+    ``--guard`` / ``--damping`` / ``--recover-steps`` / ``--split`` must be the run's for its text to be true.
+    """
+    import json
+
+    results, info = {}, {}
+    for path in args.report_from:
+        saved = json.loads(Path(path).read_text())
+        rows = saved["results"]
+        model = rows[0]["model"]
+        results[model], info[model] = rows, saved["info"]
+        args.command = saved["command"]
+        args.wall_s = saved["info"].get("wall_s")
+    n = sum(len(r) - 1 for r in results.values())
+    args.notes = [
+        f"- PARTIAL: the run was stopped after {n} measured rows; this report was written from "
+        f"its partial JSON by `{command_line()}`.",
+        *args.notes,
+    ]
+    write_results(results, info, args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every available model; a model whose files are not cached is skipped with the reason."""
     args = parse_args(argv)
+    if args.report_from:
+        return report_from(args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results, info = {}, {}

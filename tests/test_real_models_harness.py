@@ -336,6 +336,36 @@ def test_summary_is_mean_and_sample_std_over_draws() -> None:
     assert R._cell(out[("magnitude", 0.8)], "cosine", "{:.2f}") == "0.97"
 
 
+def test_a_stopped_run_is_reported_from_its_partial_rows(tmp_path: Path) -> None:
+    out = tmp_path / "r.md"
+    args = R.parse_args(["--quick", "--models", "minilm", "--seeds", "2", "--out", str(out)])
+    sizes = vars(args.sizes)
+    info = {"load_s": 1.0, "layers": 12, "sizes": sizes, "split": "eval", "seeds": 2, "calib_s": [3.0],
+            "dense_eval_s": 2.0, "pairs": 4}  # fmt: skip
+    base = {"model": "minilm", "model_kept": 0.9, "cosine_ood": 0.9, "spearman": 0.9, "r1": 0.5, "r10": 0.9}
+    rows = [
+        {
+            **base,
+            "method": "dense",
+            "budget": 1.0,
+            "seed": None,
+            "kept": 1.0,
+            "model_kept": 1.0,
+            "cosine": 1.0,
+        },
+        {**base, "method": "svd_llm", "budget": 0.8, "seed": 0, "kept": 0.8, "cosine": 0.90},
+        {**base, "method": "svd_llm", "budget": 0.8, "seed": 1, "kept": 0.8, "cosine": 0.92},
+    ]
+    R.save_partial("minilm", rows, info, args)
+    partial = tmp_path / "r.minilm.partial.json"
+    saved = json.loads(partial.read_text())
+    assert len(saved["results"]) == 3 and saved["summary"][1]["draws"] == 2 and saved["info"]["wall_s"] > 0
+    assert R.main(["--report-from", str(partial), "--seeds", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "PARTIAL: the run was stopped after 2 measured rows" in text
+    assert "| svd_llm" in text and "0.9100 +- 0.0141" in text and saved["command"] in text
+
+
 def test_data_free_methods_run_once_and_calibrated_ones_per_draw() -> None:
     assert R.needs_calibration("rmt-whitened") and R.needs_calibration("svd_llm")
     assert R.needs_calibration("wanda") and R.needs_calibration("rmt-whitened-guard")
