@@ -313,3 +313,16 @@ def test_cli_sparsify_with_calibration_is_wanda(tmp_path: Path, capsys: pytest.C
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "within-layer score wanda" in text and "achieved=60.00%" in text
+
+
+def test_plot_budget(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from rmtprune.plotting import plot_budget
+
+    xs = _inputs(16)
+    _, p = rmtprune.compress(_net(), target=0.3, include=CUT, calibration=xs, guard=0.05)
+    out = plot_budget(p, tmp_path / "budget.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, free = rmtprune.compress(_net(), include=CUT)
+    with pytest.raises(ValueError, match="target"):
+        plot_budget(free, tmp_path / "no.png")

@@ -22,7 +22,7 @@ from .analysis import LayerAnalysis
 from .errors import RmtpruneError
 from .spectral import DEFAULT_KS_MAX, mp_pdf
 
-__all__ = ["plot_esd", "plot_summary", "plot_training", "have_matplotlib", "VERDICT_COLORS"]
+__all__ = ["plot_esd", "plot_summary", "plot_training", "plot_budget", "have_matplotlib", "VERDICT_COLORS"]
 
 #: Colour of each verdict in the figures.
 VERDICT_COLORS = {"fit": "#1f77b4", "no-mp-bulk": "#ff7f0e", "too-small": "#9e9e9e", "invalid": "#d62728"}
@@ -349,3 +349,57 @@ def plot_training(
     ax.grid(alpha=0.3)
     written.append(_save(fig, out / "ranks.png", dpi))
     return written
+
+
+def plot_budget(plan: Any, path: str | os.PathLike[str], *, title: str | None = None, dpi: int = 100) -> Path:
+    """Where a ``target=`` budget went: each layer's kept fraction, its signal, and the guard's changes.
+
+    ``plan`` is the :class:`~rmtprune.plan_record.Plan` of a budgeted :func:`rmtprune.compress`
+    (``plan.budget`` set). Top: the fraction of each layer's parameters kept (bars, coloured by the
+    last part of the layer name: ``q_proj``, ``fc1``...), with the guard's raised layers marked.
+    Bottom: the rank kept against the directions above the layer's noise edge, both as fractions of
+    ``min(m, n)``. Written atomically as PNG; returns the path.
+    """
+    _require_matplotlib()
+    budget = getattr(plan, "budget", None)
+    if not budget:
+        raise ValueError("plot_budget needs the plan of a compress(target=...) or target_macs run")
+    rows = [lp for lp in plan if lp.decision and "allocation" in lp.decision and lp.matrix_shape]
+    if not rows:
+        raise ValueError("the plan has no budgeted layer to plot")
+    kinds = sorted({lp.name.rsplit(".", 1)[-1] for lp in rows})
+    cmap = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
+    x = np.arange(len(rows))
+    kept = np.array([lp.params_after / max(lp.params_before, 1) for lp in rows])
+    p = np.array([min(lp.matrix_shape) for lp in rows], dtype=float)
+    rank = np.array([lp.rank for lp in rows]) / p
+    above = np.array([lp.decision.get("n_above_edge", 0) for lp in rows]) / p
+    guarded = np.array([lp.decision.get("guard") is not None for lp in rows])
+    fig = _new_figure(min(max(7.0, 4.0 + 0.08 * len(rows)), 40.0), 6.0)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.bar(x, kept, color=[cmap[lp.name.rsplit(".", 1)[-1]] for lp in rows], width=0.85)
+    if guarded.any():
+        ax1.scatter(
+            x[guarded], kept[guarded] + 0.03, marker="v", color="k", s=18, label="raised by the guard"
+        )
+    ax1.axhline(budget["kept"], color="k", lw=0.8, ls="--", label=f"overall {budget['kept']:.1%}")
+    ax1.set_ylabel("parameters kept")
+    ax1.set_ylim(0, 1.1)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=cmap[k], label=k) for k in kinds[:12]]
+    ax1.legend(handles=handles + ax1.get_legend_handles_labels()[0], fontsize=7, ncol=4, loc="upper right")
+    ax2.plot(x, rank, ".-", lw=0.8, label="rank kept / min(m, n)")
+    ax2.plot(x, above, ".", color="C3", label="directions above the noise edge / min(m, n)")
+    ax2.set_ylabel("fraction of min(m, n)")
+    ax2.set_xlabel("layer (in model order)")
+    ax2.set_ylim(0, 1.05)
+    ax2.legend(fontsize=7, loc="upper right")
+    what = "MACs" if budget.get("of") == "macs" else "parameters"
+    fig.suptitle(
+        title
+        or f"{budget['allocation']} allocation, {budget['truncation']} truncation: "
+        f"kept {budget['after']:,} of {budget['before']:,} {what}",
+        fontsize=9,
+    )
+    return _save(fig, path, dpi)
