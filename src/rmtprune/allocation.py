@@ -28,6 +28,7 @@ torch here: the candidates are plain numbers and numpy arrays.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,8 +120,9 @@ def direction_scores(c: Candidate, allocation: str) -> np.ndarray:
         cum = np.concatenate([[0.0], np.cumsum(e)[:-1]]) / tot if tot > 0 else i / max(p, 1)
         out = 1.0 - cum  # kept when the layer's kept-energy target exceeds what comes before it
     elif allocation == "gavish_donoho":
-        tau = gavish_donoho_omega(min(c.m, c.n) / max(c.m, c.n)) * float(np.median(s))
-        out = s / tau if tau > 0 else np.where(s > 0, np.inf, 0.0)
+        pos = s[s > 0]  # a factored layer's cut values are zeros: the median is over the kept ones
+        tau = gavish_donoho_omega(min(c.m, c.n) / max(c.m, c.n)) * float(np.median(pos)) if pos.size else 1.0
+        out = s / tau
     elif allocation == "spikes":
         k = min(max(int(c.n_spikes), 0), p)
         bulk = p - k
@@ -179,24 +181,21 @@ def allocate(
             hi = mid - 1
     tau = float(levels[best]) if best >= 0 else np.inf
     ranks = _ranks(cands, scores, tau) if best >= 0 else list(floors)
-    # fill: the next direction of each layer, best score first, while it fits
+    # fill: the next direction of each layer, best score first, while it fits. A layer whose next
+    # step does not fit is done: its later steps cost as much (or, crossing to dense, come after it).
     left = budget - _total(cands, ranks)
-    while True:
-        order = sorted(
-            (i for i, c in enumerate(cands) if ranks[i] < c.max_rank),
-            key=lambda i: -scores[i][ranks[i]],
-        )
-        took = False
-        for i in order:
-            c = cands[i]
-            step = c.cost(ranks[i] + 1) - c.cost(ranks[i])
-            if step <= left:
-                ranks[i] += 1
-                left -= step
-                took = True
-                break
-        if not took:
-            break
+    heap = [(-scores[i][ranks[i]], i) for i, c in enumerate(cands) if ranks[i] < c.max_rank]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        c = cands[i]
+        step = c.cost(ranks[i] + 1) - c.cost(ranks[i])
+        if step > left:
+            continue
+        ranks[i] += 1
+        left -= step
+        if ranks[i] < c.max_rank:
+            heapq.heappush(heap, (-scores[i][ranks[i]], i))
     return Allocation(
         {c.name: k for c, k in zip(cands, ranks, strict=True)},
         tau,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ._progress import progress as _progress
+from .errors import first_line
 from .layers import collect_layers
 
 __all__ = ["InputStats", "Calibration", "collect", "whitening_factor", "token_windows"]
@@ -136,6 +137,76 @@ def _masked(rows: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None) -> t
     return rows[mask.reshape(-1).to(device=rows.device) != 0]
 
 
+def _length(batches: Any) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def _held_out_rule(batches: Any, held_out: float) -> Callable[[int], bool]:
+    """Which batch indices go to the held-out slice: the last ``held_out`` share when the number of
+    batches is known (at least one of two or more), else every ``round(1 / held_out)``-th batch (a
+    generator is streamed, never materialised)."""
+    if held_out == 0:
+        return lambda i: False
+    n = _length(batches)
+    if n is not None:
+        n_held = 0 if n < 2 else max(1, int(math.floor(held_out * n)))
+        return lambda i: i >= n - n_held
+    k = max(2, round(1 / held_out))
+    return lambda i: i % k == k - 1
+
+
+def _rows_key(module: nn.Module, handler: Any) -> tuple:
+    """What makes two layers reading the same tensor see the same rows: the unfold geometry of a
+    convolution (kernel, stride, padding, dilation), nothing for a linear layer."""
+    conv = getattr(module, "first", module)
+    return (
+        type(handler).__name__,
+        type(conv).__name__,
+        *(getattr(conv, a, None) for a in ("kernel_size", "stride", "padding", "dilation")),
+    )
+
+
+def _forward(model: nn.Module, batch: Any, i: int, device: torch.device, state: dict[str, Any]) -> None:
+    """One calibration forward pass; a batch the model cannot take is named with its shape."""
+    try:
+        if isinstance(batch, Mapping):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            state["mask"] = batch.get("attention_mask")
+            model(**batch)
+        elif isinstance(batch, tuple):
+            state["mask"] = None
+            model(*(v.to(device) if torch.is_tensor(v) else v for v in batch))
+        elif torch.is_tensor(batch):
+            state["mask"] = None
+            model(batch.to(device))
+        else:
+            raise TypeError(
+                f"calibration batch {i} is a {type(batch).__name__}: expected a tensor, tuple or dict"
+            )
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if str(exc).startswith("layer "):
+            raise  # our own hook's message, already naming the layer
+        shape = _shape(batch)
+        raise ValueError(
+            f"calibration batch {i} {shape}does not fit the model: {first_line(exc, 200)}"
+        ) from None
+
+
+def _shape(batch: Any) -> str:
+    if torch.is_tensor(batch):
+        return f"of shape {tuple(batch.shape)} "
+    if isinstance(batch, Mapping):
+        return (
+            "(" + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in batch.items() if torch.is_tensor(v)) + ") "
+        )
+    if isinstance(batch, tuple):
+        return "(" + ", ".join(str(tuple(v.shape)) for v in batch if torch.is_tensor(v)) + ") "
+    return ""
+
+
 def collect(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -154,8 +225,9 @@ def collect(
         (``model(**x)``, e.g. a tokenizer's output; rows its ``attention_mask`` marks as padding are
         left out). Moved to the model's device.
     layers : names of the layers to calibrate (default: every layer rmtprune can cut).
-    held_out : fraction of the batches (the last ones, at least one when there are two or more)
-        kept apart for the guard; 0 keeps none.
+    held_out : fraction of the batches kept apart for the guard: the last ones when the number of
+        batches is known (at least one of two or more), else every ``round(1 / held_out)``-th one
+        (a generator is streamed, one batch at a time); 0 keeps none.
     matmul_dtype : precision of each batch's ``x^T x`` before it is added in float64 (float32 is
         2-3x faster on CPU; float64 for bit-exact statistics).
     progress : a progress bar over batches (None: when stderr is a terminal).
@@ -164,9 +236,8 @@ def collect(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 <= held_out < 1:
         raise ValueError(f"held_out={held_out!r} must be a fraction in [0, 1)")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("calibration needs at least one batch; got none")
+    if isinstance(batches, (str, bytes, nn.Module)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of model inputs, got {type(batches).__name__}")
     entries = {e.name: e for e in collect_layers(model) if e.handler is not None and not e.reason}
     if layers is None:
         names = list(entries)
@@ -175,10 +246,9 @@ def collect(
         for name in names:
             if name not in entries:
                 raise ValueError(f"layer {name!r} is not a layer rmtprune can cut in this model")
-    n_held = 0 if held_out == 0 or len(batches) < 2 else max(1, int(math.floor(held_out * len(batches))))
-    n_fit = len(batches) - n_held
+    held = _held_out_rule(batches, held_out)
     fit: dict[str, InputStats] = {}
-    held: dict[str, InputStats] = {}
+    held_stats: dict[str, InputStats] = {}
     state: dict[str, Any] = {"mask": None, "into": fit, "last": None}
 
     def make_hook(name: str) -> Callable[..., None]:
@@ -191,15 +261,16 @@ def collect(
                 )
             x = args[0]
             last = state["last"]
-            if last is not None and last[0] is x and last[1] is e.handler.__class__:
+            key = _rows_key(module, e.handler)
+            if last is not None and last[0] is x and last[1] == key:
                 rows = last[2]  # q/k/v or gate/up read the same tensor: unfold and mask it once
             else:
                 try:
                     rows = e.handler.input_rows(module, x)
-                except ValueError as exc:
+                except (ValueError, IndexError, RuntimeError) as exc:
                     raise ValueError(f"layer {name!r}: {exc}") from None
                 rows = _masked(rows, x, state["mask"])
-                state["last"] = (x, e.handler.__class__, rows)
+                state["last"] = (x, key, rows)
             acc = state["into"].get(name)
             if acc is None:
                 acc = state["into"][name] = InputStats.zeros(rows.shape[1], rows.device)
@@ -211,43 +282,40 @@ def collect(
     modes = {mod: mod.training for mod in model.modules()}
     device = _model_device(model)
     samples = [0, 0]
+    count = 0
     try:
         model.eval()
         with torch.no_grad():
-            bar = _progress(batches, total=len(batches), desc="calibrate", enable=progress)
+            bar = _progress(batches, total=_length(batches), desc="calibrate", enable=progress)
             for i, batch in enumerate(bar):
-                state["into"] = fit if i < n_fit else held
+                count += 1
+                into_held = held(i)
+                state["into"] = held_stats if into_held else fit
                 state["last"] = None
-                samples[i >= n_fit] += _batch_size(batch)
-                if isinstance(batch, Mapping):
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    state["mask"] = batch.get("attention_mask")
-                    model(**batch)
-                elif isinstance(batch, tuple):
-                    state["mask"] = None
-                    model(*(v.to(device) if torch.is_tensor(v) else v for v in batch))
-                elif torch.is_tensor(batch):
-                    state["mask"] = None
-                    model(batch.to(device))
-                else:
-                    raise TypeError(
-                        f"calibration batch {i} is a {type(batch).__name__}: expected a tensor, tuple or dict"
-                    )
+                samples[into_held] += _batch_size(batch)
+                _forward(model, batch, i, device, state)
+                del batch
     finally:
         state["last"] = None
         for handle in handles:
             handle.remove()
         for mod, mode in modes.items():
             mod.training = mode
+    if count == 0:
+        raise ValueError("calibration needs at least one batch; got none")
     missing = [name for name in names if name not in fit or fit[name].rows == 0]
     if missing:
         raise ValueError(
             f"layer {missing[0]!r} saw no calibration input (is it used in the forward pass?)"
             + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
         )
+    for where in (fit, held_stats):
+        for name, st in where.items():
+            if not (bool(torch.isfinite(st.xtx).all()) and bool(torch.isfinite(st.abs_sum).all())):
+                raise ValueError(f"the calibration inputs of layer {name!r} contain NaN or Inf")
     return Calibration(
         {n: fit[n] for n in names},
-        {n: held[n] for n in names if n in held},
+        {n: held_stats[n] for n in names if n in held_stats},
         samples=samples[0],
         held_out_samples=samples[1],
     )

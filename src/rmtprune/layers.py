@@ -238,8 +238,8 @@ def _unfold_rows(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
         )
     x = x.detach()
     one_d = isinstance(conv, nn.Conv1d)
-    if one_d:  # (B, C, L) -> (B, C, 1, L)
-        x = x.unsqueeze(-2)
+    if one_d:  # (B, C, L) -> (B, C, 1, L); an unbatched (C, L) input gets its batch axis first
+        x = x.unsqueeze(-2) if x.ndim == 3 else x.unsqueeze(0).unsqueeze(-2)
         k, d, p, st = (1, *conv.kernel_size), (1, *conv.dilation), (0, *conv.padding), (1, *conv.stride)
     else:
         k, d, p, st = conv.kernel_size, conv.dilation, conv.padding, conv.stride

@@ -241,29 +241,47 @@ def _dense_matrix(la: LayerAnalysis) -> torch.Tensor:
     return la.handler.matrix(la.module).detach().to(torch.float64).cpu()
 
 
-def _gd_edge(s: np.ndarray, m: int, n: int) -> float:
-    """Gavish-Donoho's unknown-noise threshold ``omega(beta) median(s)``: a layer's edge without an MP fit."""
-    return float(gavish_donoho_omega(min(m, n) / max(m, n)) * np.median(s))
+def _gd_edge(s: np.ndarray, m: int, n: int, k: int | None = None) -> float:
+    """Gavish-Donoho's unknown-noise threshold ``omega(beta) median(s)``: a layer's edge without an MP fit.
+
+    Over the ``k`` values a factored layer holds (its cut values are zeros, which would make the
+    median 0); 1.0 for an all-zero layer (every score is then 0 whatever the edge).
+    """
+    vals = np.asarray(s[: k if k else len(s)], dtype=np.float64)
+    vals = vals[vals > 0]
+    if vals.size == 0:
+        return 1.0
+    return float(gavish_donoho_omega(min(m, n) / max(m, n)) * np.median(vals))
 
 
 class _Layer:
     """One layer of a budgeted plan: its truncation-space SVD, noise edge and candidate."""
 
-    def __init__(self, la: LayerAnalysis, cfg: CompressionConfig, positions: int | None, calib: Any) -> None:
+    def __init__(
+        self, la: LayerAnalysis, cfg: CompressionConfig, positions: int | None, macs: bool, calib: Any
+    ) -> None:
         self.la = la
         m, n = la.matrix_shape
         self.m, self.n = m, n
+        self.positions = positions  # output positions per sample (None: unknown), for the MACs record
+        k_now = la.rank if la.rank is not None else min(m, n)
         fit = la.fit
         has_sigma = fit is not None and fit.sigma2 > 0
         gate = "accepted" if la.verdict == "fit" else f"refused by the gate ({la.message})"
+        self.held = None
         if calib is None:
             self.truncation = "svd"
-            self.U, s_t, self.Vh = la.svd if la.svd is not None else (None, None, None)
-            self.s = np.asarray(la.s, dtype=np.float64)
+            if la.svd is not None and la.s is not None and len(la.s) == min(m, n):
+                self.U, _, self.Vh = la.svd
+                self.s = np.asarray(la.s, dtype=np.float64)
+            else:  # not decomposed by the analysis (a layer too small to fit): cheap to do here
+                self.U, s_t, self.Vh = _tall_svd(_dense_matrix(la))
+                self.s = s_t.numpy()
             if has_sigma:
                 self.edge, self.edge_how = float(fit.s_plus), f"BEMA edge, fit {gate}"
             else:
-                self.edge, self.edge_how = _gd_edge(self.s, m, n), "no MP fit: Gavish-Donoho median threshold"
+                self.edge = _gd_edge(self.s, m, n, k_now if la.factored else None)
+                self.edge_how = "no MP fit: Gavish-Donoho median threshold"
             self.W = None
         else:
             self.truncation = "whitened"
@@ -277,7 +295,7 @@ class _Layer:
             S, lam = whitening_factor(C, cfg.damping)
             W = _dense_matrix(la)
             U, s_w, Vh = _tall_svd(W @ S)
-            # un-whiten the right factor: B' = Vh S^-1, so that W ~ U diag(s) B'
+            # un-whiten the right factor: B = Vh S^-1, so that W = U diag(s) B exactly
             self.Vh = torch.linalg.solve_triangular(S.T, Vh.T, upper=True).T
             self.U, self.s, self.W = U, s_w.numpy(), W
             if has_sigma:
@@ -285,17 +303,24 @@ class _Layer:
                 self.edge = float(whitened_noise_edge(fit.sigma2, cov, (m, n), cfg.beta))
                 self.edge_how = f"generalized-MP edge of the whitened noise, BEMA sigma2 from a fit {gate}"
             else:
-                self.edge = _gd_edge(self.s, m, n)
+                self.edge = _gd_edge(self.s, m, n, k_now if la.factored else None)
                 self.edge_how = "no MP fit: Gavish-Donoho median threshold of the whitened spectrum"
-            self.held = calib.held_out.get(la.name)
+            held = calib.held_out.get(la.name)
+            if held is not None and held.rows > 0:
+                # guard error at rank k in closed form: W - W_k = sum_{i>=k} u_i s_i b_i^T with
+                # orthonormal u_i, so ||(W - W_k) x||^2 summed over the held-out rows is
+                # sum_{i>=k} s_i^2 (b_i^T C_h b_i)
+                Ch = held.second_moment.cpu()
+                d = ((self.Vh @ Ch) * self.Vh).sum(1).clamp_min(0).numpy()
+                e = self.s**2 * d
+                self.held = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])  # tail sums from k
         n_spikes = int(np.count_nonzero(self.s > self.edge))
-        k_now = la.rank if la.rank is not None else min(m, n)
         self.cand = Candidate(
             la.name,
             self.s,
             m,
             n,
-            positions=1 if positions is None else int(positions),
+            positions=1 if not macs or positions is None else int(positions),
             min_rank=cfg.min_rank,
             max_rank=k_now,
             edge=self.edge,
@@ -305,33 +330,27 @@ class _Layer:
 
     def guard_error(self, k: int) -> float:
         """Relative output error ``||(W - W_k) x|| / ||W x||`` over the held-out calibration inputs."""
-        C = self.held.second_moment.cpu()
-        W = self.W
-        D = W - (self.U[:, :k] * torch.as_tensor(self.s[:k])) @ self.Vh[:k]
-        den = float(((W @ C) * W).sum())
-        num = float(((D @ C) * D).sum())
-        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+        total = float(self.held[0])
+        return math.sqrt(max(float(self.held[k]), 0.0) / total) if total > 0 else 0.0
 
 
 def _guard(layers: list[_Layer], ranks: dict[str, int], tol: float) -> dict[str, dict[str, Any]]:
-    """Raise the rank of every layer whose held-out error exceeds ``tol`` (bisection; dense if need be)."""
+    """Raise the rank of every layer whose held-out error exceeds ``tol`` (dense if need be).
+
+    Layers without held-out statistics (never reached by the held-out batches) are not guarded.
+    """
     changed = {}
     for ly in layers:
         c = ly.cand
         k = ranks[c.name]
-        if k >= c.max_rank or c.cost(k) >= c.dense:
+        if ly.held is None or k >= c.max_rank or c.cost(k) >= c.dense:
             continue
         err = ly.guard_error(k)
         if err <= tol:
             continue
-        lo, hi = k + 1, c.max_rank  # the smallest rank whose error is within tol (hi: dense, error 0)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if c.cost(mid) < c.dense and ly.guard_error(mid) <= tol:
-                hi = mid
-            else:
-                lo = mid + 1
-        new = lo if c.cost(lo) < c.dense else c.max_rank
+        new = next((j for j in range(k + 1, c.max_rank) if ly.guard_error(j) <= tol), c.max_rank)
+        if c.cost(new) >= c.dense:
+            new = c.max_rank
         changed[c.name] = {
             "rank": k,
             "error": err,
@@ -393,7 +412,7 @@ def _budget_plan(
                 f"target_macs needs each layer's output size: layer {la.name!r} is a {la.layer_type}; "
                 "give example_input (CLI: --input-shape)"
             )
-        layers.append(_Layer(la, cfg, positions, calib))
+        layers.append(_Layer(la, cfg, positions, macs, calib))
         out.append(None)
     if not layers:
         raise RmtpruneError("no selected layer can take part in the budget")
@@ -412,6 +431,12 @@ def _budget_plan(
     if config.guard is not None and calib is not None and not calib.held_out:
         warns.append("guard skipped: the calibration has no held-out slice (collect(..., held_out=))")
     if tol is not None:
+        blind = [ly.la.name for ly in layers if ly.held is None]
+        if blind:
+            warns.append(
+                f"guard: {len(blind)} layer(s) saw no held-out calibration input and are not guarded "
+                f"({', '.join(blind[:5])}{', ...' if len(blind) > 5 else ''})"
+            )
         by_name = {c.name: c for c in cands}
         for round_ in range(1, 5):
             changed = _guard(layers, alloc.ranks, tol)
@@ -472,6 +497,10 @@ def _budget_plan(
     return plans, record, warns
 
 
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 def _budget_layer(
     ly: _Layer, alloc: Any, config: CompressionConfig, guard: dict[str, Any] | None, bias: int
 ) -> LayerPlan:
@@ -479,8 +508,8 @@ def _budget_layer(
     m, n = ly.m, ly.n
     k = alloc.ranks[c.name]
     k_now = c.max_rank
-    pos = c.positions
-    w_now = c.cost(k_now) // pos
+    pos = ly.positions  # the MACs record uses the real output positions (None: unknown)
+    w_now = k_now * (m + n) if la.factored else m * n
     lp = LayerPlan(
         name=la.name,
         layer_type=la.layer_type,
@@ -508,8 +537,8 @@ def _budget_layer(
         "edge_how": ly.edge_how,
         "n_above_edge": c.n_spikes,
         "threshold": alloc.threshold if math.isfinite(alloc.threshold) else None,
-        "score_at_rank": None if k == 0 or k > score.size else float(score[k - 1]),
-        "top_score": top,
+        "score_at_rank": None if k == 0 or k > score.size else _finite(float(score[k - 1])),
+        "top_score": _finite(top),
         "guard": guard,
     }
     why = (

@@ -27,7 +27,7 @@ def add_calibration_args(p: argparse.ArgumentParser, *, recover: bool = False) -
     g.add_argument(
         "--calibration",
         metavar="SOURCE",
-        help="a dataset name (mnist, fashion-mnist, digits: training split) or a text file (model dirs)",
+        help="a dataset name (mnist, fashion-mnist or fashion, digits: training split) or a text file",
     )
     g.add_argument(
         "--calibration-samples",
@@ -84,14 +84,20 @@ def calibration_batches(
     src = args.calibration
     if not src:
         return None
-    from ..zoo.data import DATASETS
+    from ..zoo.files import DATASETS, _canonical
 
-    if src.lower() in DATASETS:
+    try:
+        name = _canonical(src)
+    except ValueError:
+        name = None
+    if name is not None and not Path(src).expanduser().is_file():
         import torch
 
-        from ..zoo.data import load_dataset
+        from ..zoo import data as zdata
 
-        ds = load_dataset(src, split="train", data_dir=data_dir)
+        load_dataset = zdata.load_dataset
+
+        ds = load_dataset(name, split="train", data_dir=data_dir)
         g = torch.Generator().manual_seed(int(args.calibration_seed))
         idx = torch.randperm(len(ds), generator=g)[: args.calibration_samples]
         x = ds.x[idx]
