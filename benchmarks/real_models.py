@@ -488,9 +488,9 @@ def run_library(
     spec = LIBRARY_METHODS[name]
     kwargs: dict[str, Any] = {"target": keep, "include": list(bench.layers), "allocation": spec["allocation"]}
     if not spec["guard"]:
-        kwargs["guard"] = None  # the library guards calibrated plans by default
-    elif args.guard is not None:
-        kwargs["guard"] = args.guard
+        kwargs["guard"] = None
+    else:  # the guard is opt-in in the library (None by default); 0.2 is the documented setting
+        kwargs["guard"] = args.guard if args.guard is not None else 0.2
     if spec["calibrated"]:
         if draw is None or draw.calibration is None:
             raise SystemExit(f"{name} needs a calibration draw")
@@ -859,7 +859,7 @@ def write_results(
             else []
         ),
         "- library settings: guard tolerance "
-        + ("the library default" if args.guard is None else f"{args.guard:g}")
+        + ("0.2" if args.guard is None else f"{args.guard:g}")
         + " for rmt-whitened-guard, no guard for the other methods; damping "
         + ("the library default" if args.damping is None else f"{args.damping:g}")
         + " (the library's whitened methods; `svd_llm` damps only a singular covariance).",

@@ -174,7 +174,9 @@ def test_guard_is_ignored_without_calibration_and_off_with_none() -> None:
     _, p = rmtprune.compress(_net(), target=0.5, include=CUT, calibration=_inputs(), guard=None)
     assert p.budget["guard"] is None
     _, p = rmtprune.compress(_net(), target=0.5, include=CUT, calibration=_inputs())
-    assert p.budget["guard"] == 0.2  # the default, on the held-out eighth of the batches
+    assert p.budget["guard"] is None  # opt-in
+    _, p = rmtprune.compress(_net(), target=0.5, include=CUT, calibration=_inputs(), guard=0.2)
+    assert p.budget["guard"] == 0.2  # measured on the held-out eighth of the batches
 
 
 def test_budget_plan_json_round_trip_and_whitened_reapply_refused() -> None:

@@ -144,9 +144,10 @@ class CompressionConfig:
         mean(diag C) I`` (keeps the Cholesky factor invertible on unseen directions).
     guard : with calibration data, the largest relative output error ``||(W - W') x|| / ||W x||`` a
         layer may have on the calibration's held-out slice; a layer above it gets rank back (or stays
-        dense) and the budget is rebalanced over the others, never exceeded. Default 0.2, chosen on
-        MiniLM-L6's validation sentences (docs/compression.md); None: no guard. Data-free plans have
-        nothing to measure it on and ignore it.
+        dense) and the budget is rebalanced over the others, never exceeded. None (the default): no
+        guard. 0.2 helped MiniLM-L6 at 60% and hurt a small ViT at 25-40% on their validation data
+        (docs/compression.md), so it is opt-in. Data-free plans have nothing to measure it on and
+        ignore it.
     protect_last : keep the model's last layer of a prunable type (in registration order: the
         logits layer of a classifier) uncut; it is still analysed and reported. The output-width guard of
         METHOD.md section 6: a 10-class head cut to rank 1 by a noisy fit destroys the classifier.
@@ -191,7 +192,7 @@ class CompressionConfig:
         default=1e-2, metadata={"help": "relative damping of the calibration covariance before whitening"}
     )
     guard: float | None = field(
-        default=0.2, metadata={"help": "largest relative output error of a layer on held-out calibration"}
+        default=None, metadata={"help": "largest relative output error of a layer on held-out calibration"}
     )
 
     def __post_init__(self) -> None:

@@ -315,6 +315,14 @@ class _Layer:
                 e = self.s**2 * d
                 self.held = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])  # tail sums from k
         n_spikes = int(np.count_nonzero(self.s > self.edge))
+        if n_spikes == 0 and self.s.size and self.s[0] > 0:
+            # Not one direction above the noise edge: by the edge alone the layer would be cut to
+            # min_rank (a small ViT's patch embedding, whose 49 correlated pixel inputs put every
+            # whitened direction under the generalized-MP edge, went to rank 2 and the model from
+            # 87% to 12%). Such a layer is scored against its own largest value instead: its best
+            # direction counts as one at the edge, and the rest compete from there.
+            self.edge_how += f"; no direction above it ({self.edge:.4g}): scored against its own s_1"
+            self.edge = float(self.s[0])
         self.cand = Candidate(
             la.name,
             self.s,
@@ -619,7 +627,7 @@ def plan(
             model,
             calibration,
             layers=[e.name for e in todo],
-            held_out=0.125 if config.guard is not None else 0.0,
+            held_out=0.125 if config.guard is not None else 0.0,  # the guard's slice, only when asked
             progress=progress,
         )
     pos = _positions(model, todo, example_input) if example_input is not None else {}
