@@ -42,7 +42,7 @@ class SparsifyConfig:
     ||X_j||_2`` per output row, needs ``calibration=``) or ``magnitude``; ``auto`` picks ``wanda``
     when calibration is given. The layerwise budgets (``owl``, ``alphapruning``, ``rmt``,
     :mod:`~rmtprune.sparsity.layerwise`) read ``budget_range`` (their band around the target;
-    ``None``: each one's default, 0.08, 0.3 and 0.1), ``allocation`` (per transformer block or per
+    ``None``: each one's default, 0.08, 0.3 and 0.2), ``allocation`` (per transformer block or per
     layer), and their own ``outlier_m``, ``alpha_fit``, ``rmt_metric``.
 
     ``protect_last`` keeps the output layer (:func:`rmtprune.layers.output_layer`, the same rule
@@ -71,7 +71,7 @@ class SparsifyConfig:
         default=None,
         metadata=_meta(
             "band of the layerwise budgets around the target (owl: +-lam, alphapruning: t*(1+-eps), "
-            "rmt: +-eps); None: each budget's default (0.08, 0.3, 0.1)"
+            "rmt: +-eps); None: each budget's default (0.08, 0.3, 0.2)"
         ),
     )
     allocation: str = field(
