@@ -47,7 +47,16 @@ Methods:
 layers keep their zeros).
 
 Run: ``python benchmarks/real_models.py`` (writes ``benchmarks/results/real_models.md``, ``.json``,
-``.png``); ``--quick`` for a smoke run (one budget, a few hundred tokens / sentences).
+``.png``; rows also go to ``<out>.<model>.partial.json`` as they come, and ``--report-from`` turns a
+stopped run's partial file into its report); ``--quick`` for a smoke run (one budget, a few hundred
+tokens / sentences). Issue 13's runs::
+
+    python benchmarks/real_models.py --models minilm --budgets 0.9,0.8,0.7 --seeds 3 \
+        --methods rmt-whitened,uniform-whitened,svd_llm,asvd,rmt-target,uniform_rank,wanda,magnitude \
+        --out benchmarks/results/compress_real_minilm.md
+    python benchmarks/real_models.py --models smollm2 --budgets 0.9,0.8,0.7 --seeds 3 \
+        --methods rmt-whitened,uniform-whitened,svd_llm,asvd,rmt-target,uniform_rank,wanda,magnitude \
+        --out benchmarks/results/compress_real_smollm2.md
 """
 
 from __future__ import annotations
@@ -944,7 +953,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--guard",
         type=float,
         default=None,
-        help="guard tolerance of rmt-whitened-guard (default: the library's)",
+        help="guard tolerance of rmt-whitened-guard (default 0.2, the documented setting)",
     )
     p.add_argument("--damping", type=float, default=None, help="damping of the library's whitened methods")
     p.add_argument("--recover-steps", type=int, default=0, help="distillation steps after every method")
