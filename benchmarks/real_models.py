@@ -1034,8 +1034,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def report_from(args: argparse.Namespace) -> int:
     """Write the report of a stopped run from its ``<out>.<model>.partial.json`` files (no measuring).
 
-    The report says it is partial and keeps the run's own command; ``--seeds`` / ``--held-out`` /
-    ``--guard`` / ``--damping`` / ``--recover-steps`` / ``--split`` must be the run's for its text to be true.
+    The report says it is partial and keeps the run's own command; the draws are the ones finished;
+    ``--held-out`` / ``--guard`` / ``--damping`` / ``--recover-steps`` / ``--split`` must be the run's
+    for its text to be true.
     """
     import json
 
@@ -1048,6 +1049,9 @@ def report_from(args: argparse.Namespace) -> int:
         args.command = saved["command"]
         args.wall_s = saved["info"].get("wall_s")
     n = sum(len(r) - 1 for r in results.values())
+    args.seeds = max(
+        1, len({r["seed"] for rows in results.values() for r in rows if r.get("seed") is not None})
+    )
     args.notes = [
         f"- PARTIAL: the run was stopped after {n} measured rows; this report was written from "
         f"its partial JSON by `{command_line()}`.",
