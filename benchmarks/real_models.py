@@ -1054,7 +1054,7 @@ def report_from(args: argparse.Namespace) -> int:
     )
     args.notes = [
         f"- PARTIAL: the run was stopped after {n} measured rows; this report was written from "
-        f"its partial JSON by `{command_line()}`.",
+        f"its partial JSON (`real_models.py --report-from {' '.join(map(str, args.report_from))}`).",
         *args.notes,
     ]
     write_results(results, info, args)
