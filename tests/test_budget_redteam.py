@@ -1,9 +1,10 @@
 """Red team of issue 13's budget path: compress(target=), calibration, whitening, the guard, the CLI.
 
 Each test here is a bug the red team confirmed (failing on cefb099^) and fixed in f5b35ec: a
-regression test. The docstrings still say "BUG:" and what was wrong, and what is expected. Things that were checked and hold (SVD-LLM factors,
-GPT-2 Conv1D, budgets as stored without an example input, JSON round trips, the refused re-apply of
-a whitened plan, float16/bfloat16, padding masks) are in the red-team report, not here.
+regression test. The docstrings still say "BUG:", what was wrong and what is expected. Things
+that were checked and hold (SVD-LLM factors, GPT-2 Conv1D, budgets as stored without an example
+input, JSON round trips, the refused re-apply of a whitened plan, float16/bfloat16, padding masks)
+are in the red-team report, not here.
 """
 
 from __future__ import annotations
