@@ -31,6 +31,7 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import json
 import math
 import os
 import platform
@@ -729,9 +730,8 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {machine()} (shared with other jobs; torch threads {args.threads}), Python "
         f"{platform.python_version()}, torch {torch.__version__}",
-        f"- git revision: {args.revision}",
-        f"- command: `{args.command}`",
-        f"- wall time of this invocation: {wall / 60:.1f} min (training of cached models not included)",
+        *run_lines(results),
+        f"- wall time of the last invocation: {wall / 60:.1f} min (training of cached models not included)",
         "" if not args.quick else "- QUICK smoke run (short training on a subset): not a result",
         "",
         "## Summary (rmt - uniform, same truncation, paired by seed)",
@@ -743,9 +743,37 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     atomic_write_text(args.out, text)
     dump_json(
         args.out.with_suffix(".json"),
-        {"protocol": PROTOCOL, "revision": args.revision, "command": args.command, "results": results},
+        {"protocol": PROTOCOL, "results": results},
     )
     log(f"wrote {args.out}")
+
+
+def run_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per invocation that produced some of ``results``: its models, revision and command."""
+    runs: dict[tuple[str, str, str], list[str]] = {}
+    for res in results:
+        run = res["run"]
+        runs.setdefault((run["date"], run["revision"], run["command"]), []).append(res["key"])
+    return [
+        f"- {', '.join(keys)}: run {date} at git revision {rev}: `{cmd}`"
+        for (date, rev, cmd), keys in sorted(runs.items())
+    ]
+
+
+def merged(args: argparse.Namespace, keys: Sequence[str]) -> list[dict[str, Any]]:
+    """With ``--merge``: the results of the other models from the existing JSON beside ``--out``."""
+    path = args.out.with_suffix(".json")
+    if not args.merge or not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if old.get("protocol") != PROTOCOL:
+        raise SystemExit(f"--merge: {path} was written under another protocol; rerun every model")
+    kept = [r for r in old["results"] if r["key"] not in keys]
+    written = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for r in kept:  # results of the first layout name their run at the top level
+        run = {"date": old.get("date", f"(written {written})")}
+        r.setdefault("run", {**run, "revision": old.get("revision", "?"), "command": old.get("command", "?")})
+    return kept
 
 
 def parse_seeds(text: str | None) -> dict[str, tuple[int, ...]]:
@@ -776,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", type=Path, default=CACHE)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--merge", action="store_true", help="keep the other models' results from the JSON beside --out"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.data_dir is None:
@@ -808,12 +839,20 @@ def main(argv: list[str] | None = None) -> int:
     args.revision = git_revision()
     train = load_dataset("fashion-mnist", "train", data_dir=args.data_dir)
     test = load_dataset("fashion-mnist", "test", data_dir=args.data_dir)
-    results = []
+    results = merged(args, keys)
+    run = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "revision": args.revision,
+        "command": args.command,
+    }
+    new = []
     for key in keys:  # every number without fine-tuning first, then the fine-tuned arms
-        results.append(run_model(args, key, train, test))
+        new.append(run_model(args, key, train, test))
+        new[-1]["run"] = run
+        results.append(new[-1])
         write(args, results)
     if args.finetune:
-        for res in results:
+        for res in new:
             finetune_model(args, res, train, test)
             write(args, results)
     return 0
