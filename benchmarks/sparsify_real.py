@@ -267,7 +267,7 @@ def write(args: argparse.Namespace, out: dict[str, Any], final: bool = False) ->
         f"- machine: {machine()} (shared with other jobs; torch threads: {args.threads})",
         f"- versions: {versions('torch', 'transformers', 'numpy')}",
         f"- command: `{args.command}` (cache: `benchmarks/fetch_real.sh`)",
-        f"- wall time: {(time.perf_counter() - args.t0) / 60:.1f} min"
+        f"- wall time: {(args.wall_before + time.perf_counter() - args.t0) / 60:.1f} min"
         + ("" if final else " (run in progress)")
         + ("; QUICK smoke run, not a result" if args.quick else ""),
         "- SmolLM2-135M-Instruct dequantized from a Q4_1 GGUF (its weights carry 4-bit quantisation noise).",
@@ -315,6 +315,7 @@ def write(args: argparse.Namespace, out: dict[str, Any], final: bool = False) ->
                   block_profile(out["rows"], top)]  # fmt: skip
     lines += ["", *args.notes] if args.notes else []
     atomic_write_text(args.out, "\n".join(lines) + "\n")
+    out["wall_s"] = args.wall_before + time.perf_counter() - args.t0
     dump_json(args.out.with_suffix(".json"), {"command": args.command, "revision": args.revision, **out})
 
 
@@ -337,6 +338,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None, help=f"real-model cache (default {default_cache()})")
     p.add_argument("--out", type=Path, default=None, help="results markdown")
     p.add_argument("--note", dest="notes", action="append", default=[], help="a line added at the end")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its JSON: keep its validation choice and measured rows",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.sparsities, args.seeds, args.calib, args.pool = "0.7", 1, 4, 8
@@ -349,7 +355,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.out = args.out or (QUICK_OUT if args.quick else RESULTS) / "sparsify_real.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.command, args.t0, args.revision = command_line(), time.perf_counter(), git_revision()
+    args.wall_before = 0.0
     return args
+
+
+def resumed(args: argparse.Namespace) -> dict[str, Any]:
+    """The interrupted run's results (``--resume``), checked to be of the same settings."""
+    import ast
+    import json
+
+    path = args.out.with_suffix(".json")
+    old = json.loads(path.read_text())
+    keep = ("sparsities", "seeds", "seed_sparsities", "calib", "pool", "val_windows", "tokens", "calib_len",
+            "eval_len", "quick")  # fmt: skip
+    mine = {k: str(v) for k, v in vars(args).items()}
+    diff = [k for k in keep if old["args"].get(k) != mine.get(k)]
+    if diff or "chosen" not in old:
+        raise SystemExit(f"--resume: {path} is of other settings ({diff}) or has no validation choice")
+    args.wall_before = float(old.get("wall_s", 0.0))
+    first = old.get("notes", ast.literal_eval(old["args"].get("notes", "[]")))
+    args.notes = first + args.notes
+    args.notes.append(
+        f"- resumed with `{args.command}` (revision {args.revision}) after an interruption; "
+        f"{len(old.get('rows', []))} rows and the validation choice kept from the first part "
+        f"(revision {old.get('revision')})."
+    )
+    return {k: old[k] for k in ("args", "validation", "dense_val", "chosen", "dense", "rows") if k in old}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,28 +388,34 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cache_fits()
-    out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    out: dict[str, Any] = (
+        resumed(args) if args.resume else {"args": {k: str(v) for k, v in vars(args).items()}}
+    )
+    out["notes"] = args.notes
     write(args, out)  # the pre-registration, before anything is measured
     b = load(args)
     out.update({k: b[k] for k in ("val_source", "ood_source")})
-    calibs = {0: calibration(b, 0, args.calib)}
-    out["dense_val"] = ppl(b["model"], b["val"])
-    chosen = validate(b, calibs[0], args, out)
-    out["chosen"] = chosen
-    write(args, out)
+    calibs: dict[int, Any] = {}
+    if "chosen" not in out:
+        calibs[0] = calibration(b, 0, args.calib)
+        out["dense_val"] = ppl(b["model"], b["val"])
+        out["chosen"] = validate(b, calibs[0], args, out)
+        write(args, out)
+    chosen = out["chosen"]
     log(f"chosen on validation: {chosen}")
-    out["dense"] = {"in": ppl(b["model"], b["eval_in"]), "ood": ppl(b["model"], b["eval_ood"])}
-    rows: list[dict[str, Any]] = []
-    out["rows"] = rows
+    if "dense" not in out:
+        out["dense"] = {"in": ppl(b["model"], b["eval_in"]), "ood": ppl(b["model"], b["eval_ood"])}
+    rows: list[dict[str, Any]] = out.setdefault("rows", [])
+    done = {(r["method"], r["target"], r["seed"]) for r in rows}
     for seed in args.seed_list:
-        if seed not in calibs:
-            calibs[seed] = calibration(b, seed, args.calib)
         for target in args.target_list:
             if seed > 0 and target not in args.seeded:
                 continue
             for method, fields in METHODS.items():
-                if seed > 0 and method in DATA_FREE:
+                if (seed > 0 and method in DATA_FREE) or (method, target, seed) in done:
                     continue
+                if seed not in calibs:  # the same draw as before an interruption: seeded
+                    calibs[seed] = calibration(b, seed, args.calib)
                 if method.startswith("rmt"):
                     fields = {**fields, **chosen}
                 rows.append(measure(b, method, fields, target, calibs[seed], seed))
