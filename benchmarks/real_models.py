@@ -37,7 +37,9 @@ Methods:
 - the library at a parameter budget (``rmtprune.compress(model, target=keep, allocation=...,
   calibration=..., guard=...)``, issue 13): ``rmt-target`` (``allocation="rmt"``, data-free),
   ``rmt-whitened`` (``rmt`` + calibration), ``uniform-whitened`` (``uniform`` + calibration: SVD-LLM's
-  truncation inside the library), ``rmt-whitened-guard`` (``rmt`` + calibration + ``--guard``).
+  truncation inside the library), ``rmt-whitened-guard`` (``rmt`` + calibration + ``--guard``),
+  ``rmt-whitened-seq`` / ``uniform-whitened-seq`` (the same plans applied block after block with
+  :func:`rmtprune.apply_sequential`: same ranks, factors refit to the cut model's inputs).
 - ``rmt-sparsify``: ``rmtprune.sparsify`` (no data, ``target = 1 - budget``).
 - the baselines of ``benchmarks/_baselines.py``: ``magnitude``, ``wanda``, ``uniform_rank``,
   ``svd_llm``, ``asvd``.
@@ -93,6 +95,8 @@ LIBRARY_METHODS = {
     "rmt-whitened": {"allocation": "rmt", "calibrated": True, "guard": False},
     "uniform-whitened": {"allocation": "uniform", "calibrated": True, "guard": False},
     "rmt-whitened-guard": {"allocation": "rmt", "calibrated": True, "guard": True},
+    "rmt-whitened-seq": {"allocation": "rmt", "calibrated": True, "guard": False, "sequential": True},
+    "uniform-whitened-seq": {"allocation": "uniform", "calibrated": True, "guard": False, "sequential": True},
 }
 BASELINE_METHODS = ("rmt-sparsify", "magnitude", "wanda", "uniform_rank", "svd_llm", "asvd")
 BUDGET_METHODS = (*LIBRARY_METHODS, *BASELINE_METHODS)
@@ -506,9 +510,19 @@ def run_library(
         if args.damping is not None:
             kwargs["damping"] = args.damping
     try:
-        model, plan = rmtprune.compress(
-            model, calibration=draw.calibration if spec["calibrated"] else None, progress=False, **kwargs
-        )
+        if spec.get("sequential"):
+            # plan on the draw's statistics, then cut block after block on its batches (the fit
+            # slice: the draw's held-out batches stay out, as in the statistics)
+            from rmtprune import apply_sequential
+
+            plan = rmtprune.plan(
+                model, rmtprune.CompressionConfig(**kwargs), calibration=draw.calibration, keep_svd=True
+            )
+            apply_sequential(model, plan, draw.batches, held_out=args.held_out)
+        else:
+            model, plan = rmtprune.compress(
+                model, calibration=draw.calibration if spec["calibrated"] else None, progress=False, **kwargs
+            )
     except TypeError as exc:
         raise SystemExit(f"{name}: this rmtprune has no budgeted compress yet ({exc})") from None
     extra: dict[str, Any] = {"factored": sum(lp.action == "factor" for lp in plan.layers)}

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("experiment kit", ["zoo"]),
     ("engine", ["spectral"]),
     ("configuration and modules", ["config", "lowrank", "layers", "masks"]),
-    ("analyze", ["analysis", "calibration", "finetune"]),
+    ("analyze", ["analysis", "calibration", "sequential", "finetune"]),
     ("decide and cut", ["plan_record", "allocation", "surgery", "sparsity", "plotting"]),
     (
         "persist",

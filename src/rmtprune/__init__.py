@@ -51,6 +51,7 @@ _LAZY: dict[str, str] = {
     "LayerPlan": "rmtprune.plan_record",
     "plan": "rmtprune.surgery",
     "apply": "rmtprune.surgery",
+    "apply_sequential": "rmtprune.surgery",
     "compress": "rmtprune.surgery",
     "densify": "rmtprune.surgery",
     "is_compressed": "rmtprune.surgery",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from ._progress import progress as _progress
 from ._validate import check_fields
 from .allocation import Candidate, allocate
 from .analysis import LayerAnalysis, analyze
-from .calibration import Calibration, collect, whitening_factor
+from .calibration import Calibration, _held_out_rule, collect, whitening_factor
 from .config import CompressionConfig, unmatched_patterns
 from .errors import InvalidWeightsError, RmtpruneError, first_line
 from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: old import path, kept one release)
@@ -44,6 +45,7 @@ from .layers import (  # noqa: F401  (LinearHandler, TransposedLinearHandler: ol
 from .lowrank import LowRankLinear, LowRankModule
 from .masks import is_sparsified, remove_masks
 from .plan_record import ACTIONS, LayerPlan, Plan
+from .sequential import block_moments
 from .spectral import whitened_noise_edge
 from .spectral.rules import gavish_donoho_omega
 
@@ -235,10 +237,15 @@ def _tall_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def _dense_matrix(la: LayerAnalysis) -> torch.Tensor:
     """The layer's ``m x n`` matrix in float64 (a factored layer's product ``A @ B``)."""
-    if la.factored:
-        A, B = la.module.factors()
+    return _dense_matrix_of(la.handler, la.module)
+
+
+def _dense_matrix_of(h: LayerHandler, mod: nn.Module) -> torch.Tensor:
+    """:func:`_dense_matrix` of a module and its handler."""
+    if h.factored:
+        A, B = mod.factors()
         return (A.detach().to(torch.float64) @ B.detach().to(torch.float64)).cpu()
-    return la.handler.matrix(la.module).detach().to(torch.float64).cpu()
+    return h.matrix(mod).detach().to(torch.float64).cpu()
 
 
 def _gd_edge(s: np.ndarray, m: int, n: int, k: int | None = None) -> float:
@@ -622,6 +629,8 @@ def plan(
     budgeted = config.target is not None or config.target_macs is not None
     if calibration is not None and not budgeted:
         raise ValueError("calibration= needs a budget: give target= (or target_macs=)")
+    if config.sequential and calibration is None:
+        raise ValueError("sequential=True needs calibration data: give calibration= batches")
     if calibration is not None and not isinstance(calibration, Calibration):
         calibration = collect(
             model,
@@ -720,6 +729,36 @@ def _matching(model: nn.Module, lp: LayerPlan) -> tuple[nn.Module, LayerHandler]
     return mod, h
 
 
+def _apply_one(model: nn.Module, lp: LayerPlan, mod: nn.Module, h: LayerHandler, undo: list[Any]) -> None:
+    """Cut one layer as ``lp`` says (factors from its kept SVD), recording how to put it back in ``undo``."""
+    ref = h.weights(mod)[0]
+    A, B = _factors(lp, h, mod, ref.dtype)
+    A, B = A.to(ref.device), B.to(ref.device)
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise InvalidWeightsError(f"the factors of layer {lp.name!r} are not finite")
+    if lp.action == "factor":
+        new = h.build(mod, A, B)
+        _carry_over(mod, new, ref)
+        parent, child = _parent(model, lp.name)
+        setattr(parent, child, new)
+        undo.append(("module", parent, child, mod))
+    else:
+        old = mod.weight.detach().clone()
+        undo.append(("weight", mod, old))
+        h.write_dense(mod, A @ B)
+    lp._svd = None
+
+
+def _undo(undo: list[Any]) -> None:
+    """Put back, newest first, every layer :func:`_apply_one` changed."""
+    for item in reversed(undo):
+        if item[0] == "module":
+            setattr(item[1], item[2], item[3])
+        else:
+            with torch.no_grad():
+                item[1].weight.copy_(item[2])
+
+
 def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.Module:
     """Perform the plan's surgery on ``model`` in place (and return it).
 
@@ -737,31 +776,94 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
     undo: list[Any] = []
     try:
         for lp, mod, h in _progress(work, total=len(work), desc="apply", enable=progress):
-            ref = h.weights(mod)[0]
-            A, B = _factors(lp, h, mod, ref.dtype)
-            A, B = A.to(ref.device), B.to(ref.device)
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
-                raise InvalidWeightsError(f"the factors of layer {lp.name!r} are not finite")
-            if lp.action == "factor":
-                new = h.build(mod, A, B)
-                _carry_over(mod, new, ref)
-                parent, child = _parent(model, lp.name)
-                setattr(parent, child, new)
-                undo.append(("module", parent, child, mod))
-            else:
-                old = mod.weight.detach().clone()
-                undo.append(("weight", mod, old))
-                h.write_dense(mod, A @ B)
-            lp._svd = None
+            _apply_one(model, lp, mod, h, undo)
     except BaseException:
-        for item in reversed(undo):
-            if item[0] == "module":
-                setattr(item[1], item[2], item[3])
-            else:
-                with torch.no_grad():
-                    item[1].weight.copy_(item[2])
+        _undo(undo)
         raise
     plan.applied = True
+    factored = [lp.name for lp in plan if lp.action == "factor"]
+    if factored:  # transformers' own save_pretrained would lose the factored layers
+        guard_save_pretrained(model, factored)
+    return model
+
+
+def _refit(lp: LayerPlan, W: torch.Tensor, C: torch.Tensor, damping: float) -> tuple:
+    """Top-``lp.rank`` SVD triplets of ``W`` whitened by ``C`` (the cut model's input moment), the
+    right factor un-whitened: the rank-k ``W'`` with the least output error on those inputs."""
+    S, _ = whitening_factor(C, damping)
+    U, s, Vh = _tall_svd(W @ S)
+    k = lp.rank
+    Vh = torch.linalg.solve_triangular(S.T, Vh[:k].T, upper=True).T
+    return U[:, :k].contiguous(), s[:k].contiguous(), Vh.contiguous()
+
+
+def apply_sequential(
+    model: nn.Module,
+    plan: Plan,
+    batches: Sequence[Any],
+    *,
+    held_out: float | None = None,
+    progress: bool | None = False,
+) -> nn.Module:
+    """Apply a calibrated ``plan`` block after block, each block's layers truncated in the space
+    whitened by the inputs the already-cut model gives them (SparseGPT's order; see
+    :mod:`rmtprune.sequential`). Same ranks and stored size as :func:`apply`, new factors.
+
+    Parameters
+    ----------
+    model : the model the plan was made for; changed in place (every layer put back if anything
+        fails half way).
+    plan : a plan made with ``calibration=`` (whitened truncation) and a ``target``.
+    batches : the calibration batches the plan was made from, as a list (read once per block).
+    held_out : the share of batches the plan's calibration kept for the guard, left out here too
+        (default: 0.125 if the plan's config has a guard, else 0, as :func:`plan` collects).
+    progress : a progress bar over blocks (None: when stderr is a terminal).
+    """
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
+    if plan.applied:
+        raise ValueError("this plan was already applied; make a new plan for the current model")
+    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+        raise ValueError(
+            "sequential compression reads the calibration batches once per block: give them as a list, "
+            f"not a {type(batches).__name__}"
+        )
+    work = [(lp, *_matching(model, lp)) for lp in plan.layers if lp.changes]
+    flat = [lp.name for lp, _, _ in work if lp.truncation != "whitened"]
+    if flat:
+        raise ValueError(
+            f"sequential application needs a plan made with calibration data; layer {flat[0]!r} is not "
+            "whitened"
+        )
+    if held_out is None:
+        held_out = 0.125 if plan.config.guard is not None else 0.0
+    is_held = _held_out_rule(batches, held_out)
+    fit = [b for i, b in enumerate(batches) if not is_held(i)]
+    by_name = {lp.name: (lp, mod, h) for lp, mod, h in work}
+    modes = {mod: mod.training for mod in model.modules()}
+    undo: list[Any] = []
+    try:
+        if by_name:
+            model.eval()
+            for group, moments in block_moments(model, list(by_name), fit, progress=progress):
+                for name in group:
+                    lp, mod, h = by_name[name]
+                    U, s, Vh = _refit(lp, _dense_matrix_of(h, mod), moments[name], plan.config.damping)
+                    lp._svd = (U, s, Vh, _versions(h, mod))
+                    _apply_one(model, lp, mod, h, undo)
+                    lp.truncation = "whitened-sequential"
+    except BaseException:
+        _undo(undo)
+        for lp, _, _ in work:
+            if lp.truncation == "whitened-sequential":
+                lp.truncation = "whitened"
+        raise
+    finally:
+        for mod, mode in modes.items():
+            mod.training = mode
+    plan.applied = True
+    if plan.budget is not None:
+        plan.budget["truncation"] = "whitened, sequential"
     factored = [lp.name for lp in plan if lp.action == "factor"]
     if factored:  # transformers' own save_pretrained would lose the factored layers
         guard_save_pretrained(model, factored)
@@ -798,10 +900,23 @@ def compress(
         except ValueError as exc:
             raise TypeError(str(exc)) from None
         config = dataclasses.replace(config, **overrides)
+    if config.sequential and (calibration is None or isinstance(calibration, Calibration)):
+        raise ValueError(
+            "sequential=True needs the calibration batches themselves (a list of model inputs), not "
+            + ("nothing" if calibration is None else "a collected Calibration")
+        )
+    if config.sequential and (not isinstance(calibration, Sequence) or isinstance(calibration, (str, bytes))):
+        raise ValueError(
+            "sequential compression reads the calibration batches once per block: give them as a list, "
+            f"not a {type(calibration).__name__}"
+        )
     p = plan(
         model, config, example_input=example_input, progress=progress, keep_svd=True, calibration=calibration
     )
-    apply(model, p, progress=progress)
+    if config.sequential:
+        apply_sequential(model, p, calibration, progress=progress)
+    else:
+        apply(model, p, progress=progress)
     return model, p
 
 

@@ -57,6 +57,11 @@ COMPRESSION_SWITCHES: dict[str, tuple[str, str, str]] = {
         "where factoring would not save parameters, write the rank-k weight back dense",
     ),
     "--factor-always": ("factor_only_if_smaller", "store_false", "factor even when k(m+n) >= mn"),
+    "--sequential": (
+        "sequential",
+        "store_true",
+        "with --calibration: cut block after block, each truncated on the inputs the cut blocks give it",
+    ),
     "--cut-last": (
         "protect_last",
         "store_false",

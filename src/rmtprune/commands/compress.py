@@ -140,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.calibration and config.target is None and config.target_macs is None:
         raise ValueError("--calibration needs a budget: add --target F (or --target-macs F)")
+    if config.sequential and not args.calibration:
+        raise ValueError("--sequential needs --calibration (the batches each block is refit on)")
     if out is not None and not args.dry_run:
         out_path, report_json, report_md = _outputs(args, ckpt, out)
     model, factory, fargs, size_before = model_from_args(args, ckpt)
@@ -173,7 +175,12 @@ def run(args: argparse.Namespace) -> int:
         print(the_plan.table() if not args.quiet else "\n".join(the_plan.summary_lines()))
         print("dry run: nothing written")
         return 0
-    apply(model, the_plan, progress=show)
+    if config.sequential:
+        from ..surgery import apply_sequential
+
+        apply_sequential(model, the_plan, batches, progress=show)
+    else:
+        apply(model, the_plan, progress=show)
     recovery = None
     if teacher is not None and not any(lp.action == "factor" for lp in the_plan):
         print("rmtprune: note: nothing was factored; --recover-steps skipped", file=sys.stderr)

@@ -1,0 +1,181 @@
+"""Sequential application of a calibrated plan: block after block, each refit to what reaches it.
+
+A one-shot whitened plan (:func:`rmtprune.plan` with ``calibration=``) truncates every layer on the
+*dense* model's inputs ``x``. Once the earlier blocks are cut, a layer sees other inputs ``x~``.
+Applied sequentially (as SparseGPT, arXiv:2301.00774, and GPTQ, arXiv:2210.17323, apply their
+layers), the blocks are cut in the order the forward pass reaches them, and each block's layers are
+truncated in the space whitened by ``C~ = E[x~ x~^T]``, the second moment of the inputs the
+already-cut model gives them: the rank-k ``W'`` minimising ``E||W x~ - W' x~||^2`` (SVD-LLM's
+truncation, arXiv:2403.07378, on the inputs the layer will really get). Ranks are the plan's
+(allocated once, on the dense statistics, so the budget is met exactly); only the factors change.
+
+Aiming at the dense model's outputs instead, ``min E||W x - W' x~||^2 + lam ||W' - W||^2``, has the
+closed-form target ``W* = W + W (M - C~)(C~ + lam I)^-1`` (``M = E[x x~^T]``); it lowered the output
+error of a synthetic residual stack by 5-13%, but on MiniLM-L6 (224 calibration sentences, 3,000
+token rows for 1,536-wide inputs) it *lowered* the validation cosine at every ridge tried (80%:
+one-shot 0.9165, inputs-only refit 0.9175, dense target 0.8915 / 0.9049 / 0.9120 / 0.9158 at
+``lam`` = 0.01 / 0.1 / 1 / 10 x mean(diag C~)): a regression on that few rows per feature fits its
+calibration noise. It is not used (docs/compression.md). A least-squares update of the second factor
+given the first, in one-shot mode, changes nothing: given ``A = U_k sqrt(s)``, the least-squares
+``B`` *is* the whitened truncation's (tests/test_sequential.py).
+
+This module measures (:func:`stages`, :func:`block_moments`); :func:`rmtprune.surgery.apply_sequential`
+cuts. Cost: for each block every fit batch runs through the model up to that block (the pass stops
+after the block's last layer), about ``blocks / 2`` forward passes of the calibration set in all.
+Memory: one block's input rows of one batch, plus an ``n x n`` accumulator per layer of the block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._progress import progress as _progress
+from .calibration import _forward, _masked, _model_device, _rows_key
+from .layers import LayerHandler, handler_for
+
+__all__ = ["stages", "block_moments"]
+
+_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+class _StopPass(Exception):  # noqa: N818  (control flow, not an error)
+    """Raised by a hook to end a forward pass once a block's last layer has run."""
+
+
+def _block_of(name: str) -> str:
+    """The repeated block a layer belongs to: its name up to the first numeric component
+    (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``); the layer itself when there is none."""
+    m = _BLOCK.match(name)
+    return m.group(1) if m else name
+
+
+def _handler(mod: nn.Module) -> LayerHandler:
+    h = handler_for(mod)
+    if h is None:
+        raise ValueError(f"{type(mod).__name__} is not a layer rmtprune can cut")
+    return h
+
+
+def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], bool]:
+    """The layers in the order the forward pass first calls them, and whether one is called twice."""
+    order: list[str] = []
+    twice = [False]
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if name in order:
+                twice[0] = True
+            else:
+                order.append(name)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make(n)) for n in names]
+    try:
+        with torch.no_grad():
+            _forward(model, batch, 0, _model_device(model), {"mask": None})
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ValueError(
+            f"layer {missing[0]!r} is not called by the model's forward pass on the calibration data"
+        )
+    return order, twice[0]
+
+
+def stages(model: nn.Module, names: Sequence[str], batch: Any) -> list[list[str]]:
+    """``names`` grouped into blocks (the name up to its first numeric component) in the order the
+    forward pass on ``batch`` reaches them; each group is refit together."""
+    order, _ = _call_order(model, names, batch)
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(_block_of(name), []).append(name)
+    return list(groups.values())
+
+
+def _rows_of(
+    model: nn.Module, names: Sequence[str], batch: Any, i: int, stop: str | None
+) -> dict[str, torch.Tensor]:
+    """Each layer's input rows on one batch (padding left out), the pass stopped after ``stop``."""
+    mods = {n: model.get_submodule(n) for n in names}
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    state: dict[str, Any] = {"mask": None, "last": None}
+
+    def make(name: str) -> Callable[..., None]:
+        h = _handler(mods[name])
+
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not args or not torch.is_tensor(args[0]):
+                raise ValueError(
+                    f"layer {name!r} was not called with its input as the first positional argument"
+                )
+            x = args[0]
+            key = _rows_key(module, h)
+            last = state["last"]
+            if last is not None and last[0] is x and last[1] == key:
+                rows = last[2]  # q/k/v or gate/up read the same tensor: unfold and mask it once
+            else:
+                rows = _masked(h.input_rows(module, x), x, state["mask"])
+                state["last"] = (x, key, rows)
+            got[name].append(rows)
+            if name == stop:
+                raise _StopPass
+
+        return hook
+
+    hooks = [mods[n].register_forward_hook(make(n)) for n in names]
+    try:
+        _forward(model, batch, i, _model_device(model), state)
+    except _StopPass:
+        pass
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in got.items() if v}
+
+
+def block_moments(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Any],
+    *,
+    progress: bool | None = False,
+) -> Iterator[tuple[list[str], dict[str, torch.Tensor]]]:
+    """For each block of ``names`` in forward order: ``(block, {layer: C~})``, ``C~ = E[x~ x~^T]``
+    over the layer's input rows in ``model`` (float64, padding left out). A generator: the caller
+    cuts the block before asking for the next, so each block is measured on the model as cut so
+    far. The model runs without gradients (in the mode it is in); ``batches`` (a list) is read once
+    per block.
+    """
+    if not batches:
+        raise ValueError("calibration needs at least one batch; got none")
+    groups = stages(model, names, batches[0])
+    _, twice = _call_order(model, names, batches[0])
+    bar = _progress(groups, total=len(groups), desc="sequential", enable=progress)
+    for group in bar:
+        stop = None if twice else group[-1]  # a layer called twice: run the whole pass
+        acc: dict[str, list[Any]] = {}
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                rows = _rows_of(model, group, batch, i, stop)
+                for name in group:
+                    x = rows[name].to(torch.float32)
+                    a = acc.get(name)
+                    if a is None:
+                        a = acc[name] = [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0]
+                    a[0] += (x.T @ x).to(torch.float64).cpu()
+                    a[1] += x.shape[0]
+        out = {}
+        for name in group:
+            C = acc[name][0] / max(acc[name][1], 1)
+            if not bool(torch.isfinite(C).all()):
+                raise ValueError(f"the calibration inputs of layer {name!r} contain NaN or Inf")
+            out[name] = C
+        yield group, out
