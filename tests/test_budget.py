@@ -328,3 +328,33 @@ def test_plot_budget(tmp_path: Path) -> None:
     _, free = rmtprune.compress(_net(), include=CUT)
     with pytest.raises(ValueError, match="target"):
         plot_budget(free, tmp_path / "no.png")
+
+
+def test_layers_reading_one_input_share_its_whitening_correctly() -> None:
+    """q/k/v-style layers reuse one Cholesky factor and covariance spectrum (the plan's memo); each
+    still gets SVD-LLM's factors of its own weight, and the next input gets its own factor."""
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(60, 40), nn.Linear(60, 40), nn.Linear(60, 40)
+            self.o = nn.Linear(120, 60)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(torch.cat([self.q(x), self.k(x), torch.tanh(self.v(x))], -1))
+
+    torch.manual_seed(0)
+    net = Attn()
+    xs = _inputs()
+    dense = {n: m.weight.detach().double().clone() for n, m in net.named_children()}
+    cal = collect(net, xs, held_out=0, matmul_dtype=torch.float64)
+    _, p = rmtprune.compress(net, target=0.5, allocation="uniform", calibration=cal, protect_last=False)
+    for name in ("q", "k", "v", "o"):
+        k = p[name].rank
+        C = cal[name].second_moment
+        lam = 1e-2 * torch.diagonal(C).mean()
+        S = torch.linalg.cholesky(C + lam * torch.eye(C.shape[0], dtype=torch.float64))
+        U, s, Vh = torch.linalg.svd(dense[name] @ S, full_matrices=False)
+        ref = (U[:, :k] * s[:k]) @ Vh[:k] @ torch.linalg.inv(S)
+        A, B = getattr(net, name).factors()
+        torch.testing.assert_close((A @ B).detach().double(), ref, rtol=1e-4, atol=1e-5)

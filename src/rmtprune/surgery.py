@@ -265,7 +265,13 @@ class _Layer:
     """One layer of a budgeted plan: its truncation-space SVD, noise edge and candidate."""
 
     def __init__(
-        self, la: LayerAnalysis, cfg: CompressionConfig, positions: int | None, macs: bool, calib: Any
+        self,
+        la: LayerAnalysis,
+        cfg: CompressionConfig,
+        positions: int | None,
+        macs: bool,
+        calib: Any,
+        memo: dict[str, Any] | None = None,
     ) -> None:
         self.la = la
         m, n = la.matrix_shape
@@ -299,14 +305,25 @@ class _Layer:
             if stats.n != n:
                 raise ValueError(f"calibration of layer {la.name!r} has {stats.n} features, the layer {n}")
             C = stats.second_moment.cpu()
-            S, lam = whitening_factor(C, cfg.damping)
+            memo = {} if memo is None else memo
+            last = memo.get("C")
+            # q/k/v (gate/up) read the same input: reuse the previous layer's Cholesky factor and
+            # covariance spectrum when its moment is the same matrix (a third of the plan's time)
+            same = last is not None and last.shape == C.shape and memo["damping"] == cfg.damping
+            if not (same and torch.equal(last, C)):
+                memo.clear()
+                memo.update(C=C, damping=cfg.damping, factor=whitening_factor(C, cfg.damping))
+            S, lam = memo["factor"]
             W = _dense_matrix(la)
             U, s_w, Vh = _tall_svd(W @ S)
             # un-whiten the right factor: B = Vh S^-1, so that W = U diag(s) B exactly
             self.Vh = torch.linalg.solve_triangular(S.T, Vh.T, upper=True).T
             self.U, self.s, self.W = U, s_w.numpy(), W
             if has_sigma:
-                cov = torch.linalg.eigvalsh(C + lam * torch.eye(n, dtype=C.dtype)).clamp_min(0).numpy()
+                if "cov" not in memo:
+                    eye = torch.eye(n, dtype=C.dtype)
+                    memo["cov"] = torch.linalg.eigvalsh(C + lam * eye).clamp_min(0).numpy()
+                cov = memo["cov"]
                 self.edge = float(whitened_noise_edge(fit.sigma2, cov, (m, n), cfg.beta))
                 self.edge_how = f"generalized-MP edge of the whitened noise, BEMA sigma2 from a fit {gate}"
             else:
@@ -391,6 +408,7 @@ def _budget_plan(
     layers: list[_Layer] = []
     warns: list[str] = []
     work = [la for la in analysis]
+    memo: dict[str, Any] = {}  # the last whitening, shared by layers reading the same input
     for la in _progress(work, total=len(work), desc="budget", enable=progress):
         if la.verdict == "skip":
             out.append(_skipped(la))
@@ -427,7 +445,7 @@ def _budget_plan(
                 f"target_macs needs each layer's output size: layer {la.name!r} is a {la.layer_type}; "
                 "give example_input (CLI: --input-shape)"
             )
-        layers.append(_Layer(la, cfg, positions, macs, calib))
+        layers.append(_Layer(la, cfg, positions, macs, calib, memo))
         out.append(None)
     if not layers:
         raise RmtpruneError("no selected layer can take part in the budget")
