@@ -73,10 +73,20 @@ class InputStats:
 
     def add(self, rows: torch.Tensor, matmul_dtype: torch.dtype = torch.float32) -> None:
         """Add a ``k x n`` block of input rows (the product in ``matmul_dtype``, summed in float64)."""
-        wide = rows.to(matmul_dtype)
-        self.xtx += (wide.T @ wide).to(torch.float64)
-        self.abs_sum += rows.to(torch.float64).abs().sum(0)
-        self.rows += int(rows.shape[0])
+        self.add_sums(*_sums(rows, matmul_dtype))
+
+    def add_sums(self, xtx: torch.Tensor, abs_sum: torch.Tensor, rows: int) -> None:
+        """Add the sums of a block of rows already computed (:func:`_sums`): layers reading one
+        input share them."""
+        self.xtx += xtx
+        self.abs_sum += abs_sum
+        self.rows += int(rows)
+
+
+def _sums(rows: torch.Tensor, matmul_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(x^T x, sum |x|, k)`` of a ``k x n`` block of rows, in float64."""
+    wide = rows.to(matmul_dtype)
+    return (wide.T @ wide).to(torch.float64), rows.to(torch.float64).abs().sum(0), int(rows.shape[0])
 
 
 @dataclass
@@ -263,18 +273,19 @@ def collect(
             last = state["last"]
             key = _rows_key(module, e.handler)
             if last is not None and last[0] is x and last[1] == key:
-                rows = last[2]  # q/k/v or gate/up read the same tensor: unfold and mask it once
+                sums = last[2]  # q/k/v or gate/up read the same tensor: unfold, mask and sum it once
             else:
                 try:
                     rows = e.handler.input_rows(module, x)
                 except (ValueError, IndexError, RuntimeError) as exc:
                     raise ValueError(f"layer {name!r}: {exc}") from None
-                rows = _masked(rows, x, state["mask"])
-                state["last"] = (x, key, rows)
+                sums = _sums(_masked(rows, x, state["mask"]), matmul_dtype)
+                del rows
+                state["last"] = (x, key, sums)
             acc = state["into"].get(name)
             if acc is None:
-                acc = state["into"][name] = InputStats.zeros(rows.shape[1], rows.device)
-            acc.add(rows, matmul_dtype)
+                acc = state["into"][name] = InputStats.zeros(sums[0].shape[0], sums[0].device)
+            acc.add_sums(*sums)
 
         return hook
 
