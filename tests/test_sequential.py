@@ -14,7 +14,7 @@ from torch import nn
 import rmtprune
 from rmtprune.calibration import collect, whitening_factor
 from rmtprune.cli import main
-from rmtprune.sequential import stages
+from rmtprune.sequential import _block_of, _group, stages
 from rmtprune.surgery import _refit, apply_sequential
 
 
@@ -70,7 +70,7 @@ def _rel_err(net: nn.Module, dense: nn.Module, xs: list[torch.Tensor]) -> float:
 def test_stages_follow_the_blocks_in_call_order() -> None:
     net = _Net(depth=3)
     names = ["head", "blocks.1.down", "blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.2.up", "inp"]
-    got = stages(net, names, _inputs(1, 1)[0])
+    got = stages(net, names, _inputs(1, 1))
     assert got == [
         ["inp"],
         ["blocks.0.up", "blocks.0.down"],
@@ -129,7 +129,7 @@ def test_each_block_is_truncated_on_the_cut_models_inputs() -> None:
     C = collect(net, calib, layers=["blocks.2.up"], held_out=0)["blocks.2.up"].second_moment
     k = plans[True]["blocks.2.up"].rank
     W = dense.blocks[2].up.weight.detach().double()
-    S, _ = whitening_factor(C, 1e-2)
+    S, _ = whitening_factor(C, plans[True].config.damping)
     U, s, Vh = torch.linalg.svd(W @ S, full_matrices=False)
     ref = (U[:, :k] * s[:k]) @ Vh[:k] @ torch.linalg.inv(S)
     A, B = net.blocks[2].up.factors()
@@ -202,6 +202,18 @@ def test_errors_are_named_and_the_model_is_untouched(monkeypatch: pytest.MonkeyP
     assert not rmtprune.is_compressed(net)
     for (n1, p1), (_, p2) in zip(net.state_dict().items(), dense.state_dict().items(), strict=True):
         assert torch.equal(p1, p2), n1
+    # ... and a plan whose sequential application failed half way can still be applied one-shot
+    calls["n"] = 0
+    p = rmtprune.plan(net, rmtprune.CompressionConfig(target=0.5), calibration=xs, keep_svd=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        apply_sequential(net, p, xs)
+    assert not p.applied and all(lp.truncation == "whitened" for lp in p if lp.changes)
+    rmtprune.apply(net, p)
+    assert rmtprune.is_compressed(net)
+    for bad in (-0.5, 1.5, True, "x"):
+        q = rmtprune.plan(dense, rmtprune.CompressionConfig(target=0.5), calibration=xs, keep_svd=True)
+        with pytest.raises(ValueError, match="held_out"):
+            apply_sequential(copy.deepcopy(dense), q, xs, held_out=bad)
 
 
 def test_config_round_trip_and_bad_value() -> None:
@@ -222,3 +234,45 @@ def test_cli_sequential(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["budget"]["truncation"] == "whitened, sequential"
     assert report["config"]["sequential"] is True
+
+
+def test_block_names_and_interleaved_blocks() -> None:
+    assert _block_of("model.layers.3.self_attn.q_proj") == "model.layers.3"
+    assert _block_of("0.2") == "0" and _block_of("net.0") == "net.0" and _block_of("head") == "head"
+    # a block interrupted by another block's layer is split there (each stage after all before it)
+    assert _group(["enc.0.a", "dec.0.b", "enc.0.c"]) == [["enc.0.a"], ["dec.0.b"], ["enc.0.c"]]
+
+
+def test_train_mode_is_kept_and_the_replacements_follow_it() -> None:
+    net = _Net(depth=2)
+    net.train()
+    rmtprune.compress(net, target=0.5, calibration=_inputs(4, 1), sequential=True)
+    assert rmtprune.is_compressed(net)
+    assert all(m.training for m in net.modules())
+
+
+def test_a_layer_some_batches_skip_is_measured_on_the_others() -> None:
+    """A data-dependent branch (an MoE expert, say) that the first batches do not reach."""
+
+    class Cond(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.ModuleList([nn.Linear(16, 32), nn.Linear(16, 32)])
+            self.out = nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.a[1](x) if x.shape[0] > 16 else self.a[0](x))
+
+    batches = [torch.randn(8, 16) for _ in range(4)] + [torch.randn(32, 16) for _ in range(4)]
+    for seq in (False, True):
+        net = Cond()
+        _, p = rmtprune.compress(net, target=0.6, calibration=batches, sequential=seq)
+        assert p.budget["kept"] <= 0.6
+
+
+def test_apply_warns_when_the_config_asks_for_sequential() -> None:
+    net = _Net(depth=1)
+    p = rmtprune.plan(net, rmtprune.CompressionConfig(target=0.5, sequential=True), calibration=_inputs(4, 1))
+    with pytest.warns(UserWarning, match="apply_sequential"):
+        rmtprune.apply(net, p)

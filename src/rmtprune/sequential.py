@@ -27,6 +27,7 @@ Memory: one block's input rows of one batch, plus an ``n x n`` accumulator per l
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -40,11 +41,12 @@ from .layers import LayerHandler, handler_for
 
 __all__ = ["stages", "block_moments"]
 
-_BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+_BLOCK = re.compile(r"^((?:.*?\.)??\d+)(?:\.|$)")
 
 
-class _StopPass(Exception):  # noqa: N818  (control flow, not an error)
-    """Raised by a hook to end a forward pass once a block's last layer has run."""
+class _StopPass(BaseException):  # noqa: N818  (control flow, not an error)
+    """Raised by a hook to end a forward pass once a block's last layer has run (a BaseException,
+    so that a model's own ``except Exception`` fallback cannot swallow it and run the layer twice)."""
 
 
 def _block_of(name: str) -> str:
@@ -61,16 +63,20 @@ def _handler(mod: nn.Module) -> LayerHandler:
     return h
 
 
-def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[list[str], bool]:
-    """The layers in the order the forward pass first calls them, and whether one is called twice."""
+def _call_order(model: nn.Module, names: Sequence[str], batches: Sequence[Any]) -> tuple[list[str], bool]:
+    """The layers in the order the forward passes first call them, and whether one is called twice
+    in a pass. Batches are run until every layer has been seen (a layer a batch skips, such as a
+    data-dependent branch, is placed where a later batch first calls it)."""
     order: list[str] = []
+    seen: set[str] = set()
     twice = [False]
 
     def make(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if name in order:
+            if name in seen:
                 twice[0] = True
-            else:
+            seen.add(name)
+            if name not in order:
                 order.append(name)
 
         return hook
@@ -78,26 +84,32 @@ def _call_order(model: nn.Module, names: Sequence[str], batch: Any) -> tuple[lis
     handles = [model.get_submodule(n).register_forward_hook(make(n)) for n in names]
     try:
         with torch.no_grad():
-            _forward(model, batch, 0, _model_device(model), {"mask": None})
+            for i, batch in enumerate(batches):
+                seen.clear()
+                _forward(model, batch, i, _model_device(model), {"mask": None})
+                if len(order) == len(names):
+                    break
     finally:
         for h in handles:
             h.remove()
     missing = [n for n in names if n not in order]
     if missing:
-        raise ValueError(
-            f"layer {missing[0]!r} is not called by the model's forward pass on the calibration data"
-        )
+        raise ValueError(f"layer {missing[0]!r} saw no calibration input (is it used in the forward pass?)")
     return order, twice[0]
 
 
-def stages(model: nn.Module, names: Sequence[str], batch: Any) -> list[list[str]]:
-    """``names`` grouped into blocks (the name up to its first numeric component) in the order the
-    forward pass on ``batch`` reaches them; each group is refit together."""
-    order, _ = _call_order(model, names, batch)
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(_block_of(name), []).append(name)
-    return list(groups.values())
+def _group(order: Sequence[str]) -> list[list[str]]:
+    """Consecutive runs of one block in call order: a block whose layers another block's layer
+    interrupts is split there, so that every stage is measured after all that runs before it is cut."""
+    return [list(g) for _, g in itertools.groupby(order, _block_of)]
+
+
+def stages(model: nn.Module, names: Sequence[str], batches: Sequence[Any]) -> list[list[str]]:
+    """``names`` grouped into blocks (the name up to its first numeric component; consecutive in
+    call order) in the order the forward passes on ``batches`` reach them; each group is refit
+    together."""
+    order, _ = _call_order(model, names, batches)
+    return _group(order)
 
 
 def _rows_of(
@@ -156,8 +168,8 @@ def block_moments(
     """
     if not batches:
         raise ValueError("calibration needs at least one batch; got none")
-    groups = stages(model, names, batches[0])
-    _, twice = _call_order(model, names, batches[0])
+    order, twice = _call_order(model, names, batches)
+    groups = _group(order)
     bar = _progress(groups, total=len(groups), desc="sequential", enable=progress)
     for group in bar:
         stop = None if twice else group[-1]  # a layer called twice: run the whole pass
@@ -166,6 +178,8 @@ def block_moments(
             for i, batch in enumerate(batches):
                 rows = _rows_of(model, group, batch, i, stop)
                 for name in group:
+                    if name not in rows:
+                        continue  # a data-dependent layer this batch does not reach
                     x = rows[name].to(torch.float32)
                     a = acc.get(name)
                     if a is None:
@@ -174,6 +188,10 @@ def block_moments(
                     a[1] += x.shape[0]
         out = {}
         for name in group:
+            if name not in acc or acc[name][1] == 0:
+                raise ValueError(
+                    f"layer {name!r} saw no calibration input once the blocks before it were cut"
+                )
             C = acc[name][0] / max(acc[name][1], 1)
             if not bool(torch.isfinite(C).all()):
                 raise ValueError(f"the calibration inputs of layer {name!r} contain NaN or Inf")

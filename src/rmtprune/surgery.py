@@ -790,6 +790,12 @@ def apply(model: nn.Module, plan: Plan, *, progress: bool | None = False) -> nn.
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
     if plan.applied:
         raise ValueError("this plan was already applied; make a new plan for the current model")
+    if plan.config.sequential and any(lp.truncation == "whitened" for lp in plan.layers if lp.changes):
+        warnings.warn(
+            "this plan's config asks for sequential=True, but apply() cuts every layer one-shot; "
+            "use apply_sequential(model, plan, batches) (compress() does)",
+            stacklevel=2,
+        )
     work = [(lp, *_matching(model, lp)) for lp in plan.layers if lp.changes]
     undo: list[Any] = []
     try:
@@ -855,14 +861,19 @@ def apply_sequential(
         )
     if held_out is None:
         held_out = 0.125 if plan.config.guard is not None else 0.0
+    if isinstance(held_out, bool) or not isinstance(held_out, (int, float)) or not 0 <= held_out < 1:
+        raise ValueError(f"held_out={held_out!r} must be a fraction in [0, 1)")
     is_held = _held_out_rule(batches, held_out)
     fit = [b for i, b in enumerate(batches) if not is_held(i)]
+    if not fit:
+        raise ValueError("calibration needs at least one batch that is not held out; got none")
     by_name = {lp.name: (lp, mod, h) for lp, mod, h in work}
     modes = {mod: mod.training for mod in model.modules()}
+    saved = {lp.name: (lp._svd, lp.truncation) for lp, _, _ in work}  # the one-shot plan, kept on failure
     undo: list[Any] = []
     try:
         if by_name:
-            model.eval()
+            model.eval()  # measured in eval mode; every module's mode is restored below
             for group, moments in block_moments(model, list(by_name), fit, progress=progress):
                 for name in group:
                     lp, mod, h = by_name[name]
@@ -873,12 +884,14 @@ def apply_sequential(
     except BaseException:
         _undo(undo)
         for lp, _, _ in work:
-            if lp.truncation == "whitened-sequential":
-                lp.truncation = "whitened"
+            lp._svd, lp.truncation = saved[lp.name]
         raise
     finally:
         for mod, mode in modes.items():
             mod.training = mode
+    for lp, mod, _ in work:  # the replacements take the mode of the layer they replace
+        if lp.action == "factor":
+            _get(model, lp.name).train(modes[mod])
     plan.applied = True
     if plan.budget is not None:
         plan.budget["truncation"] = "whitened, sequential"
