@@ -352,7 +352,7 @@ def test_layers_reading_one_input_share_its_whitening_correctly() -> None:
     for name in ("q", "k", "v", "o"):
         k = p[name].rank
         C = cal[name].second_moment
-        lam = 1e-2 * torch.diagonal(C).mean()
+        lam = p.config.damping * torch.diagonal(C).mean()
         S = torch.linalg.cholesky(C + lam * torch.eye(C.shape[0], dtype=torch.float64))
         U, s, Vh = torch.linalg.svd(dense[name] @ S, full_matrices=False)
         ref = (U[:, :k] * s[:k]) @ Vh[:k] @ torch.linalg.inv(S)

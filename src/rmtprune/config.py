@@ -141,7 +141,9 @@ class CompressionConfig:
         against its own layer's noise edge; the generalized-MP edge when calibrated), ``uniform``,
         ``energy``, ``gavish_donoho``, ``spikes`` (see :mod:`rmtprune.allocation`).
     damping : with calibration data, the input covariance ``C`` is whitened as ``C + damping *
-        mean(diag C) I`` (keeps the Cholesky factor invertible on unseen directions).
+        mean(diag C) I`` (keeps the Cholesky factor invertible on unseen directions, and pulls the
+        truncation towards plain SVD, which does not depend on the calibration domain). 0.1 was
+        chosen on SmolLM2's validation text (docs/compression.md).
     guard : with calibration data, the largest relative output error ``||(W - W') x|| / ||W x||`` a
         layer may have on the calibration's held-out slice; a layer above it gets rank back (or stays
         dense) and the budget is rebalanced over the others, never exceeded. None (the default): no
@@ -194,7 +196,7 @@ class CompressionConfig:
         default="rmt", metadata={"help": f"how a target is spread over layers: {', '.join(ALLOCATIONS)}"}
     )
     damping: float = field(
-        default=1e-2, metadata={"help": "relative damping of the calibration covariance before whitening"}
+        default=1e-1, metadata={"help": "relative damping of the calibration covariance before whitening"}
     )
     guard: float | None = field(
         default=None, metadata={"help": "largest relative output error of a layer on held-out calibration"}
