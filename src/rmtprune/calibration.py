@@ -180,6 +180,38 @@ def _rows_key(module: nn.Module, handler: Any) -> tuple:
     )
 
 
+def _sums_hook(
+    name: str,
+    handler: Any,
+    state: dict[str, Any],
+    matmul_dtype: torch.dtype,
+    sink: Callable[[str, tuple[torch.Tensor, torch.Tensor, int]], None],
+) -> Callable[..., None]:
+    """A forward hook giving ``sink(name, sums)`` the :func:`_sums` of the layer's input rows
+    (:meth:`LayerHandler.input_rows`, padding left out by ``state["mask"]``). Layers reading the
+    same tensor with the same unfold geometry (q/k/v, gate/up) share one computation through
+    ``state["last"]``, which the caller resets for each batch."""
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if not args or not torch.is_tensor(args[0]):
+            raise ValueError(f"layer {name!r} was not called with its input as the first positional argument")
+        x = args[0]
+        last = state["last"]
+        key = _rows_key(module, handler)
+        if last is not None and last[0] is x and last[1] == key:
+            sums = last[2]
+        else:
+            try:
+                rows = handler.input_rows(module, x)
+            except (ValueError, IndexError, RuntimeError) as exc:
+                raise ValueError(f"layer {name!r}: {exc}") from None
+            sums = _sums(_masked(rows, x, state["mask"]), matmul_dtype)
+            state["last"] = (x, key, sums)
+        sink(name, sums)
+
+    return hook
+
+
 def _forward(model: nn.Module, batch: Any, i: int, device: torch.device, state: dict[str, Any]) -> None:
     """One calibration forward pass; a batch the model cannot take is named with its shape."""
     try:
@@ -262,35 +294,18 @@ def collect(
     held_stats: dict[str, InputStats] = {}
     state: dict[str, Any] = {"mask": None, "into": fit, "last": None}
 
-    def make_hook(name: str) -> Callable[..., None]:
-        e = entries[name]
+    def into(name: str, sums: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        acc = state["into"].get(name)
+        if acc is None:
+            acc = state["into"][name] = InputStats.zeros(sums[0].shape[0], sums[0].device)
+        acc.add_sums(*sums)
 
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not args or not torch.is_tensor(args[0]):
-                raise ValueError(
-                    f"layer {name!r} was not called with its input as the first positional argument"
-                )
-            x = args[0]
-            last = state["last"]
-            key = _rows_key(module, e.handler)
-            if last is not None and last[0] is x and last[1] == key:
-                sums = last[2]  # q/k/v or gate/up read the same tensor: unfold, mask and sum it once
-            else:
-                try:
-                    rows = e.handler.input_rows(module, x)
-                except (ValueError, IndexError, RuntimeError) as exc:
-                    raise ValueError(f"layer {name!r}: {exc}") from None
-                sums = _sums(_masked(rows, x, state["mask"]), matmul_dtype)
-                del rows
-                state["last"] = (x, key, sums)
-            acc = state["into"].get(name)
-            if acc is None:
-                acc = state["into"][name] = InputStats.zeros(sums[0].shape[0], sums[0].device)
-            acc.add_sums(*sums)
-
-        return hook
-
-    handles = [entries[name].module.register_forward_hook(make_hook(name)) for name in names]
+    handles = [
+        entries[name].module.register_forward_hook(
+            _sums_hook(name, entries[name].handler, state, matmul_dtype, into)
+        )
+        for name in names
+    ]
     modes = {mod: mod.training for mod in model.modules()}
     device = _model_device(model)
     samples = [0, 0]

@@ -22,11 +22,13 @@ given the first, in one-shot mode, changes nothing: given ``A = U_k sqrt(s)``, t
 This module measures (:func:`stages`, :func:`block_moments`); :func:`rmtprune.surgery.apply_sequential`
 cuts. Cost: for each block every fit batch runs through the model up to that block (the pass stops
 after the block's last layer), about ``blocks / 2`` forward passes of the calibration set in all.
-Memory: one block's input rows of one batch, plus an ``n x n`` accumulator per layer of the block.
+Memory: one input's rows of one batch, plus an ``n x n`` accumulator per layer of the block
+(layers reading one input share each batch's product, as in :func:`rmtprune.calibration.collect`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from ._progress import progress as _progress
-from .calibration import _forward, _masked, _model_device, _rows_key
+from .calibration import InputStats, _forward, _model_device, _sums_hook
 from .layers import LayerHandler, handler_for
 
 __all__ = ["stages", "block_moments"]
@@ -112,47 +114,6 @@ def stages(model: nn.Module, names: Sequence[str], batches: Sequence[Any]) -> li
     return _group(order)
 
 
-def _rows_of(
-    model: nn.Module, names: Sequence[str], batch: Any, i: int, stop: str | None
-) -> dict[str, torch.Tensor]:
-    """Each layer's input rows on one batch (padding left out), the pass stopped after ``stop``."""
-    mods = {n: model.get_submodule(n) for n in names}
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    state: dict[str, Any] = {"mask": None, "last": None}
-
-    def make(name: str) -> Callable[..., None]:
-        h = _handler(mods[name])
-
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not args or not torch.is_tensor(args[0]):
-                raise ValueError(
-                    f"layer {name!r} was not called with its input as the first positional argument"
-                )
-            x = args[0]
-            key = _rows_key(module, h)
-            last = state["last"]
-            if last is not None and last[0] is x and last[1] == key:
-                rows = last[2]  # q/k/v or gate/up read the same tensor: unfold and mask it once
-            else:
-                rows = _masked(h.input_rows(module, x), x, state["mask"])
-                state["last"] = (x, key, rows)
-            got[name].append(rows)
-            if name == stop:
-                raise _StopPass
-
-        return hook
-
-    hooks = [mods[n].register_forward_hook(make(n)) for n in names]
-    try:
-        _forward(model, batch, i, _model_device(model), state)
-    except _StopPass:
-        pass
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in got.items() if v}
-
-
 def block_moments(
     model: nn.Module,
     names: Sequence[str],
@@ -173,26 +134,45 @@ def block_moments(
     bar = _progress(groups, total=len(groups), desc="sequential", enable=progress)
     for group in bar:
         stop = None if twice else group[-1]  # a layer called twice: run the whole pass
-        acc: dict[str, list[Any]] = {}
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                rows = _rows_of(model, group, batch, i, stop)
-                for name in group:
-                    if name not in rows:
-                        continue  # a data-dependent layer this batch does not reach
-                    x = rows[name].to(torch.float32)
-                    a = acc.get(name)
-                    if a is None:
-                        a = acc[name] = [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0]
-                    a[0] += (x.T @ x).to(torch.float64).cpu()
-                    a[1] += x.shape[0]
+        acc: dict[str, InputStats] = {}
+
+        def sink(
+            name: str,
+            sums: tuple[torch.Tensor, torch.Tensor, int],
+            acc: dict[str, InputStats] = acc,
+            stop: str | None = stop,
+        ) -> None:
+            st = acc.get(name)
+            if st is None:
+                st = acc[name] = InputStats.zeros(sums[0].shape[0], sums[0].device)
+            st.add_sums(*sums)
+            if name == stop:
+                raise _StopPass
+
+        state: dict[str, Any] = {"mask": None, "last": None}
+        hooks = [
+            model.get_submodule(n).register_forward_hook(
+                _sums_hook(n, _handler(model.get_submodule(n)), state, torch.float32, sink)
+            )
+            for n in group
+        ]
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    state["last"] = None
+                    with contextlib.suppress(_StopPass):
+                        _forward(model, batch, i, _model_device(model), state)
+        finally:
+            state["last"] = None
+            for hk in hooks:
+                hk.remove()
         out = {}
-        for name in group:
-            if name not in acc or acc[name][1] == 0:
+        for name in group:  # a layer a batch does not reach (a data-dependent branch) adds nothing
+            if name not in acc or acc[name].rows == 0:
                 raise ValueError(
                     f"layer {name!r} saw no calibration input once the blocks before it were cut"
                 )
-            C = acc[name][0] / max(acc[name][1], 1)
+            C = acc[name].second_moment.cpu()
             if not bool(torch.isfinite(C).all()):
                 raise ValueError(f"the calibration inputs of layer {name!r} contain NaN or Inf")
             out[name] = C
