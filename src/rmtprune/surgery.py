@@ -821,6 +821,21 @@ def _refit(lp: LayerPlan, W: torch.Tensor, C: torch.Tensor, damping: float) -> t
     return U[:, :k].contiguous(), s[:k].contiguous(), Vh.contiguous()
 
 
+def _check_batch_list(batches: Any) -> None:
+    """Sequential compression reads the calibration batches once per block: they must be a list
+    (a sequence) of model inputs, not nothing, a collected Calibration or a one-shot iterator."""
+    if batches is None or isinstance(batches, Calibration):
+        raise ValueError(
+            "sequential=True needs the calibration batches themselves (a list of model inputs), not "
+            + ("nothing" if batches is None else "a collected Calibration")
+        )
+    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+        raise ValueError(
+            "sequential compression reads the calibration batches once per block: give them as a list, "
+            f"not a {type(batches).__name__}"
+        )
+
+
 def apply_sequential(
     model: nn.Module,
     plan: Plan,
@@ -847,11 +862,7 @@ def apply_sequential(
         raise TypeError(f"plan must be a Plan, got {type(plan).__name__}")
     if plan.applied:
         raise ValueError("this plan was already applied; make a new plan for the current model")
-    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
-        raise ValueError(
-            "sequential compression reads the calibration batches once per block: give them as a list, "
-            f"not a {type(batches).__name__}"
-        )
+    _check_batch_list(batches)
     work = [(lp, *_matching(model, lp)) for lp in plan.layers if lp.changes]
     flat = [lp.name for lp, _, _ in work if lp.truncation != "whitened"]
     if flat:
@@ -931,16 +942,8 @@ def compress(
         except ValueError as exc:
             raise TypeError(str(exc)) from None
         config = dataclasses.replace(config, **overrides)
-    if config.sequential and (calibration is None or isinstance(calibration, Calibration)):
-        raise ValueError(
-            "sequential=True needs the calibration batches themselves (a list of model inputs), not "
-            + ("nothing" if calibration is None else "a collected Calibration")
-        )
-    if config.sequential and (not isinstance(calibration, Sequence) or isinstance(calibration, (str, bytes))):
-        raise ValueError(
-            "sequential compression reads the calibration batches once per block: give them as a list, "
-            f"not a {type(calibration).__name__}"
-        )
+    if config.sequential:
+        _check_batch_list(calibration)
     p = plan(
         model, config, example_input=example_input, progress=progress, keep_svd=True, calibration=calibration
     )
