@@ -1,6 +1,7 @@
 """Cached training runs of the benchmarks: a trained model is stored under ``runs/bench-cache/``
-keyed by a hash of what its :class:`rmtprune.TrainConfig` trains, so a rerun or another experiment
-reuses it."""
+keyed by a hash of what its :class:`rmtprune.TrainConfig` trains and of the package source that
+trains it (:func:`_env.training_code`), so a rerun or another experiment reuses it, and a change to
+the code retrains instead of mixing code versions in one table."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from _cli import log
+from _env import git_revision, training_code
 
 from rmtprune._atomic import atomic_path
 from rmtprune.training import TrainConfig, train
@@ -24,6 +26,7 @@ KEY_FIELDS = (
     "dataset", "model", "epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "lr_step",
     "lr_gamma", "l1", "l2", "batch_size", "seed", "prune", "prune_every", "prune_start", "keep_bulk",
     "decay_T", "ks_max", "min_rank", "keep_output_rank", "exclude", "train_subset", "test_subset",
+    "val_size",
 )  # fmt: skip
 _KEY_DEFAULTS = {"keep_output_rank": True}
 #: Where a nested ``TrainConfig.to_dict()["compression"]`` keeps the fields of the flat layout.
@@ -57,10 +60,12 @@ def flat_config(d: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def cache_key(cfg: TrainConfig | dict[str, Any]) -> str:
-    """16 hex digits of the sha256 of what ``cfg`` trains (:data:`KEY_FIELDS`, see :func:`flat_config`)."""
+def cache_key(cfg: TrainConfig | dict[str, Any], code: str | None = None) -> str:
+    """16 hex digits of the sha256 of what ``cfg`` trains (:data:`KEY_FIELDS`, see :func:`flat_config`)
+    with which code (``code``, default the installed package's :func:`_env.training_code`)."""
     d = flat_config(cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg)
     sub = {k: d.get(k, _KEY_DEFAULTS.get(k)) for k in KEY_FIELDS}
+    sub["code"] = training_code() if code is None else code
     sub.update({k: v for k, v in d.items() if k.startswith("compression.")})
     for k in _FLOAT_FIELDS:
         if isinstance(sub.get(k), int) and not isinstance(sub[k], bool):
@@ -91,7 +96,8 @@ def sgd_config(
 
 
 def _find_cached(cache: Path, tag: str, key: str) -> Path | None:
-    """The cached run of ``key``: ``<tag>-<key>.pt``, or an older file of the tag whose config matches."""
+    """The cached run of ``key``: ``<tag>-<key>.pt``, or another file of the tag whose config and code
+    match (runs cached before the code was part of the key never match: they are retrained)."""
     path = cache / f"{tag}-{key}.pt"
     if path.is_file():
         return path
@@ -100,7 +106,7 @@ def _find_cached(cache: Path, tag: str, key: str) -> Path | None:
             run = torch.load(other, map_location="cpu", weights_only=False)
         except Exception:  # noqa: BLE001 - a damaged cache file is simply not used
             continue
-        if cache_key(run["config"]) == key:
+        if "code" in run and cache_key(run["config"], run["code"]) == key:
             os.replace(other, path)
             return path
     return None
@@ -109,7 +115,8 @@ def _find_cached(cache: Path, tag: str, key: str) -> Path | None:
 def train_cached(cfg: TrainConfig, args: argparse.Namespace, tag: str, prefix: str = "") -> dict[str, Any]:
     """Train ``cfg`` (or load the cached run of the same config): model, metrics, timings, decisions.
 
-    The returned dict also has ``wall`` (seconds of the run when it was trained) and ``cached``.
+    The returned dict also has ``wall`` (seconds of the run when it was trained), ``cached``, and the
+    ``code`` hash and git ``revision`` it was trained at.
     """
     key = cache_key(cfg)
     path = Path(args.cache) / f"{tag}-{key}.pt"
@@ -123,6 +130,8 @@ def train_cached(cfg: TrainConfig, args: argparse.Namespace, tag: str, prefix: s
     result = train(cfg, data_dir=args.data_dir, log=lambda s: log(f"{prefix}{s}"))
     run = {
         "config": cfg.to_dict(),
+        "code": training_code(),
+        "revision": git_revision(),
         "model": result.model,
         "metrics": result.metrics,
         "timings": dict(result.timings),

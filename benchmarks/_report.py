@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from _cli import log
+from _env import git_revision, training_code
 
 from rmtprune._atomic import atomic_path, atomic_write_text
 
@@ -44,6 +45,7 @@ def write_report(args: argparse.Namespace, title: str, sections: Sequence[str]) 
         f"- machine: {machine()} (shared with other jobs; torch threads: {args.threads}), "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         f"- command: `{args.command}`",
+        f"- revision: {git_revision()} (training code {training_code()}, the key of cached trained models)",
         f"- wall time of this invocation: {wall / 60:.1f} min (cached runs are reused; see the per-run "
         "training times in the tables)",
         f"- seeds: {', '.join(map(str, args.seed_list))}; epochs: {args.epochs}"

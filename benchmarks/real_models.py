@@ -67,7 +67,6 @@ import argparse
 import copy
 import datetime as dt
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,8 +81,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_data as data  # noqa: E402
-from _cli import QUICK_OUT, RESULTS, ROOT, command_line, log  # noqa: E402
-from _env import versions  # noqa: E402
+from _cli import QUICK_OUT, RESULTS, command_line, log  # noqa: E402
+from _env import git_revision, versions  # noqa: E402, F401 (git_revision: read by other scripts)
 from _report import dump_json, machine, md_table, new_figure, save_figure  # noqa: E402
 from _stats import mean_std  # noqa: E402
 from fetch_real import default_cache  # noqa: E402
@@ -820,19 +819,6 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, path)
-
-
-def git_revision() -> str:
-    """``<short hash>`` of HEAD, ``+ uncommitted changes`` when the code differs (untracked files too)."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        status = ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results", ":!runs"]
-        dirty = subprocess.run(status, cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return rev.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def reproduction(results: dict[str, list[dict[str, Any]]]) -> list[str]:

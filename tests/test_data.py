@@ -71,8 +71,14 @@ def test_unknown_dataset_lists_valid_ones(name: str) -> None:
 
 
 def test_bad_split_and_types() -> None:
-    with pytest.raises(ValueError, match="split='val' must be one of train, test"):
-        D.load_dataset("digits", split="val")
+    with pytest.raises(ValueError, match="split='valid' must be one of train, val, test"):
+        D.load_dataset("digits", split="valid")
+    with pytest.raises(ValueError, match="val_size=0: no validation split of digits"):
+        D.load_dataset("digits", split="val", val_size=0)
+    with pytest.raises(ValueError, match="val_size=5000 must be smaller than the 1438 training images"):
+        D.load_dataset("digits", split="train", val_size=5000)
+    with pytest.raises(ValueError, match="val_size"):
+        D.load_dataset("digits", split="train", val_size=-1)
     with pytest.raises(TypeError, match="dataset name must be a string"):
         D.load_dataset(3)  # type: ignore[arg-type]
 
@@ -148,7 +154,7 @@ def test_digits_has_no_data_dir() -> None:
 
 def test_mnist_real(data_dir: Path) -> None:
     D.clear_cache()
-    train = D.load_dataset("mnist", "train")
+    train = D.load_dataset("mnist", "train", val_size=0)  # the whole training file
     test = D.load_dataset("mnist", "test")
     assert train.x.shape == (60000, 1, 28, 28) and train.x.dtype == torch.float32
     assert test.x.shape == (10000, 1, 28, 28) and test.y.dtype == torch.int64
@@ -157,8 +163,8 @@ def test_mnist_real(data_dir: Path) -> None:
     # fixed constants standardise the train split
     assert abs(float(train.x.mean())) < 1e-3 and abs(float(train.x.std()) - 1) < 1e-3
     # decoded once: the second call is the cached object
-    assert D.load_dataset("mnist", "train") is train
-    assert D.load_dataset("MNIST", "train", data_dir=data_dir) is train
+    assert D.load_dataset("mnist", "train", val_size=0) is train
+    assert D.load_dataset("MNIST", "train", data_dir=data_dir, val_size=0) is train
 
 
 def test_fashion_test_split(data_dir: Path) -> None:
@@ -190,7 +196,7 @@ def test_files_of_the_other_dataset_are_named(no_env: Path) -> None:
 
 
 def test_digits_needs_no_files(no_env: Path) -> None:
-    train, test = D.load_dataset("digits", "train"), D.load_dataset("digits", "test")
+    train, test = D.load_dataset("digits", "train", val_size=0), D.load_dataset("digits", "test")
     assert train.x.shape == (1438, 1, 8, 8) and test.x.shape == (359, 1, 8, 8)
     assert train.input_shape == (1, 8, 8) and train.num_classes == 10
     # stratified: every class has ~20% of its images in the test split
@@ -208,7 +214,7 @@ def test_digits_needs_no_files(no_env: Path) -> None:
 
 
 def test_subset_and_to() -> None:
-    ds = D.load_dataset("digits")
+    ds = D.load_dataset("digits", val_size=0)
     small = ds.subset(10)
     assert len(small) == 10 and torch.equal(small.x, ds.x[:10])
     picked = ds.subset([3, 1])
@@ -407,12 +413,12 @@ def test_download_argument_errors(tmp_path: Path) -> None:
     ("n_batch", "drop_last", "expected"), [(100, False, 15), (100, True, 14), (1438, False, 1)]
 )
 def test_loader_len(n_batch: int, drop_last: bool, expected: int) -> None:
-    loader = D.batches(D.load_dataset("digits"), n_batch, shuffle=True, drop_last=drop_last)
+    loader = D.batches(D.load_dataset("digits", val_size=0), n_batch, shuffle=True, drop_last=drop_last)
     assert len(loader) == expected == sum(1 for _ in loader)
 
 
 def test_loader_deterministic_and_complete() -> None:
-    ds = D.load_dataset("digits")
+    ds = D.load_dataset("digits", val_size=0)
 
     def order(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -592,3 +598,36 @@ def test_download_is_capped_at_the_known_size(
     with _serve(handler) as url, pytest.raises(RmtpruneError, match=match):
         D.download_dataset("mnist", tmp_path / "dl", mirrors=[url + "/"], timeout=10)
     assert not (tmp_path / "dl").exists()
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def _rows(ds: D.Dataset) -> set[bytes]:
+    return {bytes(r.numpy().tobytes()) for r in ds.x.flatten(1)}
+
+
+def test_val_split_is_fixed_disjoint_and_complete() -> None:
+    """``val`` and ``train`` partition the training file (digits: 1,438 images), in the file's
+    order, by the documented seeded permutation; ``test`` is untouched; val_size=0 is the old layout."""
+    full = D.load_dataset("digits", "train", val_size=0)
+    train, val = D.load_dataset("digits", "train"), D.load_dataset("digits", "val")
+    assert (len(full), len(train), len(val)) == (1438, 1438 - D.VAL_SIZE["digits"], D.VAL_SIZE["digits"])
+    perm = np.random.RandomState(D.VAL_SEED).permutation(len(full))
+    assert torch.equal(val.x, full.x[np.sort(perm[: len(val)])])
+    assert torch.equal(train.y, full.y[np.sort(perm[len(val) :])])
+    assert not _rows(train) & _rows(val)
+    assert len(_rows(train) | _rows(val)) == len(_rows(full))
+    assert len(D.load_dataset("digits", "test")) == 359
+    small = D.load_dataset("digits", "val", val_size=10)
+    assert len(small) == 10 and torch.equal(small.x, full.x[np.sort(perm[:10])])
+    assert D.load_dataset("digits", "val") is val  # cached per val_size
+
+
+def test_val_split_mnist_sizes(data_dir: Path) -> None:
+    train = D.load_dataset("mnist", "train", data_dir=data_dir)
+    val = D.load_dataset("mnist", "val", data_dir=data_dir)
+    assert (len(train), len(val)) == (55_000, 5_000) and train.split == "train" and val.split == "val"
+    assert len(D.load_dataset("mnist", "train", data_dir=data_dir, val_size=0)) == 60_000
+    # every class is in the validation split in about its share
+    assert torch.bincount(val.y, minlength=10).min() > 400

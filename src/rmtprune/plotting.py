@@ -321,6 +321,8 @@ def plot_training(
 
     fig, ax = new()
     ax.plot(epochs, [100 * r["train_acc"] for r in metrics], "o-", label="train")
+    if all(r.get("val_acc") is not None for r in metrics):
+        ax.plot(epochs, [100 * r["val_acc"] for r in metrics], "^-", label="val")
     ax.plot(epochs, [100 * r["test_acc"] for r in metrics], "s-", label="test")
     for r in metrics:
         if r.get("pruned"):

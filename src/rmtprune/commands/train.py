@@ -33,6 +33,7 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--decay-T": ("decay_T", float, "T"),
     "--train-subset": ("train_subset", int, "N"),
     "--test-subset": ("test_subset", int, "N"),
+    "--val-size": ("val_size", int, "N"),
     "--device": ("device", str, "DEV"),
 }
 
@@ -123,6 +124,10 @@ def _table(rows: list[list[str]], right: set[int] | None = None) -> str:
     return table(rows[0], rows[1:], right=right or ())
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def summary(result: Any) -> str:
     """The final table of a run: accuracy and parameters, per-layer ranks, time spent pruning."""
     m = result.metrics
@@ -132,11 +137,12 @@ def summary(result: Any) -> str:
     t = result.timings
     run = sum(t.get(k, 0.0) for k in ("train", "prune", "eval", "spectra", "io"))
     rows = [
-        ["", "epoch", "test acc", "test loss", "params"],
-        ["built", "0", "-", "-", f"{result.initial_params:,}"],
+        ["", "epoch", "val acc", "test acc", "test loss", "params"],
+        ["built", "0", "-", "-", "-", f"{result.initial_params:,}"],
         [
             "first",
             str(first["epoch"]),
+            _pct(first.get("val_acc")),
             f"{100 * first['test_acc']:.2f}%",
             f"{first['test_loss']:.4f}",
             f"{first['params']:,}",
@@ -144,12 +150,13 @@ def summary(result: Any) -> str:
         [
             "last",
             str(last["epoch"]),
+            _pct(last.get("val_acc")),
             f"{100 * last['test_acc']:.2f}%",
             f"{last['test_loss']:.4f}",
             f"{last['params']:,}",
         ],
     ]
-    out = [_table(rows, right={1, 2, 3, 4})]
+    out = [_table(rows, right={1, 2, 3, 4, 5})]
     layers = last.get("layers", {})
     if layers:
         lrows = [["layer", "rank", "n_spikes", "n_bulk", "sigma2", "ks"]]

@@ -146,6 +146,13 @@ class TrainConfig:
     )
     train_subset: int | None = field(default=None, metadata={"help": "use the first n training samples"})
     test_subset: int | None = field(default=None, metadata={"help": "use the first n test samples"})
+    val_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "images of the training file held out as the validation split (default: the "
+            "dataset's, 5000 for MNIST; 0: train on the whole file, no validation)"
+        },
+    )
     eval_before_prune: bool = field(
         default=False, metadata={"help": "also measure test accuracy just before each cut"}
     )
@@ -187,6 +194,8 @@ class TrainConfig:
         for name in ("train_subset", "test_subset"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        if self.val_size is not None:
+            check_int("val_size", self.val_size, 0)
         for name in ("lr", "momentum", "weight_decay", "lr_gamma", "l1", "l2"):
             setattr(self, name, _check_rate(name, getattr(self, name)))
         if self.lr <= 0:

@@ -122,10 +122,20 @@ def _check_device(device: str) -> None:
         )
 
 
-def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any, Any]:
+    """The run's ``(train, val, test)`` datasets; ``val`` is None when ``cfg.val_size == 0``.
+
+    ``train`` is the training file minus the fixed validation split
+    (:func:`rmtprune.zoo.data.load_dataset`); nothing in a run chooses anything on ``test``.
+    """
     from ..zoo.data import load_dataset
 
-    train_ds = load_dataset(cfg.dataset, "train", data_dir=data_dir)
+    train_ds = load_dataset(cfg.dataset, "train", data_dir=data_dir, val_size=cfg.val_size)
+    val_ds = (
+        None
+        if cfg.val_size == 0
+        else load_dataset(cfg.dataset, "val", data_dir=data_dir, val_size=cfg.val_size)
+    )
     test_ds = load_dataset(cfg.dataset, "test", data_dir=data_dir)
     for name, ds in (("train_subset", train_ds), ("test_subset", test_ds)):
         n = getattr(cfg, name)
@@ -138,4 +148,4 @@ def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tup
                 train_ds = ds.subset(n)
             else:
                 test_ds = ds.subset(n)
-    return train_ds, test_ds
+    return train_ds, val_ds, test_ds

@@ -67,6 +67,7 @@ class _Run:
     cfg: TrainConfig
     model: nn.Module
     train_ds: Any
+    val_ds: Any  # None when the run has no validation split (val_size=0)
     test_ds: Any
     loader_gen: torch.Generator
     initial_params: int
@@ -139,7 +140,7 @@ def _open(
             data_dir = state.get("data_dir")
 
     loader_gen = seed_everything(cfg.seed)
-    train_ds, test_ds = _load_data(cfg, data_dir)
+    train_ds, val_ds, test_ds = _load_data(cfg, data_dir)
     if state is not None:
         # Checked against the spec on the meta device before anything is allocated; the random
         # number generators are restored later, so skipping the dense build changes nothing.
@@ -148,7 +149,9 @@ def _open(
         _check_model_size(cfg, _meta_model(cfg, train_ds.input_shape, train_ds.num_classes))
         model = build_model(cfg.model, train_ds.input_shape, train_ds.num_classes).to(cfg.device)
         initial = sum(p.numel() for p in model.parameters())
-    run = _Run(cfg, model, train_ds, test_ds, loader_gen, initial, out_dir, data_dir, state=state, log=log)
+    run = _Run(
+        cfg, model, train_ds, val_ds, test_ds, loader_gen, initial, out_dir, data_dir, state=state, log=log
+    )
     run.ckpt_path = ckpt_path
     if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
         run.created = not Path(out).expanduser().exists()
@@ -204,6 +207,8 @@ def _restore(run: _Run) -> None:
         run.train_ds, cfg.batch_size, shuffle=True, generator=run.loader_gen, device=cfg.device
     )
     run.test_ds = run.test_ds.to(cfg.device)
+    if run.val_ds is not None:
+        run.val_ds = run.val_ds.to(cfg.device)
 
 
 def train(
@@ -379,11 +384,15 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
     return loss_sum, correct, n
 
 
-def _test(run: _Run) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the test set (summed per batch, as always)."""
+def _test(run: _Run, split: str = "test") -> tuple[float | None, float | None]:
+    """Mean cross-entropy and accuracy on the ``test`` or ``val`` split (summed per batch, as always);
+    ``(None, None)`` for ``val`` when the run has none."""
     from ..zoo.data import batches
 
-    res = evaluate(run.model, lambda: batches(run.test_ds, 1024), reduction="sum")
+    ds = run.test_ds if split == "test" else run.val_ds
+    if ds is None:
+        return None, None
+    res = evaluate(run.model, lambda: batches(ds, 1024), reduction="sum")
     return res["loss"], res["accuracy"]
 
 
@@ -398,18 +407,20 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
     pruned = pruner is not None and pruner.should_prune(epoch)
     t_eval = t_prune = 0.0
-    acc_before = None
+    acc_before = val_before = None
     layers: dict[str, dict[str, Any]] = {}
     if pruned:
         if cfg.eval_before_prune:
             t0 = time.perf_counter()
             _, acc_before = _test(run)
+            _, val_before = _test(run, "val")
             t_eval += time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner.prune(run.model, epoch, run.optimizer)
         t_prune = time.perf_counter() - t0
         layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
     t0 = time.perf_counter()
+    val_loss, val_acc = _test(run, "val")
     test_loss, test_acc = _test(run)
     t_eval += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -421,12 +432,15 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         "lr": lr,
         "train_loss": loss_sum / max(n, 1),
         "train_acc": correct / max(n, 1),
+        "val_loss": val_loss,
+        "val_acc": val_acc,
         "test_loss": test_loss,
         "test_acc": test_acc,
         "params": sum(p.numel() for p in run.model.parameters()),
         "pruned": pruned,
         "f": pruner.fraction(epoch) if pruned else None,
         "test_acc_before_prune": acc_before,
+        "val_acc_before_prune": val_before,
         "seconds_train": t_train,
         "seconds_prune": t_prune,
         "seconds_eval": t_eval,
@@ -438,7 +452,9 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 def _format_epoch(row: dict[str, Any], epochs: int) -> str:
     line = (
         f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-        f"acc {100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} "
+        f"acc {100 * row['train_acc']:.2f}%  "
+        + (f"val acc {100 * row['val_acc']:.2f}%  " if row.get("val_acc") is not None else "")
+        + f"test loss {row['test_loss']:.4f} "
         f"acc {100 * row['test_acc']:.2f}%  "
         f"params {row['params']:,}  ({row['seconds_train']:.1f} s"
     )

@@ -49,6 +49,8 @@ from .idx import _decode_split, read_idx
 __all__ = [
     "DATASETS",
     "SHAPES",
+    "VAL_SEED",
+    "VAL_SIZE",
     "Dataset",
     "FastLoader",
     "batches",
@@ -81,6 +83,15 @@ NORMALIZATION: dict[str, tuple[float, float]] = {
 #: the last ``round(0.2 * n_class)`` images of each class go to the test split).
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+
+#: Images of each training split held out as the fixed validation split (``split="val"``): 5,000 of
+#: MNIST's and Fashion-MNIST's 60,000 (so ``train`` has 55,000), 144 (10%) of digits' 1,438.
+#: Every choice made by accuracy (a budget, a learning rate, a rule) is made on it, never on test.
+VAL_SIZE: dict[str, int] = {"mnist": 5000, "fashion-mnist": 5000, "digits": 144}
+#: Seed of the validation split: ``numpy.random.RandomState(VAL_SEED).permutation(n)`` of the training
+#: file's ``n`` images; its first ``val_size`` indices (sorted) are ``val``, the rest (sorted) ``train``.
+#: The legacy generator's stream never changes, so the split is the same on every machine and release.
+VAL_SEED = 0
 
 _GATHER_BYTES = 16 << 20  # FastLoader gathers this much at a time
 _MEMORY: dict[tuple[str, str, str], Dataset] = {}
@@ -206,25 +217,56 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     return SHAPES[_canonical(name)]
 
 
+def _val_size(key: str, val_size: int | None) -> int:
+    if val_size is None:
+        return VAL_SIZE[key]
+    return check_int("val_size", val_size, 0)
+
+
+def _carve(
+    images: np.ndarray, labels: np.ndarray, split: str, n_val: int, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``train`` or ``val`` part of a training file (see :data:`VAL_SEED`); ``test`` untouched."""
+    if split == "test":
+        return images, labels
+    n = labels.shape[0]
+    if split == "val" and n_val == 0:
+        raise ValueError(f"split='val' with val_size=0: no validation split of {key} was asked for")
+    if n_val >= n:
+        raise ValueError(f"val_size={n_val} must be smaller than the {n} training images of {key}")
+    perm = np.random.RandomState(VAL_SEED).permutation(n)
+    sel = np.sort(perm[:n_val] if split == "val" else perm[n_val:])
+    return images[sel], labels[sel]
+
+
 def load_dataset(
     name: str,
     split: str = "train",
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
+    val_size: int | None = None,
 ) -> Dataset:
     """Load one split of ``name`` (one of :data:`DATASETS`) as a normalised :class:`Dataset`.
+
+    ``split`` is ``"train"``, ``"val"`` or ``"test"``. ``val`` is a fixed, seeded subset of the
+    training file (``val_size`` images, default :data:`VAL_SIZE`: 5,000 for MNIST and Fashion-MNIST)
+    and ``train`` is the rest, so the two never overlap and the test file is never touched by a
+    choice; ``val_size=0`` makes ``train`` the whole training file (the layout before the split).
 
     MNIST-style files are found with :func:`find_data_dir`; if missing and ``download`` is true
     they are downloaded (:func:`download_dataset`) into the first search root. A split is decoded
     once and kept in memory, so a second call is instant. ``digits`` is a fixed stratified 80/20
-    split (seed :data:`DIGITS_SEED`) of scikit-learn's bundled 8x8 digits.
+    train/test split (seed :data:`DIGITS_SEED`) of scikit-learn's bundled 8x8 digits, its
+    validation split carved from the 80% in the same way.
     """
     key = _canonical(name)
     _check_split(split)
+    n_val = 0 if split == "test" else _val_size(key, val_size)
     if key == "digits":
-        cache_key = (key, split, "")
+        cache_key = (key, split, "", n_val)
         if cache_key not in _MEMORY:
-            images, labels = _digits_split(split)
+            images, labels = _digits_split("test" if split == "test" else "train")
+            images, labels = _carve(images, labels, split, n_val, key)
             x = _normalise(key, images)
             _MEMORY[cache_key] = Dataset(key, split, x, torch.from_numpy(labels), 10, (1, 8, 8))
         return _MEMORY[cache_key]
@@ -239,9 +281,10 @@ def load_dataset(
         except RmtpruneError as exc:
             searched = ", ".join(str(p) for p in _candidates(key, data_dir))
             raise RmtpruneError(f"{key} files not found locally (searched: {searched}); {exc}") from None
-    cache_key = (key, split, str(folder.resolve()))
+    cache_key = (key, split, str(folder.resolve()), n_val)
     if cache_key not in _MEMORY:
-        images, labels = _decode_split(key, folder, split)
+        images, labels = _decode_split(key, folder, "test" if split == "test" else "train")
+        images, labels = _carve(images, labels, split, n_val, key)
         x = _normalise(key, images)
         y = torch.from_numpy(labels.astype(np.int64))
         _MEMORY[cache_key] = Dataset(key, split, x, y, 10, (1, int(images.shape[1]), int(images.shape[2])))

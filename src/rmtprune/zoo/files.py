@@ -47,7 +47,8 @@ MIRRORS_ENV = "RMTPRUNE_MIRRORS"
 CACHE_ENV = "RMTPRUNE_CACHE"
 
 _ALIASES = {"fashion": "fashion-mnist", "fmnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
-_SPLITS = ("train", "test")
+#: The splits :func:`rmtprune.zoo.data.load_dataset` serves: ``val`` is carved from the training file.
+_SPLITS = ("train", "val", "test")
 
 # The four IDX files of each split: (images, labels).
 _FILES = {

@@ -1,0 +1,79 @@
+"""The benchmarks' cache of trained models is keyed by config *and* the code that trains
+(issue 14: a table must not mix code versions), and every results file names the revision."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _cache  # noqa: E402
+import _env  # noqa: E402
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    dst = tmp_path / "rmtprune"
+    shutil.copytree(_env._package_dir(), dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_training_code_follows_training_source_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pkg = _copy_package(tmp_path)
+    monkeypatch.setattr(_env, "_package_dir", lambda: pkg)
+    _env.training_code.cache_clear()
+    try:
+        base = _env.training_code()
+        (pkg / "commands" / "demo.py").write_text("# not training code\n")
+        (pkg / "plotting.py").write_text("# not training code\n")
+        _env.training_code.cache_clear()
+        assert _env.training_code() == base
+        trainer = pkg / "training" / "trainer.py"
+        trainer.write_text(trainer.read_text() + "\n# changed\n")
+        _env.training_code.cache_clear()
+        assert _env.training_code() != base
+    finally:
+        _env.training_code.cache_clear()
+
+
+def test_cache_key_includes_code_and_val_size() -> None:
+    cfg = {"dataset": "mnist", "model": "mlp:10", "epochs": 1, "seed": 0}
+    assert _cache.cache_key(cfg, "a") != _cache.cache_key(cfg, "b")
+    assert _cache.cache_key(cfg, "a") == _cache.cache_key(dict(cfg), "a")
+    assert _cache.cache_key(cfg, "a") != _cache.cache_key({**cfg, "val_size": 0}, "a")
+    assert _cache.cache_key(cfg) == _cache.cache_key(cfg, _env.training_code())
+
+
+def test_training_loads_none_of_the_excluded_modules() -> None:
+    """A pruned training run in a fresh process imports no module :data:`_env.NOT_TRAINING` leaves
+    out of the code hash (else editing it would change a model without changing the key)."""
+    code = (
+        "import sys, json\n"
+        "from rmtprune.training import TrainConfig, train\n"
+        "train(TrainConfig(dataset='digits', model='mlp:32', epochs=2, prune_every=1, train_subset=200))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('rmtprune'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    files = {m.removeprefix("rmtprune.").replace(".", "/") for m in loaded}
+    bad = [
+        m
+        for m in files
+        for ex in _env.NOT_TRAINING
+        if (ex.endswith("/") and (m + "/").startswith(ex)) or m + ".py" == ex
+    ]
+    assert not bad, f"training imports {bad}: remove them from _env.NOT_TRAINING"
+    assert "training/trainer" in files  # the listing works
+
+
+def test_git_revision_names_a_commit() -> None:
+    rev = _env.git_revision()
+    assert rev == "unknown" or len(rev.split()[0]) >= 7
