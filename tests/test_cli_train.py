@@ -10,6 +10,7 @@ import torch
 import rmtprune.training.trainer as trainer
 from rmtprune.cli import main
 from rmtprune.training import CHECKPOINT, load_checkpoint
+from rmtprune.zoo.data import load_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -155,15 +156,71 @@ def test_demo_falls_back_to_digits_and_prints_a_before_after_table(tmp_path, cap
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "falling back to scikit-learn's bundled 8x8 digits" in text
-    for word in ("before", "after", "test accuracy", "parameters", "latency (batch 256, median)", "faster"):
+    for word in ("test accuracy", "parameters", "latency (batch 256, median)", "faster"):
         assert word in text
+    ft = "+ fine-tune (5 ep)"
+    for label in ("dense ", f"dense {ft}", "compressed (the cut)", f"compressed {ft}"):
+        assert label in text
+    assert "change, no fine-tune" in text and "change, both fine-tuned" in text
+    assert "compressed + fine-tune vs dense + the same fine-tune:" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "digits"
     assert summary["after"]["params"] < summary["before"]["params"]
     assert summary["before"]["test_acc"] > 0.8
+    # The dense control got the same fine-tune; the headline is measured against it.
+    assert summary["dense_finetuned"]["params"] == summary["before"]["params"]
+    assert summary["dense_finetuned"]["epochs"] == summary["finetuned"]["epochs"] == 5
+    assert summary["dense_finetuned_acc"] == summary["dense_finetuned"]["test_acc"]
+    assert summary["delta_pt_vs_dense_finetuned"] == pytest.approx(
+        100 * (summary["finetuned"]["test_acc"] - summary["dense_finetuned_acc"])
+    )
+    assert summary["finetune"]["split"] == "train"
+    assert summary["data"]["train_size"] == len(load_dataset("digits", "train"))
+    assert "dense + fine-tune (5 ep)" in (out / "summary.md").read_text()
     assert (out / "esd_fc1.png").stat().st_size > 10_000
     model = rmtprune.load(out / "model.safetensors")  # rebuilt from the recorded spec
     assert sum(p.numel() for p in model.parameters()) == summary["after"]["params"]
+
+
+def test_demo_gives_the_dense_model_the_identical_fine_tune(tmp_path, capsys, monkeypatch, no_mnist):
+    from rmtprune.commands import demo
+
+    monkeypatch.setattr(demo, "DEMO_EPOCHS", {"mnist": 1, "digits": 1})
+    monkeypatch.setattr(demo, "DEMO_FINETUNE", {"mnist": 1, "digits": 1})
+    calls = []
+    real = demo.finetune
+
+    def spy(model, data, epochs, lr, seed, *args, **kwargs):
+        calls.append((sum(p.numel() for p in model.parameters()), data, epochs, lr, seed, args, kwargs))
+        return real(model, data, epochs, lr, seed, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "finetune", spy)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress", "--seed", "3"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert len(calls) == 2
+    (n_comp, *recipe_comp), (n_dense, *recipe_dense) = calls
+    assert recipe_comp[0] is recipe_dense[0]  # the very same dataset object
+    assert recipe_comp == recipe_dense == [recipe_comp[0], 1, demo.DEMO_FINETUNE_LR, 3, (), {}]
+    assert recipe_comp[0].split == "train"
+    assert (n_comp, n_dense) == (summary["after"]["params"], summary["before"]["params"])
+
+
+def test_demo_fine_tune_batch_order_depends_on_the_seed_only():
+    """Equal seeds give equal batches (the global generator does not matter), so the dense control
+    and the compressed model are fine-tuned on the same data in the same order."""
+    from rmtprune.commands import demo
+
+    data = load_dataset("digits", "train")
+    weights = []
+    for global_seed in (1, 2):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        torch.nn.init.zeros_(model[1].weight)
+        torch.nn.init.zeros_(model[1].bias)
+        torch.manual_seed(global_seed)
+        demo.finetune(model, data, 1, 0.01, seed=5)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert weights[0].abs().sum() > 0
 
 
 def test_demo_unwritable_output(tmp_path, capsys):
