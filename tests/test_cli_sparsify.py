@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from rmtprune import io as rio
 from rmtprune.cli import main
 from rmtprune.masks import masks_of
-from rmtprune.sparse_format import manifest_from_metadata, read_metadata
+from rmtprune.sparse_format import manifest_from_metadata, read_metadata, stored_bytes
 
 FACTORY = """
 import torch
@@ -64,6 +64,30 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     model = rio.load(out, trust_factory=True)  # rebuilt from the recorded factory
     assert len(masks_of(model)) >= 2 and _sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("storage", ["auto", "csr"])
+def test_output_gives_both_counts_and_the_file_bytes(factory, tmp_path, capsys, storage):
+    from safetensors import safe_open
+
+    out = tmp_path / "out.safetensors"
+    argv = ["sparsify", "--model", f"{factory}:make", str(out), "--target", "0.7", "--storage", storage]
+    assert main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert f"nonzero values {report['stored_values']:,} of" in captured.out
+    assert (
+        f"stored incl. index bytes ({storage}): {report['stored_equiv']:,.0f} parameter-equivalents, "
+        f"{report['stored_bytes']:,} bytes"
+    ) in captured.out
+    assert "nonzero values" in captured.out and "stored incl. index" in captured.out  # the table's columns
+    assert report["storage"] == storage and report["stored_bytes"] > 4 * report["stored_values"]
+    with safe_open(str(out), framework="pt") as fh:
+        in_file = stored_bytes({k: fh.get_tensor(k) for k in list(fh.keys())})
+    if storage == "auto":  # the bytes of the file's tensors (its header aside)
+        assert report["stored_bytes"] == in_file and "warning" not in captured.err
+    else:  # rmtprune.io.save writes auto whatever the config says, and the CLI says so
+        assert "OUT itself is written with 'auto'" in captured.err and report["stored_bytes"] >= in_file
 
 
 def test_file_shrinks_with_sparsity(factory, tmp_path):

@@ -15,12 +15,14 @@ from rmtprune.sparse_format import (
     decode_tensor,
     encode_state_dict,
     encode_tensor,
+    encoded_sizes,
     load_sparse,
     load_sparse_into,
     save_model,
     save_sparse,
     stored_bytes,
     stored_nonzeros,
+    tensor_size,
 )
 
 
@@ -63,6 +65,53 @@ def test_auto_picks_the_smaller_pattern(density, expected):
     assert entry["format"] == expected
     sizes = {f: stored_bytes(encode_tensor(w, mask, f)[0]) for f in ("bitmask", "csr")}
     assert stored_bytes(parts) == min(sizes.values())
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "auto"])
+@pytest.mark.parametrize(
+    "shape,density,dtype",
+    [
+        ((40, 30), 0.5, torch.float32),
+        ((40, 30), 0.02, torch.float16),
+        ((16, 3, 3, 3), 0.3, torch.float64),
+        ((33,), 0.5, torch.bfloat16),
+        ((2, 40000), 0.01, torch.float32),  # int32 column indices above 32768 columns
+        ((7, 5), 0.0, torch.float32),
+    ],
+)
+def test_tensor_size_is_the_encoded_size(fmt, shape, density, dtype):
+    w, mask = _masked(shape, density, dtype=dtype)
+    parts, entry = encode_tensor(w, mask, fmt)
+    size = tensor_size(shape, int(mask.sum()), dtype, fmt)
+    assert size.format == entry["format"] and size.values == entry["nnz"]
+    assert size.bytes == stored_bytes(parts)
+    assert size.index_bytes == stored_bytes({k: t for k, t in parts.items() if k != "values"})
+    assert size.equivalent == size.bytes / w.element_size()
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "auto"])
+def test_encoded_sizes_are_the_encoded_state_dict(fmt):
+    """Buffers count, a tied tensor counts once, masks or kept counts give the same sizes."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(40, 30), torch.nn.BatchNorm1d(30), torch.nn.Linear(30, 40), torch.nn.Linear(40, 30)
+    ).half()
+    net[3].weight = net[0].weight  # tied: written once, under "0.weight"
+    masks = {"2.weight": _masked((40, 30), 0.5, seed=1)[1], "0.weight": _masked((30, 40), 0.03, seed=2)[1]}
+    sd = net.state_dict()
+    tensors, manifest = encode_state_dict(sd, masks, fmt)
+    sizes = encoded_sizes(sd, masks, fmt)
+    assert sum(s.bytes for s in sizes.values()) == stored_bytes(tensors)
+    assert "3.weight" not in sizes and "1.running_mean" in sizes
+    for key, size in sizes.items():
+        written = {k: t for k, t in tensors.items() if k == key or k.startswith(key + "@")}
+        assert size.bytes == stored_bytes(written)
+        assert size.format == (manifest[key]["format"] if key in manifest else "dense")
+    counts = {k: int(m.sum()) for k, m in masks.items()}
+    assert encoded_sizes(sd, counts, fmt) == sizes
+    with pytest.raises(KeyError, match="not in the state dict"):
+        encoded_sizes(sd, {"nope.weight": 3}, fmt)
+    with pytest.raises(ValueError, match=r"nnz=1201 must be in \[0, 1200\]"):
+        encoded_sizes(sd, {"2.weight": 1201}, fmt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -16,6 +16,7 @@ from rmtprune.analysis import analyze_tensor
 from rmtprune.errors import InvalidWeightsError
 from rmtprune.finetune import DivergedError
 from rmtprune.masks import count_nonzeros, get_mask, masks_of, set_mask
+from rmtprune.sparse_format import encode_state_dict, stored_bytes, stored_nonzeros
 from rmtprune.sparsity import (
     SparsifyConfig,
     SparsityPlan,
@@ -374,6 +375,81 @@ def test_report_serialises():
     assert data["budget"] == "signal" and len(data["layers"]) == 3
     assert data["layers"][0]["sparsity"] == pytest.approx(report.layers[0].sparsity)
     assert "noise" in report.table() and report.summary().startswith("budget=signal")
+
+
+# ----------------------------------------------------------------------------- stored counts
+
+
+def _written(model: nn.Module, fmt: str) -> tuple[dict, dict, dict[str, int], int]:
+    """What the file format writes for ``model``: tensors, manifest, bytes per state-dict key, index bytes."""
+    tensors, manifest = encode_state_dict(model.state_dict(), masks_of(model), fmt)
+    per_key: dict[str, int] = {}
+    index = 0
+    for name, t in tensors.items():
+        key, _, part = name.partition("@")
+        per_key[key] = per_key.get(key, 0) + t.numel() * t.element_size()
+        index += t.numel() * t.element_size() if part not in ("", "values") else 0
+    return tensors, manifest, per_key, index
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "auto"])
+@pytest.mark.parametrize("target", [0.5, 0.97])
+def test_stored_bytes_are_what_the_file_format_writes(fmt, target):
+    model = Tiny()
+    _, report = sparsify(model, SparsifyConfig(target=target, budget="global", storage=fmt))
+    tensors, manifest, per_key, index = _written(model, fmt)
+    assert report.storage == fmt
+    assert report.stored_bytes == stored_bytes(tensors)
+    assert report.index_bytes == index > 0
+    assert report.dense_bytes == 4 * sum(p.numel() for p in model.parameters())
+    assert report.stored_equiv == pytest.approx(report.stored_bytes / 4)  # float32: 4 bytes a value
+    # stored_values keeps its meaning: values only, no index
+    assert report.stored_values == stored_nonzeros(model.state_dict(), masks_of(model))
+    assert report.stored_equiv > report.stored_values
+    for r in report.layers:
+        key = f"{r.name}.weight"
+        assert r.storage == manifest[key]["format"]
+        assert r.stored_bytes == per_key[key] and r.index_bytes == per_key[key] - 4 * r.nnz_after
+        assert r.stored_equiv == pytest.approx(r.stored_bytes / 4)
+    if fmt == "auto":  # per tensor, the smaller of the two patterns
+        bitmask, csr = _written(model, "bitmask")[2], _written(model, "csr")[2]
+        assert report.stored_bytes == sum(min(bitmask[k], csr[k]) for k in bitmask)
+        formats = {r.storage for r in report.layers}
+        assert formats == ({"bitmask"} if target == 0.5 else {"bitmask", "csr"})  # 0.97: layers differ
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "csr", "auto"])
+def test_plan_counts_the_bytes_its_run_stores(fmt):
+    cfg = SparsifyConfig(target=0.6, budget="signal", sv_sparsify=False, storage=fmt)
+    model = Tiny()
+    planned = plan_sparsity(model, cfg).report()
+    _, done = sparsify(model, cfg)
+    for name in ("stored_bytes", "index_bytes", "dense_bytes", "stored_equiv", "stored_values"):
+        assert getattr(planned, name) == getattr(done, name), name
+    assert [(r.storage, r.stored_bytes) for r in planned.layers] == [
+        (r.storage, r.stored_bytes) for r in done.layers
+    ]
+    head = next(r for r in done.layers if r.name == "head")  # too small to fit: left dense, unmasked
+    assert (head.storage, head.index_bytes, head.stored_bytes) == ("dense", 0, 4 * 8 * 64)
+    assert done.stored_bytes == stored_bytes(_written(model, fmt)[0])
+
+
+def test_report_says_which_count_is_which():
+    _, report = sparsify(Tiny(), SparsifyConfig(target=0.5))
+    data = json.loads(report.to_json())
+    assert {"stored_values", "total_params", "selected_nnz"} <= set(data)  # the old keys stay
+    assert {"stored_bytes", "index_bytes", "dense_bytes", "stored_equiv", "storage", "counts"} <= set(data)
+    assert {"nnz_after", "storage", "index_bytes", "stored_bytes", "stored_equiv"} <= set(data["layers"][0])
+    text = report.summary()
+    assert f"nonzero values {report.stored_values:,} of {report.total_params:,} parameters" in text
+    assert (
+        f"stored incl. index bytes (auto): {report.stored_equiv:,.0f} parameter-equivalents, "
+        f"{report.stored_bytes:,} bytes ({report.index_bytes:,} of them index)"
+    ) in text
+    assert "nonzero values" in report.table() and "stored incl. index" in report.table()
+    assert "Counts: nonzero values: the entries kept" in report.to_markdown()
+    assert report.saved_bytes == pytest.approx(1 - report.stored_bytes / report.dense_bytes)
+    assert report.saved_bytes < report.saved  # the index costs
 
 
 # ----------------------------------------------------------------------------- low rank + sparse

@@ -7,7 +7,10 @@ entries, either as a **bitmask** (one bit per entry, packed into ``uint8``) or a
 ``numel / 8`` bytes, CSR ``4 (rows + 1) + 2 nnz``, so the bitmask wins above ~6% density and
 CSR below. Either way the file shrinks with the
 number of kept entries, and decoding restores the dense weight *and* its mask exactly (a kept
-entry that happens to be zero stays kept).
+entry that happens to be zero stays kept). The sizes, index types and the choice are defined once,
+in :mod:`rmtprune.sparsity.storage` (re-exported here): :func:`pattern_bytes`,
+:func:`choose_format`, :func:`tensor_size` and :func:`encoded_sizes` give the bytes this module
+writes without encoding anything, and the sparsify report counts with them.
 
 The functions work on state dicts, so any writer can use them: :func:`encode_state_dict` turns
 ``(state_dict, masks)`` into plain tensors plus a JSON-able manifest, :func:`decode_state_dict`
@@ -31,6 +34,18 @@ from ._atomic import atomic_path
 from ._tensor_source import _one_line, _reject_constant, _short
 from ._validate import check_choice
 from .errors import CheckpointError
+from .sparsity.storage import (
+    FORMATS,
+    SEP,
+    StoredSize,
+    choose_format,
+    col_dtype,
+    crow_dtype,
+    encoded_sizes,
+    pattern_bytes,
+    tensor_size,
+    written_entries,
+)
 
 __all__ = [
     "FORMATS",
@@ -41,6 +56,11 @@ __all__ = [
     "decode_state_dict",
     "stored_bytes",
     "stored_nonzeros",
+    "StoredSize",
+    "pattern_bytes",
+    "choose_format",
+    "tensor_size",
+    "encoded_sizes",
     "save_sparse",
     "load_sparse",
     "save_model",
@@ -51,11 +71,9 @@ __all__ = [
     "read_metadata",
 ]
 
-#: Storage formats of a masked tensor; ``auto`` picks the smaller of the two per tensor.
-FORMATS = ("auto", "bitmask", "csr")
 #: Key of the JSON manifest in the safetensors metadata.
 METADATA_KEY = "rmtprune.sparse"
-_SEP = "@"
+_SEP = SEP
 _PARTS = {"bitmask": ("values", "bitmask"), "csr": ("values", "crow", "col")}
 _MAX_NDIM = 64
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -64,26 +82,6 @@ _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 #: expand that much (a 4096 x 4096 float32 layer at 99.95% sparsity expands ~1000x).
 MAX_EXPANSION = 1024
 _MIN_BUDGET = 64 << 20
-
-
-def _pattern_bytes(fmt: str, shape: tuple[int, ...], nnz: int) -> int:
-    numel = math.prod(shape)
-    if fmt == "bitmask":
-        return (numel + 7) // 8
-    rows = shape[0] if shape else 1
-    cols = numel // rows if rows else 0
-    return 4 * (rows + 1) + _col_dtype(cols, nnz).itemsize * nnz
-
-
-def _col_dtype(cols: int, nnz: int) -> torch.dtype:
-    """Narrowest signed int type for CSR column indices (int16 for matrices under 32768 columns)."""
-    if cols <= 2**15:
-        return torch.int16
-    return torch.int32 if max(cols, nnz) < 2**31 else torch.int64
-
-
-def _choose(shape: tuple[int, ...], nnz: int) -> str:
-    return "csr" if _pattern_bytes("csr", shape, nnz) < _pattern_bytes("bitmask", shape, nnz) else "bitmask"
 
 
 def encode_tensor(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -> tuple[dict[str, Any], dict]:
@@ -105,7 +103,7 @@ def encode_tensor(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -
     flat_mask = m.reshape(-1)
     values = w.reshape(-1)[flat_mask].contiguous()
     nnz = int(values.numel())
-    chosen = _choose(shape, nnz) if fmt == "auto" else fmt
+    chosen = choose_format(shape, nnz, fmt)
     parts: dict[str, torch.Tensor] = {"values": values}
     if chosen == "bitmask":
         bits = np.packbits(flat_mask.numpy().astype(np.uint8), bitorder="little")
@@ -116,9 +114,8 @@ def encode_tensor(weight: torch.Tensor, mask: torch.Tensor, fmt: str = "auto") -
         crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
         crow[1:] = torch.cumsum(counts, 0)
         col = mat.nonzero(as_tuple=True)[1]
-        crow_t = torch.int32 if nnz < 2**31 else torch.int64
-        parts["crow"] = crow.to(crow_t).contiguous()
-        parts["col"] = col.to(_col_dtype(int(mat.shape[1]), nnz)).contiguous()
+        parts["crow"] = crow.to(crow_dtype(nnz)).contiguous()
+        parts["col"] = col.to(col_dtype(int(mat.shape[1]), nnz)).contiguous()
     entry = {"format": chosen, "shape": list(shape), "dtype": str(w.dtype).replace("torch.", ""), "nnz": nnz}
     return parts, entry
 
@@ -233,19 +230,9 @@ def encode_state_dict(
     its entry (format, shape, dtype, nnz). Both go straight into a safetensors file.
     """
     check_choice("format", fmt, FORMATS)
-    unknown = sorted(set(masks) - set(state_dict))
-    if unknown:
-        raise KeyError(f"masks for keys not in the state dict: {unknown}")
     tensors: dict[str, torch.Tensor] = {}
     manifest: dict[str, dict] = {}
-    seen: set[tuple] = set()
-    for key, value in state_dict.items():
-        if _SEP in key:
-            raise ValueError(f"state dict key {key!r} contains the reserved separator {_SEP!r}")
-        ident = (value.data_ptr(), tuple(value.shape), tuple(value.stride()), value.dtype)
-        if value.numel() and key not in masks and ident in seen:
-            continue  # a tied tensor, already stored under another name (load_state_dict re-ties it)
-        seen.add(ident)
+    for key, value in written_entries(state_dict, masks):  # a tied tensor once
         if key in masks:
             parts, entry = encode_tensor(value, masks[key], fmt)
             for part, t in parts.items():

@@ -9,7 +9,9 @@ records how to rebuild the model (factored layers and masks included). Output: `
 (``.safetensors``, sparse layers stored sparsely, manifest embedded), ``OUT`` with suffix
 ``.json`` (the manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``.
 Output paths are checked before any work and the four files renamed into place only when all are
-written, as in ``rmtprune compress`` (see ``docs/security.md``).
+written, as in ``rmtprune compress`` (see ``docs/security.md``). The summary line gives two counts:
+the *nonzero values* kept and what is *stored incl. index bytes* (values plus each pruned weight's
+bitmask/CSR pattern, in bytes and parameter-equivalents).
 """
 
 from __future__ import annotations
@@ -190,6 +192,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL_FILE] OUT, got {len(args.paths)} paths")
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
+    if config.storage != "auto":  # rmtprune.io.save takes no format: the file is written with "auto"
+        print(
+            f"rmtprune: warning: storage={config.storage!r} sets the format the report counts bytes in; "
+            "OUT itself is written with 'auto' (the smaller of bitmask and CSR per layer)",
+            file=sys.stderr,
+        )
     show = False if args.no_progress else None
     directory = is_model_dir(src)
     out_path = Path(out).expanduser()

@@ -31,7 +31,8 @@ touching the model; :func:`sparsify` applies it.
 
 Modules: :mod:`.config` (:class:`SparsifyConfig`), :mod:`.state` (layer selection and fits),
 :mod:`.budgets`, :mod:`.layerwise` (OWL, AlphaPruning, RMT allocators), :mod:`.scores`
-(magnitude and Wanda within a layer), :mod:`.vectors`, :mod:`.report`, :mod:`.core` (plan and apply).
+(magnitude and Wanda within a layer), :mod:`.vectors`, :mod:`.storage` (the sparse file format's
+sizes, index bytes included), :mod:`.report`, :mod:`.core` (plan and apply).
 
 References
 ----------

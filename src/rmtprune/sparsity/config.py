@@ -16,11 +16,12 @@ from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
 from .budgets import budget_names
 from .layerwise import ALLOCATIONS, ALPHA_FITS, DEFAULT_RMT_METRIC, RMT_METRICS
 from .scores import SCORES
+from .storage import FORMATS
 
 __all__ = ["SparsifyConfig", "STORAGE"]
 
 #: Sparse storage formats of :mod:`rmtprune.sparse_format` (``auto`` picks the smaller).
-STORAGE = ("auto", "bitmask", "csr")
+STORAGE = FORMATS
 _INF = math.inf
 
 
@@ -122,7 +123,13 @@ class SparsifyConfig:
     warmup: float = field(
         default=0.05, metadata=_meta("linear learning-rate warmup, as a fraction of each fine-tune's steps")
     )
-    storage: str = field(default="auto", metadata=_meta(f"sparse storage format, one of {STORAGE}"))
+    storage: str = field(
+        default="auto",
+        metadata=_meta(
+            f"sparse storage format the report's stored bytes are counted in, one of {STORAGE} "
+            "(rmtprune.io.save writes auto)"
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.target = check_number("target", self.target, 0.0, 1.0, hi_open=True)

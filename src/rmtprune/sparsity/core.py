@@ -34,7 +34,7 @@ from ..finetune import check_lr, evaluate, finetune
 from ..masks import count_nonzeros, get_mask, masks_of, remove_masks, restore_masks, set_mask
 from .budgets import Budget, allocate, make_budget
 from .config import SparsifyConfig
-from .report import LayerSparsity, SparsifyReport, dense_warning, layer_record
+from .report import LayerSparsity, SparsifyReport, dense_warning, layer_record, storage_totals
 from .scores import as_matrix, layer_mask, magnitude_keep
 from .state import LayerState, check_finite, fit_layers, select_layers
 from .vectors import sv_step
@@ -62,6 +62,8 @@ class SparsityPlan:
     warnings: list[str] = field(default_factory=list)
     #: The within-layer score the plan resolved (``magnitude`` or ``wanda``).
     score: str = "magnitude"
+    #: The report's byte fields at the plan (:func:`~rmtprune.sparsity.report.storage_totals`).
+    storage_bytes: dict[str, Any] = field(default_factory=dict)
     _states: list[LayerState] = field(default_factory=list, repr=False, compare=False)
     _versions: list[int] = field(default_factory=list, repr=False, compare=False)
 
@@ -90,6 +92,7 @@ class SparsityPlan:
 
     @property
     def stored_values(self) -> int:
+        """Nonzero values the plan leaves (index bytes not counted; ``storage_bytes`` counts them)."""
         return self.total_params - sum(r.params - r.nnz_after for r in self.layers)
 
     def report(self) -> SparsifyReport:
@@ -107,6 +110,8 @@ class SparsityPlan:
             config=self.config.to_dict(),
             dry_run=True,
             score=self.score,
+            storage=self.config.storage,
+            **self.storage_bytes,
         )
 
     def table(self) -> str:
@@ -232,8 +237,16 @@ def plan_sparsity(
     budget = make_budget(config.budget, config)
     layers, select_warnings = _prepare(model, config, budget, show, calibration)
     counts, wanted = allocate(layers, budget, config.max_layer_sparsity, config.target)
-    records = [layer_record(layer, planned=k) for layer, k in zip(layers, counts, strict=True)]
-    warnings = select_warnings + dense_warning(layers, records, budget.needs_fit)
+    records = [
+        layer_record(layer, planned=k, storage=config.storage)
+        for layer, k in zip(layers, counts, strict=True)
+    ]
+    kept: dict[str, Any] = dict(masks_of(model))
+    for layer, k in zip(layers, counts, strict=True):
+        if k or layer.mask is not None:  # _cycle leaves a layer with nothing to prune unmasked
+            kept[f"{layer.name}.weight" if layer.name else "weight"] = layer.numel - k
+    sizes, size_warnings = storage_totals(model, kept, config.storage)
+    warnings = select_warnings + dense_warning(layers, records, budget.needs_fit) + size_warnings
     pruned = sum(counts)
     if pruned != wanted:
         warnings.insert(
@@ -248,6 +261,7 @@ def plan_sparsity(
         selection_warnings=select_warnings,
         warnings=warnings,
         score=layers[0].score,
+        storage_bytes=sizes,
         _states=layers,
         _versions=[layer.module.weight._version for layer in layers],
     )
@@ -393,7 +407,7 @@ def _report(
     model: nn.Module, layers: list[LayerState], config: SparsifyConfig, budget: Budget, wanted: int
 ) -> SparsifyReport:
     """The report of a finished run: the layers as they are now, against the target's count."""
-    records = [layer_record(layer) for layer in layers]
+    records = [layer_record(layer, storage=config.storage) for layer in layers]
     selected = sum(r.params for r in records)
     nnz = sum(r.nnz_after for r in records)
     counts = count_nonzeros(model)
@@ -409,6 +423,7 @@ def _report(
                 else "layers left dense or capped at max_layer_sparsity cannot absorb the rest"
             )
         )
+    sizes, size_warnings = storage_totals(model, masks_of(model), config.storage)
     return SparsifyReport(
         target=config.target,
         budget=config.budget,
@@ -418,9 +433,11 @@ def _report(
         total_params=counts["total"],
         stored_values=counts["stored"],
         layers=records,
-        warnings=warnings + dense_warning(layers, records, budget.needs_fit),
+        warnings=warnings + dense_warning(layers, records, budget.needs_fit) + size_warnings,
         config=config.to_dict(),
         dry_run=False,
+        storage=config.storage,
+        **sizes,
     )
 
 
