@@ -45,6 +45,7 @@ import torch
 from _cli import CACHE, QUICK_OUT, RESULTS, SHARED_DATA, command_line, log
 from _env import git_revision
 from _report import dump_json, machine, md_table
+from _stats import ci
 from torch import nn
 from torch.nn.utils import prune
 
@@ -277,20 +278,9 @@ def paired(rows: Sequence[dict[str, Any]], a: str, b: str, **where: Any) -> list
     return [acc[(a, s)] - acc[(b, s)] for s in seeds]
 
 
-#: Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (more: 1.96 is within 3%).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
 def ci95(values: Sequence[float]) -> tuple[float, float, float, float]:
-    """``(mean, standard error, low, high)`` of ``values``: the 95% t interval over ``n - 1`` degrees
-    of freedom (one value: se and the interval are nan)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan
-    se = statistics.stdev(values) / math.sqrt(n)
-    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
-    return mean, se, mean - t * se, mean + t * se
+    """``(mean, standard error, low, high)``: the 95% t interval over seeds (:func:`_stats.ci`)."""
+    return ci(values, 0.95)
 
 
 def fmt_diff(d: Sequence[float]) -> str:

@@ -24,14 +24,15 @@ from _cache import sgd_config, train_cached
 from _cli import parser_for, setup
 from _measure import layer_rank, n_params, test_metrics
 from _report import dump_json, md_table, write_report
-from _stats import fmt_int, pm
+from _stats import ci, fmt_int, pm
 
 from rmtprune.training import TrainConfig
 from rmtprune.zoo.data import load_dataset
 
 NAME = "exp_fashion_mlp"
-ARMS = ("dense", "l1l2", "mp", "mp+l1l2")
+ARMS = ("dense", "l1l2", "mp", "mp+l1l2", "fullrank")
 ARM_LABEL = {
+    "fullrank": "control: every hidden layer factored at full rank at the first cut (nothing removed)",
     "dense": "dense (no pruning, no L1/L2)",
     "l1l2": "L1+L2 only",
     "mp": "MP pruning only",
@@ -63,7 +64,11 @@ def add_args(parser: Any) -> None:
 def config(args: Any, arm: str, seed: int) -> TrainConfig:
     """The training config of ``arm`` for ``seed``."""
     reg = arm in ("l1l2", "mp+l1l2")
-    prune = arm in ("mp", "mp+l1l2")
+    prune = arm in ("mp", "mp+l1l2", "fullrank")
+    compression: dict[str, Any] = {"keep_bulk": args.keep_bulk}
+    if arm == "fullrank":  # the re-parametrisation control (issue 14): the cut, nothing removed
+        hidden = [f"fc{i + 1}" for i in range(len(args.width.split(",")))]
+        compression = {"rule": "fixed", "ratio": 1.0, "factor_only_if_smaller": False, "include": hidden}
     cfg = sgd_config(
         args,
         "fashion-mnist",
@@ -74,7 +79,7 @@ def config(args: Any, arm: str, seed: int) -> TrainConfig:
         prune=prune,
         prune_every=args.prune_every,
         prune_start=args.prune_start,
-        compression={"keep_bulk": args.keep_bulk},
+        compression=compression,
         decay_T=decay_T(args),
         track_spectra=True,
     )
@@ -110,6 +115,24 @@ def runs(args: Any, arms: tuple[str, ...] = ARMS) -> dict[str, list[dict[str, An
             run["seed"] = seed
             out[arm].append(run)
     return out
+
+
+def control_section(all_runs: dict[str, list[dict[str, Any]]], test: Any) -> str:
+    """Paired differences (pp, mean, SE, 95% t CI over seeds): each arm against dense and against the
+    full-rank control."""
+    acc = {(a, r["seed"]): test_metrics(r["model"].eval(), test)[1] for a, rs in all_runs.items() for r in rs}
+    seeds = sorted({s for _, s in acc})
+    lines = ["## Against dense and against the re-parametrisation control (paired by seed)", ""]
+    for arm in ARMS:
+        for ref in ("dense", "fullrank"):
+            if arm in (ref, "dense") or ref not in all_runs:
+                continue
+            d = [100 * (acc[(arm, s)] - acc[(ref, s)]) for s in seeds if (arm, s) in acc and (ref, s) in acc]
+            if len(d) < 2:
+                continue
+            mean, se, lo, hi = ci(d, 0.95)
+            lines.append(f"- {arm} - {ref}: {mean:+.2f} pp (SE {se:.2f}; 95% CI [{lo:+.2f}, {hi:+.2f}])")
+    return "\n".join(lines)
 
 
 def layer_names(model: Any) -> list[str]:
@@ -172,8 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     cuts = ", ".join(str(e) for e in range(args.prune_start, args.epochs + 1, args.prune_every))
     sections = [
         "## Setup\n\n"
-        f"MLP {arch} (ReLU, no activation on the logits) on Fashion-MNIST, full 60k training set"
-        f"{' (QUICK: first 6000 images)' if args.quick else ''}, accuracy on the untouched 10k test split. "
+        f"MLP {arch} (ReLU, no activation on the logits) on Fashion-MNIST, trained on the `train` split "
+        "(55,000 images: the training file minus the fixed 5,000-image validation split)"
+        f"{' (QUICK: first 6000 images)' if args.quick else ''}, accuracy on the untouched 10k test split "
+        "(read once per reported number; every setting was fixed before this run). "
+        "Control (issue 14): the MP arms' first cut re-parametrises each hidden layer as two factors and "
+        "rebuilds the optimizer; the `fullrank` arm does exactly that at the same epoch and removes nothing, "
+        "so MP pruning's gain over it is what removing the bulk adds. "
         f"Every arm: SGD (momentum 0.9), lr {args.lr:g}, cosine schedule over {args.epochs} epochs, batch "
         "128, "
         "no weight decay. "
@@ -199,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "## Test accuracy per epoch (mean over seeds, %)\n\n"
         + md_table(["arm", *[f"ep {i + 1}" for i in range(args.epochs)]], epoch_rows),
+        control_section(all_runs, test),
         "Anchor: the 2025 paper reports 90.5% for [784, 3000x4, 500, 10] with MP pruning + L1/L2 after "
         "long training (its baseline without either: 71.6%, a weak baseline). The runs here are far shorter "
         "and narrower; see the deltas against our own dense baseline trained identically.",
