@@ -42,6 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import git_revision, training_code  # noqa: E402
+from _stats import ci  # noqa: E402
 
 from rmtprune._atomic import atomic_path, atomic_write_text
 from rmtprune.finetune import evaluate
@@ -343,6 +344,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         f"# Sparsifying a ViT (`{first.get('spec', SPEC)}`): RMT-guided budgets vs magnitude pruning, "
         "and low rank",
         "",
+        *([args.preamble.read_text().strip(), "", "## Run", ""] if args.preamble else []),
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), shared with other jobs)",
@@ -354,7 +356,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         f"{max(r['dense'].get('n_seeds', 1) for r in results.values())} independently trained seed(s) "
         "per data set, each trained "
         f"{', '.join(f'{n} epoch(s) on {ds}' for ds, n in args.epochs_of.items())} "
-        f"(Adam 1e-3, cosine to 0, batch 128) on {args.train_subset or 60000} training "
+        f"(Adam 1e-3, cosine to 0, batch 128) on {first['dense'].get('train_images', 60000):,} training "
         f"images; accuracy on {'the first ' + str(args.test_subset) if args.test_subset else 'all 10,000'} "
         "test images; seed s also seeds the fine-tune batches and is paired across methods; "
         "cells are mean ± std over seeds",
@@ -396,7 +398,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         lines += [
             "| sparsity | fine-tune | "
             + " | ".join(LABELS[m] for m in present)
-            + "".join(f" | {m} - global (pp, paired)" for m in rmts)
+            + "".join(f" | {m} - global (pp, paired: mean ± std [95% CI])" for m in rmts)
             + " | seeds |",
             "|---|---|" + "---|" * (len(present) + len(rmts)) + "---|",
         ]
@@ -490,7 +492,9 @@ def _diff_text(rows: list[dict[str, Any]], t: float, ft: bool, method: str) -> s
         return "-"
     if len(d) == 1:
         return f"{100 * d[0]:+.2f}"
-    return f"{100 * statistics.mean(d):+.2f} ± {100 * statistics.stdev(d):.2f}"
+    _, _, lo, hi = ci(d, 0.95)
+    mean, std = 100 * statistics.mean(d), 100 * statistics.stdev(d)
+    return f"{mean:+.2f} ± {std:.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
 
 
 def _pm(dense: dict[str, Any], key: str) -> str:
@@ -588,6 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-lowrank", action="store_true", help="skip the low-rank runs")
     p.add_argument("--no-dense-ft", action="store_true", help="skip the dense + fine-tune reference")
     p.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
+    p.add_argument(
+        "--preamble",
+        type=Path,
+        default=None,
+        help="a markdown file (e.g. a pre-registered protocol) put first",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch on 6000 images, 3 sparsities")
     p.add_argument("--out", type=Path, default=RESULTS / "sparsify_vit.md")
