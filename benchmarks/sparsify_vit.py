@@ -351,6 +351,7 @@ def _report(args: argparse.Namespace, results: dict[str, Any], seconds: float) -
         "- rerun: the commands under Notes (they ran in parallel, one data set each; the same command "
         "without --datasets/--out/--json runs both data sets sequentially); trained models are cached "
         "in ~/.cache/rmtprune/bench",
+        f"- revision: {git_revision()} (training code {training_code()}, the key of the cached ViTs)",
         f"- time of the sparse runs (sparsify, fine-tune, evaluate), summed: {seconds / 60:.1f} min",
         f"- model: `{first.get('spec', SPEC)}` ({first['dense']['total']:,} parameters), "
         f"{max(r['dense'].get('n_seeds', 1) for r in results.values())} independently trained seed(s) "
