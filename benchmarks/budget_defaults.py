@@ -2,8 +2,8 @@
 
 Calibration: 512 sentences of the harness's calibration split (the last 64 held out for the guard).
 Score: mean cosine of 400 *validation-split* sentence embeddings to the dense model's (never the
-evaluation split). Needs the real-model cache (benchmarks/fetch_real.sh). One JSON line per run on
-stdout and in ``benchmarks/results/budget_defaults_minilm_<grid>.jsonl``.
+evaluation split). Needs the real-model cache (benchmarks/fetch_real.sh). One JSON line per run (with the
+git revision) on stdout and in ``benchmarks/results/budget_defaults_minilm_<grid>.jsonl``.
 
 Run: ``python benchmarks/budget_defaults.py alloc|free|damping|guard [ALLOCS] [TARGETS]``, e.g.
 ``python benchmarks/budget_defaults.py alloc uniform,rmt,energy,gavish_donoho,spikes 0.8,0.6``.
@@ -24,6 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _real_data as data  # noqa: E402
+from _env import git_revision  # noqa: E402
 
 import rmtprune  # noqa: E402
 from rmtprune.calibration import collect  # noqa: E402
@@ -63,6 +64,7 @@ def main(argv: list[str]) -> int:
         model, [batch(calib[i : i + 32]) for i in range(0, len(calib), 32)], layers=layers, held_out=0.125
     )
     rows: list[dict[str, Any]] = []
+    revision = git_revision()  # every row names the code it ran on
 
     def run(**kw: Any) -> None:
         m = copy.deepcopy(model)
@@ -72,6 +74,7 @@ def main(argv: list[str]) -> int:
         r = {k: v for k, v in kw.items() if k != "calibration"}
         r.update(whiten=kw.get("calibration") is not None, cos=round(cos, 4), kept=round(p.budget["kept"], 4))
         r.update(sec=round(time.time() - t, 1), guard_changes=len(p.budget["guard_changes"]))
+        r.update(revision=revision)
         print(json.dumps(r), flush=True)
         rows.append(r)
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _env import git_revision
 from torch import nn
 
 from rmtprune._atomic import atomic_write_text
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Data iteration vs. an MNIST MLP epoch",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- revision: {git_revision()}",
         f"- machine: 2 CPU cores, no GPU ({platform.machine()}, torch {torch.__version__}; shared with "
         f"other jobs: load average {os.getloadavg()[0]:.1f} at the end, so absolute times are inflated)",
         f"- command: `{cmd.strip()}` (RMTPRUNE_DATA pointing at the IDX files)",

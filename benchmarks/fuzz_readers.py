@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _env import machine_line  # noqa: E402
+from _env import git_revision, machine_line  # noqa: E402
 
 
 def _engine():
@@ -188,6 +188,7 @@ def compare(args: argparse.Namespace) -> None:
         "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         machine_line(),
+        f"- revision: {git_revision()}",
         f"- Revisions: before = `{rev}`, after = `{head}`"
         + (f" plus uncommitted changes to {dirty}" if dirty else ""),
         f"- Command: `{cmd}` (total {total:.0f} s)",

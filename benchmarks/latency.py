@@ -32,6 +32,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _env import git_revision  # noqa: E402
 from torch import nn  # noqa: E402
 
 import rmtprune  # noqa: E402
@@ -329,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     text = f"""# Latency and compression cost of low-rank layers
 
 - date: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+- revision: {git_revision()}
 - machine: 2 CPU cores, no GPU (shared with other jobs while measuring); {cpu}
 - torch {torch.__version__}, {args.threads} thread(s), OMP_WAIT_POLICY={omp}, rmtprune {rmtprune.__version__}
 - command: `{cmd}`

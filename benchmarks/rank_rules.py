@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 from _cli import log
+from _env import git_revision
 from _measure import test_metrics
 from _report import md_table
 from torch import nn
@@ -559,7 +560,8 @@ def model_section(name: str, res: dict[str, Any]) -> str:
         f"## {TITLES.get(name, name)}",
         "",
         f"- training: {first['recipe']}; seeds {', '.join(seeds)}; run {res.get('date', '?')}, "
-        + ", ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "?")])),
+        + ", ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "?")]))
+        + f"; revision {', '.join(res.get('revisions', ['not recorded']))}",
         f"- dense test accuracy {_ms([res['seeds'][s]['dense_acc'] for s in seeds])}%; after the same "
         f"fine-tuning as the compressed models {_ms([res['seeds'][s]['dense_ft_acc'] for s in seeds])}%; "
         f"prunable weights {dense_w:,} in "
@@ -766,6 +768,8 @@ def write_report(args: argparse.Namespace) -> None:
         f"- written: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: "
         f"{os.cpu_count()} CPU cores, no GPU, shared with other jobs (load average "
         f"{os.getloadavg()[0]:.0f} when written), torch threads {args.threads}",
+        f"- revision: {git_revision()} (when written; each model section names the revisions its runs "
+        "ran on)",
         f"- Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
         f"rmtprune {rmtprune.__version__}",
         "- each model section names the command that produced it (models run as separate invocations; "
@@ -890,6 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(ValueError):
         argv_list[0] = str(Path(argv_list[0]).resolve().relative_to(ROOT))
     command = "python " + " ".join(shlex.quote(a) for a in argv_list)
+    revision = git_revision()  # the code this invocation runs, recorded with its results
     store = Path(args.cache) / "rank_rules"
     store.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
@@ -906,6 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmds = res.setdefault("commands", [])
                 if command not in cmds:
                     cmds.append(command)
+                revs = res.setdefault("revisions", [])
+                if revision not in revs:
+                    revs.append(revision)
                 res.update(
                     command=command,
                     date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

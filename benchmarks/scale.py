@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _env import versions
+from _env import git_revision, versions
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Scale: `rmtprune analyze` on a sharded >= 4 GB safetensors checkpoint",
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- revision: {git_revision()}",
         "- machine: 2 CPU cores, no GPU; other processes shared the CPU during the run; "
         f"CLI and baseline ran with {args.threads} torch/BLAS thread(s); the checkpoint was in the page "
         "cache",

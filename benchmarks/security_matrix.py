@@ -1260,7 +1260,7 @@ def write_report(
     total: float,
 ) -> None:
     sys.path.insert(0, str(HERE))
-    from _env import machine_line
+    from _env import git_revision, machine_line
 
     before, after = runs
     lines = [
@@ -1268,6 +1268,7 @@ def write_report(
         "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         machine_line(),
+        f"- revision: {git_revision()}",
         f"- Revisions: before = `{rev}`, after = `{head}`"
         + (" plus uncommitted changes in src/" if dirty else ""),
         f"- Command: `{cmd}` (total {total:.0f} s: before {before['seconds']:.0f} s, "

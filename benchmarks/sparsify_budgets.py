@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from _cli import CACHE, ROOT, command_line, log
-from _env import versions
+from _env import git_revision, versions
 from _report import machine, md_table
 from _stats import mean_std, pm
 
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Sparsify budgets on MLPs and CNNs (one shot, no fine-tune)",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- revision: {git_revision()}",
         f"- machine: {machine()} (shared), {versions('rmtprune', 'torch')}",
         f"- command: `{command_line().split(' --note ')[0]}`{' (+ the notes below)' if args.note else ''} "
         f"({(time.perf_counter() - t0) / 60:.1f} min)",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _env import git_revision
 
 from rmtprune._atomic import atomic_write_text
 from rmtprune.analysis import analyze_matrix
@@ -155,6 +156,7 @@ def main() -> None:
         "# Spectral engine speed",
         "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- revision: {git_revision()}",
         f"- Machine: 2 CPU cores, no GPU ({platform.processor() or platform.machine()}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads). Other processes may share the cores, so "
         "absolute times are noisy; ratios are taken within the same run.",

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _env import versions
+from _env import git_revision, versions
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "# rmtprune vs WeightWatcher: spectral analysis time and spike counts",
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- revision: {git_revision()}",
         f"- machine: 2 CPU cores, no GPU ({platform.processor() or platform.machine()}); other processes "
         f"shared the CPU during the run; every contender ran with {args.threads} BLAS/torch thread(s)",
         f"- versions: {versions(*PACKAGES)}, Python {platform.python_version()}",

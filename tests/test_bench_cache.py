@@ -77,3 +77,31 @@ def test_training_loads_none_of_the_excluded_modules() -> None:
 def test_git_revision_names_a_commit() -> None:
     rev = _env.git_revision()
     assert rev == "unknown" or len(rev.split()[0]) >= 7
+
+
+#: Benchmark scripts that write no results file, with the reason; every other script must name the revision.
+NO_RESULTS_FILE = {
+    "fetch_real.py": "downloads the real-model cache and its manifest, writes nothing under results/",
+}
+
+
+def test_every_results_writing_script_names_the_revision() -> None:
+    """A cheap static check of issue 14: each benchmark script (``benchmarks/*.py`` but the ``_`` helpers)
+    writes a results file, so its source calls ``git_revision`` itself or writes through
+    ``_report.write_report`` (which prints the revision); scripts without a results file are listed above."""
+    import re
+
+    bench = ROOT / "benchmarks"
+    assert "git_revision()" in (bench / "_report.py").read_text(encoding="utf-8")
+    scripts = sorted(p for p in bench.glob("*.py") if not p.name.startswith("_"))
+    assert {"latency.py", "exp_mnist_mlp.py", "fetch_real.py"} <= {p.name for p in scripts}
+    missing = []
+    for path in scripts:
+        src = path.read_text(encoding="utf-8")
+        if path.name in NO_RESULTS_FILE:
+            assert "results/" not in src and '"results"' not in src, f"{path.name} writes results after all"
+            continue
+        via_report = re.search(r"^from _report import [^\n]*\bwrite_report\b", src, re.M) is not None
+        if "git_revision(" not in src and not via_report:
+            missing.append(path.name)
+    assert not missing, f"the results files of {missing} do not name the revision (`- revision: ...` line)"
