@@ -19,8 +19,8 @@ decomposed once; the results are the same tensors a fresh call returns (tested i
 ``tests/test_budget_small.py``).
 
 Run: ``python benchmarks/budget_small.py [--models fashion_mlp,fashion_cnn,fashion_vit]
-[--seeds fashion_mlp=0,1] [--no-finetune] [--quick]``; writes ``benchmarks/results/budget_small.md``
-and ``.json``. ``--train-only`` trains (or finds) the models and stops, for training in parallel
+[--seeds fashion_mlp=0,1] [--stage 1|2] [--no-finetune] [--quick]``; writes
+``benchmarks/results/allocation_small.md`` and ``.json``. ``--train-only`` trains (or finds) the models and stops, for training in parallel
 invocations before the measured run.
 """
 
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from _cli import CACHE, QUICK_OUT, RESULTS, SHARED_DATA, command_line, log
-from _env import git_revision
+from _env import git_revision, training_code
 from _report import dump_json, machine, md_table
 from _stats import ci
 from torch import nn
@@ -532,6 +532,7 @@ def run_model(args: argparse.Namespace, key: str, train: Dataset, test: Dataset)
         res["dense"].append(
             {"seed": seed, "acc": dense_acc, "hidden_params": before, "total_params": _n(dense),
              **prep["facts"], "layers": names, "calib_seconds": prep["calib_seconds"],
+             "training_code": training_code(),
              "latency": latencies(dense, test) if timing else None}
         )  # fmt: skip
         with svd_memo() as memo:
@@ -592,13 +593,22 @@ def finetune_model(
     chosen on the validation split on the first seed, then every seed and budget at those lrs."""
     key = res["key"]
     for i, seed in enumerate(args.seeds_of[key]):
+        if seed in res.get("ft_seeds", []):  # a restarted stage 2: never fine-tune (read test) twice
+            continue
+        dense_row = next((d for d in res["dense"] if d["seed"] == seed), None)
+        if dense_row is None:
+            raise SystemExit(f"--stage 2: seed {seed} of {key} has no stage-1 results")
+        if dense_row.get("training_code", training_code()) != training_code():
+            raise SystemExit(
+                f"--stage 2: {key} seed {seed} was measured with training code {dense_row['training_code']}, "
+                f"the package is now {training_code()}: its cached model would be retrained; rerun stage 1"
+            )
         prep = prepare(args, key, seed, train)
         dense, names, calib, before = prep["dense"], prep["names"], prep["calib"], prep["before"]
         with svd_memo():
             if i == 0 and not res.get("lr"):
                 res["lr"] = choose_lr(key, dense, names, calib, train, val, seed)
             lrs = res["lr"]["chosen"]
-            dense_row = next(d for d in res["dense"] if d["seed"] == seed)
             dense_row["ft_acc"] = {}
             for lr in sorted(set(lrs.values())):
                 dense_row["ft_acc"][f"{lr:g}"] = accuracy(fine_tuned(dense, train, lr, seed), test)
@@ -857,6 +867,14 @@ def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
 
     The other models' results are re-read from the JSON just before writing, so invocations for
     different models (run in parallel processes) do not overwrite each other's results."""
+    import fcntl
+
+    with open(args.out.with_suffix(".lock"), "w") as lock:  # one writer at a time across processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _write_locked(args, results)
+
+
+def _write_locked(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     wall = time.perf_counter() - args.t0
     own = {r["key"] for r in results}
     results = [*results, *[r for r in merged(args, sorted(own)) if r["key"] not in own]]

@@ -116,10 +116,11 @@ EQUIV_MARGIN = 0.2
 
 
 def control_arms(args: Any) -> list[tuple[str, str, dict[str, Any]]]:
-    """The controls of the pruned arms (issue 14): the same cuts at the same epochs (each one
-    re-factors fc1 and rebuilds the optimizer) removing nothing (``fixed`` rule, full rank, factored
-    even though it does not save parameters), and a fixed rank 200. A gain of the pruned arms over
-    ``fullrank`` is what removing the noise adds beyond the re-parametrisation."""
+    """The controls of the pruned arms (issue 14): fc1 factored at the first cut, optimizer rebuilt,
+    removing nothing (``fixed`` rule, full rank, factored
+    even though it does not save parameters; later cuts find nothing to cut), and a fixed rank 200.
+    A gain of the pruned arms over ``fullrank`` is what removing the noise (and their later
+    re-factorisations) adds beyond the first re-parametrisation."""
     return [
         (
             "fullrank",
@@ -366,8 +367,10 @@ def write(args: Any, per_seed: list[dict[str, Any]], have_compress: bool) -> Non
         "Parameters are counted as stored (factored layers count both factors; biases included). "
         "Deltas are paired per seed (arm minus the dense net of the same seed). Controls (issue 14): "
         + "; ".join(label for _, label, _ in control_arms(args))
-        + ": the same schedule of cuts, so the same re-parametrisation of fc1 into two factors and the same "
-        "optimizer rebuilds, without removing the noise.",
+        + ": `fullrank` re-parametrises fc1 into two factors and rebuilds the optimizer at the first cut, "
+        "as the pruned arms do, and removes nothing; the pruned arms' later cuts (which lower the rank "
+        "again and reset the factors' optimizer state) have no counterpart in it, so 'arm - fullrank' "
+        "is the noise removal plus those later re-factorisations.",
         "## Results (mean +- std over seeds)\n\n" + table,
     ]
     if have_compress:
