@@ -20,8 +20,8 @@ decomposed once; the results are the same tensors a fresh call returns (tested i
 
 Run: ``python benchmarks/budget_small.py [--models fashion_mlp,fashion_cnn,fashion_vit]
 [--seeds fashion_mlp=0,1] [--stage 1|2] [--no-finetune] [--quick]``; writes
-``benchmarks/results/allocation_small.md`` and ``.json``. ``--train-only`` trains (or finds) the models and stops, for training in parallel
-invocations before the measured run.
+``benchmarks/results/allocation_small.md`` and ``.json``. ``--train-only`` trains (or finds) the
+models and stops, for training in parallel invocations before the measured run.
 """
 
 from __future__ import annotations
