@@ -66,7 +66,7 @@ def test_factory_to_sparse_file_and_reports(factory, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("storage", ["auto", "csr"])
+@pytest.mark.parametrize("storage", ["auto", "bitmask", "csr"])
 def test_output_gives_both_counts_and_the_file_bytes(factory, tmp_path, capsys, storage):
     from safetensors import safe_open
 
@@ -84,10 +84,23 @@ def test_output_gives_both_counts_and_the_file_bytes(factory, tmp_path, capsys, 
     assert report["storage"] == storage and report["stored_bytes"] > 4 * report["stored_values"]
     with safe_open(str(out), framework="pt") as fh:
         in_file = stored_bytes({k: fh.get_tensor(k) for k in list(fh.keys())})
-    if storage == "auto":  # the bytes of the file's tensors (its header aside)
-        assert report["stored_bytes"] == in_file and "warning" not in captured.err
-    else:  # rmtprune.io.save writes auto whatever the config says, and the CLI says so
-        assert "OUT itself is written with 'auto'" in captured.err and report["stored_bytes"] >= in_file
+    # OUT is written in the storage asked for: the report's bytes are those of the file's tensors
+    # (its header aside), and the sparse manifest records that format for every masked tensor
+    assert report["stored_bytes"] == in_file and "warning" not in captured.err
+    sparse = manifest_from_metadata(read_metadata(out))
+    layers = {f"{r['name']}.weight": r["storage"] for r in report["layers"] if r["storage"] != "dense"}
+    assert sparse and set(sparse) == set(layers)
+    assert {k: e["format"] for k, e in sparse.items()} == layers
+    if storage != "auto":
+        assert set(layers.values()) == {storage}
+        # the same model as the auto file, decoded from another encoding
+        ref = tmp_path / "ref.safetensors"
+        assert main(["sparsify", "--model", f"{factory}:make", str(ref), "--target", "0.7", "--quiet"]) == 0
+        a, b = rio.load(out, trust_factory=True), rio.load(ref, trust_factory=True)
+        assert masks_of(a).keys() == masks_of(b).keys() and len(masks_of(a)) >= 2
+        assert all(torch.equal(masks_of(a)[k], masks_of(b)[k]) for k in masks_of(a))
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_file_shrinks_with_sparsity(factory, tmp_path):

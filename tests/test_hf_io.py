@@ -111,16 +111,21 @@ def test_compressed_round_trip_equals_before_saving(tmp_path, kind):
     assert manifest["factory"] is None
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_sparsified_round_trip(tmp_path, kind):
+@pytest.mark.parametrize(("kind", "storage"), [("bert", "auto"), ("gpt2", "auto"), ("bert", "csr")])
+def test_sparsified_round_trip(tmp_path, kind, storage):
+    from rmtprune.sparse_format import manifest_from_metadata, read_metadata
+
     model = tiny(kind)
     model, _ = rmtprune.sparsify(
         model, rmtprune.SparsifyConfig(budget="global", target=0.5), show_progress=False
     )
     before = out_of(model, kind)
-    back = rmtprune.load(hf.save_pretrained(model, tmp_path / "out"))
+    out = hf.save_pretrained(model, tmp_path / "out", storage=storage)
+    back = rmtprune.load(out)
     torch.testing.assert_close(out_of(back, kind), before, rtol=0, atol=1e-6)
     assert rmtprune.is_sparsified(back)
+    formats = {e["format"] for e in manifest_from_metadata(read_metadata(out / hf.WEIGHTS_NAME)).values()}
+    assert formats == ({"bitmask"} if storage == "auto" else {storage})  # 50% kept: bitmask is smaller
 
 
 def test_plain_transformers_refuses_compressed_dir_with_a_clear_message(tmp_path):

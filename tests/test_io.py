@@ -222,6 +222,50 @@ def test_strict_records_need_every_field_and_legacy_ones_do_not() -> None:
         check_layer_record("fc1", short, strict=True)
 
 
+@pytest.mark.parametrize("storage", ["bitmask", "csr", "auto"])
+def test_save_writes_masked_weights_in_the_storage_asked_for(tmp_path, storage: str) -> None:
+    from safetensors import safe_open
+
+    from rmtprune.masks import masks_of, set_mask
+    from rmtprune.sparse_format import manifest_from_metadata, read_metadata, stored_bytes
+    from rmtprune.sparsity.storage import encoded_sizes
+
+    torch.manual_seed(0)
+    net = Net()
+    set_mask(net.fc1, torch.rand(60, 24 * 4 * 4) < 0.5)  # bitmask is the smaller here
+    sparse_mask = torch.zeros(10, 60, dtype=torch.bool)
+    sparse_mask[[0, 4, 9], [1, 30, 59]] = True
+    set_mask(net.fc2, sparse_mask)  # 3 of 600 kept: CSR is the smaller here
+    path = rmtprune.save(net, tmp_path / "net.safetensors", storage=storage)
+    sparse = manifest_from_metadata(read_metadata(path))
+    assert set(sparse) == {"fc1.weight", "fc2.weight"}
+    formats = {k: e["format"] for k, e in sparse.items()}
+    if storage == "auto":
+        assert formats == {"fc1.weight": "bitmask", "fc2.weight": "csr"}
+    else:
+        assert set(formats.values()) == {storage}
+    with safe_open(str(path), framework="pt") as fh:
+        in_file = stored_bytes({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
+    assert in_file == sum(s.bytes for s in encoded_sizes(net.state_dict(), masks_of(net), storage).values())
+    torch.manual_seed(1)
+    fresh = rmtprune.load(path, Net())
+    assert masks_of(fresh).keys() == masks_of(net).keys()
+    assert all(torch.equal(masks_of(fresh)[k], m) for k, m in masks_of(net).items())
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("bad", ["coo", "CSR", ""])
+def test_save_refuses_an_unknown_storage_and_writes_nothing(tmp_path, bad: str) -> None:
+    net, _ = compressed()
+    with pytest.raises(ValueError, match=f"storage={bad!r} must be one of auto, bitmask, csr"):
+        rmtprune.save(net, tmp_path / "net.safetensors", storage=bad)
+    with pytest.raises(ValueError, match=f"storage={bad!r}"):
+        rio.write_model(net, tmp_path / "w.safetensors", tmp_path / "w.json", storage=bad)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_checkpoint_is_a_deprecated_name_of_write_model(tmp_path) -> None:
     net, _ = compressed()
     with pytest.warns(DeprecationWarning, match="use write_model"):

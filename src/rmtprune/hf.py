@@ -38,8 +38,8 @@ from torch import nn
 from ._atomic import atomic_dir
 from ._hf_guard import guard_save_pretrained, is_transformers_model
 from .errors import CheckpointError, RmtpruneError
+from .io import _check_storage, write_model
 from .io import load as load_file
-from .io import write_model
 from .manifest import FORMAT, LEGACY_FORMATS, factored_layers, read_manifest
 from .zoo.files import sha256_file
 
@@ -514,6 +514,7 @@ def save_pretrained(
     source: str | os.PathLike[str] | None = None,
     force: bool = False,
     reports: Callable[[int], dict[str, str]] | None = None,
+    storage: str = "auto",
 ) -> Path:
     """Write a (compressed or not) transformers model to ``out_dir`` for :func:`load` to read back.
 
@@ -523,13 +524,14 @@ def save_pretrained(
     only when complete; an existing ``out_dir`` is replaced only when it is empty or rmtprune wrote
     it and it holds nothing else (``force`` replaces any). ``reports(size_of_weights)`` gives the
     texts of ``report.json`` / ``report.md`` (the commands' reports), written in the same directory.
-    Returns the directory.
+    ``storage`` is the sparse format of masked weights (:func:`rmtprune.io.save`). Returns the directory.
     """
     if not is_hf_model(model):
         raise TypeError(
             f"model must be a transformers PreTrainedModel, got {type(model).__name__}; "
             "save other models with rmtprune.save(model, 'model.safetensors')"
         )
+    _check_storage(storage)
     src = Path(source).expanduser() if source is not None else None
     out = check_out_dir(out_dir, inputs=[src] if src is not None else [], force=force)
     side = _side_files(src)
@@ -562,7 +564,9 @@ def save_pretrained(
             "transformers_version": str(transformers_module().__version__),
             "files": {name: sha256_file(tmp / name) for name in sorted(names)},
         }
-        write_model(model, tmp / WEIGHTS_NAME, tmp / MANIFEST_NAME, plan=plan, extra={"hf": hf})
+        write_model(
+            model, tmp / WEIGHTS_NAME, tmp / MANIFEST_NAME, plan=plan, extra={"hf": hf}, storage=storage
+        )
         if reports is not None:
             for name, text in reports((tmp / WEIGHTS_NAME).stat().st_size).items():
                 if name not in REPORTS:

@@ -92,6 +92,7 @@ def save(
     factory: str | None = None,
     factory_args: dict[str, Any] | None = None,
     force: bool = False,
+    storage: str = "auto",
 ) -> Path:
     """Write ``model`` to ``path`` (``.safetensors``) and its manifest to ``path`` with suffix ``.json``.
 
@@ -107,17 +108,20 @@ def save(
 
     force : replace an existing ``.json`` beside ``path`` even when rmtprune did not write it
         (by default that is refused, so a user's file of that name is never lost).
+    storage : sparse format of the masked weights, one of :data:`rmtprune.sparse_format.FORMATS`:
+        ``"auto"`` (the smaller of bitmask and CSR per tensor), ``"bitmask"`` or ``"csr"``.
 
     Both files are written atomically, the weights renamed into place first; tensors shared
     between names (tied weights) are stored once.
     Layers sparsified by :func:`rmtprune.sparsify` (those carrying a mask) are stored sparsely
-    (:mod:`rmtprune.sparse_format`), so the file shrinks with their nonzeros; :func:`load` restores
-    them with their masks. Returns the weights path.
+    (:mod:`rmtprune.sparse_format`, in ``storage``), so the file shrinks with their nonzeros;
+    :func:`load` restores them with their masks. Returns the weights path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if factory is not None and not isinstance(factory, str):
         raise TypeError(f"factory={factory!r} must be a string MODULE:FACTORY or a model spec")
+    _check_storage(storage)
     target = _check_path(path)
     check_writable_dir(target)
     sidecar = manifest_path(target)
@@ -131,8 +135,19 @@ def save(
             )
     # Weights are renamed into place before the manifest, and neither until both are written.
     with atomic_paths([target, sidecar]) as (tmp_w, tmp_j):
-        write_model(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
+        write_model(
+            model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args, storage=storage
+        )
     return target
+
+
+def _check_storage(storage: Any) -> str:
+    """``storage`` if it is a sparse format of :data:`rmtprune.sparse_format.FORMATS`, else
+    ValueError (TypeError for a non-string) naming it."""
+    from ._validate import check_choice
+    from .sparse_format import FORMATS
+
+    return check_choice("storage", storage, FORMATS)
 
 
 def write_model(
@@ -144,25 +159,28 @@ def write_model(
     factory: str | None = None,
     factory_args: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    storage: str = "auto",
 ) -> None:
     """Write the weights and the manifest to the given (temporary) paths, not atomically.
 
     The building block of :func:`save` for commands that write more files in one atomic group
     (:func:`rmtprune._atomic.atomic_paths`). A failed write (a full disk) raises
-    :class:`~rmtprune.errors.RmtpruneError` naming the file. ``extra`` adds top-level manifest fields.
+    :class:`~rmtprune.errors.RmtpruneError` naming the file. ``extra`` adds top-level manifest fields;
+    ``storage`` is the sparse format of the masked weights (see :func:`save`).
     """
     from safetensors.torch import save_file, save_model
 
     from .masks import masks_of
     from .sparse_format import METADATA_KEY, encode_state_dict
 
+    _check_storage(storage)
     manifest = build_manifest(model, plan, factory, factory_args, extra)
     text = json.dumps(manifest, indent=2, sort_keys=True, default=json_default) + "\n"
     meta = {META_KEY: json.dumps(manifest, default=json_default)}
     masks = masks_of(model)
     try:
         if masks:
-            tensors, sparse = encode_state_dict(model.state_dict(), masks)
+            tensors, sparse = encode_state_dict(model.state_dict(), masks, storage)
             meta[METADATA_KEY] = json.dumps({"version": 1, "tensors": sparse}, sort_keys=True)
             save_file(tensors, str(weights), metadata=meta)
         else:

@@ -144,23 +144,35 @@ def write_model_outputs(
     plan: Any = None,
     src: str | None = None,
     force: bool = False,
+    storage: str = "auto",
 ) -> int:
     """Write OUT, its manifest and the two reports as one group (the paths checked by
     :func:`check_model_outputs`): each under a temporary name, all renamed into place only when all
     are complete, so a failure or Ctrl-C leaves OUT (even OUT == MODEL_FILE) and its sidecars as they
-    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts. Returns OUT's size in bytes.
+    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts; ``storage`` is the sparse format
+    of masked weights (:func:`rmtprune.io.save`). Returns OUT's size in bytes.
 
     When the input ``src`` is a model directory, OUT is a directory (checked by
     :func:`check_dir_outputs`) holding the weights and the reports: see :func:`_write_dir_outputs`."""
     if is_model_dir(src):
-        return _write_dir_outputs(model, out_path, src, plan=plan, force=force, reports=reports)  # type: ignore[arg-type]
+        return _write_dir_outputs(
+            model,
+            out_path,
+            src,  # type: ignore[arg-type]
+            plan=plan,
+            force=force,
+            reports=reports,
+            storage=storage,
+        )
     from .. import io as rio
     from .._atomic import atomic_paths
     from ..errors import RmtpruneError
 
     targets = [out_path, rio.manifest_path(out_path), report_json, report_md]
     with atomic_paths(targets) as (tmp_w, tmp_j, tmp_rj, tmp_rm):
-        rio.write_model(model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args)
+        rio.write_model(
+            model, tmp_w, tmp_j, plan=plan, factory=factory, factory_args=factory_args, storage=storage
+        )
         size = os.path.getsize(tmp_w)
         json_text, md_text = reports(size)
         try:
@@ -296,6 +308,7 @@ def _write_dir_outputs(
     plan: Any = None,
     force: bool = False,
     reports: Callable[[int], tuple[str, str]],
+    storage: str = "auto",
 ) -> int:
     """Write OUT_DIR (:func:`rmtprune.hf.save_pretrained`, atomic) with the command's two reports
     inside (:data:`rmtprune.hf.REPORTS`). Returns the size of its weights file in bytes."""
@@ -308,7 +321,9 @@ def _write_dir_outputs(
         json_text, md_text = reports(size)
         return dict(zip(hf.REPORTS, (json_text, md_text), strict=True))
 
-    hf.save_pretrained(model, out_dir, plan=plan, source=Path(src).expanduser(), force=force, reports=texts)
+    hf.save_pretrained(
+        model, out_dir, plan=plan, source=Path(src).expanduser(), force=force, reports=texts, storage=storage
+    )
     return sizes[0]
 
 

@@ -192,12 +192,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL_FILE] OUT, got {len(args.paths)} paths")
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
-    if config.storage != "auto":  # rmtprune.io.save takes no format: the file is written with "auto"
-        print(
-            f"rmtprune: warning: storage={config.storage!r} sets the format the report counts bytes in; "
-            "OUT itself is written with 'auto' (the smaller of bitmask and CSR per layer)",
-            file=sys.stderr,
-        )
     show = False if args.no_progress else None
     directory = is_model_dir(src)
     out_path = Path(out).expanduser()
@@ -241,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         reports=lambda _: texts,
         src=src,
         force=args.force,
+        storage=config.storage,
     )
     if not args.quiet:
         print(report.table())

@@ -126,8 +126,9 @@ class SparsifyConfig:
     storage: str = field(
         default="auto",
         metadata=_meta(
-            f"sparse storage format the report's stored bytes are counted in, one of {STORAGE} "
-            "(rmtprune.io.save writes auto)"
+            f"sparse storage format of the pruned weights, one of {STORAGE} (auto: the smaller of bitmask "
+            "and CSR per layer); OUT is written in it (rmtprune.io.save(..., storage=)) and the report's "
+            "stored bytes are counted in it"
         ),
     )
 
