@@ -750,6 +750,55 @@ def test_a_checkpoint_of_the_flat_layout_resumes(tmp_path, good_state):
         train(out=out, resume=True, compression={"ks_max": 0.3})
 
 
+def test_a_checkpoint_saved_before_val_size_resumes_on_the_whole_training_file(tmp_path, monkeypatch):
+    """A config saved before the validation split existed has no ``val_size``: that run trained on the
+    whole training file, and resuming it must not switch to the default hold-out (1294 of 1438)."""
+    import shutil
+
+    from rmtprune.training import trainer
+
+    out = tmp_path / "run"
+    train(out=out, **{**TINY, "epochs": 1, "prune": False, "val_size": 0})  # the layout it trained with
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):  # as an earlier release wrote them
+        if (out / name).exists():
+            state = torch.load(out / name, weights_only=True)
+            del state["config"]["val_size"]
+            torch.save(state, out / name)
+    old = json.loads((out / "config.json").read_text())
+    del old["val_size"]
+    (out / "config.json").write_text(json.dumps(old))
+    assert "val_size" not in load_checkpoint(out)[0]["config"]
+    shutil.copytree(out, tmp_path / "copy")
+
+    seen = []
+
+    def load_data(cfg, data_dir):
+        seen.append(trainer_load_data(cfg, data_dir))
+        return seen[-1]
+
+    trainer_load_data = trainer._load_data
+    monkeypatch.setattr(trainer, "_load_data", load_data)
+    with pytest.raises(
+        RmtpruneError, match=r"val_size=None differs from the run being resumed \(val_size=0\)"
+    ):
+        train(out=out, resume=True, val_size=None)  # asking for the default hold-out is a change
+    lines: list[str] = []
+    res = train(out=out, resume=True, epochs=2, log=lines.append)
+    assert res.resumed_from == 1 and res.config.val_size == 0
+    train_ds, val_ds, _ = seen[-1]
+    assert len(train_ds) == 1438 and val_ds is None  # the whole training file, no validation split
+    assert [r.get("val_acc") for r in res.metrics] == [None, None]
+    assert any("no val_size" in line and "val_size=0" in line for line in lines)
+    assert json.loads((out / "config.json").read_text())["val_size"] == 0  # recorded from now on
+    assert torch.load(out / CHECKPOINT, weights_only=True)["config"]["val_size"] == 0
+    full = train(**{**TINY, "epochs": 2, "prune": False, "val_size": 0})  # never interrupted
+    _compare(full.metrics, res.metrics)
+    # A script's config of before val_size existed holds its default (None): it keeps the stored layout.
+    script = TrainConfig.from_dict({**old, "val_size": None})
+    again = train(config=script, out=tmp_path / "copy", resume=True)
+    assert again.config.val_size == 0 and len(seen[-1][0]) == 1438
+
+
 def test_train_takes_compression_fields():
     res = train(
         **{**TINY, "epochs": 2, "compression": {"rule": "energy", "energy": 0.5, "exclude": ["head"]}}

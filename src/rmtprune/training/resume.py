@@ -24,7 +24,7 @@ from .pruner import LogFn
 from .run_files import _CORRUPT, _FORMAT, _VERSION, CHECKPOINT, PREVIOUS_CHECKPOINT
 from .setup import _meta_model, _short
 
-__all__ = ["load_checkpoint"]
+__all__ = ["load_checkpoint", "stored_config"]
 
 #: Bounds on what a checkpoint may hold: nesting depth (a real one has 6 levels), containers and
 #: values in all (a real one has a few per parameter tensor and per epoch).
@@ -215,7 +215,7 @@ def _check_state(state: Any, max_bytes: int) -> None:
     _want(not missing, f"it lacks {', '.join(missing)}")
     _want(isinstance(state["config"], dict), "config is not a dict")
     try:
-        cfg = TrainConfig.from_dict(state["config"])
+        cfg, _ = stored_config(state["config"])
     except (TypeError, ValueError) as exc:
         raise _BadFieldError(f"it holds an invalid run configuration: {exc}") from None
     epoch = state["epoch"]
@@ -243,6 +243,20 @@ def _check_state(state: Any, max_bytes: int) -> None:
     _want(isinstance(pruner, dict), "pruner is not a dict")
     for key in ("history", "events"):
         _check_rows(pruner.get(key, []), f"pruner[{key!r}]")
+
+
+#: Fields a run configuration saved by an earlier release may lack, with the value the run was
+#: trained with. ``val_size`` (the validation split, added later) is 0, not its default None: such a
+#: run trained on the whole training file, and None would resume it on 5,000 images fewer.
+_UNRECORDED = {"val_size": 0}
+
+
+def stored_config(data: dict[str, Any]) -> tuple[TrainConfig, tuple[str, ...]]:
+    """The run configuration a checkpoint holds, and the fields it did not record (filled in with the
+    values the run was trained with, :data:`_UNRECORDED`: a config saved before ``val_size`` existed
+    resumes with ``val_size=0``, the whole training file it started on)."""
+    missing = tuple(k for k in _UNRECORDED if k not in data)
+    return TrainConfig.from_dict({**data, **{k: _UNRECORDED[k] for k in missing}}), missing
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -413,11 +427,24 @@ def _check_scheduler_fits(scheduler: Any, saved: dict[str, Any], where: str) -> 
 
 
 def _resume_config(
-    stored: TrainConfig, config: TrainConfig | None, overrides: dict[str, Any], done: int
+    stored: TrainConfig,
+    config: TrainConfig | None,
+    overrides: dict[str, Any],
+    done: int,
+    unrecorded: tuple[str, ...] = (),
 ) -> TrainConfig:
-    """The stored config, with the few changes a resume allows (more epochs, another device)."""
-    asked = flatten(config.to_dict() if config is not None else stored.to_dict()) | flat_overrides(overrides)
+    """The stored config, with the few changes a resume allows (more epochs, another device).
+
+    ``unrecorded`` names the fields the stored config lacked (:func:`stored_config`): a ``config``
+    holding their default (a script written before they existed) keeps the stored value; only an
+    override (``val_size=...``) asks for another."""
     merged = flatten(stored.to_dict())
+    asked = flatten(config.to_dict() if config is not None else stored.to_dict())
+    defaults = flatten(TrainConfig().to_dict())
+    for key in unrecorded:
+        if asked.get(key) == defaults.get(key):
+            asked[key] = merged[key]
+    asked |= flat_overrides(overrides)
     for key, value in asked.items():
         if key not in merged:
             raise TypeError(f"train() got unknown option {key!r}")

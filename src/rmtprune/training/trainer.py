@@ -32,6 +32,7 @@ from .resume import (
     _resume_config,
     _resumed_model,
     load_checkpoint,
+    stored_config,
 )
 from .run_files import (
     _FORMAT,
@@ -133,8 +134,16 @@ def _open(
             raise ValueError("resume=True needs out= (the directory of the run to continue)")
         out_dir = _prepare_out(out, resume=True)
         state, ckpt_path = load_checkpoint(out_dir, log)
-        stored = TrainConfig.from_dict(state["config"])  # checked by load_checkpoint
-        cfg = _resume_config(stored, config, overrides, int(state["epoch"]))
+        # Checked by load_checkpoint; a config saved before val_size existed resumes with val_size=0
+        # (the whole training file it was trained on), not the default 5,000-image hold-out.
+        stored, unrecorded = stored_config(state["config"])
+        cfg = _resume_config(stored, config, overrides, int(state["epoch"]), unrecorded)
+        if unrecorded and log is not None:
+            filled = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unrecorded)
+            log(
+                f"note: the run's stored configuration has no {', '.join(unrecorded)} (an earlier "
+                f"release); resuming with {filled}, as it was trained"
+            )
         _check_device(cfg.device)
         if data_dir is None:
             data_dir = state.get("data_dir")
