@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from rmtprune.finetune import evaluate
@@ -46,3 +48,17 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median wall time (ms) of ``model(x)`` in eval mode over ``repeats`` calls after ``warmup`` calls."""
+    model.eval()
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from _cli import CACHE, QUICK_OUT, RESULTS, SHARED_DATA, command_line, log
 from _env import git_revision, training_code
+from _measure import latency_ms
 from _report import dump_json, machine, md_table
 from _stats import ci
 from torch import nn
@@ -484,23 +485,9 @@ def sparse_stored_equiv(model: nn.Module, names: Sequence[str]) -> int:
     return math.ceil(total / 4)
 
 
-@torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, reps: int) -> float:
-    """Median wall time (ms) of ``model(x)`` over ``reps`` calls after 3 warm-up calls."""
-    model.eval()
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def latencies(model: nn.Module, test: Dataset) -> dict[str, float]:
-    """``{"b1": ms, "b256": ms}`` on the first test images (:data:`LATENCY_REPS`)."""
-    return {f"b{b}": latency_ms(model, test.x[:b], reps) for b, reps in LATENCY_REPS.items()}
+    """``{"b1": ms, "b256": ms}`` on the first test images (:data:`LATENCY_REPS`, after 3 warm-up calls)."""
+    return {f"b{b}": latency_ms(model, test.x[:b], reps, warmup=3) for b, reps in LATENCY_REPS.items()}
 
 
 def prepare(args: argparse.Namespace, key: str, seed: int, train: Dataset) -> dict[str, Any]:

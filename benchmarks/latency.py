@@ -33,6 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from _env import git_revision  # noqa: E402
+from _measure import latency_ms  # noqa: E402
 from torch import nn  # noqa: E402
 
 import rmtprune  # noqa: E402
@@ -67,25 +68,12 @@ def accuracy(model: nn.Module, data) -> float:
     return correct / len(data)
 
 
-@torch.inference_mode()
-def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    model.eval()
-    for _ in range(max(3, repeats // 10)):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def paired_latency(dense: nn.Module, comp: nn.Module, x: torch.Tensor, repeats: int, rounds: int):
     """Median over interleaved rounds, so load changes on a shared machine hit both models alike."""
     d, c = [], []
     for _ in range(rounds):
-        d.append(latency_ms(dense, x, repeats))
-        c.append(latency_ms(comp, x, repeats))
+        d.append(latency_ms(dense, x, repeats, warmup=max(3, repeats // 10)))
+        c.append(latency_ms(comp, x, repeats, warmup=max(3, repeats // 10)))
     return statistics.median(d), statistics.median(c)
 
 
