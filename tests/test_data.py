@@ -631,3 +631,20 @@ def test_val_split_mnist_sizes(data_dir: Path) -> None:
     assert len(D.load_dataset("mnist", "train", data_dir=data_dir, val_size=0)) == 60_000
     # every class is in the validation split in about its share
     assert torch.bincount(val.y, minlength=10).min() > 400
+
+
+def test_train_and_val_decode_the_training_file_once(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train`` and ``val`` are carved from one decode of the training file (sha256 + gunzip once)."""
+    D.clear_cache()
+    calls: list[str] = []
+    real = D._decode_split
+
+    def counting(name: str, folder: Path, split: str, verify: bool = True) -> Any:
+        calls.append(split)
+        return real(name, folder, split, verify)
+
+    monkeypatch.setattr(D, "_decode_split", counting)
+    train, val = D.load_dataset("mnist", "train"), D.load_dataset("mnist", "val")
+    D.load_dataset("mnist", "train", val_size=0)
+    assert calls == ["train"] and (len(train), len(val)) == (55_000, 5_000)
+    D.clear_cache()

@@ -94,7 +94,10 @@ VAL_SIZE: dict[str, int] = {"mnist": 5000, "fashion-mnist": 5000, "digits": 144}
 VAL_SEED = 0
 
 _GATHER_BYTES = 16 << 20  # FastLoader gathers this much at a time
-_MEMORY: dict[tuple[str, str, str], Dataset] = {}
+_MEMORY: dict[tuple[str, str, str, int], Dataset] = {}
+#: The decoded training file (uint8 images, labels) of each dataset and folder: ``train`` and
+#: ``val`` are carved from it, so the file is verified and decoded once for both.
+_TRAIN_FILE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass(frozen=True)
@@ -226,9 +229,7 @@ def _val_size(key: str, val_size: int | None) -> int:
 def _carve(
     images: np.ndarray, labels: np.ndarray, split: str, n_val: int, key: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``train`` or ``val`` part of a training file (see :data:`VAL_SEED`); ``test`` untouched."""
-    if split == "test":
-        return images, labels
+    """The ``train`` or ``val`` part of a training file (see :data:`VAL_SEED`)."""
     n = labels.shape[0]
     if split == "val" and n_val == 0:
         raise ValueError(f"split='val' with val_size=0: no validation split of {key} was asked for")
@@ -263,28 +264,36 @@ def load_dataset(
     _check_split(split)
     n_val = 0 if split == "test" else _val_size(key, val_size)
     if key == "digits":
-        cache_key = (key, split, "", n_val)
-        if cache_key not in _MEMORY:
-            images, labels = _digits_split("test" if split == "test" else "train")
-            images, labels = _carve(images, labels, split, n_val, key)
-            x = _normalise(key, images)
-            _MEMORY[cache_key] = Dataset(key, split, x, torch.from_numpy(labels), 10, (1, 8, 8))
-        return _MEMORY[cache_key]
-    try:
-        folder = find_data_dir(key, data_dir)
-    except RmtpruneError:
-        if not download:
-            raise RmtpruneError(_missing_message(key, data_dir, "downloading is off")) from None
-        dest = _download_dest(key, data_dir)
+        where = ""
+
+        def read(file_split: str) -> tuple[np.ndarray, np.ndarray]:
+            return _digits_split(file_split)
+
+    else:
         try:
-            folder = download_dataset(key, dest)
-        except RmtpruneError as exc:
-            searched = ", ".join(str(p) for p in _candidates(key, data_dir))
-            raise RmtpruneError(f"{key} files not found locally (searched: {searched}); {exc}") from None
-    cache_key = (key, split, str(folder.resolve()), n_val)
+            folder = find_data_dir(key, data_dir)
+        except RmtpruneError:
+            if not download:
+                raise RmtpruneError(_missing_message(key, data_dir, "downloading is off")) from None
+            dest = _download_dest(key, data_dir)
+            try:
+                folder = download_dataset(key, dest)
+            except RmtpruneError as exc:
+                searched = ", ".join(str(p) for p in _candidates(key, data_dir))
+                raise RmtpruneError(f"{key} files not found locally (searched: {searched}); {exc}") from None
+        where = str(folder.resolve())
+
+        def read(file_split: str) -> tuple[np.ndarray, np.ndarray]:
+            return _decode_split(key, folder, file_split)
+
+    cache_key = (key, split, where, n_val)
     if cache_key not in _MEMORY:
-        images, labels = _decode_split(key, folder, "test" if split == "test" else "train")
-        images, labels = _carve(images, labels, split, n_val, key)
+        if split == "test":
+            images, labels = read("test")
+        else:
+            if (key, where) not in _TRAIN_FILE:
+                _TRAIN_FILE[(key, where)] = read("train")
+            images, labels = _carve(*_TRAIN_FILE[(key, where)], split, n_val, key)
         x = _normalise(key, images)
         y = torch.from_numpy(labels.astype(np.int64))
         _MEMORY[cache_key] = Dataset(key, split, x, y, 10, (1, int(images.shape[1]), int(images.shape[2])))
@@ -292,8 +301,9 @@ def load_dataset(
 
 
 def clear_cache() -> None:
-    """Forget every decoded split held in memory."""
+    """Forget every decoded split (and decoded training file) held in memory."""
     _MEMORY.clear()
+    _TRAIN_FILE.clear()
 
 
 # ----------------------------------------------------------------------------- iteration
