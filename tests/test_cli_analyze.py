@@ -52,7 +52,7 @@ def test_table_and_summary(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> No
     code, out, err = run(capsys, ckpt)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].split()[:9] == [
+    assert lines[0].split()[:12] == [
         "layer",
         "shape",
         "gamma",
@@ -61,19 +61,24 @@ def test_table_and_summary(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> No
         "spikes",
         "bulk",
         "ks",
+        "pl_alpha",
+        "hill",
+        "srank",
         "verdict",
     ]
     rows = {line.split()[0]: line.split() for line in lines[2:5]}
     assert (
-        rows["fc1.weight"][1] == "64x96" and rows["fc1.weight"][5] == "4" and rows["fc1.weight"][8] == "fit"
+        rows["fc1.weight"][1] == "64x96" and rows["fc1.weight"][5] == "4" and rows["fc1.weight"][11] == "fit"
     )
+    assert float(rows["fc1.weight"][8]) > 1 and float(rows["fc1.weight"][10]) >= 1  # alpha, stable rank
     assert rows["features.0.weight"][1] == "24x3x3x3"
-    assert rows["out.weight"][2:9] == ["-"] * 6 + ["too-small"]
+    assert rows["out.weight"][2:12] == ["-"] * 9 + ["too-small"]
     assert "p=1 < 10" in out
-    assert lines[-1].endswith(
+    assert lines[-2].endswith(
         "(safetensors): 3 layers analysed (2 fit, 0 no-mp-bulk, 1 too-small, 0 invalid); "
         "3 tensors ignored (1 non-float, 2 1-D/scalar)"
     )
+    assert lines[-1].startswith("ESD metrics, mean over 2 fitted layers: alpha=")
 
 
 def test_json_and_csv(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,6 +97,11 @@ def test_json_and_csv(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert fc1["shape"] == "64x96" and fc1["n_spikes"] == "4" and fc1["verdict"] == "fit"
     assert float(fc1["ks"]) == pytest.approx(d["layers"][0]["ks"])
     assert rows[2]["ks"] == "" and rows[2]["verdict"] == "too-small"
+    # the ESD metrics: nested in the JSON (their alpha is not BEMA's), esd_* columns in the CSV
+    m = d["layers"][0]["metrics"]
+    assert float(fc1["esd_alpha"]) == pytest.approx(m["alpha"]) and m["stable_rank"] >= 1
+    assert d["layers"][2]["metrics"] is None and rows[2]["esd_alpha"] == ""
+    assert d["summary"]["n_layers"] == 2 and "alpha" in d["summary"]
 
 
 def test_plots(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

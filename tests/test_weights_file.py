@@ -744,7 +744,7 @@ def test_many_tiny_safetensors_tensors_share_one_open(
     result = analyze_file(path)
     assert time.perf_counter() - start < 20  # generous: about 0.5 s here
     assert len(result.layers) + len(result.ignored) == 5000
-    assert counter.opens == 1 and counter.live == 0
+    assert counter.opens == 0  # analyze_file reads float safetensors with numpy: no safe_open
 
 
 def test_safetensors_handle_is_reopened_after_a_byte_budget(

@@ -1,5 +1,6 @@
 """Read one ``.safetensors`` file: its header checked field by field before anything is allocated,
-then its tensors one at a time through ``safe_open`` (memory-mapped)."""
+then its tensors one at a time, as torch tensors through ``safe_open`` (memory-mapped), or as numpy
+arrays straight from the file (no torch: what ``rmtprune analyze`` uses for the float dtypes)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,66 @@ _ITEMSIZE = {dtype: size for dtype, size in _SAFETENSORS_DTYPES.values()}
 _REOPEN_BYTES = 256 * 2**20  # a safetensors handle is reopened after this many bytes were read through it
 
 
-def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+def _widen_bf16(raw: Any) -> Any:
+    """bfloat16 bits (uint16) -> float32, exactly: the bits are the high half of the float32."""
+    import numpy as np
+
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _fp8_table(exp_bits: int, man_bits: int, fn: bool) -> Any:
+    """The 256 float32 values of an 8-bit float (OCP FP8: E4M3 ``fn`` has no infinities and one NaN
+    pattern per sign, S.1111.111; E5M2 is IEEE-like, exponent 31 is inf/NaN)."""
+    import numpy as np
+
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    man = codes & ((1 << man_bits) - 1)
+    bias = (1 << (exp_bits - 1)) - 1
+    frac = man / float(1 << man_bits)
+    vals = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1.0 + frac) * 2.0 ** (exp - bias)) * sign
+    top = (1 << exp_bits) - 1
+    if fn:
+        vals[(exp == top) & (man == (1 << man_bits) - 1)] = np.nan
+    else:
+        vals[(exp == top) & (man == 0)] = np.inf * sign[(exp == top) & (man == 0)]
+        vals[(exp == top) & (man != 0)] = np.nan
+    return vals.astype(np.float32)
+
+
+_FP8_TABLES: dict[str, Any] = {}
+
+
+def _fp8_reader(dtype: str, exp_bits: int, man_bits: int, fn: bool) -> Any:
+    def convert(raw: Any) -> Any:
+        if dtype not in _FP8_TABLES:
+            _FP8_TABLES[dtype] = _fp8_table(exp_bits, man_bits, fn)
+        return _FP8_TABLES[dtype][raw]
+
+    return convert
+
+
+#: torch dtype spelling -> (numpy dtype of the raw little-endian bytes, conversion or None).
+_NUMPY_READERS: dict[str, tuple[str, Any]] = {
+    "float16": ("<f2", None),
+    "float32": ("<f4", None),
+    "float64": ("<f8", None),
+    "bfloat16": ("<u2", _widen_bf16),
+    "float8_e4m3fn": ("u1", _fp8_reader("float8_e4m3fn", 4, 3, True)),
+    "float8_e5m2": ("u1", _fp8_reader("float8_e5m2", 5, 2, False)),
+}
+
+
+def _read_safetensors_header(
+    path: Path, offsets: dict[str, tuple[int, int]] | None = None
+) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header without reading tensor data (clear errors for bad files).
 
     Every entry is checked as the safetensors reader would (a known dtype string, a shape of
     non-negative integers, offsets that match the byte size and tile the data without gaps or
     overlaps), so a crafted header fails here, naming the tensor, before anything is allocated.
+    ``offsets``, when given, receives each tensor's ``(begin, end)`` byte range in the file.
     """
     size = path.stat().st_size
     if size == 0:
@@ -88,10 +143,16 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(
             f"{str(path)!r} is not a valid safetensors file: __metadata__ is not a map of strings"
         )
-    return _check_entries(path, header, size - 8 - n)
+    infos = _check_entries(path, header, size - 8 - n, offsets)
+    if offsets is not None:
+        for name, (begin, end) in offsets.items():
+            offsets[name] = (8 + n + begin, 8 + n + end)
+    return infos
 
 
-def _check_entries(path: Path, header: dict[str, Any], data_len: int) -> dict[str, TensorInfo]:
+def _check_entries(
+    path: Path, header: dict[str, Any], data_len: int, spans_out: dict[str, tuple[int, int]] | None = None
+) -> dict[str, TensorInfo]:
     """Check every tensor entry of a parsed header against the ``data_len`` bytes that follow it:
     a dtype name, a valid shape, offsets that match the byte size and tile the data exactly."""
     out: dict[str, TensorInfo] = {}
@@ -126,6 +187,8 @@ def _check_entries(path: Path, header: dict[str, Any], data_len: int) -> dict[st
             )
         spans.append((begin, end, name))
         out[name] = TensorInfo(name, shape, dtype)
+        if spans_out is not None:
+            spans_out[name] = (begin, end)
     spans.sort()
     end_max = max((end for _, end, _ in spans), default=0)
     if end_max > data_len:
@@ -157,7 +220,40 @@ class _SafetensorsFile(_Source):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._infos = _read_safetensors_header(path)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._infos = _read_safetensors_header(path, self._offsets)
+
+    def numpy_readable(self, names: list[str]) -> bool:
+        """Whether :meth:`read_numpy` can read every tensor of ``names`` (their dtypes)."""
+        return all(self._infos[n].dtype in _NUMPY_READERS for n in names)
+
+    def read_numpy(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        """Yield ``(name, numpy array)`` one tensor at a time, read from the file without torch.
+
+        float16/32/64 keep their dtype; bfloat16 is widened to float32 exactly (its 16 bits are
+        the high half of a float32) and the 8-bit floats through a 256-entry float32 table.
+        """
+        import numpy as np
+
+        with open(self.path, "rb") as fh:
+            for name in names:
+                info = self._infos[name]
+                begin, end = self._offsets[name]
+                raw_dtype, convert = _NUMPY_READERS[info.dtype]
+                buf = np.empty(info.numel, dtype=raw_dtype)
+                try:
+                    fh.seek(begin)
+                    got = fh.readinto(memoryview(buf).cast("B"))
+                except OSError as exc:
+                    raise CheckpointError(f"{str(self.path)!r} could not be read: {_one_line(exc)}") from None
+                if got != end - begin:
+                    raise CheckpointError(
+                        f"{str(self.path)!r} could not be read: tensor {_short(name)} is truncated "
+                        f"({got} of {end - begin} bytes)"
+                    )
+                arr = convert(buf) if convert is not None else buf
+                yield name, arr.reshape(info.shape)
+                del arr, buf
 
     def infos(self) -> list[TensorInfo]:
         return sorted(self._infos.values(), key=lambda i: _natural_key(i.name))

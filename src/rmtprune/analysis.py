@@ -1,32 +1,39 @@
-"""The analyze stage: singular values (torch, float64) plus the BEMA fit, per tensor or per model.
+"""The analyze stage: singular values (float64) plus the BEMA fit, per tensor or per model.
 
 This is the bridge between tensors and the pure-numpy ``rmtprune.spectral``. :func:`analyze_tensor`
 reads one weight as a matrix (conv weights ``out x in x k...`` as ``out x (in * k...)``), fits its
-bulk and gives a verdict. :func:`analyze` does the same for every layer of a model the layer
-registry (:mod:`rmtprune.layers`) knows, factored layers included, and is what :func:`rmtprune.plan`,
+bulk and gives a verdict; a numpy weight is analysed with numpy alone (torch is imported only for
+torch tensors, models and ``device=``), so ``rmtprune analyze FILE.safetensors`` never loads torch.
+:func:`analyze` does the same for every layer of a model the layer registry
+(:mod:`rmtprune.layers`) knows, factored layers included, and is what :func:`rmtprune.plan`,
 sparsification, the training pruner and the reports consume: the fit, the gate and the verdict
 sentence live here and nowhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ._progress import progress as _progress
 from .errors import InvalidWeightsError
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, SpectrumFit, fit_bulk, fit_censored
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "analyze_matrix",
     "analyze_tensor",
     "as_matrix",
     "singular_values",
+    "singular_values_batched",
+    "resolve_device",
     "LayerAnalysis",
     "ModelAnalysis",
     "analyze",
@@ -49,6 +56,8 @@ def gate_reason(fit: SpectrumFit, ks_max: float) -> str:
 
 def as_matrix(weight: Any) -> torch.Tensor:
     """View a weight (numpy array or torch tensor, >= 2-D, floating point) as an ``out x rest`` tensor."""
+    import torch
+
     if isinstance(weight, np.ndarray):
         if not np.issubdtype(weight.dtype, np.floating):
             raise TypeError(f"weight dtype {weight.dtype} is not floating point")
@@ -64,20 +73,63 @@ def as_matrix(weight: Any) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _as_array(weight: np.ndarray) -> np.ndarray:
+    """:func:`as_matrix` for a numpy weight, without torch: an ``out x rest`` view."""
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise TypeError(f"weight dtype {weight.dtype} is not floating point")
+    if weight.ndim < 2:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is not a matrix (need >= 2 dims)")
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _all_finite(mat: Any) -> bool:
+    """Whether a numpy array or torch tensor holds no NaN/Inf (numpy in 64 MiB row chunks)."""
+    if isinstance(mat, np.ndarray):
+        step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, mat.shape[1]))
+        return all(bool(np.isfinite(mat[i : i + step]).all()) for i in range(0, mat.shape[0], step))
+    import torch
+
+    return bool(torch.isfinite(mat).all())
+
+
 #: Rows of the float64 copy converted at a time when accumulating the Gram matrix (64 MiB chunks).
 _GRAM_CHUNK_ELEMENTS = 8 * 2**20
 
 
-def singular_values(matrix: torch.Tensor, method: str = "gram") -> np.ndarray:
-    """Singular values of a 2-D tensor, descending, computed in float64 on the CPU.
+def _singular_values_numpy(m: np.ndarray, method: str) -> np.ndarray:
+    """:func:`singular_values` of a numpy matrix, in numpy (the same method and chunks as torch's)."""
+    if m.shape[0] < m.shape[1]:
+        m = m.T
+    if method == "gram":
+        rows, cols = m.shape
+        step = max(1, _GRAM_CHUNK_ELEMENTS // cols)
+        gram = np.zeros((cols, cols), dtype=np.float64)
+        for start in range(0, rows, step):
+            chunk = np.ascontiguousarray(m[start : start + step], dtype=np.float64)
+            gram += chunk.T @ chunk  # numpy calls BLAS syrk for A.T @ A
+        eig = np.linalg.eigvalsh(gram)[::-1]
+        return np.sqrt(np.clip(eig, 0.0, None))
+    if method == "svd":
+        return np.linalg.svd(m.astype(np.float64), compute_uv=False)
+    raise ValueError(f"method={method!r} must be 'gram' or 'svd'")
+
+
+def singular_values(matrix: Any, method: str = "gram") -> np.ndarray:
+    """Singular values of a 2-D tensor or numpy array, descending, computed in float64 on the CPU.
 
     ``method="gram"`` (default) takes the square roots of the eigenvalues of the ``p x p`` Gram
     matrix ``W^T W`` (tall orientation), accumulated over 64 MiB row chunks converted to float64,
     so no full float64 copy is ever made: 1.8-3.2x faster than ``svdvals`` on 256..2048-wide
     layers (measured on 1 thread), with relative error ``~ eps * (s_max / s_i)**2``, below 1e-9
     on every matrix we tried; the MP fit only needs ``s**2`` anyway. ``method="svd"`` is
-    ``torch.linalg.svdvals`` in float64 (exact to rounding for the smallest values too).
+    ``torch.linalg.svdvals`` in float64 (exact to rounding for the smallest values too). A numpy
+    array is computed in numpy (``eigvalsh`` of the same float64 Gram matrix; LAPACK ``gesdd``
+    for ``svd``), without importing torch.
     """
+    if isinstance(matrix, np.ndarray):
+        return _singular_values_numpy(matrix, method)
+    import torch
+
     m = matrix.detach().to(device="cpu")
     if m.shape[0] < m.shape[1]:
         # Same values; LAPACK is 3-5x faster on the tall orientation (measured: 768x3072 2.8 s
@@ -110,11 +162,72 @@ def analyze_matrix(W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_B
     >>> fit.n_spikes, round(fit.sigma2, 1)
     (0, 1.0)
     """
-    mat = as_matrix(W)
-    if not bool(torch.isfinite(mat).all()):
+    mat = _as_array(W) if isinstance(W, np.ndarray) else as_matrix(W)
+    if not _all_finite(mat):
         raise InvalidWeightsError(f"weight of shape {tuple(mat.shape)} contains NaN or Inf")
     s = singular_values(mat)
     return fit_bulk(s, tuple(mat.shape), alpha=alpha, beta=beta)
+
+
+def resolve_device(device: Any) -> str | None:
+    """The device the batched Gram/eigenvalue step runs on: ``None`` for the plain CPU path, or a
+    torch device string. An unavailable CUDA device falls back to the CPU (``None``) with a
+    one-line :class:`RuntimeWarning`, never an error; a device torch does not know is a ValueError.
+    """
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a torch device: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"device={str(device)!r}: CUDA is not available; analysing on the CPU", RuntimeWarning, 2
+        )
+        return None
+    return str(dev)
+
+
+def singular_values_batched(matrices: Sequence[Any], device: Any = "cpu") -> list[np.ndarray]:
+    """Singular values of several matrices (numpy or torch), float64 Gram eigenvalues on ``device``.
+
+    The method of :func:`singular_values` (``method="gram"``: tall orientation, float64 Gram
+    matrix accumulated over row chunks, ``eigvalsh``), run with torch on ``device``; matrices of the
+    same shape are stacked and go through one batched ``baddbmm``/``eigvalsh``. Each group is sent
+    to the device in its own dtype and converted to float64 there chunk by chunk, so device memory
+    is about the group's bytes plus one 64 MiB float64 chunk per matrix and the Gram matrices. The
+    caller sizes the batches (:func:`rmtprune.analyze_file` streams them from disk). Returns one
+    descending float64 array per matrix, in the input order. On the CPU it agrees with the numpy
+    path to ~1e-12 relative (same float64 arithmetic, another summation order).
+    """
+    import torch
+
+    dev = torch.device(device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    tall: list[Any] = []
+    for i, m in enumerate(matrices):
+        t = torch.from_numpy(m) if isinstance(m, np.ndarray) else m.detach()
+        if t.ndim != 2:
+            raise ValueError(f"matrix {i} has shape {tuple(t.shape)}; need 2-D")
+        t = t.T if t.shape[0] < t.shape[1] else t
+        tall.append(t)
+        groups.setdefault((int(t.shape[0]), int(t.shape[1])), []).append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(tall)
+    for (rows, cols), idx in groups.items():
+        batch = torch.stack([tall[i] for i in idx]).to(dev)
+        step = max(1, _GRAM_CHUNK_ELEMENTS // cols)
+        gram = torch.zeros(len(idx), cols, cols, dtype=torch.float64, device=dev)
+        for start in range(0, rows, step):
+            chunk = batch[:, start : start + step].to(torch.float64)
+            gram.baddbmm_(chunk.transpose(1, 2), chunk)
+            del chunk
+        del batch
+        eig = torch.linalg.eigvalsh(gram).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = np.sqrt(np.clip(eig[j, ::-1], 0.0, None))
+    return out
 
 
 @dataclass
@@ -124,6 +237,9 @@ class LayerAnalysis:
     From :func:`analyze` (a layer of a model) it also carries the module, its handler, the layer
     type, the current rank, the spectrum ``s`` (all ``p`` values, descending; a factored layer's
     cut values as zeros) and, when asked, the thin SVD ``(U, s, Vh)`` as torch tensors.
+    ``metrics`` are the heavy-tail / norm metrics of the spectrum of a fitted layer
+    (:class:`rmtprune.spectral.esd_metrics.ESDMetrics`: power-law alpha, alpha-hat, stable rank,
+    ...) and ``traps`` the correlation-trap report, when asked (``randomize``).
     """
 
     name: str
@@ -142,6 +258,8 @@ class LayerAnalysis:
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         default=None, repr=False, compare=False
     )
+    metrics: Any = field(default=None, compare=False)
+    traps: Any = field(default=None, compare=False)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -170,6 +288,10 @@ class LayerAnalysis:
         fit = self.fit.to_dict() if self.fit is not None else {}
         for k in keys:
             out[k] = fit.get(k)
+        # Nested: their names ("alpha": the power-law exponent) would clash with the fit's (BEMA alpha).
+        out["metrics"] = self.metrics.to_dict() if self.metrics is not None else None
+        if self.traps is not None:
+            out["traps"] = self.traps.to_dict()
         return out
 
 
@@ -179,23 +301,89 @@ def analyze_tensor(
     alpha: float = DEFAULT_ALPHA,
     beta: float = DEFAULT_BETA,
     ks_max: float = DEFAULT_KS_MAX,
+    *,
+    metrics: bool = True,
+    randomize: bool = False,
 ) -> LayerAnalysis:
-    """Analyse one named weight and give it a verdict; never raises for bad values, only reports."""
-    mat = as_matrix(weight)
+    """Analyse one named weight and give it a verdict; never raises for bad values, only reports.
+
+    A numpy weight is analysed in numpy (torch is not imported). ``metrics``: the ESD metrics of a
+    fitted layer (:attr:`LayerAnalysis.metrics`); ``randomize``: also its correlation-trap report
+    (:attr:`LayerAnalysis.traps`, a second spectrum of the shuffled weight).
+    """
+    mat = _as_array(weight) if isinstance(weight, np.ndarray) else as_matrix(weight)
+    la = check_tensor(name, weight, mat)
+    if la is not None:
+        return la
+    return finish_tensor(
+        name, weight, mat, singular_values(mat), alpha, beta, ks_max, metrics=metrics, randomize=randomize
+    )
+
+
+def check_tensor(name: str, weight: Any, mat: Any) -> LayerAnalysis | None:
+    """The ``invalid``/``too-small`` verdict of a weight (``mat``: it as a matrix), or None to fit it."""
     shape = tuple(int(v) for v in (weight.shape))
     dtype = str(weight.dtype).replace("torch.", "")
     p = min(mat.shape)
-    if not bool(torch.isfinite(mat).all()):
+    if not _all_finite(mat):
         return LayerAnalysis(name, shape, dtype, "invalid", None, f"layer {name!r} contains NaN or Inf")
     if p < MIN_P:
         return LayerAnalysis(name, shape, dtype, "too-small", None, f"p={p} < {MIN_P}: too small to fit")
-    fit = fit_bulk(singular_values(mat), tuple(mat.shape), alpha=alpha, beta=beta)
+    return None
+
+
+def finish_tensor(
+    name: str,
+    weight: Any,
+    mat: Any,
+    s: np.ndarray,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    ks_max: float = DEFAULT_KS_MAX,
+    *,
+    metrics: bool = True,
+    randomize: bool = False,
+) -> LayerAnalysis:
+    """The fit, verdict and metrics of a weight whose singular values ``s`` are computed (by
+    :func:`singular_values` or :func:`singular_values_batched`)."""
+    shape = tuple(int(v) for v in (weight.shape))
+    dtype = str(weight.dtype).replace("torch.", "")
+    fit = fit_bulk(s, tuple(mat.shape), alpha=alpha, beta=beta)
     why = gate_reason(fit, ks_max)
-    return LayerAnalysis(name, shape, dtype, "no-mp-bulk" if why else "fit", fit, why)
+    la = LayerAnalysis(name, shape, dtype, "no-mp-bulk" if why else "fit", fit, why)
+    if metrics:
+        la.metrics = _esd_metrics(s, tuple(mat.shape), fit)
+    if randomize:
+        la.traps = _traps(mat, fit)
+    return la
+
+
+def _esd_metrics(s: np.ndarray, shape: tuple[int, int], fit: SpectrumFit | None) -> Any:
+    """:func:`rmtprune.spectral.esd_metrics.esd_metrics` of a spectrum."""
+    from .spectral.esd_metrics import esd_metrics
+
+    return esd_metrics(s, shape, fit=fit)
+
+
+def _traps(mat: Any, fit: SpectrumFit | None) -> Any:
+    """:func:`rmtprune.spectral.esd_metrics.correlation_traps` of a weight matrix (numpy, float64)."""
+    from .spectral.esd_metrics import correlation_traps
+
+    W = mat if isinstance(mat, np.ndarray) else mat.detach().to("cpu").double().numpy()
+    return correlation_traps(np.asarray(W, dtype=np.float64), seed=0, fit=fit)
+
+
+def metrics_summary(layers: Sequence[LayerAnalysis]) -> dict[str, Any] | None:
+    """:func:`rmtprune.spectral.esd_metrics.summarize` of the layers' metrics (None: no layer has them)."""
+    found = [la.metrics for la in layers if la.metrics is not None]
+    if not found:
+        return None
+    from .spectral.esd_metrics import summarize
+
+    return summarize(found)
 
 
 # ====================================================================== a whole model
-_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 @dataclass
@@ -233,12 +421,17 @@ class ModelAnalysis:
         """How many layers got each verdict."""
         return {v: sum(la.verdict == v for la in self.layers) for v in VERDICTS}
 
+    def summary(self) -> dict[str, Any] | None:
+        """Model-level summary of the layers' ESD metrics (:func:`metrics_summary`)."""
+        return metrics_summary(self.layers)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict: the output layer and every layer's record."""
+        """Plain-JSON dict: the output layer, every layer's record and the metrics summary."""
         return {
             "output_layer": self.output_layer,
             "output_reason": self.output_reason,
             "counts": self.counts(),
+            "summary": self.summary(),
             "layers": [{**la.to_dict(), "layer_type": la.layer_type} for la in self.layers],
         }
 
@@ -274,8 +467,19 @@ def _settings(config: Any, name: str) -> tuple[Any, str]:
     return config, "float64"
 
 
-def _analyze_layer(e: Any, fit_cfg: Any, svd_dtype: str, keep_svd: bool, method: str) -> LayerAnalysis:
-    """Spectrum, fit and verdict of one supported layer (the model is not changed)."""
+def _analyze_layer(
+    e: Any,
+    fit_cfg: Any,
+    svd_dtype: str,
+    keep_svd: bool,
+    method: str,
+    device: str | None = None,
+    metrics: bool = True,
+    randomize: bool = False,
+) -> LayerAnalysis:
+    """Spectrum, fit, verdict and metrics of one supported layer (the model is not changed)."""
+    import torch
+
     h, mod, name = e.handler, e.module, e.name
     m, n = h.matrix_shape(mod)
     p = min(m, n)
@@ -298,11 +502,13 @@ def _analyze_layer(e: Any, fit_cfg: Any, svd_dtype: str, keep_svd: bool, method:
     if p < MIN_P:
         la.verdict, la.message = "too-small", f"p={p} < {MIN_P}: too small to fit"
         return la
-    dtype = _DTYPES[svd_dtype]
+    dtype = {"float64": torch.float64, "float32": torch.float32}[svd_dtype]
     if keep_svd or h.factored:
         U, s_t, Vh = h.svd(mod, dtype)
         la.svd = (U, s_t, Vh)
         s = s_t.detach().to("cpu", torch.float64).numpy()
+    elif device is not None:
+        s = singular_values_batched([h.matrix(mod)], device)[0]
     elif method == "gram":
         s = singular_values(h.matrix(mod))
     else:
@@ -319,6 +525,10 @@ def _analyze_layer(e: Any, fit_cfg: Any, svd_dtype: str, keep_svd: bool, method:
         la.verdict = "no-mp-bulk"
         la.message = f"rank {k_now} leaves too few bulk values in the trimmed window to refit"
         return la
+    if metrics:
+        la.metrics = _esd_metrics(s_full, (m, n), fit)
+    if randomize and not h.factored:
+        la.traps = _traps(h.matrix(mod), fit)
     why = gate_reason(fit, fit_cfg.ks_max)
     if why:
         la.verdict, la.message = "no-mp-bulk", why
@@ -335,6 +545,9 @@ def analyze(
     method: str = "svd",
     progress: bool | None = False,
     entries: list[Any] | None = None,
+    device: Any = None,
+    metrics: bool = True,
+    randomize: bool = False,
 ) -> ModelAnalysis:
     """Spectrum, BEMA fit and verdict of every layer of ``model`` the layer registry supports.
 
@@ -355,6 +568,12 @@ def analyze(
         ``keep_svd``; factored layers always use QR of their factors.
     progress : show a progress bar over layers (None: when stderr is a terminal).
     entries : the layers from :func:`rmtprune.layers.collect_layers`, if the caller has them.
+    device : run the Gram/eigenvalue step of dense layers (without ``keep_svd``) on this torch
+        device, float64 (:func:`singular_values_batched`); ``cuda`` without a GPU falls back to the
+        CPU with a warning. None: ``method`` on the CPU.
+    metrics : compute each fitted layer's ESD metrics (:attr:`LayerAnalysis.metrics`).
+    randomize : also each dense fitted layer's correlation-trap report (:attr:`LayerAnalysis.traps`;
+        a second spectrum per layer).
 
     Examples
     --------
@@ -363,6 +582,8 @@ def analyze(
     >>> [la.verdict for la in rmtprune.analyze(model)]
     ['fit', 'too-small']
     """
+    from torch import nn
+
     from .config import FitConfig, match_pattern
     from .layers import collect_layers, output_layer
 
@@ -373,6 +594,9 @@ def analyze(
         raise TypeError(f"config must be a FitConfig or a CompressionConfig, got {type(config).__name__}")
     if method not in ("svd", "gram"):
         raise ValueError(f"method={method!r} must be 'svd' or 'gram'")
+    dev = resolve_device(device)
+    if dev is None and device is not None:
+        dev = "cpu"  # asked for a device that is not there: the same batched path on the CPU
     entries = collect_layers(model) if entries is None else entries
     include, exclude = list(include or []), list(exclude or [])
 
@@ -393,7 +617,7 @@ def analyze(
     done: dict[str, LayerAnalysis] = {}
     for e in _progress(todo, total=len(todo), desc="analyze", enable=progress):
         fit_cfg, svd_dtype = _settings(config, e.name)
-        done[e.name] = _analyze_layer(e, fit_cfg, svd_dtype, keep_svd, method)
+        done[e.name] = _analyze_layer(e, fit_cfg, svd_dtype, keep_svd, method, dev, metrics, randomize)
     layers = [done.get(e.name) or _skipped(e, reasons[e.name]) for e in entries]
     out, why = output_layer(model, entries)
     return ModelAnalysis(layers, out, why)

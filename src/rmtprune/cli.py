@@ -30,15 +30,49 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _available_commands() -> dict[str, object]:
+def _available_commands(only: str | None = None) -> dict[str, object]:
     mods = {}
     for name, modname in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         try:
             mods[name] = importlib.import_module(f"rmtprune.commands.{modname}")
         except ModuleNotFoundError as exc:
             if exc.name != f"rmtprune.commands.{modname}":
                 raise
     return mods
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand argv names (its first word), or None: ``--help``/``--version`` first, no
+    command, or an unknown word (the full parser then says what the commands are)."""
+    for word in argv:
+        if word == "--":
+            return None
+        if word.startswith("-"):
+            if word in ("-h", "--help"):
+                return None
+            if word == "--version":
+                return ""  # the top-level parser alone answers it
+            continue
+        return word if word in COMMANDS else None
+    return None
+
+
+def _threads_from_argv(argv: list[str]) -> None:
+    """``--threads N`` sets the BLAS/OpenMP thread counts before numpy or torch is imported (the
+    command parsers import numpy), where the environment variables still take effect."""
+    for i, word in enumerate(argv):
+        value = None
+        if word == "--threads" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith("--threads="):
+            value = word.split("=", 1)[1]
+        if value is not None and value.isdigit() and int(value) > 0:
+            from .commands._options import set_threads
+
+            set_threads(int(value))
+            return
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,8 +82,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
-    """The top-level parser with every available subcommand registered."""
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The top-level parser with every available subcommand registered (``only``: just that one).
+
+    Building a subcommand's parser imports its module (and, for some, what its option tables
+    come from), so :func:`main` builds only the command that argv names; the full parser is for
+    ``--help`` and for argv without a command.
+    """
     parser = _Parser(
         prog="rmtprune",
         description="Random-matrix analysis, compression and pruning of PyTorch models.",
@@ -57,7 +96,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     parser.add_argument("--version", action="version", version=f"rmtprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    mods = _available_commands()
+    mods = _available_commands(only)
     for mod in mods.values():
         mod.add_parser(sub)  # type: ignore[attr-defined]
     return parser, mods
@@ -69,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2-core machine (218 s vs 20 s); passive waiting costs nothing measurable when it is idle.
     # Only effective before torch is first imported, which the commands do lazily.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser, mods = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _threads_from_argv(argv)
+    parser, mods = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     mod = mods[args.command]
     try:

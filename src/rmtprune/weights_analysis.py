@@ -15,11 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ._validate import check_patterns
-from .analysis import VERDICTS, LayerAnalysis, analyze_tensor
+from .analysis import VERDICTS, LayerAnalysis, analyze_tensor, metrics_summary
 from .config import FitConfig, match_pattern
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
-from .weights_file import TensorInfo, _iter_source, _open
+from .weights_file import TensorInfo, _iter_source, _open, numpy_readable
 
 __all__ = [
     "IgnoredTensor",
@@ -212,6 +214,10 @@ class FileAnalysis:
             out += f"; {dropped} of {self.n_tensors} tensors filtered out by include/exclude"
         return out
 
+    def metrics_summary(self) -> dict[str, Any] | None:
+        """Model-level summary of the layers' ESD metrics (None when no layer has metrics)."""
+        return metrics_summary(self.layers)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of the whole analysis (``ks_max`` None: the gate was off, ``inf``)."""
         from . import __version__
@@ -230,6 +236,7 @@ class FileAnalysis:
             "n_matched": self.n_matched,
             "counts": self.counts,
             "ignored_counts": self.ignored_counts,
+            "summary": self.metrics_summary(),
             "layers": [la.to_dict() for la in self.layers],
             "ignored": [t.to_dict() for t in self.ignored],
         }
@@ -249,6 +256,9 @@ def analyze_file(
     progress: bool | None = None,
     *,
     fit: FitConfig | None = None,
+    device: Any = None,
+    metrics: bool = True,
+    randomize: bool = False,
     _regex: bool = False,
 ) -> FileAnalysis:
     """Analyse every 2-D and 4-D floating-point tensor of a weights file, one tensor in memory at a time.
@@ -270,6 +280,13 @@ def analyze_file(
         (``inf``: no gate). Defaults: :class:`FitConfig`'s.
     progress : show a progress bar (``None``: only when stderr is a terminal).
     fit : the three fit parameters as one :class:`FitConfig` (instead of ``alpha``/``beta``/``ks_max``).
+    device : a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``) for the Gram/eigenvalue step, in
+        float64, tensors of the same shape in batches (:func:`rmtprune.analysis.singular_values_batched`),
+        read from disk as they are needed, so device memory stays near the batch (at most
+        :data:`BATCH_BYTES`, or the largest tensor). CUDA not available: the CPU path, with a
+        ``RuntimeWarning``. None (default): numpy on the CPU, one tensor at a time.
+    metrics : each fitted layer's ESD metrics (power-law alpha, alpha-hat, stable rank, ...).
+    randomize : each fitted layer's correlation-trap report too (a second spectrum per layer).
 
     Returns
     -------
@@ -290,14 +307,20 @@ def analyze_file(
     fit = _fit_config(fit, alpha, beta, ks_max)
     inc = _compile_patterns(include, "include", regex=_regex)
     exc = _compile_patterns(exclude, "exclude", regex=_regex)
+    from .analysis import resolve_device
+
     src = _open(path)
     infos = src.infos()
     matched, todo, ignored = _select(infos, inc, exc, path)
-    layers: list[LayerAnalysis] = []
-    reads = _iter_source(src, path, [i.name for i in todo])
-    for name, tensor in _progress(reads, total=len(todo), desc="analyze", enable=progress):
-        layers.append(_analyze_one(name, tensor, fit))
-        del tensor
+    names = [i.name for i in todo]
+    dev = resolve_device(device)
+    reads = _iter_source(src, path, names, as_numpy=numpy_readable(src, names))
+    reads = _progress(reads, total=len(todo), desc="analyze", enable=progress)
+    dtypes = {i.name: i.dtype for i in todo}
+    if dev is None:
+        layers = [_analyze_one(name, t, fit, dtypes[name], metrics, randomize) for name, t in reads]
+    else:
+        layers = _analyze_batched(reads, fit, dtypes, dev, metrics, randomize)
     return FileAnalysis(
         path=str(path),
         format=src.format,
@@ -395,13 +418,78 @@ def analyze_checkpoint(*args: Any, **kwargs: Any) -> FileAnalysis:
     return analyze_file(*args, **kwargs, _regex=True)
 
 
-def _analyze_one(name: str, tensor: Any, fit: FitConfig) -> LayerAnalysis:
-    """:func:`analyze_tensor`, upcasting 8-bit floats (torch has no ``isfinite`` for them)."""
-    import torch
+#: Bytes of tensors a batch for ``device=`` holds at most (a larger tensor is a batch of its own).
+BATCH_BYTES = 512 * 2**20
 
-    dtype = str(tensor.dtype).replace("torch.", "")
-    if tensor.dtype.itemsize == 1:
-        tensor = tensor.to(torch.float32)
-    la = analyze_tensor(name, tensor, alpha=fit.alpha, beta=fit.beta, ks_max=fit.ks_max)
+
+def _prepare(name: str, tensor: Any, dtype: str) -> tuple[Any, Any, LayerAnalysis | None]:
+    """A tensor ready to analyse, as a matrix, and its verdict when it is not fitted (NaN, too small).
+
+    8-bit torch floats are upcast (torch has no ``isfinite`` for them); numpy reads are already
+    widened (bfloat16 and float8 to float32).
+    """
+    from .analysis import _as_array, as_matrix, check_tensor
+
+    if not isinstance(tensor, np.ndarray) and tensor.dtype.itemsize == 1:
+        tensor = tensor.float()
+    mat = _as_array(tensor) if isinstance(tensor, np.ndarray) else as_matrix(tensor)
+    la = check_tensor(name, tensor, mat)
+    if la is not None:
+        la.dtype = dtype
+    return tensor, mat, la
+
+
+def _analyze_one(
+    name: str, tensor: Any, fit: FitConfig, dtype: str, metrics: bool = True, randomize: bool = False
+) -> LayerAnalysis:
+    """:func:`analyze_tensor` of one read tensor, reporting the file's own ``dtype``."""
+    if not isinstance(tensor, np.ndarray) and tensor.dtype.itemsize == 1:
+        tensor = tensor.float()  # torch has no isfinite for 8-bit floats
+    la = analyze_tensor(
+        name, tensor, alpha=fit.alpha, beta=fit.beta, ks_max=fit.ks_max, metrics=metrics, randomize=randomize
+    )
     la.dtype = dtype
     return la
+
+
+def _analyze_batched(
+    reads: Iterable[tuple[str, Any]],
+    fit: FitConfig,
+    dtypes: dict[str, str],
+    device: str,
+    metrics: bool,
+    randomize: bool,
+) -> list[LayerAnalysis]:
+    """The tensors of ``reads`` analysed with their spectra computed on ``device`` in batches of the
+    same shape; a batch runs when the tensors waiting hold :data:`BATCH_BYTES` (and at the end)."""
+    from .analysis import finish_tensor, singular_values_batched
+
+    out: list[LayerAnalysis | None] = []
+    waiting: list[tuple[int, str, Any, Any]] = []
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        values = singular_values_batched([mat for _, _, _, mat in waiting], device)
+        for (i, name, tensor, mat), s in zip(waiting, values, strict=True):
+            la = finish_tensor(
+                name, tensor, mat, s, fit.alpha, fit.beta, fit.ks_max, metrics=metrics, randomize=randomize
+            )
+            la.dtype = dtypes[name]
+            out[i] = la
+        waiting.clear()
+        held = 0
+
+    for name, tensor in reads:
+        tensor, mat, la = _prepare(name, tensor, dtypes[name])
+        out.append(la)
+        if la is not None:
+            continue
+        size = int(np.prod(mat.shape)) * mat.dtype.itemsize
+        if waiting and held + size > BATCH_BYTES:
+            flush()
+        waiting.append((len(out) - 1, name, tensor, mat))
+        held += size
+    if waiting:
+        flush()
+    return [la for la in out if la is not None]

@@ -53,13 +53,27 @@ class _Sharded(_Source):
     def infos(self) -> list[TensorInfo]:
         return sorted(self._infos.values(), key=lambda i: _natural_key(i.name))
 
-    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+    def _by_shard(self, names: list[str]) -> dict[str, list[str]]:
         # Group by shard (one open per shard), keep the requested order within each shard.
         order: dict[str, list[str]] = {}
         for name in names:
             order.setdefault(self.weight_map[name], []).append(name)
-        for key in sorted(order, key=_natural_key):
-            yield from self.shards[key].read(order[key])
+        return {key: order[key] for key in sorted(order, key=_natural_key)}
+
+    def read(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        for key, group in self._by_shard(names).items():
+            yield from self.shards[key].read(group)
+
+    def numpy_readable(self, names: list[str]) -> bool:
+        """Whether every shard holding one of ``names`` reads them as numpy arrays (safetensors)."""
+        return all(
+            hasattr(self.shards[key], "read_numpy") and self.shards[key].numpy_readable(group)  # type: ignore[attr-defined]
+            for key, group in self._by_shard(names).items()
+        )
+
+    def read_numpy(self, names: list[str]) -> Iterator[tuple[str, Any]]:
+        for key, group in self._by_shard(names).items():
+            yield from self.shards[key].read_numpy(group)  # type: ignore[attr-defined]
 
 
 def _sniff(path: Path) -> str:
@@ -261,7 +275,16 @@ def iter_tensors(
     yield from _iter_source(src, path, names)
 
 
-def _iter_source(src: _Source, path: Any, names: Iterable[str] | None) -> Iterator[tuple[str, Any]]:
+def numpy_readable(src: _Source, names: list[str]) -> bool:
+    """Whether ``src`` can read the tensors ``names`` as numpy arrays, without torch (safetensors
+    files and shards of the float dtypes numpy can widen: float16/32/64, bfloat16, float8)."""
+    check = getattr(src, "numpy_readable", None)
+    return check is not None and bool(check(names))
+
+
+def _iter_source(
+    src: _Source, path: Any, names: Iterable[str] | None, *, as_numpy: bool = False
+) -> Iterator[tuple[str, Any]]:
     listed = [i.name for i in src.infos()]
     if names is None:
         wanted = listed
@@ -273,4 +296,7 @@ def _iter_source(src: _Source, path: Any, names: Iterable[str] | None) -> Iterat
         if missing:
             raise CheckpointError(f"{str(path)!r} has no tensor named {missing[0]!r}")
         wanted = [n for n in listed if n in want]
-    yield from src.read(wanted)
+    if as_numpy:
+        yield from src.read_numpy(wanted)  # type: ignore[attr-defined]
+    else:
+        yield from src.read(wanted)

@@ -177,3 +177,57 @@ def compression_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if "energy" in asked and "rule" not in asked:
         out["rule"] = "energy"
     return out
+
+
+# ---------------------------------------------------------------------------------------- threads
+
+#: The environment variables OpenMP, OpenBLAS, MKL and torch read their thread counts from.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
+def add_threads_flag(parser: Any) -> None:
+    """``--threads N``: the compute threads of numpy's BLAS and torch (see :func:`set_threads`)."""
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help=(
+            "compute threads for BLAS and torch (default: the libraries' own, one per core, with "
+            "OMP_WAIT_POLICY=PASSIVE so idle threads do not spin on a busy machine)"
+        ),
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` compute threads in numpy's BLAS and in torch (``None``: leave them as they are).
+
+    The environment variables take effect for a library not imported yet (the CLI calls this from
+    argv before any command module is imported); a BLAS already loaded is limited through
+    ``threadpoolctl`` when it is installed (a dependency of scikit-learn), and torch, when
+    imported, through ``torch.set_num_threads``.
+    """
+    import sys
+
+    if n is None:
+        return
+    import os
+
+    for var in _THREAD_VARS:
+        os.environ[var] = str(n)
+    if "numpy" in sys.modules:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # numpy's BLAS keeps the count it started with
+            pass
+        else:
+            threadpool_limits(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)

@@ -14,8 +14,41 @@ from typing import Any
 
 from .._format import table
 from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+from ._options import add_threads_flag, set_threads
 
-_COLUMNS = ("layer", "shape", "gamma", "sigma2", "s_plus", "spikes", "bulk", "ks", "verdict", "note")
+_COLUMNS = (
+    "layer",
+    "shape",
+    "gamma",
+    "sigma2",
+    "s_plus",
+    "spikes",
+    "bulk",
+    "ks",
+    "pl_alpha",
+    "hill",
+    "srank",
+    "verdict",
+    "note",
+)
+#: ESD metrics (:class:`rmtprune.spectral.esd_metrics.ESDMetrics`) and correlation-trap fields
+#: (``TrapReport``) as CSV columns, prefixed (their ``alpha`` is not the fit's BEMA ``alpha``).
+_METRIC_FIELDS = (
+    "alpha",
+    "alpha_xmin",
+    "alpha_ks",
+    "alpha_n_tail",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "mp_softrank",
+    "entropy",
+    "alpha_hill",
+    "log_alpha_norm",
+    "alpha_sigma",
+)
+_TRAP_FIELDS = ("rand_max_eigenvalue", "rand_mp_edge", "n_traps", "rand_distance")
 _CSV_FIELDS = (
     "layer",
     "shape",
@@ -32,6 +65,8 @@ _CSV_FIELDS = (
     "ks",
     "alpha",
     "beta",
+    *(f"esd_{k}" for k in _METRIC_FIELDS),
+    *(f"trap_{k}" for k in _TRAP_FIELDS),
     "message",
 )
 
@@ -41,6 +76,9 @@ verdicts:
   no-mp-bulk   ks > --ks-max (or no positive bulk): the layer would not be pruned
   too-small    fewer than 10 singular values: no fit
   invalid      NaN or Inf weights (the other layers are still analysed; exit status 1)
+metrics (every fitted layer; JSON "metrics", CSV esd_*): pl_alpha is the power-law exponent of the
+  tail of the eigenvalue density (Clauset-Shalizi-Newman fit, as WeightWatcher), hill the Hill
+  estimate of it, srank the stable rank ||W||_F^2 / ||W||_2^2; the summary line averages them.
 ignored (counted in the summary): 1-D tensors (biases, norms), non-float tensors, 3-D and 5-D+ tensors.
 
 patterns: --include/--exclude are shell globs, as in compress and sparsify; a regular expression
@@ -120,8 +158,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite --json/--csv files and --plots PNGs that exist but were not written by rmtprune",
     )
+    p.add_argument(
+        "--randomize",
+        action="store_true",
+        help="also report correlation traps: the spectrum of each fitted weight with its entries shuffled",
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEV",
+        help=(
+            "run the Gram/eigenvalue step on this torch device (cuda, cuda:1), float64, same-shape "
+            "tensors batched; falls back to the CPU with a warning (default: numpy on the CPU, no torch)"
+        ),
+    )
+    add_threads_flag(p)
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return p
+
+
+def _finite(value: Any) -> Any:
+    """``value``, or None for a missing, NaN or infinite number."""
+    return value if value is not None and value == value and abs(value) != float("inf") else None
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -129,7 +186,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def _row(la: Any) -> list[str]:
-    f = la.fit
+    f, m = la.fit, la.metrics
     return [
         la.name,
         "x".join(str(v) for v in la.shape),
@@ -139,6 +196,9 @@ def _row(la: Any) -> list[str]:
         _fmt(f and f.n_spikes, "d"),
         _fmt(f and f.n_bulk, "d"),
         _fmt(f and f.ks, ".3f"),
+        _fmt(_finite(m and m.alpha), ".2f"),
+        _fmt(_finite(m and m.alpha_hill), ".2f"),
+        _fmt(_finite(m and m.stable_rank), ".3g"),
         la.verdict,
         la.message,
     ]
@@ -159,6 +219,26 @@ def format_table(analysis: Any) -> str:
     return table(head, rows)
 
 
+#: The summary metrics printed (all are in the JSON ``summary``), with their format.
+_SUMMARY_SHOWN = (
+    ("alpha", ".2f"),
+    ("alpha_weighted", ".2f"),
+    ("alpha_hill", ".2f"),
+    ("log_norm", ".3f"),
+    ("log_spectral_norm", ".3f"),
+    ("stable_rank", ".1f"),
+)
+
+
+def summary_line(summary: dict[str, Any] | None) -> str:
+    """One line of the model-level ESD summary (means over the fitted layers), "" without one."""
+    if not summary:
+        return ""
+    parts = [f"{k}={format(summary[k], spec)}" for k, spec in _SUMMARY_SHOWN if k in summary]
+    n = int(summary.get("n_layers", 0))
+    return f"ESD metrics, mean over {n} fitted layer{'' if n == 1 else 's'}: " + ", ".join(parts)
+
+
 def _csv_text(analysis: Any) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
@@ -168,6 +248,9 @@ def _csv_text(analysis: Any) -> str:
         d["shape"] = "x".join(str(v) for v in d["shape"])
         d["matrix_shape"] = "x".join(str(v) for v in d["matrix_shape"])
         d["bulk_fraction"] = la.fit.bulk_fraction if la.fit is not None else None
+        for prefix, sub in (("esd_", d.get("metrics")), ("trap_", d.get("traps"))):
+            for k, v in (sub or {}).items():
+                d[prefix + k] = v
         w.writerow({k: ("" if d.get(k) is None else d[k]) for k in _CSV_FIELDS})
     return buf.getvalue()
 
@@ -227,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     from .._atomic import atomic_write_text
     from ..weights_analysis import analyze_file
 
+    set_threads(args.threads)
     plots = _check_outputs(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeprecationWarning)
@@ -238,9 +322,11 @@ def run(args: argparse.Namespace) -> int:
             beta=args.beta,
             ks_max=args.ks_max,
             progress=False if args.no_progress else None,
+            device=args.device,
+            randomize=args.randomize,
         )
     for w in caught:  # a regex --include/--exclude: one line saying how to write it as a glob
-        if issubclass(w.category, DeprecationWarning):
+        if issubclass(w.category, (DeprecationWarning, RuntimeWarning)):  # and CUDA not available
             print(f"rmtprune: warning: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -250,6 +336,9 @@ def run(args: argparse.Namespace) -> int:
         print("no 2-D or 4-D floating-point tensors to analyse")
     where = f"{analysis.path} ({analysis.format}" + "".join(f", unwrapped {k!r}" for k in analysis.unwrapped)
     print(f"{where}): {analysis.summary()}")
+    line = summary_line(analysis.metrics_summary())
+    if line:
+        print(line)
 
     if args.json is not None:
         text = json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n"

@@ -32,7 +32,7 @@ from ._model_input import (
     shape_arg,
     write_model_outputs,
 )
-from ._options import add_compression_flags, compression_overrides
+from ._options import add_compression_flags, add_threads_flag, compression_overrides, set_threads
 
 _EPILOG = """\
 actions: factor (replaced by two thin layers), dense-truncate (rank-k weight written back dense),
@@ -73,6 +73,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the per-layer plan only; write nothing")
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_flag(p)
     return p
 
 
@@ -132,6 +133,8 @@ def _outputs(args: argparse.Namespace, ckpt: str | None, out: str) -> tuple[Path
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune compress``."""
     import torch
+
+    set_threads(getattr(args, "threads", None))
 
     from .. import io as rio
     from ..surgery import apply, plan
