@@ -36,6 +36,9 @@ def test_analyze_matches_analyze_tensor_on_every_dense_layer() -> None:
 
 def test_analyze_fit_config_and_selection() -> None:
     model = _mlp()
+    with torch.no_grad():  # column scales 0.5..1.5: no MP bulk under the pure test ks_max = 0 (gate.py)
+        model[0].weight.mul_(torch.linspace(0.5, 1.5, 300))
+        model[2].weight.mul_(torch.linspace(0.5, 1.5, 200))
     gated = analyze(model, FitConfig(ks_max=0.0))
     assert gated["0"].verdict == "no-mp-bulk" and "ks_max=0.0" in gated["0"].message
     part = analyze(model, include=["2"])

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from .gate import gate_threshold, ks_pvalue
 from .mp import mp_cdf, mp_ppf, mp_support
 from .tracy_widom import tw1_quantile
 
@@ -121,9 +122,28 @@ class SpectrumFit:
         total = float(e.sum())
         return float(e[self.n_spikes :].sum()) / total if total > 0 else 0.0
 
+    def gate(self, ks_max: float = DEFAULT_KS_MAX) -> float:
+        """The effective KS gate of this fit: ``max(ks_max, q_99%(p, gamma))`` (:mod:`.gate`).
+
+        ``q`` is the 99% quantile of the KS statistic of a true MP bulk of this size, so a small
+        layer is not refused for the sampling noise of its few values; ``ks_max`` stays the
+        tolerance for model misfit (``ks_max = 0`` is the pure test, ``>= 1`` turns the gate off).
+        """
+        return gate_threshold(self.p, self.gamma, ks_max, alpha=self.alpha)
+
+    @property
+    def ks_gate(self) -> float:
+        """:meth:`gate` at the default ``ks_max``."""
+        return self.gate(DEFAULT_KS_MAX)
+
+    @property
+    def ks_pvalue(self) -> float:
+        """``P(KS_null >= ks)`` for a true MP bulk of this ``(p, gamma)``, clipped to [0.001, 0.75]."""
+        return ks_pvalue(self.ks, self.p, self.gamma, alpha=self.alpha)
+
     def accepted(self, ks_max: float = DEFAULT_KS_MAX) -> bool:
-        """Whether the bulk is MP-like: ``ks <= ks_max`` and a positive scale was fitted."""
-        return bool(self.sigma2 > 0 and self.ks <= ks_max)
+        """Whether the bulk is MP-like: a positive scale was fitted and ``ks <= gate(ks_max)``."""
+        return bool(self.sigma2 > 0 and self.ks <= self.gate(ks_max))
 
     def to_dict(self, with_singular_values: bool = False) -> dict[str, Any]:
         """Plain-JSON dict of the fit (singular values only on request)."""
@@ -139,6 +159,10 @@ class SpectrumFit:
             "alpha": self.alpha,
             "beta": self.beta,
         }
+        try:
+            out["ks_pvalue"] = self.ks_pvalue
+        except ValueError:  # a trim fraction the null table does not cover
+            out["ks_pvalue"] = None
         if with_singular_values:
             out["singular_values"] = self.singular_values.tolist()
         return out
