@@ -74,6 +74,8 @@ class SpectrumFit:
     ks : Kolmogorov-Smirnov distance between the empirical and fitted MP cdf on the trimmed window.
     alpha, beta : the trim fraction and the TW level used.
     singular_values : all ``p`` singular values, descending, float64.
+    noise : the noise model that gave the edge: ``"mp"`` (TW edge, :func:`fit_bulk`), ``"gamma"`` or
+        ``"resample"`` (simulated nulls, ``spectral/heavy.py``).
     """
 
     shape: tuple[int, int]
@@ -87,6 +89,7 @@ class SpectrumFit:
     alpha: float
     beta: float
     singular_values: np.ndarray = field(repr=False, compare=False)
+    noise: str = "mp"
 
     @property
     def p(self) -> int:
@@ -158,6 +161,7 @@ class SpectrumFit:
             "ks": self.ks,
             "alpha": self.alpha,
             "beta": self.beta,
+            "noise": self.noise,
         }
         try:
             out["ks_pvalue"] = self.ks_pvalue
