@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .bema import DEFAULT_ALPHA, DEFAULT_BETA, MIN_P, SpectrumFit, check_shape, fit_bulk
+from .bema import DEFAULT_ALPHA, MIN_P, SpectrumFit, check_shape, fit_bulk
 
 __all__ = [
     "EVALS_THRESH",
@@ -62,6 +62,8 @@ EVALS_THRESH = 1e-5
 SMALL_N = 20
 #: The small-sample rule's smallest tail.
 SMALL_N_MIN_TAIL = 8
+#: TW level of the shuffled spectrum's edge in :func:`correlation_traps` (its 99% quantile).
+TRAP_BETA = 0.01
 #: Cells (candidates x eigenvalues) per block of the vectorised xmin search: bounds its memory.
 _BLOCK_CELLS = 1 << 21
 
@@ -373,15 +375,19 @@ def _js_distance(p: np.ndarray, q: np.ndarray) -> float:
     return math.sqrt(max(0.0, 0.5 * (kl(p) + kl(q))))
 
 
-def correlation_traps(W: np.ndarray, *, seed: int = 0, fit: SpectrumFit | None = None) -> TrapReport:
+def correlation_traps(
+    W: np.ndarray, *, seed: int = 0, fit: SpectrumFit | None = None, beta: float = TRAP_BETA
+) -> TrapReport:
     """Shuffle the entries of ``W``, and count the shuffled spectrum's eigenvalues above its MP edge.
 
     Shuffling destroys all correlations between entries and keeps their distribution, so the
     shuffled matrix is a random matrix with the same entries: its ESD should be MP. Eigenvalues
     of the shuffled matrix above the (Tracy-Widom) edge can then only come from a few unusually
     large entries, Martin & Mahoney's "correlation traps" (arXiv:1810.01075; WW ``randomize=True``).
-    The edge comes from a BEMA fit of the shuffled spectrum with ``fit``'s trim and TW level
-    (rmtprune's defaults without one); WW fits its own kernel-density MP fit instead.
+    The edge comes from a BEMA fit of the shuffled spectrum with ``fit``'s trim fraction (rmtprune's
+    default without one) and the TW level ``1 - beta``; WW fits its own kernel-density MP fit instead.
+    ``beta`` defaults to 0.01, not the 0.1 of the rank rule: at 0.1 a pure-noise matrix would show a
+    "trap" one time in ten (measured on MiniLM-L6: 1-2 traps on layers where WW counts none).
 
     One seeded shuffle (``numpy.random.default_rng(seed).permutation``); WW uses one (five for
     layers with fewer than 100 eigenvalues) unseeded. Singular values by ``numpy.linalg.svd``.
@@ -403,7 +409,6 @@ def correlation_traps(W: np.ndarray, *, seed: int = 0, fit: SpectrumFit | None =
     s = np.linalg.svd(W, compute_uv=False)
     s_rand = np.linalg.svd(shuffled, compute_uv=False)
     alpha = fit.alpha if fit is not None else DEFAULT_ALPHA
-    beta = fit.beta if fit is not None else DEFAULT_BETA
     rfit = fit_bulk(s_rand, W.shape, alpha=alpha, beta=beta)
     n_big = max(W.shape)
     sq, sq_rand = np.sort(s**2), np.sort(s_rand**2)
