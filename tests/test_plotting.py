@@ -137,3 +137,26 @@ def test_a_training_run_without_matplotlib_skips_its_plots(tmp_path, monkeypatch
     train(out=tmp_path / "run", log=lines.append, track_spectra=False, **kw)
     assert not list((tmp_path / "run").glob("*.png")) and (tmp_path / "run" / "model.safetensors").is_file()
     assert any("plots skipped: matplotlib is not installed" in line for line in lines)
+
+
+def test_draw_plots_in_worker_processes_with_the_powerlaw_panel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.image import imread
+
+    from rmtprune.plotting import _has_powerlaw, draw_plots
+
+    ls = layers()
+    assert _has_powerlaw(ls["far"].metrics) and not _has_powerlaw(ls["small"].metrics)
+    no_metrics = analyze_tensor("plain", spiked(120, 200, [40.0], seed=3), metrics=False)
+    jobs = [("esd", ls["far"], tmp_path / "far.png"), ("esd", no_metrics, tmp_path / "plain.png")]
+    # forked workers, as under `rmtprune analyze` of a safetensors file (no torch); spawned ones
+    # would take seconds to start here
+    monkeypatch.delitem(sys.modules, "torch")
+    paths = draw_plots(jobs, workers=2, progress=False)
+    monkeypatch.undo()
+    assert paths == [j[2] for j in jobs] and all(_png(p) for p in paths)
+    # the log-log power-law panel makes the figure wider than the plain one
+    assert imread(tmp_path / "far.png").shape[1] > imread(tmp_path / "plain.png").shape[1]
+    with pytest.raises(ValueError, match="unknown plot kind"):
+        draw_plots([("nope", None, tmp_path / "x.png")], workers=1)

@@ -360,8 +360,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_plots(analysis: Any, plots: Path, enable: bool | None, force: bool = False) -> int:
     from .._outputs import Output, check_outputs
-    from .._progress import progress
-    from ..plotting import plot_esd, plot_summary
+    from ..plotting import draw_plots
 
     used: set[str] = {"summary"}
     fitted = [la for la in analysis.layers if la.fit is not None]
@@ -372,10 +371,7 @@ def _write_plots(analysis: Any, plots: Path, enable: bool | None, force: bool = 
     if plots.is_dir():
         check_outputs([Output(t, "plot", "--plots file") for t in targets], force=force)
     plots.mkdir(exist_ok=True)
-    for la, name in progress(zip(fitted, names, strict=True), total=len(fitted), desc="plots", enable=enable):
-        plot_esd(la, plots / name)
-    n = len(fitted)
-    if analysis.layers:
-        plot_summary(analysis, plots / "summary.png")
-        n += 1
-    return n
+    # The summary first: the largest figure starts while the workers take the layers.
+    jobs = [("summary", analysis, plots / "summary.png")] if analysis.layers else []
+    jobs += [("esd", la, plots / name) for la, name in zip(fitted, names, strict=True)]
+    return len(draw_plots(jobs, progress=enable))
