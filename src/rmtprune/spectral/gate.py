@@ -87,13 +87,13 @@ class NullTable:
 
     @property
     def pvalue_floor(self) -> float:
-        """Smallest p-value the table resolves (``1 - max(levels)``)."""
-        return float(1.0 - self.levels[-1])
+        """Smallest p-value the table resolves (``1 - max(levels)``, rounded to 0.001 exactly)."""
+        return round(float(1.0 - self.levels[-1]), 12)
 
     @property
     def pvalue_ceiling(self) -> float:
-        """Largest p-value the table resolves (``1 - min(levels)``)."""
-        return float(1.0 - self.levels[0])
+        """Largest p-value the table resolves (``1 - min(levels)``, rounded)."""
+        return round(float(1.0 - self.levels[0]), 12)
 
 
 def _slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
