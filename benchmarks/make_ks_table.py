@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     table = {
         "format": TABLE_FORMAT,
-        "statistic": "fit_bulk(...).ks, one-pass KS over the trimmed window; real Gaussian p x N noise",
+        "statistic": "fit_bulk(...).ks: one-pass KS distance over the trimmed window, "
+        "real Gaussian p x N noise",
         "generator": args.command,
         "revision": rev,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),

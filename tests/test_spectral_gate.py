@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -40,10 +41,13 @@ def _null_fits(p: int, N: int, n: int, seed: int, dense: bool) -> list:
 
 def test_table_parses_and_matches_the_generator() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    env = dict(os.environ)
     try:
         import make_ks_table as gen
-    finally:
+    finally:  # the generator pins BLAS threads for its own run: not for the tests after this one
         sys.path.remove(str(ROOT / "benchmarks"))
+        os.environ.clear()
+        os.environ.update(env)
     data = json.loads(G.TABLE_PATH.read_text(encoding="utf-8"))
     assert data["format"] == G.TABLE_FORMAT == gen.TABLE_FORMAT and gen.TABLE_PATH == G.TABLE_PATH
     assert data["p"] == list(gen.P_GRID) and data["gamma"] == list(gen.GAMMAS)
