@@ -495,6 +495,9 @@ def test_spikes_only_factors_are_left_dense():
     by = {r.name: r for r in report.layers}
     assert by["fc.first"].verdict in ("spikes-only", "no-mp-bulk") and by["fc.first"].kind == "factored"
     assert "left dense" in by["fc.first"].reason
+    # A fresh copy: whether the call above sparsified the small head (p = 10, its fit judged by the
+    # size-calibrated gate, its weights drawn from the global RNG) must not move the global threshold.
+    model, _ = compress(Wide(), keep_bulk=0.0)
     _, report = sparsify(model, SparsifyConfig(target=0.3, budget="global", sv_sparsify=False))
     assert {r.name: r for r in report.layers}["fc.first"].kind == "factored+sparse"
 

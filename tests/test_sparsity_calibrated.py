@@ -313,6 +313,12 @@ def test_rmt_gives_the_noise_layer_more_sparsity(metric):
 
 def test_rmt_refused_fits_take_the_mean_and_still_count():
     model = Net()
+    # Geometric spectra (0.8**k): no MP bulk, refused at any size (ks_max -> 0 is the pure test now).
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear):
+                u, s, vh = torch.linalg.svd(mod.weight, full_matrices=False)
+                mod.weight.copy_(u @ torch.diag(s[0] * 0.8 ** torch.arange(s.numel())) @ vh)
     cfg = SparsifyConfig(target=0.5, budget="rmt", ks_max=1e-9, sv_sparsify=False, n_cycles=1)
     _, report = sparsify(model, cfg)  # every fit refused by the gate: each takes the (empty) mean
     assert all("no accepted fit" in r.allocation for r in report.layers)
