@@ -55,7 +55,7 @@ def _fit(W: np.ndarray, **kw) -> SpectrumFit:
 
 def _fit_auto(W: np.ndarray, kind: str, **kw) -> SpectrumFit:
     """fit_matrix(noise="auto"): the tail test must pick the heavy path exactly for the heavy kinds."""
-    fit = fit_matrix(W, noise="auto", **kw)
+    fit = fit_matrix(W, noise="auto", n_sim=32, **kw)  # 32 nulls: test speed (the default is 32-256)
     assert fit.noise == ("resample" if kind in HEAVY else "mp"), (kind, fit.noise)
     return fit
 

@@ -61,22 +61,28 @@ __all__ = [
 #: Noise models accepted by :func:`fit_matrix`.
 NOISE_MODELS = ("auto", "mp", "gamma", "resample")
 #: Rank of the order statistic of ``|w - median|`` the tail test and the tail match read.
-TAIL_K = 32
+TAIL_K = 128
 #: The tail test fires when that order statistic exceeds this multiple of the Gaussian one.
 TAIL_RATIO_MAX = 1.15
 #: Inverse degrees of freedom ``1 / nu`` of the Student-t nulls (0 = Gaussian); edges between nodes
 #: are interpolated linearly. 0.45 (nu = 2.2) is the heaviest tail modelled (finite variance needed).
-T_NODES = np.round(np.arange(0.0, 0.451, 0.05), 2)
+T_NODES = np.round(np.arange(0.0, 0.451, 0.025), 3)
 #: Theta grid of the Gamma model (``h ~ Gamma(theta, rate=theta)``, variance ``1 / theta``).
 THETA_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0)
-#: Default number of simulated nulls for an edge quantile; at small ``beta`` at least ``3 / beta``
-#: (a quantile beyond the largest of ``n`` draws cannot be estimated from them).
+#: Fewest simulated nulls per edge quantile, and the budget of null entries ``n_sim * p * N`` that
+#: sets the default between 32 and 256 (more where nulls are cheap: the quantile of a heavy-tailed
+#: top is noisy from 32 draws, ~1 sigma at 100 x 2000 with t(5) entries).
 DEFAULT_N_SIM = 32
+NULL_BUDGET = 32_000_000
 
 
-def _n_sim(n_sim: int | None, beta: float) -> int:
-    """``n_sim``, or by default ``max(32, ceil(3 / beta))``; at least 8."""
-    n = max(DEFAULT_N_SIM, math.ceil(3.0 / beta - 1e-9)) if n_sim is None else int(n_sim)
+def _n_sim(n_sim: int | None, beta: float, p: int, N: int) -> int:
+    """``n_sim``, or by default ``clip(NULL_BUDGET / (p N), 32, 256)``, and at least ``3 / beta``."""
+    if n_sim is None:
+        n = min(256, max(DEFAULT_N_SIM, NULL_BUDGET // (p * N)))
+        n = max(n, math.ceil(3.0 / beta - 1e-9))
+    else:
+        n = int(n_sim)
     if n < 8:
         raise ValueError(f"n_sim={n_sim!r} must be >= 8")
     return n
@@ -226,7 +232,7 @@ class TailTest:
 def tail_test(W: np.ndarray, sigma2: float | None = None, threshold: float = TAIL_RATIO_MAX) -> TailTest:
     """Are the entries of ``W`` heavier-tailed than the MP/Tracy-Widom edge tolerates?
 
-    The test: with ``n = m x`` entries, ``k = 32`` and ``sigma2`` the BEMA noise variance (fitted
+    The test: with ``n = m x n`` entries, ``k = 128`` and ``sigma2`` the BEMA noise variance (fitted
     here from the singular values when not given), let ``S`` be the ``k``-th largest of
     ``|w_ij - median(w)| / sqrt(sigma2)`` and ``g`` the two-sided Gaussian quantile at level
     ``k / n`` (``P(|Z| > g) = k / n``). The entries are heavy when ``S > 1.15 g``.
@@ -234,7 +240,7 @@ def tail_test(W: np.ndarray, sigma2: float | None = None, threshold: float = TAI
     Why this statistic: the top singular value of i.i.d. noise leaves the TW law through its largest
     entries (a single entry ``a`` makes an outlier once ``a > sqrt(sigma2) (N p)**0.25``), so the test
     looks at the extreme order statistics, in units of the bulk's own scale (robust to spikes, which
-    barely move single entries). The 32nd largest is far less noisy than the maximum (relative
+    barely move single entries). The 128th largest is far less noisy than the maximum (relative
     spread ~1% for Gaussian entries) yet still counts only extremes. Measured calibration
     (``benchmarks/results/heavy_tails.md``): Gaussian, uniform and sign noise never exceed 1.05;
     Laplace, t(5) and t(3) give 1.5-2.5 at the shapes tested.
@@ -457,7 +463,7 @@ def fit_resample(
 
     The bulk scale ``sigma2`` is the BEMA quantile match of :func:`fit_bulk` (so ``sigma2`` and
     ``ks`` keep their meaning). The null is ``p x N`` with i.i.d. unit-variance Student-t entries
-    whose ``nu`` is matched to ``W``'s own tail: the 32nd largest ``|w - median| / sqrt(sigma2)``
+    whose ``nu`` is matched to ``W``'s own tail: the 128th largest ``|w - median| / sqrt(sigma2)``
     equals the t law's quantile at that level (:class:`TailTest` ``inv_nu``; lighter than Gaussian
     gives the Gaussian null). The edge is ``sqrt(sigma2)`` times the ``1 - beta`` quantile of the
     nulls' top singular value over their own BEMA ``sqrt(sigma2)`` (a pivot), interpolated linearly
@@ -469,15 +475,16 @@ def fit_resample(
     sits on ``W``'s own top value and about half the pure-noise seeds show a false spike; and a
     per-matrix null could not be shared between layers. The t nulls depend only on
     ``(shape, node, seed, n_sim)`` and are cached: the layers of one shape pay for them once
-    (``n_sim`` Grams ``X X^T`` and 40 Lanczos steps each, no SVD). ``n_sim=None``: 32, or
-    ``ceil(3 / beta)`` when larger (the ``1 - beta`` quantile needs a few draws beyond it).
+    (``n_sim`` Grams ``X X^T`` and 40 Lanczos steps each, no SVD). ``n_sim=None``: between 32 and
+    256 nulls, ``NULL_BUDGET / (p N)`` (more where they are cheap), and at least ``ceil(3 / beta)``
+    (the ``1 - beta`` quantile needs a few draws beyond it).
     """
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
         raise ValueError(f"W must be a 2-D matrix, got shape {W.shape}")
-    n_sim = _n_sim(n_sim, beta)
     m, n = W.shape
     p, N = min(m, n), max(m, n)
+    n_sim = _n_sim(n_sim, beta, p, N)
     s = np.linalg.svd(W, compute_uv=False) if singular_values is None else singular_values
     base = fit_bulk(s, (m, n), alpha=alpha, beta=beta)
     if not base.sigma2 > 0:
@@ -528,7 +535,7 @@ def fit_gamma(
     m, n = check_shape(shape)
     p, N = min(m, n), max(m, n)
     s = _check_sv(singular_values, (m, n), alpha, beta)
-    n_sim = _n_sim(n_sim, beta)
+    n_sim = _n_sim(n_sim, beta, p, N)
     base = fit_bulk(s, (m, n), alpha=alpha, beta=beta)
     if not base.sigma2 > 0:
         return _replace_noise(base, "gamma")
@@ -553,13 +560,15 @@ def fit_matrix(
     beta: float = DEFAULT_BETA,
     seed: int = 0,
     singular_values: ArrayLike | None = None,
+    n_sim: int | None = None,
 ) -> SpectrumFit:
     """Fit ``W``'s spectrum under the chosen noise model; ``fit.noise`` says which gave the edge.
 
     ``"mp"``: :func:`fit_bulk` (i.i.d. light-tailed entries, TW edge). ``"gamma"``: :func:`fit_gamma`.
     ``"resample"``: :func:`fit_resample`. ``"auto"``: ``"resample"`` when :func:`tail_test` says the
     entries are heavy-tailed, else ``"mp"`` (so light-tailed layers are fitted exactly as before).
-    Pass ``singular_values`` when already computed.
+    Pass ``singular_values`` when already computed; ``n_sim`` (default: by shape, see
+    :func:`fit_resample`) goes to the simulated models.
     """
     if noise not in NOISE_MODELS:
         raise ValueError(f"noise={noise!r} must be one of {NOISE_MODELS}")
@@ -568,10 +577,10 @@ def fit_matrix(
         raise ValueError(f"W must be a 2-D matrix, got shape {W.shape}")
     s = np.linalg.svd(W, compute_uv=False) if singular_values is None else np.asarray(singular_values)
     if noise == "gamma":
-        return fit_gamma(s, W.shape, alpha=alpha, beta=beta, seed=seed)
+        return fit_gamma(s, W.shape, alpha=alpha, beta=beta, seed=seed, n_sim=n_sim)
     if noise == "resample":
-        return fit_resample(W, alpha=alpha, beta=beta, seed=seed, singular_values=s)
+        return fit_resample(W, alpha=alpha, beta=beta, seed=seed, singular_values=s, n_sim=n_sim)
     base = fit_bulk(s, W.shape, alpha=alpha, beta=beta)
     if noise == "auto" and base.sigma2 > 0 and tail_test(W, sigma2=base.sigma2).heavy:
-        return fit_resample(W, alpha=alpha, beta=beta, seed=seed, singular_values=s)
+        return fit_resample(W, alpha=alpha, beta=beta, seed=seed, singular_values=s, n_sim=n_sim)
     return base
