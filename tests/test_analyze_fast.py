@@ -191,3 +191,21 @@ def test_cli_analyze_of_safetensors_never_imports_torch(st_file: Path, tmp_path:
     assert proc.returncode == 0, proc.stderr
     d = json.loads(out.read_text())
     assert d["counts"]["fit"] + d["counts"]["no-mp-bulk"] == 7 and d["summary"]["n_layers"] == 7
+
+
+def test_analyze_defaults_to_one_thread_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rmtprune.cli import _threads_from_argv
+
+    before = torch.get_num_threads()
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+    try:
+        for argv, want in ((["analyze", "f"], "1"), (["analyze", "f", "--threads", "0"], None)):
+            for var in names:
+                monkeypatch.delenv(var, raising=False)
+            _threads_from_argv(argv, 1)
+            assert os.environ.get("OMP_NUM_THREADS") == want, argv
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+        _threads_from_argv(["analyze", "f"], 1)
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    finally:
+        torch.set_num_threads(before)

@@ -59,20 +59,32 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
-def _threads_from_argv(argv: list[str]) -> None:
-    """``--threads N`` sets the BLAS/OpenMP thread counts before numpy or torch is imported (the
-    command parsers import numpy), where the environment variables still take effect."""
+#: ``--threads`` of a command when neither it nor ``OMP_NUM_THREADS`` & co. are given. ``analyze``
+#: runs one BLAS thread: on MiniLM-L6 it was the fastest setting on a quiet 2-core machine and the
+#: one that degraded least beside two busy processes (13 s vs 32-51 s wall; OpenBLAS threads spin
+#: whatever OMP_WAIT_POLICY says), and its matrices are too small to gain from more
+#: (benchmarks/results/analyze_start.md). ``--threads 0`` gives the libraries' own default.
+DEFAULT_THREADS: dict[str, int] = {"analyze": 1}
+
+
+def _threads_from_argv(argv: list[str], default: int | None = None) -> None:
+    """``--threads N`` (or ``default`` when neither it nor a thread variable is set) sets the
+    BLAS/OpenMP thread counts before numpy or torch is imported (the command parsers import
+    numpy), where the environment variables still take effect."""
+    from .commands._options import _THREAD_VARS, set_threads
+
     for i, word in enumerate(argv):
         value = None
         if word == "--threads" and i + 1 < len(argv):
             value = argv[i + 1]
         elif word.startswith("--threads="):
             value = word.split("=", 1)[1]
-        if value is not None and value.isdigit() and int(value) > 0:
-            from .commands._options import set_threads
-
-            set_threads(int(value))
-            return
+        if value is not None:
+            if value.isdigit():
+                set_threads(int(value))  # 0: the libraries' own
+            return  # a bad value: the parser says so
+    if default is not None and not any(v in os.environ for v in _THREAD_VARS):
+        set_threads(default)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,8 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Only effective before torch is first imported, which the commands do lazily.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
-    _threads_from_argv(argv)
-    parser, mods = build_parser(_command_in(argv))
+    command = _command_in(argv)
+    _threads_from_argv(argv, DEFAULT_THREADS.get(command or ""))
+    parser, mods = build_parser(command)
     args = parser.parse_args(argv)
     mod = mods[args.command]
     try:

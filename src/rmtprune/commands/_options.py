@@ -185,29 +185,29 @@ def compression_overrides(args: argparse.Namespace) -> dict[str, Any]:
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
-def add_threads_flag(parser: Any) -> None:
+def add_threads_flag(parser: Any, default: str = "the libraries' own, one per core") -> None:
     """``--threads N``: the compute threads of numpy's BLAS and torch (see :func:`set_threads`)."""
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_thread_count,
         metavar="N",
         default=None,
-        help=(
-            "compute threads for BLAS and torch (default: the libraries' own, one per core, with "
-            "OMP_WAIT_POLICY=PASSIVE so idle threads do not spin on a busy machine)"
-        ),
+        help=f"compute threads for BLAS and torch; 0: the libraries' own, one per core (default: {default})",
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count (0 or more)")
     return value
 
 
 def set_threads(n: int | None) -> None:
-    """Use ``n`` compute threads in numpy's BLAS and in torch (``None``: leave them as they are).
+    """Use ``n`` compute threads in numpy's BLAS and in torch (``None`` or 0: leave them as they are).
 
     The environment variables take effect for a library not imported yet (the CLI calls this from
     argv before any command module is imported); a BLAS already loaded is limited through
@@ -216,7 +216,7 @@ def set_threads(n: int | None) -> None:
     """
     import sys
 
-    if n is None:
+    if not n:
         return
     import os
 

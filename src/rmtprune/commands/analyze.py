@@ -171,7 +171,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "tensors batched; falls back to the CPU with a warning (default: numpy on the CPU, no torch)"
         ),
     )
-    add_threads_flag(p)
+    add_threads_flag(p, default="1, the least slowed down on a busy machine; see docs/analyze.md")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return p
 
