@@ -13,8 +13,9 @@ rounds (medians), every process with the same thread count:
 Targets: a / b <= 1/20, a / c <= 2. Also: start times (``--version``, ``analyze --help``), at this
 revision and, with ``--before REV``, at an older one (its ``src`` extracted with ``git archive``);
 ``--plots`` cost against the analysis; and the thread settings on a quiet and a busy machine (two
-``python -c "while 1: pass"`` burners beside it): default threads with ``OMP_WAIT_POLICY=PASSIVE``
-(the CLI's default), ``ACTIVE``, and ``--threads 1``.
+``python -c "while 1: pass"`` burners beside it): one thread per core (``--threads 0``) with
+``OMP_WAIT_POLICY=PASSIVE`` (set by the CLI) and ``ACTIVE``, and one thread (``analyze``'s default
+since this measurement).
 
 Rerun (about 5-10 min on 2 shared cores)::
 
@@ -180,11 +181,16 @@ def plots_cost(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
 
 def thread_table(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
-    """Default threads + PASSIVE (CLI default), + ACTIVE, and --threads 1, quiet and with 2 burners."""
+    """One thread per core with PASSIVE and ACTIVE waiting, and one thread (the CLI's default for
+    analyze), quiet and with 2 burners."""
     configs = (
-        ("default threads, OMP_WAIT_POLICY=PASSIVE (CLI default)", env_with(None, None), ()),
-        ("default threads, OMP_WAIT_POLICY=ACTIVE", env_with(None, None, OMP_WAIT_POLICY="ACTIVE"), ()),
-        ("--threads 1", env_with(None, None), ("--threads", "1")),
+        ("--threads 0 (one per core), OMP_WAIT_POLICY=PASSIVE", env_with(None, None), ("--threads", "0")),
+        (
+            "--threads 0 (one per core), OMP_WAIT_POLICY=ACTIVE",
+            env_with(None, None, OMP_WAIT_POLICY="ACTIVE"),
+            ("--threads", "0"),
+        ),
+        ("--threads 1 (the default)", env_with(None, None), ()),
     )
     out = []
     for load in ("quiet", "2 burners"):
@@ -288,7 +294,7 @@ def report(args: argparse.Namespace, res: dict[str, object]) -> str:
         p = res["plots"]
         lines += [
             "",
-            "## --plots (CLI defaults: threads and plot workers one per core)",
+            "## --plots (CLI defaults: one BLAS thread, one plot worker per core)",
             "",
             table(
                 [
