@@ -18,7 +18,7 @@ size, read from a simulated table (``ks_null_table.json``, rebuilt by
 
 Lookup: quantiles are interpolated linearly in ``(log p, gamma, alpha)`` on ``log q``, and in
 ``log eps`` between the tabulated levels. Beyond the grid in ``p`` the log-log line of the
-nearest grid points is continued (measured exponent about -0.85 at large ``p``); ``gamma`` is
+nearest grid points is continued (fitted exponent -0.87 to -0.88 over p >= 128); ``gamma`` is
 clamped to the grid (the statistic barely depends on it: measured 0.01 vs 0.05 agree within
 sampling noise). Trim fractions ``alpha`` between tabulated ones are interpolated; outside the
 tabulated range the lookup refuses (ValueError naming the tabulated values), unless the gate is
