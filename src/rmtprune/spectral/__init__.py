@@ -1,4 +1,9 @@
-"""The random-matrix math of rmtprune: MP law, Tracy-Widom, BEMA fit, rank rules (numpy only)."""
+"""The random-matrix math of rmtprune (numpy only).
+
+MP law, Tracy-Widom, the BEMA fit (standard model), heavy-tailed noise models (Student-t resampled
+nulls, BEMA's Gamma model), the KS gate calibrated by size, WeightWatcher's heavy-tailed ESD metrics,
+and the rank rules.
+"""
 
 from .bema import (
     DEFAULT_ALPHA,
@@ -10,7 +15,19 @@ from .bema import (
     fit_bulk,
     fit_censored,
 )
+from .esd_metrics import (
+    ESDMetrics,
+    PowerLawFit,
+    TrapReport,
+    correlation_traps,
+    esd_metrics,
+    hill_alpha,
+    powerlaw_fit,
+    summarize,
+)
+from .gate import gate_message, gate_threshold, ks_pvalue, ks_threshold
 from .gmp import gmp_edge, gmp_tw_scale, whitened_noise_edge
+from .heavy import NOISE_MODELS, TailTest, fit_gamma, fit_matrix, fit_resample, tail_test
 from .mp import MarchenkoPastur, mp_cdf, mp_pdf, mp_ppf, mp_support
 from .rules import (
     RULES,
@@ -47,6 +64,24 @@ __all__ = [
     "fit_bulk",
     "fit_censored",
     "check_shape",
+    "NOISE_MODELS",
+    "TailTest",
+    "tail_test",
+    "fit_gamma",
+    "fit_resample",
+    "fit_matrix",
+    "ks_threshold",
+    "ks_pvalue",
+    "gate_threshold",
+    "gate_message",
+    "ESDMetrics",
+    "PowerLawFit",
+    "TrapReport",
+    "esd_metrics",
+    "powerlaw_fit",
+    "hill_alpha",
+    "correlation_traps",
+    "summarize",
     "RankDecision",
     "RankRule",
     "BemaRule",
