@@ -241,3 +241,16 @@ def test_plots_without_matplotlib_fail_before_the_analysis(
     code, out, err = run(capsys, ckpt, "--plots", tmp_path / "plots")
     assert code == 2 and out == "" and "rmtprune[plot]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "plots").exists()
+
+
+def test_randomize_device_and_threads(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys, ckpt, "--json", tmp_path / "a.json", "--randomize", "--device", "cpu", "--threads", "1"
+    )
+    assert code == 0 and err == ""
+    d = json.loads((tmp_path / "a.json").read_text())
+    fitted = [x for x in d["layers"] if x["metrics"] is not None]
+    assert len(fitted) == 2 and all(x["traps"]["n_traps"] >= 0 for x in fitted)
+    assert "traps" not in d["layers"][2]  # too-small: no fit, no traps
+    code, _, err = run(capsys, ckpt, "--device", "nonsense")
+    assert code == 2 and "not a torch device" in err
