@@ -167,6 +167,16 @@ def test_resample_is_seeded_and_cached_by_shape() -> None:
     assert fit_resample(W1.T, seed=3, n_sim=N_SIM).s_plus == pytest.approx(a.s_plus, rel=1e-12)
 
 
+def test_many_spikes_keep_the_one_pass_scale() -> None:
+    # 30 strong spikes at p = 100 exceed the deflation cap alpha p / 2 = 12: as in fit_bulk, the one-pass
+    # scale stands (deflating 30 values away would shrink sigma2 and let the count run away).
+    W = _spiked(3, "t5", (100, 400), [3.0] * 30)
+    s = _svd(W)
+    fit = fit_resample(W, singular_values=s, n_sim=N_SIM)
+    assert fit.sigma2 == fit_bulk(s, W.shape, deflate=False).sigma2
+    assert fit.n_spikes == int(np.count_nonzero(s > fit.s_plus)) >= 30
+
+
 def test_default_number_of_nulls() -> None:
     # More nulls where they are cheap, at least 32, at most 256, and enough for small beta.
     assert heavy._n_sim(None, 0.1, 100, 2000) == 160
