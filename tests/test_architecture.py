@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("experiment kit", ["zoo"]),
     ("engine", ["spectral"]),
     ("configuration and modules", ["config", "lowrank", "layers", "masks"]),
-    ("analyze", ["analysis", "calibration", "sequential", "finetune"]),
+    ("analyze", ["_spectrum", "analysis", "calibration", "sequential", "finetune"]),
     ("decide and cut", ["plan_record", "allocation", "surgery", "sparsity", "plotting"]),
     (
         "persist",

@@ -12,7 +12,6 @@ sentence live here and nowhere else.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._progress import progress as _progress
+from ._spectrum import (
+    _all_finite,
+    _as_array,
+    as_matrix,
+    resolve_device,
+    singular_values,
+    singular_values_batched,
+)
 from .errors import InvalidWeightsError
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, MIN_P, SpectrumFit, fit_bulk, fit_censored
 
@@ -48,166 +55,29 @@ VERDICTS = ("fit", "no-mp-bulk", "too-small", "invalid", "skip")
 
 
 def gate_reason(fit: SpectrumFit, ks_max: float) -> str:
-    """Why ``fit`` is refused by the gate ``ks_max`` ("" when it is accepted): the one verdict sentence."""
+    """Why ``fit`` is refused by the gate ("" when it is accepted): the one verdict sentence.
+
+    The gate is ``ks <= max(ks_max, q)``, ``q`` the 99% quantile of the KS distance of a true MP bulk
+    of the layer's size (:mod:`rmtprune.spectral.gate`); the sentence names both terms and the
+    layer's p-value.
+    """
     if fit.accepted(ks_max):
         return ""
-    return "no positive bulk" if not fit.sigma2 > 0 else f"ks={fit.ks:.3f} > ks_max={float(ks_max)}"
+    from .spectral.gate import gate_message
+
+    return gate_message(fit, ks_max)
 
 
-def as_matrix(weight: Any) -> torch.Tensor:
-    """View a weight (numpy array or torch tensor, >= 2-D, floating point) as an ``out x rest`` tensor."""
-    import torch
+def _fit(s: np.ndarray, mat: Any, alpha: float, beta: float, noise: str) -> SpectrumFit:
+    """The fit of a dense weight's spectrum ``s`` under the noise model ``noise`` (``mp``: BEMA's
+    standard model; the others read the entries, ``mat``, see :func:`rmtprune.spectral.fit_matrix`)."""
+    shape = tuple(int(v) for v in mat.shape)
+    if noise == "mp":
+        return fit_bulk(s, shape, alpha=alpha, beta=beta)
+    from .spectral.heavy import fit_matrix
 
-    if isinstance(weight, np.ndarray):
-        if not np.issubdtype(weight.dtype, np.floating):
-            raise TypeError(f"weight dtype {weight.dtype} is not floating point")
-        t = torch.from_numpy(np.ascontiguousarray(weight))
-    elif isinstance(weight, torch.Tensor):
-        t = weight.detach()
-        if not t.is_floating_point():
-            raise TypeError(f"weight dtype {t.dtype} is not floating point")
-    else:
-        raise TypeError(f"weight must be a numpy array or torch tensor, got {type(weight).__name__}")
-    if t.ndim < 2:
-        raise ValueError(f"weight of shape {tuple(t.shape)} is not a matrix (need >= 2 dims)")
-    return t.reshape(t.shape[0], -1)
-
-
-def _as_array(weight: np.ndarray) -> np.ndarray:
-    """:func:`as_matrix` for a numpy weight, without torch: an ``out x rest`` view."""
-    if not np.issubdtype(weight.dtype, np.floating):
-        raise TypeError(f"weight dtype {weight.dtype} is not floating point")
-    if weight.ndim < 2:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} is not a matrix (need >= 2 dims)")
-    return weight.reshape(weight.shape[0], -1)
-
-
-def _all_finite(mat: Any) -> bool:
-    """Whether a numpy array or torch tensor holds no NaN/Inf (numpy in 64 MiB row chunks)."""
-    if isinstance(mat, np.ndarray):
-        step = max(1, _GRAM_CHUNK_ELEMENTS // max(1, mat.shape[1]))
-        return all(bool(np.isfinite(mat[i : i + step]).all()) for i in range(0, mat.shape[0], step))
-    import torch
-
-    return bool(torch.isfinite(mat).all())
-
-
-#: Rows of the float64 copy converted at a time when accumulating the Gram matrix (64 MiB chunks).
-_GRAM_CHUNK_ELEMENTS = 8 * 2**20
-
-
-def _singular_values_numpy(m: np.ndarray, method: str) -> np.ndarray:
-    """:func:`singular_values` of a numpy matrix, in numpy (the same method and chunks as torch's)."""
-    if m.shape[0] < m.shape[1]:
-        m = m.T
-    if method == "gram":
-        rows, cols = m.shape
-        step = max(1, _GRAM_CHUNK_ELEMENTS // cols)
-        gram = np.zeros((cols, cols), dtype=np.float64)
-        for start in range(0, rows, step):
-            chunk = np.ascontiguousarray(m[start : start + step], dtype=np.float64)
-            gram += chunk.T @ chunk  # numpy calls BLAS syrk for A.T @ A
-        eig = np.linalg.eigvalsh(gram)[::-1]
-        return np.sqrt(np.clip(eig, 0.0, None))
-    if method == "svd":
-        return np.linalg.svd(m.astype(np.float64), compute_uv=False)
-    raise ValueError(f"method={method!r} must be 'gram' or 'svd'")
-
-
-def singular_values(matrix: Any, method: str = "gram") -> np.ndarray:
-    """Singular values of a 2-D tensor or numpy array, descending, computed in float64 on the CPU.
-
-    ``method="gram"`` (default) takes the square roots of the eigenvalues of the ``p x p`` Gram
-    matrix ``W^T W`` (tall orientation), accumulated over 64 MiB row chunks converted to float64,
-    so no full float64 copy is ever made: 1.8-3.2x faster than ``svdvals`` on 256..2048-wide
-    layers (measured on 1 thread), with relative error ``~ eps * (s_max / s_i)**2``, below 1e-9
-    on every matrix we tried; the MP fit only needs ``s**2`` anyway. ``method="svd"`` is
-    ``torch.linalg.svdvals`` in float64 (exact to rounding for the smallest values too). A numpy
-    array is computed in numpy (``eigvalsh`` of the same float64 Gram matrix; LAPACK ``gesdd``
-    for ``svd``), without importing torch.
-    """
-    if isinstance(matrix, np.ndarray):
-        return _singular_values_numpy(matrix, method)
-    import torch
-
-    m = matrix.detach().to(device="cpu")
-    if m.shape[0] < m.shape[1]:
-        # Same values; LAPACK is 3-5x faster on the tall orientation (measured: 768x3072 2.8 s
-        # vs 0.63 s for its transpose on 2 cores), and the Gram matrix is the smaller one.
-        m = m.T
-    if method == "gram":
-        rows, cols = m.shape
-        step = max(1, _GRAM_CHUNK_ELEMENTS // cols)
-        gram = torch.zeros(cols, cols, dtype=torch.float64)
-        for start in range(0, rows, step):
-            chunk = m[start : start + step].to(torch.float64)
-            gram.addmm_(chunk.T, chunk)
-        eig = torch.linalg.eigvalsh(gram).numpy()[::-1]
-        return np.sqrt(np.clip(eig, 0.0, None))
-    if method == "svd":
-        return torch.linalg.svdvals(m.to(torch.float64)).numpy()
-    raise ValueError(f"method={method!r} must be 'gram' or 'svd'")
-
-
-def resolve_device(device: Any) -> str | None:
-    """The device the batched Gram/eigenvalue step runs on: ``None`` for the plain CPU path, or a
-    torch device string. An unavailable CUDA device falls back to the CPU (``None``) with a
-    one-line :class:`RuntimeWarning`, never an error; a device torch does not know is a ValueError.
-    """
-    if device is None:
-        return None
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a torch device: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(
-            f"device={str(device)!r}: CUDA is not available; analysing on the CPU", RuntimeWarning, 2
-        )
-        return None
-    return str(dev)
-
-
-def singular_values_batched(matrices: Sequence[Any], device: Any = "cpu") -> list[np.ndarray]:
-    """Singular values of several matrices (numpy or torch), float64 Gram eigenvalues on ``device``.
-
-    The method of :func:`singular_values` (``method="gram"``: tall orientation, float64 Gram
-    matrix accumulated over row chunks, ``eigvalsh``), run with torch on ``device``; matrices of the
-    same shape are stacked and go through one batched ``baddbmm``/``eigvalsh``. Each group is sent
-    to the device in its own dtype and converted to float64 there chunk by chunk, so device memory
-    is about the group's bytes plus one 64 MiB float64 chunk per matrix and the Gram matrices. The
-    caller sizes the batches (:func:`rmtprune.analyze_file` streams them from disk). Returns one
-    descending float64 array per matrix, in the input order. On the CPU it agrees with the numpy
-    path to ~1e-12 relative (same float64 arithmetic, another summation order).
-    """
-    import torch
-
-    dev = torch.device(device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    tall: list[Any] = []
-    for i, m in enumerate(matrices):
-        t = torch.from_numpy(m) if isinstance(m, np.ndarray) else m.detach()
-        if t.ndim != 2:
-            raise ValueError(f"matrix {i} has shape {tuple(t.shape)}; need 2-D")
-        t = t.T if t.shape[0] < t.shape[1] else t
-        tall.append(t)
-        groups.setdefault((int(t.shape[0]), int(t.shape[1])), []).append(i)
-    out: list[np.ndarray] = [np.empty(0)] * len(tall)
-    for (rows, cols), idx in groups.items():
-        batch = torch.stack([tall[i] for i in idx]).to(dev)
-        step = max(1, _GRAM_CHUNK_ELEMENTS // cols)
-        gram = torch.zeros(len(idx), cols, cols, dtype=torch.float64, device=dev)
-        for start in range(0, rows, step):
-            chunk = batch[:, start : start + step].to(torch.float64)
-            gram.baddbmm_(chunk.transpose(1, 2), chunk)
-            del chunk
-        del batch
-        eig = torch.linalg.eigvalsh(gram).cpu().numpy()
-        for j, i in enumerate(idx):
-            out[i] = np.sqrt(np.clip(eig[j, ::-1], 0.0, None))
-    return out
+    W = mat if isinstance(mat, np.ndarray) else mat.detach().to("cpu").numpy()
+    return fit_matrix(np.asarray(W), noise=noise, alpha=alpha, beta=beta, singular_values=s)
 
 
 def analyze_matrix(W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> SpectrumFit:
@@ -239,7 +109,8 @@ class LayerAnalysis:
     cut values as zeros) and, when asked, the thin SVD ``(U, s, Vh)`` as torch tensors.
     ``metrics`` are the heavy-tail / norm metrics of the spectrum of a fitted layer
     (:class:`rmtprune.spectral.esd_metrics.ESDMetrics`: power-law alpha, alpha-hat, stable rank,
-    ...) and ``traps`` the correlation-trap report, when asked (``randomize``).
+    ...) and ``traps`` the correlation-trap report, when asked (``randomize``). ``ks_gate`` is the
+    effective gate the fit was judged by, ``max(ks_max, q_99%(p, gamma))``.
     """
 
     name: str
@@ -260,6 +131,7 @@ class LayerAnalysis:
     )
     metrics: Any = field(default=None, compare=False)
     traps: Any = field(default=None, compare=False)
+    ks_gate: float | None = None
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -284,10 +156,11 @@ class LayerAnalysis:
             "verdict": self.verdict,
             "message": self.message,
         }
-        keys = ("gamma", "sigma2", "lambda_plus", "s_plus", "n_spikes", "n_bulk", "ks", "alpha", "beta")
+        keys = ("gamma", "sigma2", "lambda_plus", "s_plus", "n_spikes", "n_bulk", "ks", "ks_pvalue", "alpha")
         fit = self.fit.to_dict() if self.fit is not None else {}
-        for k in keys:
+        for k in (*keys, "beta", "noise"):
             out[k] = fit.get(k)
+        out["ks_gate"] = self.ks_gate
         # Nested: their names ("alpha": the power-law exponent) would clash with the fit's (BEMA alpha).
         out["metrics"] = self.metrics.to_dict() if self.metrics is not None else None
         if self.traps is not None:
@@ -302,21 +175,25 @@ def analyze_tensor(
     beta: float = DEFAULT_BETA,
     ks_max: float = DEFAULT_KS_MAX,
     *,
+    noise: str = "mp",
     metrics: bool = True,
     randomize: bool = False,
 ) -> LayerAnalysis:
     """Analyse one named weight and give it a verdict; never raises for bad values, only reports.
 
-    A numpy weight is analysed in numpy (torch is not imported). ``metrics``: the ESD metrics of a
-    fitted layer (:attr:`LayerAnalysis.metrics`); ``randomize``: also its correlation-trap report
-    (:attr:`LayerAnalysis.traps`, a second spectrum of the shuffled weight).
+    A numpy weight is analysed in numpy (torch is not imported). ``noise``: the noise model of the
+    edge (``mp``, ``resample``, ``gamma`` or ``auto``; :class:`rmtprune.config.FitConfig`).
+    ``metrics``: the ESD metrics of a fitted layer (:attr:`LayerAnalysis.metrics`); ``randomize``:
+    also its correlation-trap report (:attr:`LayerAnalysis.traps`, a second spectrum of the
+    shuffled weight).
     """
     mat = _as_array(weight) if isinstance(weight, np.ndarray) else as_matrix(weight)
     la = check_tensor(name, weight, mat)
     if la is not None:
         return la
+    s = singular_values(mat)
     return finish_tensor(
-        name, weight, mat, singular_values(mat), alpha, beta, ks_max, metrics=metrics, randomize=randomize
+        name, weight, mat, s, alpha, beta, ks_max, noise=noise, metrics=metrics, randomize=randomize
     )
 
 
@@ -341,6 +218,7 @@ def finish_tensor(
     beta: float = DEFAULT_BETA,
     ks_max: float = DEFAULT_KS_MAX,
     *,
+    noise: str = "mp",
     metrics: bool = True,
     randomize: bool = False,
 ) -> LayerAnalysis:
@@ -348,9 +226,10 @@ def finish_tensor(
     :func:`singular_values` or :func:`singular_values_batched`)."""
     shape = tuple(int(v) for v in (weight.shape))
     dtype = str(weight.dtype).replace("torch.", "")
-    fit = fit_bulk(s, tuple(mat.shape), alpha=alpha, beta=beta)
+    fit = _fit(s, mat, alpha, beta, noise)
     why = gate_reason(fit, ks_max)
     la = LayerAnalysis(name, shape, dtype, "no-mp-bulk" if why else "fit", fit, why)
+    la.ks_gate = fit.gate(ks_max)
     if metrics:
         la.metrics = _esd_metrics(s, tuple(mat.shape), fit)
     if randomize:
@@ -518,7 +397,7 @@ def _analyze_layer(
         s_full = np.zeros(p)
         s_full[: min(s.size, p)] = s[:p]
     else:
-        fit = fit_bulk(s, (m, n), alpha=fit_cfg.alpha, beta=fit_cfg.beta)
+        fit = _fit(s, h.matrix(mod), fit_cfg.alpha, fit_cfg.beta, getattr(fit_cfg, "noise", "mp"))
         s_full = s
     la.s, la.fit = s_full, fit
     if fit is None:
@@ -529,6 +408,7 @@ def _analyze_layer(
         la.metrics = _esd_metrics(s_full, (m, n), fit)
     if randomize and not h.factored:
         la.traps = _traps(h.matrix(mod), fit)
+    la.ks_gate = fit.gate(fit_cfg.ks_max)
     why = gate_reason(fit, fit_cfg.ks_max)
     if why:
         la.verdict, la.message = "no-mp-bulk", why

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ._validate import check_bool, check_choice, check_int, check_number, check_patterns, from_dict
-from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, RULES, get_rule
+from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, NOISE_MODELS, RULES, get_rule
 from .spectral.rules import RankRule, check_alpha, check_beta
 
 __all__ = [
@@ -36,7 +36,13 @@ __all__ = [
     "unmatched_patterns",
     "OVERRIDABLE",
     "ALLOCATIONS",
+    "DEFAULT_NOISE",
 ]
+
+#: The noise model of the fits by default (``rmtprune.spectral.fit_matrix``). ``mp`` (the Tracy-Widom edge
+#: of METHOD.md section 3) keeps every published result reproducible; ``auto`` switches a layer whose
+#: entries fail the tail test to the heavy-tailed (resampled Student-t null) edge. See docs/spectral.md.
+DEFAULT_NOISE = "mp"
 
 #: How :func:`rmtprune.compress` spreads a ``target`` budget over layers (:mod:`rmtprune.allocation`).
 ALLOCATIONS = ("rmt", "uniform", "energy", "gavish_donoho", "spikes")
@@ -48,6 +54,7 @@ OVERRIDABLE = (
     "alpha",
     "beta",
     "ks_max",
+    "noise",
     "min_rank",
     "energy",
     "ratio",
@@ -89,20 +96,28 @@ class FitConfig:
 
     alpha : BEMA trim fraction in (0, 0.5) (METHOD.md section 3).
     beta : Tracy-Widom level of the edge, in [0.01, 0.99].
-    ks_max : the gate: a fit whose bulk has KS distance ``> ks_max`` to its MP law is refused
-        (``no-mp-bulk``). In [0, inf]; ``inf`` (or anything >= 1) turns the gate off.
+    ks_max : the misfit tolerance of the gate: a fit is refused (``no-mp-bulk``) when its bulk's KS
+        distance to its MP law exceeds ``max(ks_max, q)``, ``q`` the 99% quantile of that distance on
+        a true MP bulk of the same size (``rmtprune.spectral.gate``; above ``ks_max`` only for p < ~23).
+        In [0, inf]; 0 is the pure 1% test, ``inf`` (or anything >= 1) turns the gate off.
+    noise : the noise model of the edge: ``mp`` (Tracy-Widom edge of the MP law), ``resample``
+        (heavy-tailed entries: the edge of simulated Student-t nulls matched to the entries' tail),
+        ``gamma`` (BEMA's Gamma model, heteroscedastic columns) or ``auto`` (``resample`` when the tail
+        test on the entries fires, else ``mp``). Factored layers are always fitted with ``mp``.
     """
 
     alpha: float = DEFAULT_ALPHA
     beta: float = DEFAULT_BETA
     ks_max: float = DEFAULT_KS_MAX
+    noise: str = DEFAULT_NOISE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha("alpha", self.alpha))
         object.__setattr__(self, "beta", check_beta("beta", self.beta))
         object.__setattr__(self, "ks_max", check_number("ks_max", self.ks_max, 0.0, math.inf, allow_inf=True))
+        check_choice("noise", self.noise, NOISE_MODELS)
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -118,7 +133,8 @@ class CompressionConfig:
         :func:`~rmtprune.spectral.register_rule`.
     keep_bulk : fraction of the bulk kept by ``bema``, in [0, 1] (0: spikes only).
     alpha, beta : BEMA trim fraction and Tracy-Widom level.
-    ks_max : the gate; a layer whose bulk fit has ``ks > ks_max`` is kept (``bema`` only).
+    ks_max : the gate's misfit tolerance (see :class:`FitConfig`); a refused layer is kept (``bema`` only).
+    noise : the noise model of the fit's edge (see :class:`FitConfig`).
     min_rank : never keep fewer than this many triplets (>= 1).
     energy : fraction for the ``energy`` rule.
     ratio, rank : for the ``fixed`` rule, exactly one of them.
@@ -164,7 +180,12 @@ class CompressionConfig:
     keep_bulk: float = field(default=0.0, metadata={"help": "fraction of the bulk kept (bema)"})
     alpha: float = field(default=DEFAULT_ALPHA, metadata={"help": "BEMA trim fraction in (0, 0.5)"})
     beta: float = field(default=DEFAULT_BETA, metadata={"help": "Tracy-Widom level in [0.01, 0.99]"})
-    ks_max: float = field(default=DEFAULT_KS_MAX, metadata={"help": "gate on the KS distance to MP"})
+    ks_max: float = field(
+        default=DEFAULT_KS_MAX, metadata={"help": "gate: KS misfit tolerated (the size term is added)"}
+    )
+    noise: str = field(
+        default=DEFAULT_NOISE, metadata={"help": f"noise model of the edge: {', '.join(NOISE_MODELS)}"}
+    )
     min_rank: int = field(default=1, metadata={"help": "smallest rank kept (>= 1)"})
     energy: float = field(default=0.9, metadata={"help": "energy fraction kept (energy rule)"})
     ratio: float | None = field(default=None, metadata={"help": "rank ratio of p (fixed rule)"})
@@ -208,7 +229,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         get_rule(self.rule)
-        fit = FitConfig(self.alpha, self.beta, self.ks_max)
+        fit = FitConfig(self.alpha, self.beta, self.ks_max, self.noise)
         self.alpha, self.beta, self.ks_max = fit.alpha, fit.beta, fit.ks_max
         self._check_rule_fields()
         self.min_rank = check_int("min_rank", self.min_rank, 1)
@@ -284,8 +305,8 @@ class CompressionConfig:
 
     @property
     def fit(self) -> FitConfig:
-        """The fit parameters (``alpha``, ``beta``, ``ks_max``) as a :class:`FitConfig`."""
-        return FitConfig(self.alpha, self.beta, self.ks_max)
+        """The fit parameters (``alpha``, ``beta``, ``ks_max``, ``noise``) as a :class:`FitConfig`."""
+        return FitConfig(self.alpha, self.beta, self.ks_max, self.noise)
 
     def make_rule(self) -> RankRule:
         """The rank rule object this config describes (overrides not applied): the registered rule

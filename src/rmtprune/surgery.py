@@ -660,7 +660,9 @@ def plan(
     pos = _positions(model, todo, example_input) if example_input is not None else {}
 
     whiten = calibration is not None
-    analysis = analyze(model, config, keep_svd=keep_svd and not whiten, progress=progress, entries=entries)
+    analysis = analyze(
+        model, config, keep_svd=keep_svd and not whiten, progress=progress, entries=entries, metrics=False
+    )
     # The one output-layer rule (layers.output_layer), known before any layer is decided.
     protected = analysis.output_layer if config.protect_last else None
     if budgeted:

@@ -180,6 +180,7 @@ class FileAnalysis:
     beta: float = DEFAULT_BETA
     ks_max: float = DEFAULT_KS_MAX
     unwrapped: tuple[str, ...] = ()
+    noise: str = "mp"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -230,6 +231,7 @@ class FileAnalysis:
             "alpha": self.alpha,
             "beta": self.beta,
             "ks_max": None if math.isinf(self.ks_max) else self.ks_max,
+            "noise": self.noise,
             "include": list(self.include),
             "exclude": list(self.exclude),
             "n_tensors": self.n_tensors,
@@ -256,6 +258,7 @@ def analyze_file(
     progress: bool | None = None,
     *,
     fit: FitConfig | None = None,
+    noise: str | None = None,
     device: Any = None,
     metrics: bool = True,
     randomize: bool = False,
@@ -279,7 +282,9 @@ def analyze_file(
         :class:`~rmtprune.config.FitConfig`; above ``ks_max`` a layer's verdict is ``no-mp-bulk``
         (``inf``: no gate). Defaults: :class:`FitConfig`'s.
     progress : show a progress bar (``None``: only when stderr is a terminal).
-    fit : the three fit parameters as one :class:`FitConfig` (instead of ``alpha``/``beta``/``ks_max``).
+    fit : the fit parameters as one :class:`FitConfig` (instead of ``alpha``/``beta``/``ks_max``/``noise``).
+    noise : the noise model of the edge, ``mp`` (default), ``resample``, ``gamma`` or ``auto``
+        (:class:`~rmtprune.config.FitConfig`, docs/spectral.md "Heavy-tailed noise").
     device : a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``) for the Gram/eigenvalue step, in
         float64, tensors of the same shape in batches (:func:`rmtprune.analysis.singular_values_batched`),
         read from disk as they are needed, so device memory stays near the batch (at most
@@ -304,7 +309,7 @@ def analyze_file(
     """
     from ._progress import progress as _progress
 
-    fit = _fit_config(fit, alpha, beta, ks_max)
+    fit = _fit_config(fit, alpha, beta, ks_max, noise)
     inc = _compile_patterns(include, "include", regex=_regex)
     exc = _compile_patterns(exclude, "exclude", regex=_regex)
     from .analysis import resolve_device
@@ -334,6 +339,7 @@ def analyze_file(
         beta=fit.beta,
         ks_max=fit.ks_max,
         unwrapped=tuple(getattr(src, "unwrapped", ())),
+        noise=fit.noise,
     )
 
 
@@ -393,9 +399,10 @@ def _changed_meaning(
     return notes
 
 
-def _fit_config(fit: FitConfig | None, alpha: Any, beta: Any, ks_max: Any) -> FitConfig:
+def _fit_config(fit: FitConfig | None, alpha: Any, beta: Any, ks_max: Any, noise: Any = None) -> FitConfig:
     """``fit``, or a :class:`FitConfig` of the separate values (the defaults where None)."""
-    given = {k: v for k, v in (("alpha", alpha), ("beta", beta), ("ks_max", ks_max)) if v is not None}
+    values = (("alpha", alpha), ("beta", beta), ("ks_max", ks_max), ("noise", noise))
+    given = {k: v for k, v in values if v is not None}
     if fit is None:
         return FitConfig(**given)
     if not isinstance(fit, FitConfig):
@@ -446,7 +453,14 @@ def _analyze_one(
     if not isinstance(tensor, np.ndarray) and tensor.dtype.itemsize == 1:
         tensor = tensor.float()  # torch has no isfinite for 8-bit floats
     la = analyze_tensor(
-        name, tensor, alpha=fit.alpha, beta=fit.beta, ks_max=fit.ks_max, metrics=metrics, randomize=randomize
+        name,
+        tensor,
+        alpha=fit.alpha,
+        beta=fit.beta,
+        ks_max=fit.ks_max,
+        noise=fit.noise,
+        metrics=metrics,
+        randomize=randomize,
     )
     la.dtype = dtype
     return la
@@ -473,7 +487,16 @@ def _analyze_batched(
         values = singular_values_batched([mat for _, _, _, mat in waiting], device)
         for (i, name, tensor, mat), s in zip(waiting, values, strict=True):
             la = finish_tensor(
-                name, tensor, mat, s, fit.alpha, fit.beta, fit.ks_max, metrics=metrics, randomize=randomize
+                name,
+                tensor,
+                mat,
+                s,
+                fit.alpha,
+                fit.beta,
+                fit.ks_max,
+                noise=fit.noise,
+                metrics=metrics,
+                randomize=randomize,
             )
             la.dtype = dtypes[name]
             out[i] = la

@@ -36,6 +36,7 @@ COMPRESSION_FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--alpha": ("alpha", float, "A"),
     "--beta": ("beta", float, "B"),
     "--ks-max": ("ks_max", float, "KS"),
+    "--noise": ("noise", str, None),
     "--min-rank": ("min_rank", int, "K"),
     "--energy": ("energy", float, "FRACTION"),
     "--ratio": ("ratio", float, "R"),

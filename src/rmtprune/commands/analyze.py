@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .._format import table
-from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+from ..config import DEFAULT_NOISE
+from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, NOISE_MODELS
 from ._options import add_threads_flag, set_threads
 
 _COLUMNS = (
@@ -63,6 +64,9 @@ _CSV_FIELDS = (
     "n_bulk",
     "bulk_fraction",
     "ks",
+    "ks_gate",
+    "ks_pvalue",
+    "noise",
     "alpha",
     "beta",
     *(f"esd_{k}" for k in _METRIC_FIELDS),
@@ -72,8 +76,11 @@ _CSV_FIELDS = (
 
 _EPILOG = """\
 verdicts:
-  fit          MP-like bulk (ks <= --ks-max): spikes above s_plus are signal, the bulk is noise
-  no-mp-bulk   ks > --ks-max (or no positive bulk): the layer would not be pruned
+  fit          MP-like bulk (ks <= the gate): spikes above s_plus are signal, the bulk is noise
+  no-mp-bulk   ks > the gate (or no positive bulk): the layer would not be pruned
+  the gate is max(--ks-max, q), q the 99% quantile of the KS distance of a true MP bulk of the
+  layer's size (above 0.1 only for p < ~23); JSON/CSV give it (ks_gate) and the layer's p-value
+  (ks_pvalue: how often a true MP bulk of that size is at least as far from MP)
   too-small    fewer than 10 singular values: no fit
   invalid      NaN or Inf weights (the other layers are still analysed; exit status 1)
 metrics (every fitted layer; JSON "metrics", CSV esd_*): pl_alpha is the power-law exponent of the
@@ -149,8 +156,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_KS_MAX,
         metavar="KS",
         help=(
-            f"gate on the KS distance to the fitted MP law; above it the verdict is no-mp-bulk; "
-            f"inf turns the gate off (default: {DEFAULT_KS_MAX})"
+            f"misfit tolerated by the gate on the KS distance to the fitted MP law (the size term is "
+            f"added, see below); 0: the pure 1%% test; inf turns the gate off (default: {DEFAULT_KS_MAX})"
+        ),
+    )
+    p.add_argument(
+        "--noise",
+        choices=NOISE_MODELS,
+        default=DEFAULT_NOISE,
+        help=(
+            "noise model of the edge: mp (Tracy-Widom edge), resample (heavy-tailed entries: simulated "
+            "Student-t nulls matched to the entries' tail), gamma (BEMA's Gamma model), auto (resample "
+            f"where the tail test on the entries fires, else mp) (default: {DEFAULT_NOISE})"
         ),
     )
     p.add_argument(
@@ -321,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             beta=args.beta,
             ks_max=args.ks_max,
+            noise=args.noise,
             progress=False if args.no_progress else None,
             device=args.device,
             randomize=args.randomize,

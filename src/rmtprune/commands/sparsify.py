@@ -46,6 +46,7 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--alpha": ("alpha", float, "A"),
     "--beta": ("beta", float, "B"),
     "--ks-max": ("ks_max", float, "KS"),
+    "--noise": ("noise", str, None),
     "--cycle-steps": ("cycle_steps", int, "N"),
     "--l1": ("l1", float, "MU1"),
     "--l2": ("l2", float, "MU2"),

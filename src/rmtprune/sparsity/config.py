@@ -10,9 +10,9 @@ from typing import Any
 
 from .._format import dumps
 from .._validate import check_bool, check_choice, check_int, check_number, check_patterns, from_dict
-from ..config import FitConfig
+from ..config import DEFAULT_NOISE, FitConfig
 from ..finetune import SCHEDULES
-from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
+from ..spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX, NOISE_MODELS
 from .budgets import budget_names
 from .layerwise import ALLOCATIONS, ALPHA_FITS, DEFAULT_RMT_METRIC, RMT_METRICS
 from .scores import SCORES
@@ -98,7 +98,12 @@ class SparsifyConfig:
     q: float = field(default=30.0, metadata=_meta("exponent of (1 - s/s_plus)_+ (paper: 30)"))
     alpha: float = field(default=DEFAULT_ALPHA, metadata=_meta("BEMA trim fraction"))
     beta: float = field(default=DEFAULT_BETA, metadata=_meta("Tracy-Widom level of the edge"))
-    ks_max: float = field(default=DEFAULT_KS_MAX, metadata=_meta("gate: a fit with ks above is rejected"))
+    ks_max: float = field(
+        default=DEFAULT_KS_MAX, metadata=_meta("gate: KS misfit tolerated (the size term is added)")
+    )
+    noise: str = field(
+        default=DEFAULT_NOISE, metadata=_meta(f"noise model of the edge, one of {', '.join(NOISE_MODELS)}")
+    )
     include: list[str] = field(
         default_factory=list,
         metadata=_meta(
@@ -150,7 +155,7 @@ class SparsifyConfig:
         self.theta = check_number("theta", self.theta, 0.0, _INF, hi_open=True)
         self.c_min = check_number("c_min", self.c_min, 0.0, 1.0)
         self.q = check_number("q", self.q, 0.0, _INF, lo_open=True, hi_open=True)
-        fit = FitConfig(self.alpha, self.beta, self.ks_max)
+        fit = FitConfig(self.alpha, self.beta, self.ks_max, self.noise)
         self.alpha, self.beta, self.ks_max = fit.alpha, fit.beta, fit.ks_max
         self.include = check_patterns("include", self.include)
         self.exclude = check_patterns("exclude", self.exclude)
@@ -167,7 +172,7 @@ class SparsifyConfig:
     @property
     def fit(self) -> FitConfig:
         """The fit parameters (``alpha``, ``beta``, ``ks_max``) as a :class:`~rmtprune.config.FitConfig`."""
-        return FitConfig(self.alpha, self.beta, self.ks_max)
+        return FitConfig(self.alpha, self.beta, self.ks_max, self.noise)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dict of every field."""

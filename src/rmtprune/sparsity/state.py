@@ -173,7 +173,7 @@ def fit_layers(model: nn.Module, layers: list[LayerState], fit: Any, show: bool 
         e = layer.entry
         if e is not None and not (layer.factored_parent is None and e.handler.unsupported(e.module)):
             todo.setdefault(e.name, LayerEntry(e.name, e.module, e.handler, ""))
-    result = analyze(model, fit, method="gram", progress=show, entries=list(todo.values()))
+    result = analyze(model, fit, method="gram", progress=show, entries=list(todo.values()), metrics=False)
     for layer in layers:
         e = layer.entry
         layer.sigma = math.nan

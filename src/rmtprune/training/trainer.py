@@ -496,7 +496,7 @@ def _layer_stats(model: nn.Module, compression: Any, fits: bool = True) -> dict[
         from ..analysis import analyze
 
         out = {}
-        for la in analyze(model, compression):
+        for la in analyze(model, compression, metrics=False):
             if la.verdict != "skip":
                 fit = la.fit.to_dict() if la.fit is not None else {}
                 out[la.name] = {"rank": la.rank, **{k: fit.get(k) for k in _FIT_COLUMNS}}
