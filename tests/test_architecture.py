@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("engine", ["spectral"]),
     ("configuration and modules", ["config", "lowrank", "layers", "masks"]),
     ("analyze", ["_spectrum", "analysis", "calibration", "sequential", "finetune"]),
-    ("decide and cut", ["plan_record", "allocation", "surgery", "sparsity", "plotting"]),
+    ("decide and cut", ["plan_record", "allocation", "surgery", "sparsity", "plotting", "_analyze_plots"]),
     (
         "persist",
         [

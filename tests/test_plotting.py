@@ -90,12 +90,15 @@ def test_plot_summary_errors(tmp_path: Path) -> None:
         plot_summary(list(layers().values()), tmp_path / "missing" / "s.png")
 
 
-def test_matplotlib_is_imported_lazily_and_pyplot_never() -> None:
+def test_analyze_figures_need_no_matplotlib_import_and_pyplot_is_never_imported() -> None:
     code = (
         "import sys, torch, rmtprune.plotting as p, rmtprune.analysis as a, tempfile, os\n"
         "assert 'matplotlib' not in sys.modules\n"
         "la = a.analyze_tensor('w', torch.randn(40, 60))\n"
-        "p.plot_esd(la, os.path.join(tempfile.mkdtemp(), 'w.png'))\n"
+        "d = tempfile.mkdtemp()\n"
+        "p.plot_esd(la, os.path.join(d, 'w.png')); p.plot_summary([la], os.path.join(d, 's.png'))\n"
+        "assert 'matplotlib' not in sys.modules  # drawn with Pillow\n"
+        "p.plot_training(d, [{'epoch': 1, 'train_acc': 0.5, 'test_acc': 0.4, 'params': 10}])\n"
         "assert 'matplotlib' in sys.modules and 'matplotlib.pyplot' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
@@ -144,10 +147,11 @@ def test_draw_plots_in_worker_processes_with_the_powerlaw_panel(
 ) -> None:
     from matplotlib.image import imread
 
-    from rmtprune.plotting import _has_powerlaw, draw_plots
+    from rmtprune._analyze_plots import has_powerlaw
+    from rmtprune.plotting import draw_plots
 
     ls = layers()
-    assert _has_powerlaw(ls["far"].metrics) and not _has_powerlaw(ls["small"].metrics)
+    assert has_powerlaw(ls["far"].metrics) and not has_powerlaw(ls["small"].metrics)
     no_metrics = analyze_tensor("plain", spiked(120, 200, [40.0], seed=3), metrics=False)
     jobs = [("esd", ls["far"], tmp_path / "far.png"), ("esd", no_metrics, tmp_path / "plain.png")]
     # forked workers, as under `rmtprune analyze` of a safetensors file (no torch); spawned ones
