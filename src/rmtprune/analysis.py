@@ -76,8 +76,7 @@ def _fit(s: np.ndarray, mat: Any, alpha: float, beta: float, noise: str) -> Spec
         return fit_bulk(s, shape, alpha=alpha, beta=beta)
     from .spectral.heavy import fit_matrix
 
-    W = mat if isinstance(mat, np.ndarray) else mat.detach().to("cpu").numpy()
-    return fit_matrix(np.asarray(W), noise=noise, alpha=alpha, beta=beta, singular_values=s)
+    return fit_matrix(_numpy(mat), noise=noise, alpha=alpha, beta=beta, singular_values=s)
 
 
 def analyze_matrix(W: Any, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA) -> SpectrumFit:
@@ -110,7 +109,9 @@ class LayerAnalysis:
     ``metrics`` are the heavy-tail / norm metrics of the spectrum of a fitted layer
     (:class:`rmtprune.spectral.esd_metrics.ESDMetrics`: power-law alpha, alpha-hat, stable rank,
     ...) and ``traps`` the correlation-trap report, when asked (``randomize``). ``ks_gate`` is the
-    effective gate the fit was judged by, ``max(ks_max, q_99%(p, gamma))``.
+    effective gate the fit was judged by, ``max(ks_max, q_99%(p, gamma))``; ``tail`` the tail test
+    of the entries (:class:`rmtprune.spectral.TailTest`; with the metrics, for weights read from a
+    file): heavy-tailed entries make the ``mp`` edge count false spikes (``noise="auto"`` fits them).
     """
 
     name: str
@@ -132,6 +133,7 @@ class LayerAnalysis:
     metrics: Any = field(default=None, compare=False)
     traps: Any = field(default=None, compare=False)
     ks_gate: float | None = None
+    tail: Any = field(default=None, compare=False)
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -165,7 +167,14 @@ class LayerAnalysis:
         out["metrics"] = self.metrics.to_dict() if self.metrics is not None else None
         if self.traps is not None:
             out["traps"] = self.traps.to_dict()
+        t = self.tail
+        out["tail"] = None if t is None else {"ratio": t.ratio, "heavy": t.heavy, "nu": _nu(t)}
         return out
+
+
+def _nu(t: Any) -> float | None:
+    """The Student-t degrees of freedom matched to a heavy tail (None: light-tailed)."""
+    return 1.0 / t.inv_nu if t.heavy and t.inv_nu > 0 else None
 
 
 def analyze_tensor(
@@ -232,9 +241,22 @@ def finish_tensor(
     la.ks_gate = fit.gate(ks_max)
     if metrics:
         la.metrics = _esd_metrics(s, tuple(mat.shape), fit)
+        if fit.sigma2 > 0:
+            from .spectral.heavy import tail_test
+
+            la.tail = tail_test(_numpy(mat), sigma2=fit.sigma2)
     if randomize:
         la.traps = _traps(mat, fit)
     return la
+
+
+def _numpy(mat: Any) -> np.ndarray:
+    """A weight matrix as a numpy array (a torch tensor copied to the CPU in float64)."""
+    if isinstance(mat, np.ndarray):
+        return mat
+    import torch
+
+    return mat.detach().to("cpu", torch.float64).numpy()  # numpy has no bfloat16 / float8
 
 
 def _esd_metrics(s: np.ndarray, shape: tuple[int, int], fit: SpectrumFit | None) -> Any:

@@ -67,6 +67,8 @@ _CSV_FIELDS = (
     "ks_gate",
     "ks_pvalue",
     "noise",
+    "tail_ratio",
+    "tail_heavy",
     "alpha",
     "beta",
     *(f"esd_{k}" for k in _METRIC_FIELDS),
@@ -265,7 +267,7 @@ def _csv_text(analysis: Any) -> str:
         d["shape"] = "x".join(str(v) for v in d["shape"])
         d["matrix_shape"] = "x".join(str(v) for v in d["matrix_shape"])
         d["bulk_fraction"] = la.fit.bulk_fraction if la.fit is not None else None
-        for prefix, sub in (("esd_", d.get("metrics")), ("trap_", d.get("traps"))):
+        for prefix, sub in (("esd_", d.get("metrics")), ("trap_", d.get("traps")), ("tail_", d.get("tail"))):
             for k, v in (sub or {}).items():
                 d[prefix + k] = v
         w.writerow({k: ("" if d.get(k) is None else d[k]) for k in _CSV_FIELDS})
@@ -357,6 +359,13 @@ def run(args: argparse.Namespace) -> int:
     line = summary_line(analysis.metrics_summary())
     if line:
         print(line)
+    heavy = [la for la in analysis.layers if la.tail is not None and la.tail.heavy]
+    if heavy and analysis.noise == "mp":
+        print(
+            f"heavy-tailed entries in {len(heavy)} of {len(analysis.layers)} layers (tail test, "
+            "docs/spectral.md): the mp edge may count false spikes there; "
+            "--noise auto fits them with a heavy-tailed null"
+        )
 
     if args.json is not None:
         text = json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n"
