@@ -53,13 +53,13 @@ def _package_dir() -> Path:
 def training_code() -> str:
     """12 hex digits of the sha256 of the package source a training run executes.
 
-    Every ``.py`` file of the installed ``rmtprune`` except :data:`NOT_TRAINING`, in path order,
-    path and bytes. Cached trained models are keyed by it next to their config, so a change to the
+    Every ``.py`` file of the installed ``rmtprune`` except :data:`NOT_TRAINING`, and the packaged
+    data the fits read (the KS gate's null table, ``*.json``), in path order, path and bytes. Cached trained models are keyed by it next to their config, so a change to the
     trainer, the data, the models or the pruning code retrains instead of reusing stale weights.
     """
     root = _package_dir()
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
         rel = path.relative_to(root).as_posix()
         if rel in NOT_TRAINING or any(rel.startswith(p) for p in NOT_TRAINING if p.endswith("/")):
             continue
