@@ -230,3 +230,18 @@ def test_noise_field_in_json() -> None:
 def test_bad_input_raises(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("shape", [(300, 1000), (257, 391), (40, 50)])
+def test_tail_statistic_equals_the_full_partition(shape: tuple[int, int]) -> None:
+    # The prefiltered order statistic (large matrices) and the one-partition median are exact.
+    from rmtprune.spectral.heavy import TAIL_K, _median, _tail_stat
+
+    rng = np.random.default_rng(3)
+    for W in (rng.standard_t(3, shape), rng.standard_normal(shape).astype(np.float32)):
+        flat = W.ravel()
+        assert _median(flat) == np.median(flat)
+        a = np.abs(flat - np.median(flat))
+        k = min(TAIL_K, max(1, a.size // 4))
+        expect = float(np.partition(a, a.size - k)[a.size - k]) / 2.0
+        assert _tail_stat(W, 4.0) == (expect, k / a.size)
