@@ -19,7 +19,8 @@ since this measurement).
 
 Rerun (about 5-10 min on 2 shared cores)::
 
-    python benchmarks/analyze_start.py --before c0d309a   # writes benchmarks/results/analyze_start.md/.json
+    python benchmarks/analyze_start.py --before c0d309a --plots-before 3947878
+    # writes benchmarks/results/analyze_start.md/.json; --plots-before: the last matplotlib revision
 """
 
 from __future__ import annotations
@@ -157,27 +158,66 @@ def whole_process(args: argparse.Namespace, tmp: Path, before: Path | None) -> d
     return {"rounds": rows, "median": med, "ratios": ratios}
 
 
-def plots_cost(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    """``analyze`` with and without ``--plots`` (interleaved); plot time = the difference."""
-    env = env_with(None, None)  # the CLI's defaults: one thread per core, the plot workers
-    rows = []
+def plots_cost(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    """``analyze`` with and without ``--plots`` (interleaved); plot time = the difference.
+
+    With ``--plots-before REV``, the same pair of runs at that revision in each round too (its
+    ``src`` on PYTHONPATH), so the before/after ratio comes from the same rounds on the same load.
+    """
+    revs: list[tuple[str, Path | None]] = [("now", None)]
+    if args.plots_before:
+        revs.append((args.plots_before, extract(args.plots_before, tmp)))
+    out: dict[str, dict] = {label: {"rounds": []} for label, _ in revs}
     for _ in range(args.plot_rounds):
-        shutil.rmtree(tmp / "plots", ignore_errors=True)
-        a = run_timed(analyze_cmd(tmp), env)
-        p = run_timed(analyze_cmd(tmp, "--plots", str(tmp / "plots")), env)
-        rows.append((a[0], p[0], a[1], p[1]))
-    a_wall = statistics.median(r[0] for r in rows)
-    p_wall = statistics.median(r[1] for r in rows)
-    ratio = statistics.median((r[1] - r[0]) / r[0] for r in rows)
-    return {
-        "analyze_wall": a_wall,
-        "with_plots_wall": p_wall,
-        "plots_wall": p_wall - a_wall,
-        "plots_over_analysis": ratio,
-        "analyze_cpu": statistics.median(r[2] for r in rows),
-        "with_plots_cpu": statistics.median(r[3] for r in rows),
-        "n_plots": len(list((tmp / "plots").glob("*.png"))),
-    }
+        for label, src in revs:
+            env = env_with(src, None)  # the CLI's defaults: one BLAS thread, the plot workers
+            shutil.rmtree(tmp / "plots", ignore_errors=True)
+            a = run_timed(analyze_cmd(tmp), env)
+            p = run_timed(analyze_cmd(tmp, "--plots", str(tmp / "plots")), env)
+            row = {"analyze_wall": a[0], "with_plots_wall": p[0], "analyze_cpu": a[1], "with_plots_cpu": p[1]}
+            row["plots_over_analysis"] = (p[0] - a[0]) / a[0]
+            row["n_plots"] = len(list((tmp / "plots").glob("*.png")))
+            out[label]["rounds"].append(row)
+            print(f"plots {label}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+    for label, _ in revs:
+        rows = out[label]["rounds"]
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        med["plots_wall"] = med["with_plots_wall"] - med["analyze_wall"]
+        med["n_plots"] = rows[-1]["n_plots"]
+        out[label].update(med)
+    return out
+
+
+def plots_table(args: argparse.Namespace, plots: dict[str, object]) -> list[str]:
+    """The ``--plots`` section of the report: one row per revision (medians over the rounds)."""
+    head = ["revision", "analyze wall s", "with --plots wall s", "plots wall s", "plots / analysis"]
+    head += ["plots cpu s", "target", "PNGs"]
+    rows = []
+    for label, p in plots.items():
+        ratio = p["plots_over_analysis"]
+        rows.append(
+            [
+                "this one" if label == "now" else f"at {label}",
+                f"{p['analyze_wall']:.2f}",
+                f"{p['with_plots_wall']:.2f}",
+                f"{p['plots_wall']:.2f}",
+                f"{ratio:.2f}",
+                f"{p['with_plots_cpu'] - p['analyze_cpu']:.2f}",
+                "<= 1.5: " + ("met" if ratio <= 1.5 else "MISSED"),
+                str(p["n_plots"]),
+            ]
+        )
+    lines = [
+        "",
+        "## --plots (CLI defaults: one BLAS thread, one plot worker per core)",
+        "",
+        f"{args.plot_rounds} interleaved rounds, medians; plots / analysis is the median over the rounds "
+        "of (with --plots - without) / without. Since the ESD and summary figures are drawn with "
+        "Pillow (`_analyze_plots.py`), not matplotlib.",
+        "",
+        table(head, rows),
+    ]
+    return lines
 
 
 def thread_table(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
@@ -291,32 +331,7 @@ def report(args: argparse.Namespace, res: dict[str, object]) -> str:
         )
     lines.append(table(head, srows))
     if "plots" in res:
-        p = res["plots"]
-        lines += [
-            "",
-            "## --plots (CLI defaults: one BLAS thread, one plot worker per core)",
-            "",
-            table(
-                [
-                    "analyze wall s",
-                    "with --plots wall s",
-                    "plots wall s",
-                    "plots / analysis",
-                    "target",
-                    "PNGs",
-                ],
-                [
-                    [
-                        f"{p['analyze_wall']:.2f}",
-                        f"{p['with_plots_wall']:.2f}",
-                        f"{p['plots_wall']:.2f}",
-                        f"{p['plots_over_analysis']:.2f}",
-                        "<= 1.5: " + ("met" if p["plots_over_analysis"] <= 1.5 else "MISSED"),
-                        str(p["n_plots"]),
-                    ]
-                ],
-            ),
-        ]
+        lines += plots_table(args, res["plots"])
     if "threads" in res:
         lines += ["", "## Threads, quiet and busy (2 CPU burners beside it)", ""]
         lines.append(
@@ -337,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", metavar="REV", help="also time the CLI of this git revision")
     ap.add_argument("--ww-rounds", type=int, default=1, help="rounds that also run (b), WeightWatcher (1)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--plots-before", metavar="REV", help="also time --plots at this git revision")
     ap.add_argument("--no-threads", action="store_true", help="skip the quiet/busy thread table")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)

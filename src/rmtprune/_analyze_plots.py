@@ -29,13 +29,29 @@ _BULK = "#5b8db8"
 _SPIKE = "#d62728"
 _CURVE = "#111111"
 _EDGE = "#2ca02c"
-_SS = 2  # supersampling factor: drawn at 2x, downsampled (anti-aliased lines)
+_SS = 2  # supersampling of the panels' data: drawn at 2x, downsampled (anti-aliased lines)
 
 
 def _blend(color: str, alpha: float) -> tuple[int, int, int]:
     """``color`` at opacity ``alpha`` over white (the fills of the histograms)."""
     rgb = [int(color[i : i + 2], 16) for i in (1, 3, 5)]
     return tuple(round(alpha * c + (1 - alpha) * 255) for c in rgb)  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=1)
+def _palette() -> Any:
+    """A fixed 256-colour palette: white and 22 shades from each colour of the figures towards white
+    (fills, anti-aliased edges and text); PNG encodes a palette image without row filters."""
+    from PIL import Image
+
+    bases = dict.fromkeys(["#000000", _BULK, _SPIKE, _EDGE, "#9e9e9e", *VERDICT_COLORS.values()])
+    # no shade within 1/8 of white: Pillow maps a colour through a 6-bit cache, which would take
+    # white for its nearest neighbour
+    colors = [(255, 255, 255)] + [_blend(c, 1 - i / 24) for c in bases for i in range(22)]
+    colors += [(255, 255, 255)] * (256 - len(colors))
+    pal = Image.new("P", (1, 1))
+    pal.putpalette([v for c in colors[:256] for v in c])
+    return pal
 
 
 @lru_cache(maxsize=32)
@@ -46,7 +62,8 @@ def _font(px: int) -> Any:
     for root in spec.submodule_search_locations or [] if spec else []:
         path = os.path.join(root, "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
         if os.path.exists(path):
-            return ImageFont.truetype(path, px)
+            # basic layout (no raqm shaping: plain ASCII labels), a third faster per label
+            return ImageFont.truetype(path, px, layout_engine=ImageFont.Layout.BASIC)
     return ImageFont.load_default(px)  # pragma: no cover - matplotlib without its fonts
 
 
@@ -71,14 +88,14 @@ def _ticks(lo: float, hi: float, log: bool) -> list[tuple[float, str]]:
 
 
 class _Canvas:
-    """A figure of ``width x height`` inches at ``dpi``, drawn at ``_SS`` times that size."""
+    """A figure of ``width x height`` inches at ``dpi``; its panels' data drawn at ``ss`` times that."""
 
     def __init__(self, width: float, height: float, dpi: int, ss: int = _SS) -> None:
         from PIL import Image, ImageDraw
 
         self.ss = ss
-        self.k = dpi / 72.0 * ss  # pixels (on the canvas) per point
-        self.img = Image.new("RGB", (round(width * dpi) * ss, round(height * dpi) * ss), "white")
+        self.k = dpi / 72.0  # pixels per point
+        self.img = Image.new("RGB", (round(width * dpi), round(height * dpi)), "white")
         self.draw = ImageDraw.Draw(self.img)
 
     def font(self, pt: float) -> Any:
@@ -105,10 +122,11 @@ class _Canvas:
         info.add_text("Software", "rmtprune (Pillow)")  # rmtprune drew it: a later run may replace it
         target = Path(path).expanduser()
         with atomic_path(target, suffix=".png") as tmp:
-            img = self.img.reduce(self.ss) if self.ss > 1 else self.img
-            # 128-colour palette (fast octree): a third of the time to encode of RGB (whose PNG rows
-            # are filtered five ways each) at half the size, no visible change for these few colours.
-            img.quantize(128, method=2).save(tmp, format="PNG", pnginfo=info, compress_level=1)
+            # On a fixed palette (each colour's ramp to white): a tenth of the time to encode of RGB
+            # (whose PNG rows are filtered five ways each) at half the size; no visible change.
+            self.img.quantize(palette=_palette(), dither=0).save(
+                tmp, format="PNG", pnginfo=info, compress_level=1
+            )
         return target
 
 
@@ -119,10 +137,11 @@ class _Axes:
         from PIL import Image, ImageDraw
 
         self.cv, self.box = cv, tuple(round(v) for v in box)
+        self.s, self.k = cv.ss, cv.k * cv.ss  # the tile's scale and pixels per point
         x0, y0, x1, y1 = self.box
         self.xlim, self.ylim = (float(xlim[0]), float(xlim[1])), (float(ylim[0]), float(ylim[1]))
         self.xlog = self.ylog = False
-        self.tile = Image.new("RGB", (x1 - x0, y1 - y0), "white")
+        self.tile = Image.new("RGB", ((x1 - x0) * self.s, (y1 - y0) * self.s), "white")
         self.draw = ImageDraw.Draw(self.tile)
         self.legend: list[tuple[str, Any, str]] = []
 
@@ -140,10 +159,18 @@ class _Axes:
         return (1 - f if flip else f) * size
 
     def px(self, x: Any) -> np.ndarray:
+        """x on the tile (``s`` times the figure's pixels)."""
         return self._t(x, self.xlim, self.xlog, self.tile.width, False)
 
     def py(self, y: Any) -> np.ndarray:
         return self._t(y, self.ylim, self.ylog, self.tile.height, True)
+
+    def fx(self, x: float) -> float:
+        """x on the figure."""
+        return self.box[0] + float(self.px(x)) / self.s
+
+    def fy(self, y: float) -> float:
+        return self.box[1] + float(self.py(y)) / self.s
 
     def bars(self, values: Any, edges: Any, color: str, alpha: float, label: str | None = None) -> None:
         """A histogram: one filled rectangle per non-empty bin, from the bottom of the panel."""
@@ -162,14 +189,14 @@ class _Axes:
         ok = np.isfinite(xs) & np.isfinite(ys)
         pts = [(float(a), float(b)) for a, b in zip(xs[ok], ys[ok], strict=True)]
         if len(pts) > 1:
-            self.draw.line(pts, fill=color, width=max(1, round(lw * self.cv.k)))
+            self.draw.line(pts, fill=color, width=max(1, round(lw * self.k)))
         if label:
             self.legend.append(("line", color, label))
 
     def vline(self, x: float, color: str, lw: float, label: str | None = None, dash: bool = True) -> None:
         """A vertical line across the panel (dashed unless ``dash`` is false)."""
-        xp, h, w = float(self.px(x)), self.tile.height, max(1, round(lw * self.cv.k))
-        step = 6 * self.cv.k if dash else h
+        xp, h, w = float(self.px(x)), self.tile.height, max(1, round(lw * self.k))
+        step = 6 * self.k if dash else h
         for y in np.arange(0, h, step):
             self.draw.line([(xp, y), (xp, min(y + (step * 0.6 if dash else h), h))], fill=color, width=w)
         if label:
@@ -179,15 +206,13 @@ class _Axes:
         """Short vertical marks at the bottom (``height``: fraction of the panel)."""
         h = self.tile.height
         for xp in self.px(xs):
-            self.draw.line(
-                [(xp, h), (xp, h * (1 - height))], fill=color, width=max(1, round(1.2 * self.cv.k))
-            )
+            self.draw.line([(xp, h), (xp, h * (1 - height))], fill=color, width=max(1, round(1.2 * self.k)))
 
     def xgrid(self) -> None:
         """Light vertical lines at the x ticks (drawn first, under the data)."""
         for v, _ in _ticks(*self.xlim, self.xlog):
             xp = float(self.px(v))
-            self.draw.line([(xp, 0), (xp, self.tile.height)], fill="#e3e3e3", width=max(1, round(self.cv.k)))
+            self.draw.line([(xp, 0), (xp, self.tile.height)], fill="#e3e3e3", width=max(1, round(self.k)))
 
     def hbars(self, values: Any, colors: list[str]) -> None:
         """Horizontal bars, one per row ``i`` (y = i), from the left edge of the panel."""
@@ -211,16 +236,16 @@ class _Axes:
         ``yticks``: ``(y, label)`` pairs instead of the automatic ticks (``[]``: none).
         """
         cv, (x0, y0, x1, y1) = self.cv, self.box
-        cv.img.paste(self.tile, (x0, y0))
+        cv.img.paste(self.tile.reduce(self.s) if self.s > 1 else self.tile, (x0, y0))
         d, k, tick = cv.draw, cv.k, 3.5 * cv.k
         d.rectangle((x0, y0, x1, y1), outline="black", width=max(1, round(0.8 * k)))
         for v, s in _ticks(*self.xlim, self.xlog):
-            xp = x0 + float(self.px(v))
+            xp = self.fx(v)
             d.line([(xp, y1), (xp, y1 + tick)], fill="black", width=max(1, round(0.8 * k)))
             cv.text((xp, y1 + tick + 2 * k), s, 8, "ma")
         widest = 0.0
         for v, s in _ticks(*self.ylim, self.ylog) if yticks is None else yticks:
-            yp = y0 + float(self.py(v))
+            yp = self.fy(v)
             d.line([(x0 - tick, yp), (x0, yp)], fill="black", width=max(1, round(0.8 * k)))
             cv.text((x0 - tick - 2 * k, yp), s, ytick_pt, "rm")
             widest = max(widest, cv.font(ytick_pt).getlength(s))
@@ -430,6 +455,7 @@ def plot_summary(
     if not layers:
         raise ValueError("no layers to plot: the analysis is empty")
     ks_max = DEFAULT_KS_MAX if ks_max is None else float(ks_max)
+    gate = ks_max if np.isfinite(ks_max) else 0.0  # an infinite gate (no KS test): no line
     n, fs = len(layers), 8 if len(layers) <= 60 else 6
     names = [la.name if len(la.name) <= 70 else la.name[:33] + "..." + la.name[-34:] for la in layers]
     colors = [VERDICT_COLORS.get(la.verdict, "black") for la in layers]
@@ -455,25 +481,31 @@ def plot_summary(
             log_spikes,
             "{:d}",
         ),
-        ("KS distance to fitted MP", ks, (0.0, max(1.2 * ks_max, 1.15 * float(ks.max()))), False, "{:.3f}"),
+        (
+            "KS distance to fitted MP",
+            ks,
+            (0.0, max(1.2 * gate, 1.15 * float(ks.max()), 0.01)),
+            False,
+            "{:.3f}",
+        ),
     ]
     for j, (label, values, xlim, xlog, fmt) in enumerate(panels):
         x0 = left + j * (width + gap)
         ax = _Axes(cv, (x0, top, x0 + width, bottom), xlim, ylim).log(xlog, False)
         ax.xgrid()
         ax.hbars(values, colors)
-        if j == 2:
+        if j == 2 and gate > 0:
             ax.vline(ks_max, "#000000", 1.2)
         ax.finish(label, "", yticks=[(i, s) for i, s in enumerate(names)] if j == 0 else rows, ytick_pt=fs)
         for i, la in enumerate(layers):
-            yp = top + float(ax.py(i))
+            yp = ax.fy(i)
             if la.fit is None:
                 cv.text((x0 + 3 * k, yp), la.verdict, fs, "lm", colors[i])
             elif fmt and n <= 80:
-                xp = x0 + max(float(ax.px(values[i])) if values[i] > 0 or not xlog else 0.0, 0.0)
+                xp = max(ax.fx(values[i]) if values[i] > 0 or not xlog else x0, x0)
                 cv.text((xp + 2 * k, yp), fmt.format(values[i].item()), fs, "lm")
-        if j == 2:
-            cv.text((x0 + float(ax.px(ks_max)), top - 2 * k), f" gate ks_max={ks_max:g}", 8, "ld")
+        if j == 2 and gate > 0:
+            cv.text((ax.fx(ks_max), top - 2 * k), f" gate ks_max={ks_max:g}", 8, "ld")
     present = [v for v in VERDICT_COLORS if any(la.verdict == v for la in layers)]
     x = W / 2 - sum(cv.font(8).getlength(v) + 30 * k for v in present) / 2
     for v in present:
