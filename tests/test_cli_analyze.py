@@ -257,3 +257,27 @@ def test_randomize_device_and_threads(ckpt: Path, tmp_path: Path, capsys: pytest
     assert "traps" not in d["layers"][2]  # too-small: no fit, no traps
     code, _, err = run(capsys, ckpt, "--device", "nonsense")
     assert code == 2 and "not a torch device" in err
+
+
+def test_conv_metrics_ww_changes_only_the_conv_layer(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, ckpt, "--json", tmp_path / "m.json")
+    code_ww, _, err_ww = run(capsys, ckpt, "--json", tmp_path / "w.json", "--conv-metrics", "ww")
+    assert code == code_ww == 0 and err == err_ww == ""
+    a, b = (
+        {x["layer"]: x for x in json.loads((tmp_path / f).read_text())["layers"]}
+        for f in ("m.json", "w.json")
+    )
+    assert a["fc1.weight"] == b["fc1.weight"]
+    conv_a, conv_b = a["features.0.weight"], b["features.0.weight"]
+    assert {k: v for k, v in conv_a.items() if k != "metrics"} == {
+        k: v for k, v in conv_b.items() if k != "metrics"
+    }
+    assert conv_b["verdict"] == "fit" and conv_b["metrics"]["log_norm"] < conv_a["metrics"]["log_norm"]
+    assert (
+        conv_a["metrics"]["alpha"] != conv_b["metrics"]["alpha"] and conv_b["metrics"]["mp_softrank"] is None
+    )
+    with pytest.raises(SystemExit) as info:
+        run(capsys, ckpt, "--conv-metrics", "slices")
+    assert info.value.code == 2 and "--conv-metrics" in capsys.readouterr().err

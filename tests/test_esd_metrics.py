@@ -13,6 +13,7 @@ from rmtprune.spectral.esd_metrics import (
     ESDMetrics,
     PowerLawFit,
     TrapReport,
+    conv_eigenvalues,
     correlation_traps,
     esd_metrics,
     hill_alpha,
@@ -219,3 +220,60 @@ def test_summarize_means_skip_missing_values() -> None:
     assert out["log_norm"] == pytest.approx(a.log_norm)
     assert "mp_softrank" not in out  # no layer has one
     json.dumps(out)
+
+
+def test_conv_eigenvalues_is_the_pooled_per_slice_spectrum() -> None:
+    W = np.random.default_rng(3).standard_normal((12, 5, 3, 2))
+    slices = [np.linalg.svd(W[:, :, i, j], compute_uv=False) ** 2 for i in range(3) for j in range(2)]
+    want = np.sort(np.concatenate(slices)) * 0.5  # WW 0.7.7's conv2d_norm: each slice times sqrt(1/2)
+    got = conv_eigenvalues(W)
+    assert got.shape == (3 * 2 * 5,)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # a 1x1 conv is the matrix out x in, eigenvalues halved
+    W1 = W[:, :, :1, :1]
+    np.testing.assert_allclose(
+        conv_eigenvalues(W1), np.sort(np.linalg.svd(W1[:, :, 0, 0], compute_uv=False) ** 2) / 2
+    )
+    with pytest.raises(ValueError, match="4-D"):
+        conv_eigenvalues(W[:, :, 0, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        conv_eigenvalues(np.full((2, 2, 1, 1), np.nan))
+
+
+def test_esd_metrics_from_eigenvalues() -> None:
+    X = np.random.default_rng(4).standard_normal((60, 40))
+    s = np.linalg.svd(X, compute_uv=False)
+    fit = fit_bulk(s, X.shape)
+    base = esd_metrics(s, X.shape, fit=fit)
+    same = esd_metrics(s, X.shape, fit=fit, eigenvalues=s**2)
+    assert base.mp_softrank is not None and same.mp_softrank is None  # the fit is of the other spectrum
+    assert same.to_dict() == {**base.to_dict(), "mp_softrank": None}
+    ev = conv_eigenvalues(np.random.default_rng(5).standard_normal((20, 8, 3, 3)))
+    m = esd_metrics(s, X.shape, eigenvalues=ev)  # any count: 72 eigenvalues for a 60 x 40 shape
+    assert math.isclose(m.log_norm, math.log10(ev.sum())) and m.alpha == powerlaw_fit(ev).alpha
+    with pytest.raises(ValueError, match="eigenvalues"):
+        esd_metrics(s, X.shape, eigenvalues=[1.0, -1.0])
+
+
+def test_conv_ww_changes_only_the_metrics_of_4d_weights() -> None:
+    import torch
+
+    from rmtprune.analysis import analyze, analyze_tensor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3), torch.nn.Flatten(), torch.nn.Linear(64, 40))
+    a, b = analyze(model), analyze(model, conv="ww")
+    assert [la.name for la in a.layers] == [la.name for la in b.layers] == ["0", "2"]
+    for x, y in zip(a.layers, b.layers, strict=True):
+        assert (x.verdict, x.fit, list(x.s)) == (y.verdict, y.fit, list(y.s))
+    assert a.layers[1].metrics == b.layers[1].metrics  # the Linear layer
+    W = model[0].weight.detach().double().numpy()
+    want = esd_metrics(a.layers[0].s, (32, 144), eigenvalues=conv_eigenvalues(W))
+    assert b.layers[0].metrics == want and b.layers[0].metrics.alpha != a.layers[0].metrics.alpha
+    t_ww = analyze_tensor("conv", W, conv="ww")  # numpy path, and the tensor path agree
+    assert t_ww.metrics.alpha == analyze_tensor("conv", model[0].weight, conv="ww").metrics.alpha
+    assert t_ww.metrics.alpha == want.alpha and t_ww.verdict == analyze_tensor("conv", W).verdict
+    with pytest.raises(ValueError, match="conv="):
+        analyze(model, conv="slices")
+    with pytest.raises(ValueError, match="conv="):
+        analyze_tensor("conv", W, conv="slices")

@@ -187,6 +187,7 @@ def analyze_tensor(
     noise: str = "mp",
     metrics: bool = True,
     randomize: bool = False,
+    conv: str = "matrix",
 ) -> LayerAnalysis:
     """Analyse one named weight and give it a verdict; never raises for bad values, only reports.
 
@@ -194,16 +195,21 @@ def analyze_tensor(
     edge (``mp``, ``resample``, ``gamma`` or ``auto``; :class:`rmtprune.config.FitConfig`).
     ``metrics``: the ESD metrics of a fitted layer (:attr:`LayerAnalysis.metrics`); ``randomize``:
     also its correlation-trap report (:attr:`LayerAnalysis.traps`, a second spectrum of the
-    shuffled weight).
+    shuffled weight). ``conv``: the reading of a 4-D weight's metrics, ``matrix`` (``out x rest``, as
+    the fit) or ``ww`` (WeightWatcher's pooled ``kh*kw`` slices,
+    :func:`rmtprune.spectral.esd_metrics.conv_eigenvalues`); only the metrics of 4-D weights change,
+    the fit and verdict keep ``matrix``.
     """
+    _check_conv(conv)
     mat = _as_array(weight) if isinstance(weight, np.ndarray) else as_matrix(weight)
     la = check_tensor(name, weight, mat)
     if la is not None:
         return la
     s = singular_values(mat)
     return finish_tensor(
-        name, weight, mat, s, alpha, beta, ks_max, noise=noise, metrics=metrics, randomize=randomize
-    )
+        name, weight, mat, s, alpha, beta, ks_max, noise=noise, metrics=metrics, randomize=randomize,
+        conv=conv,
+    )  # fmt: skip
 
 
 def check_tensor(name: str, weight: Any, mat: Any) -> LayerAnalysis | None:
@@ -230,9 +236,10 @@ def finish_tensor(
     noise: str = "mp",
     metrics: bool = True,
     randomize: bool = False,
+    conv: str = "matrix",
 ) -> LayerAnalysis:
     """The fit, verdict and metrics of a weight whose singular values ``s`` are computed (by
-    :func:`singular_values` or :func:`singular_values_batched`)."""
+    :func:`singular_values` or :func:`singular_values_batched`); ``conv`` as in :func:`analyze_tensor`."""
     shape = tuple(int(v) for v in (weight.shape))
     dtype = str(weight.dtype).replace("torch.", "")
     fit = _fit(s, mat, alpha, beta, noise)
@@ -240,7 +247,7 @@ def finish_tensor(
     la = LayerAnalysis(name, shape, dtype, "no-mp-bulk" if why else "fit", fit, why)
     la.ks_gate = fit.gate(ks_max)
     if metrics:
-        la.metrics = _esd_metrics(s, tuple(mat.shape), fit)
+        la.metrics = _esd_metrics(s, tuple(mat.shape), fit, weight if _check_conv(conv) == "ww" else None)
         if fit.sigma2 > 0:
             from .spectral.heavy import tail_test
 
@@ -259,11 +266,23 @@ def _numpy(mat: Any) -> np.ndarray:
     return mat.detach().to("cpu", torch.float64).numpy()  # numpy has no bfloat16 / float8
 
 
-def _esd_metrics(s: np.ndarray, shape: tuple[int, int], fit: SpectrumFit | None) -> Any:
-    """:func:`rmtprune.spectral.esd_metrics.esd_metrics` of a spectrum."""
-    from .spectral.esd_metrics import esd_metrics
+def _esd_metrics(
+    s: np.ndarray, shape: tuple[int, int], fit: SpectrumFit | None, conv_weight: Any = None
+) -> Any:
+    """:func:`rmtprune.spectral.esd_metrics.esd_metrics` of a spectrum; of WeightWatcher's reading of
+    ``conv_weight`` instead when it is a 4-D weight (:func:`.esd_metrics.conv_eigenvalues`)."""
+    from .spectral.esd_metrics import conv_eigenvalues, esd_metrics
 
+    if conv_weight is not None and len(conv_weight.shape) == 4:
+        return esd_metrics(s, shape, fit=fit, eigenvalues=conv_eigenvalues(_numpy(conv_weight)))
     return esd_metrics(s, shape, fit=fit)
+
+
+def _check_conv(conv: str) -> str:
+    """``conv`` if it names a reading of conv weights for the metrics (``matrix`` or ``ww``)."""
+    if conv not in ("matrix", "ww"):
+        raise ValueError(f"conv={conv!r} must be 'matrix' or 'ww'")
+    return conv
 
 
 def _traps(mat: Any, fit: SpectrumFit | None) -> Any:
@@ -377,6 +396,7 @@ def _analyze_layer(
     device: str | None = None,
     metrics: bool = True,
     randomize: bool = False,
+    conv: str = "matrix",
 ) -> LayerAnalysis:
     """Spectrum, fit, verdict and metrics of one supported layer (the model is not changed)."""
     import torch
@@ -427,7 +447,8 @@ def _analyze_layer(
         la.message = f"rank {k_now} leaves too few bulk values in the trimmed window to refit"
         return la
     if metrics:
-        la.metrics = _esd_metrics(s_full, (m, n), fit)
+        w = h.weights(mod)[0] if conv == "ww" and not h.factored else None
+        la.metrics = _esd_metrics(s_full, (m, n), fit, w)
     if randomize and not h.factored:
         la.traps = _traps(h.matrix(mod), fit)
     la.ks_gate = fit.gate(fit_cfg.ks_max)
@@ -450,6 +471,7 @@ def analyze(
     device: Any = None,
     metrics: bool = True,
     randomize: bool = False,
+    conv: str = "matrix",
 ) -> ModelAnalysis:
     """Spectrum, BEMA fit and verdict of every layer of ``model`` the layer registry supports.
 
@@ -476,6 +498,9 @@ def analyze(
     metrics : compute each fitted layer's ESD metrics (:attr:`LayerAnalysis.metrics`).
     randomize : also each dense fitted layer's correlation-trap report (:attr:`LayerAnalysis.traps`;
         a second spectrum per layer).
+    conv : the reading of conv layers' metrics: ``matrix`` (default, ``out x (in*kh*kw)`` as the fit)
+        or ``ww`` (WeightWatcher 0.7.7's pooled ``kh*kw`` slices, so alpha compares with WW's; see
+        docs/metrics.md). Only the metrics of 4-D weights change.
 
     Examples
     --------
@@ -496,6 +521,7 @@ def analyze(
         raise TypeError(f"config must be a FitConfig or a CompressionConfig, got {type(config).__name__}")
     if method not in ("svd", "gram"):
         raise ValueError(f"method={method!r} must be 'svd' or 'gram'")
+    _check_conv(conv)
     dev = resolve_device(device)
     if dev is None and device is not None:
         dev = "cpu"  # asked for a device that is not there: the same batched path on the CPU
@@ -519,7 +545,7 @@ def analyze(
     done: dict[str, LayerAnalysis] = {}
     for e in _progress(todo, total=len(todo), desc="analyze", enable=progress):
         fit_cfg, svd_dtype = _settings(config, e.name)
-        done[e.name] = _analyze_layer(e, fit_cfg, svd_dtype, keep_svd, method, dev, metrics, randomize)
+        done[e.name] = _analyze_layer(e, fit_cfg, svd_dtype, keep_svd, method, dev, metrics, randomize, conv)
     layers = [done.get(e.name) or _skipped(e, reasons[e.name]) for e in entries]
     out, why = output_layer(model, entries)
     return ModelAnalysis(layers, out, why)

@@ -262,6 +262,7 @@ def analyze_file(
     device: Any = None,
     metrics: bool = True,
     randomize: bool = False,
+    conv: str = "matrix",
     _regex: bool = False,
 ) -> FileAnalysis:
     """Analyse every 2-D and 4-D floating-point tensor of a weights file, one tensor in memory at a time.
@@ -292,6 +293,8 @@ def analyze_file(
         ``RuntimeWarning``. None (default): numpy on the CPU, one tensor at a time.
     metrics : each fitted layer's ESD metrics (power-law alpha, alpha-hat, stable rank, ...).
     randomize : each fitted layer's correlation-trap report too (a second spectrum per layer).
+    conv : the reading of 4-D tensors' metrics, ``matrix`` (default, ``out x (in*kh*kw)``, as the fit)
+        or ``ww`` (WeightWatcher 0.7.7's pooled ``kh*kw`` slices; :func:`rmtprune.analysis.analyze_tensor`).
 
     Returns
     -------
@@ -310,6 +313,8 @@ def analyze_file(
     from ._progress import progress as _progress
 
     fit = _fit_config(fit, alpha, beta, ks_max, noise)
+    if conv not in ("matrix", "ww"):
+        raise ValueError(f"conv={conv!r} must be 'matrix' or 'ww'")
     inc = _compile_patterns(include, "include", regex=_regex)
     exc = _compile_patterns(exclude, "exclude", regex=_regex)
     from .analysis import resolve_device
@@ -323,9 +328,9 @@ def analyze_file(
     reads = _progress(reads, total=len(todo), desc="analyze", enable=progress)
     dtypes = {i.name: i.dtype for i in todo}
     if dev is None:
-        layers = [_analyze_one(name, t, fit, dtypes[name], metrics, randomize) for name, t in reads]
+        layers = [_analyze_one(name, t, fit, dtypes[name], metrics, randomize, conv) for name, t in reads]
     else:
-        layers = _analyze_batched(reads, fit, dtypes, dev, metrics, randomize)
+        layers = _analyze_batched(reads, fit, dtypes, dev, metrics, randomize, conv)
     return FileAnalysis(
         path=str(path),
         format=src.format,
@@ -447,7 +452,13 @@ def _prepare(name: str, tensor: Any, dtype: str) -> tuple[Any, Any, LayerAnalysi
 
 
 def _analyze_one(
-    name: str, tensor: Any, fit: FitConfig, dtype: str, metrics: bool = True, randomize: bool = False
+    name: str,
+    tensor: Any,
+    fit: FitConfig,
+    dtype: str,
+    metrics: bool = True,
+    randomize: bool = False,
+    conv: str = "matrix",
 ) -> LayerAnalysis:
     """:func:`analyze_tensor` of one read tensor, reporting the file's own ``dtype``."""
     if not isinstance(tensor, np.ndarray) and tensor.dtype.itemsize == 1:
@@ -461,6 +472,7 @@ def _analyze_one(
         noise=fit.noise,
         metrics=metrics,
         randomize=randomize,
+        conv=conv,
     )
     la.dtype = dtype
     return la
@@ -473,6 +485,7 @@ def _analyze_batched(
     device: str,
     metrics: bool,
     randomize: bool,
+    conv: str = "matrix",
 ) -> list[LayerAnalysis]:
     """The tensors of ``reads`` analysed with their spectra computed on ``device`` in batches of the
     same shape; a batch runs when the tensors waiting hold :data:`BATCH_BYTES` (and at the end)."""
@@ -497,6 +510,7 @@ def _analyze_batched(
                 noise=fit.noise,
                 metrics=metrics,
                 randomize=randomize,
+                conv=conv,
             )
             la.dtype = dtypes[name]
             out[i] = la

@@ -183,6 +183,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="also report correlation traps: the spectrum of each fitted weight with its entries shuffled",
     )
     p.add_argument(
+        "--conv-metrics",
+        choices=("matrix", "ww"),
+        default="matrix",
+        help=(
+            "reading of conv (4-D) weights for the ESD metrics only: matrix, out x (in*kh*kw) as the fit "
+            "(default), or ww, WeightWatcher 0.7.7's pooled kh*kw slices out x in (alpha comparable to WW's)"
+        ),
+    )
+    p.add_argument(
         "--device",
         metavar="DEV",
         help=(
@@ -344,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             progress=False if args.no_progress else None,
             device=args.device,
             randomize=args.randomize,
+            conv=args.conv_metrics,
         )
     for w in caught:  # a regex --include/--exclude: one line saying how to write it as a glob
         if issubclass(w.category, (DeprecationWarning, RuntimeWarning)):  # and CUDA not available

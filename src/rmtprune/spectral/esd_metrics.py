@@ -51,6 +51,8 @@ __all__ = [
     "hill_alpha",
     "ESDMetrics",
     "esd_metrics",
+    "conv_eigenvalues",
+    "WW_CONV2D_SCALE",
     "TrapReport",
     "correlation_traps",
     "summarize",
@@ -64,6 +66,8 @@ SMALL_N = 20
 SMALL_N_MIN_TAIL = 8
 #: TW level of the shuffled spectrum's edge in :func:`correlation_traps` (its 99% quantile).
 TRAP_BETA = 0.01
+#: WeightWatcher 0.7.7's ``conv2d_norm``: a conv slice is scaled by ``sqrt(1 / 2)``, its eigenvalues by 1/2.
+WW_CONV2D_SCALE = 0.5
 #: Cells (candidates x eigenvalues) per block of the vectorised xmin search: bounds its memory.
 _BLOCK_CELLS = 1 << 21
 
@@ -276,8 +280,42 @@ def _log10_sum_pow(sq: np.ndarray, alpha: float) -> float:
     return (top + math.log(float(np.exp(t - top).sum()))) / math.log(10.0)
 
 
+def conv_eigenvalues(weight: ArrayLike) -> np.ndarray:
+    """WeightWatcher 0.7.7's ESD of a conv weight ``out x in x kh x kw``: the pooled slice eigenvalues.
+
+    WW (``conv2D_Wmats``, PyTorch layout) reads a 4-D weight as its ``kh * kw`` slices
+    ``W[:, :, i, j]`` of shape ``out x in``, computes each slice's ``s**2`` and pools them into one
+    spectrum of ``kh * kw * min(out, in)`` eigenvalues, after its default ``conv2d_norm`` has scaled
+    every slice by ``sqrt(1 / 2)`` (:data:`WW_CONV2D_SCALE` on the eigenvalues). rmtprune itself reads
+    the same weight as one ``out x (in * kh * kw)`` matrix (``min(out, in * kh * kw)`` eigenvalues,
+    the matrix whose low-rank factorisation the pruner cuts); the two spectra, and so their power-law
+    alphas, differ. This reading makes the metrics compare one to one with WW on conv layers
+    (``esd_metrics(..., eigenvalues=conv_eigenvalues(W))``; Martin & Mahoney, arXiv:1810.01075,
+    section 4, pool the slices' ESDs the same way).
+
+    Returns the eigenvalues in ascending order (float64; singular values by ``numpy.linalg.svd``).
+
+    Raises
+    ------
+    ValueError
+        if ``weight`` is not a finite 4-D array with a non-empty slice.
+    """
+    W = np.asarray(weight, dtype=np.float64)
+    if W.ndim != 4 or min(W.shape) < 1:
+        raise ValueError(f"a conv weight must be 4-D (out, in, kh, kw) and non-empty; got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("weight contains NaN or Inf")
+    slices = np.moveaxis(W, (2, 3), (0, 1))  # kh x kw x out x in: the slices W[:, :, i, j]
+    s = np.linalg.svd(slices, compute_uv=False)
+    return np.sort(s.ravel() ** 2 * WW_CONV2D_SCALE)
+
+
 def esd_metrics(
-    singular_values: ArrayLike, shape: tuple[int, int], fit: SpectrumFit | None = None
+    singular_values: ArrayLike,
+    shape: tuple[int, int],
+    fit: SpectrumFit | None = None,
+    *,
+    eigenvalues: ArrayLike | None = None,
 ) -> ESDMetrics:
     """All per-layer ESD metrics of an ``m x n`` matrix from its singular values (WW 0.7.7 definitions).
 
@@ -286,6 +324,11 @@ def esd_metrics(
     singular_values : up to ``min(m, n)`` singular values, any order (missing ones count as zeros).
     shape : ``(m, n)``; ``N = max(m, n)`` sets the numerical-rank tolerance of the entropy.
     fit : a BEMA fit of the same matrix; gives ``mp_softrank`` (None without it, or if its scale is 0).
+    eigenvalues : if given, the ESD the metrics are computed from instead of ``singular_values**2``
+        (any count, already on the ``s**2`` scale; e.g. :func:`conv_eigenvalues`, WW's reading of a
+        conv layer). ``singular_values`` and ``shape`` are still checked and ``shape`` still sets the
+        entropy's rank tolerance; ``mp_softrank`` is then None, because ``fit`` is a fit of the
+        other spectrum (its bulk edge over this spectrum's ``lambda_max`` would mix two readings).
 
     The alpha fit is :func:`powerlaw_fit` on the eigenvalues ``s**2 > 1e-5``; with fewer than 2
     distinct ones the alpha fields are NaN (``alpha_n_tail = 0``) and so are ``alpha_weighted``,
@@ -306,6 +349,11 @@ def esd_metrics(
     if not np.all(np.isfinite(s)) or np.any(s < 0):
         raise ValueError("singular values must be finite and non-negative")
     sq = s**2
+    if eigenvalues is not None:
+        sq = np.asarray(eigenvalues, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(sq)) or np.any(sq < 0):
+            raise ValueError("eigenvalues must be finite and non-negative")
+        fit = None
     nan = float("nan")
     norm = float(sq.sum())
     lam_max = float(sq.max()) if sq.size else 0.0
