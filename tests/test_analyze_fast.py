@@ -124,6 +124,20 @@ def test_cuda_absent_falls_back_with_a_warning(st_file: Path) -> None:
         resolve_device("tpu-7")
 
 
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_devices_other_than_cpu_and_cuda_are_refused(device: str, st_file: Path) -> None:
+    # torch knows them, but the batched path was never run there: one clear error, not a traceback
+    with pytest.raises(ValueError, match="only cpu and cuda devices are supported"):
+        analyze_file(st_file, device=device)
+
+
+def test_gate_off_writes_valid_json(st_file: Path) -> None:
+    # ks_max=inf: every layer's effective gate is inf too, written as null (JSON has no Infinity)
+    d = analyze_file(st_file, ks_max=float("inf")).to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert d["ks_max"] is None and all(la["ks_gate"] is None for la in json.loads(text)["layers"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_batched_equals_numpy(st_file: Path) -> None:
     ref, dev = analyze_file(st_file), analyze_file(st_file, device="cuda")

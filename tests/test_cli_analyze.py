@@ -79,7 +79,7 @@ def test_table_and_summary(ckpt: Path, capsys: pytest.CaptureFixture[str]) -> No
         "(safetensors): 3 layers analysed (2 fit, 0 no-mp-bulk, 1 too-small, 0 invalid); "
         "3 tensors ignored (1 non-float, 2 1-D/scalar)"
     )
-    assert lines[at + 1].startswith("ESD metrics, mean over 2 fitted layers: alpha=")
+    assert lines[at + 1].startswith("ESD metrics, mean over 2 layers with a fit: alpha=")
     # a heavy-tail note follows only when the tail test fires on some layer
     assert all(line.startswith("heavy-tailed entries in ") for line in lines[at + 2 :])
 

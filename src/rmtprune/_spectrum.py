@@ -120,7 +120,8 @@ def singular_values(matrix: Any, method: str = "gram") -> np.ndarray:
 def resolve_device(device: Any) -> str | None:
     """The device the batched Gram/eigenvalue step runs on: ``None`` for the plain CPU path, or a
     torch device string. An unavailable CUDA device falls back to the CPU (``None``) with a
-    one-line :class:`RuntimeWarning`, never an error; a device torch does not know is a ValueError.
+    one-line :class:`RuntimeWarning`, never an error; a device torch does not know, or one other than
+    cpu and cuda (mps, meta, xla, ...: untested), is a ValueError.
     """
     if device is None:
         return None
@@ -130,6 +131,8 @@ def resolve_device(device: Any) -> str | None:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device={device!r} is not a torch device: {exc}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: only cpu and cuda devices are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(
             f"device={str(device)!r}: CUDA is not available; analysing on the CPU", RuntimeWarning, 2

@@ -162,7 +162,8 @@ class LayerAnalysis:
         fit = self.fit.to_dict() if self.fit is not None else {}
         for k in (*keys, "beta", "noise"):
             out[k] = fit.get(k)
-        out["ks_gate"] = self.ks_gate
+        gate = self.ks_gate
+        out["ks_gate"] = gate if gate is None or gate < float("inf") else None  # inf: the gate is off
         # Nested: their names ("alpha": the power-law exponent) would clash with the fit's (BEMA alpha).
         out["metrics"] = self.metrics.to_dict() if self.metrics is not None else None
         if self.traps is not None:

@@ -259,12 +259,15 @@ _SUMMARY_SHOWN = (
 
 
 def summary_line(summary: dict[str, Any] | None) -> str:
-    """One line of the model-level ESD summary (means over the fitted layers), "" without one."""
+    """One line of the model-level ESD summary (means over the layers with a fit), "" without one."""
     if not summary:
         return ""
     parts = [f"{k}={format(summary[k], spec)}" for k, spec in _SUMMARY_SHOWN if k in summary]
+    if not parts:  # e.g. only all-zero matrices: no metric could be computed
+        return ""
     n = int(summary.get("n_layers", 0))
-    return f"ESD metrics, mean over {n} fitted layer{'' if n == 1 else 's'}: " + ", ".join(parts)
+    # "with a fit": verdict fit or no-mp-bulk (the metrics do not depend on the gate)
+    return f"ESD metrics, mean over {n} layer{'' if n == 1 else 's'} with a fit: " + ", ".join(parts)
 
 
 def _csv_text(analysis: Any) -> str:
@@ -369,10 +372,11 @@ def run(args: argparse.Namespace) -> int:
     line = summary_line(analysis.metrics_summary())
     if line:
         print(line)
-    heavy = [la for la in analysis.layers if la.tail is not None and la.tail.heavy]
+    tested = [la for la in analysis.layers if la.tail is not None]
+    heavy = [la for la in tested if la.tail.heavy]
     if heavy and analysis.noise == "mp":
         print(
-            f"heavy-tailed entries in {len(heavy)} of {len(analysis.layers)} layers (tail test, "
+            f"heavy-tailed entries in {len(heavy)} of {len(tested)} tested layers (tail test, "
             "docs/spectral.md): the mp edge may count false spikes there; "
             "--noise auto fits them with a heavy-tailed null"
         )
