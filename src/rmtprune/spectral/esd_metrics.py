@@ -12,7 +12,8 @@ eigenvalues of ``W^T W``, i.e. ``s**2`` *without* the ``1 / N`` of the rest of r
 (``SpectrumFit.eigenvalues``): the norms are then the usual matrix norms (``log_norm`` is the
 log10 of the squared Frobenius norm). ``alpha`` does not depend on that scale; ``alpha_xmin`` is on
 the ``s**2`` scale (divide by ``N`` for the ``s**2 / N`` scale). As in WeightWatcher, eigenvalues
-at or below ``1e-5`` (absolute, on the ``s**2`` scale) are left out of the power-law fit.
+at or below ``1e-5`` (absolute, on the ``s**2`` scale) are left out of the power-law fit. A conv
+weight: rmtprune's ``out x (in*kh*kw)`` matrix, or WW's pooled slices (:func:`conv_eigenvalues`).
 
 References
 ----------
