@@ -245,3 +245,14 @@ def test_tail_statistic_equals_the_full_partition(shape: tuple[int, int]) -> Non
         k = min(TAIL_K, max(1, a.size // 4))
         expect = float(np.partition(a, a.size - k)[a.size - k]) / 2.0
         assert _tail_stat(W, 4.0) == (expect, k / a.size)
+
+
+def test_resample_never_counts_more_spikes_than_mp(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Floor: whatever the simulated edge (here forced 20% low, as simulation noise plus the deflation
+    # loops can make it: 33 vs 19 spikes on a MiniLM-L6 value matrix), resample is never below mp.
+    W = _spiked(7, "t5", (300, 900), [3.0, 2.0])
+    mp = fit_matrix(W, noise="mp")
+    real = heavy._edge_quantile
+    monkeypatch.setattr(heavy, "_edge_quantile", lambda tops, beta: 0.8 * real(tops, beta))
+    rs = fit_matrix(W, noise="resample", n_sim=32)
+    assert rs.noise == "resample" and rs.s_plus == mp.s_plus and rs.n_spikes == mp.n_spikes

@@ -504,7 +504,9 @@ def fit_resample(
     gives the Gaussian null). The edge is ``sqrt(sigma2)`` times the ``1 - beta`` quantile of the
     nulls' top singular value over their own BEMA ``sqrt(sigma2)`` (a pivot), interpolated linearly
     in ``1 / nu`` between the two nearest nodes of :data:`T_NODES`; spikes are ``s > s_plus``;
-    deflation as in :func:`fit_bulk`.
+    deflation as in :func:`fit_bulk`. The edge is floored at the standard fit's (:func:`fit_bulk`,
+    the Gaussian null): a heavier-tailed null never has a lower edge, so ``resample`` never counts
+    more spikes than ``mp``.
 
     Why a matched t law and not a bootstrap of the entries: a bootstrap null never exceeds ``W``'s
     own largest entry, so when that entry drives the top singular value (t(3)) the null's quantile
@@ -536,7 +538,12 @@ def fit_resample(
         e_hi = _edge_quantile(_null_top_t(p, N, hi, seed, n_sim, float(alpha)), beta)
         unit = e_lo + (e_hi - e_lo) * (inv_nu - lo) / (hi - lo)
     sigma2 = fit_bulk(base.singular_values, (m, n), alpha=alpha, beta=beta, deflate=False).sigma2
-    return _with_edge(base, sigma2, unit, alpha, beta, "resample", deflate=True)
+    fit = _with_edge(base, sigma2, unit, alpha, beta, "resample", deflate=True)
+    # Floor: a t null is never lighter than the Gaussian one, so its edge is never below the TW edge of
+    # the standard fit. Without it the two deflation loops, started from nearly equal edges, can settle
+    # apart (one runs past alpha p / 2 and snaps back to the one-pass count, the other stops below):
+    # measured on a MiniLM-L6 value matrix, 19 spikes with mp but 33 with this edge.
+    return fit if fit.s_plus >= base.s_plus else _replace_noise(base, "resample")
 
 
 def _replace_noise(fit: SpectrumFit, noise: str) -> SpectrumFit:
