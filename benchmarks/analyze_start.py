@@ -212,8 +212,8 @@ def plots_table(args: argparse.Namespace, plots: dict[str, object]) -> list[str]
         "## --plots (CLI defaults: one BLAS thread, one plot worker per core)",
         "",
         f"{args.plot_rounds} interleaved rounds, medians; plots / analysis is the median over the rounds "
-        "of (with --plots - without) / without. Since the ESD and summary figures are drawn with "
-        "Pillow (`_analyze_plots.py`), not matplotlib.",
+        "of (with --plots - without) / without. This revision draws the ESD and summary figures with "
+        "Pillow (`_analyze_plots.py`); 3947878 drew them with matplotlib.",
         "",
         table(head, rows),
     ]
