@@ -66,7 +66,7 @@ def main() -> int:
             "# Pure Gaussian noise: share of seeds with 0 spikes (`mp`, beta = 0.1)",
             "",
             f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- machine: {machine_line()}",
+            machine_line(),
             f"- revision: {git_revision()}",
             f"- command: `OMP_NUM_THREADS=1 python benchmarks/gaussian_false_alarms.py --seeds {args.seeds}`",
             "- noise: i.i.d. N(0, 1.3^2), seeds 20000...; issue 15 requires >= 85% of seeds with 0 spikes",
