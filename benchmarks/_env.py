@@ -54,8 +54,9 @@ def training_code() -> str:
     """12 hex digits of the sha256 of the package source a training run executes.
 
     Every ``.py`` file of the installed ``rmtprune`` except :data:`NOT_TRAINING`, and the packaged
-    data the fits read (the KS gate's null table, ``*.json``), in path order, path and bytes. Cached trained models are keyed by it next to their config, so a change to the
-    trainer, the data, the models or the pruning code retrains instead of reusing stale weights.
+    data the fits read (the KS gate's null table, ``*.json``), in path order, path and bytes.
+    Cached trained models are keyed by it next to their config, so a change to the trainer, the
+    data, the models or the pruning code retrains instead of reusing stale weights.
     """
     root = _package_dir()
     h = hashlib.sha256()
