@@ -50,6 +50,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def median_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn()`` (no warm-up: a caller that needs one runs it)."""
+    return statistics.median(timed(fn)[1] for _ in range(repeats))
+
+
 @torch.inference_mode()
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> float:
     """Median wall time (ms) of ``model(x)`` in eval mode over ``repeats`` calls after ``warmup`` calls."""

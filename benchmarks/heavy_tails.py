@@ -33,6 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from _env import git_revision, machine_line  # noqa: E402
+from _measure import median_time  # noqa: E402
 
 from rmtprune._atomic import atomic_write_text  # noqa: E402
 from rmtprune._format import table  # noqa: E402
@@ -108,15 +109,6 @@ def run_cases(kind: str, shape: tuple[int, int], seeds: int, strengths: list[flo
     return out
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _clear_caches() -> None:
     for f in (heavy._null_top_t, heavy._null_top_gamma, heavy._gamma_quantiles):
         f.cache_clear()
@@ -125,11 +117,11 @@ def _clear_caches() -> None:
 def cost(shape: tuple[int, int]) -> dict:
     W = spiked(7, "t5", shape, [])
     big = shape[0] * shape[1] > 10**6
-    t_svd = _median_time(lambda: np.linalg.svd(W, compute_uv=False), 3 if big else 9)
+    t_svd = median_time(lambda: np.linalg.svd(W, compute_uv=False), 3 if big else 9)
     s = np.linalg.svd(W, compute_uv=False)
     fit_bulk(s, shape)
-    t_fit = _median_time(lambda: fit_bulk(s, shape), 20)
-    t_tail = _median_time(lambda: tail_test(W, sigma2=1.69), 3 if big else 9)
+    t_fit = median_time(lambda: fit_bulk(s, shape), 20)
+    t_tail = median_time(lambda: tail_test(W, sigma2=1.69), 3 if big else 9)
     row = {"shape": list(shape), "svd": t_svd, "fit_bulk": t_fit, "tail_test": t_tail}
     for name, fn in (
         ("resample", lambda: fit_resample(W, singular_values=s)),
@@ -139,7 +131,7 @@ def cost(shape: tuple[int, int]) -> dict:
         t0 = time.perf_counter()
         fn()
         row[f"{name}_cold"] = time.perf_counter() - t0
-        row[f"{name}_warm"] = _median_time(fn, 3 if big else 9)
+        row[f"{name}_warm"] = median_time(fn, 3 if big else 9)
     return row
 
 
@@ -191,6 +183,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _case_rows(cases: list[dict]) -> list[list]:
+    """One table row per noise x shape case (the pure-noise and the planted-spike tables alike)."""
+    return [
+        [
+            r["kind"],
+            f"{r['shape'][0]}x{r['shape'][1]}",
+            r["seeds"],
+            f"{r['flagged']}/{r['seeds']}",
+            f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}",
+            *(_pct(r[f"exact_{m}"]) for m in MODELS),
+        ]
+        for r in cases
+    ]
+
+
 def render(res: dict, argv: list[str]) -> str:
     lines = [
         "# Heavy-tailed noise: false spikes, planted spikes and cost per noise model",
@@ -207,17 +214,7 @@ def render(res: dict, argv: list[str]) -> str:
         "",
     ]
     head = ["noise", "shape", "seeds", "tail flagged", "ratio range", *MODELS]
-    rows = [
-        [
-            r["kind"],
-            f"{r['shape'][0]}x{r['shape'][1]}",
-            r["seeds"],
-            f"{r['flagged']}/{r['seeds']}",
-            f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}",
-            *(_pct(r[f"exact_{m}"]) for m in MODELS),
-        ]
-        for r in res["pure"]
-    ]
+    rows = _case_rows(res["pure"])
     lines += [table(head, rows, markdown=True), ""]
     lines += [
         "## Planted spikes at 4, 2, 1.6, 0.6, 0.3 x BBP: share of seeds counted exactly 3 (beta = 0.1)",
@@ -225,17 +222,7 @@ def render(res: dict, argv: list[str]) -> str:
         "(requirement >= 90%)",
         "",
     ]
-    rows = [
-        [
-            r["kind"],
-            f"{r['shape'][0]}x{r['shape'][1]}",
-            r["seeds"],
-            f"{r['flagged']}/{r['seeds']}",
-            f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}",
-            *(_pct(r[f"exact_{m}"]) for m in MODELS),
-        ]
-        for r in res["planted"]
-    ]
+    rows = _case_rows(res["planted"])
     lines += [table(head, rows, markdown=True), ""]
     lines += [
         "## Cost (t(5) matrix; seconds, and ratio to the layer's own svdvals)",

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _env import git_revision
+from _measure import median_time
 
 from rmtprune._atomic import atomic_write_text
 from rmtprune.analysis import analyze_matrix
@@ -29,15 +30,6 @@ from rmtprune.spectral import fit_bulk, mp_pdf, mp_support
 SHAPES = [(256, 256), (784, 1000), (1000, 784), (1024, 4096), (4096, 1024), (2048, 2048), (4096, 4096)]
 # A ViT-S/16-like stack (d = 384, MLP 1536, 12 blocks): qkv, proj, fc1, fc2 per block, + patch embed + head.
 VIT = [(1152, 384), (384, 384), (1536, 384), (384, 1536)] * 12 + [(384, 768), (1000, 384)]
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _paired_median(fa, fb, repeats: int) -> tuple[float, float]:
@@ -73,7 +65,7 @@ def bench_layers(shapes: list[tuple[int, int]]) -> list[dict]:
         t_svd, t_full = _paired_median(
             lambda w64=w64: torch.linalg.svdvals(_tall(w64)), lambda w=w: analyze_matrix(w), r
         )
-        t_fit = _median_time(lambda s=s, shape=shape: fit_bulk(s, shape), 50)
+        t_fit = median_time(lambda s=s, shape=shape: fit_bulk(s, shape), 50)
         rows.append({"shape": shape, "svd": t_svd, "full": t_full, "fit": t_fit, "repeats": r})
         print(
             f"{shape[0]:>5} x {shape[1]:<5} svdvals {t_svd * 1e3:9.1f} ms  analyze {t_full * 1e3:9.1f} ms  "
@@ -94,7 +86,7 @@ def bench_model(shapes: list[tuple[int, int]]) -> dict:
         2,
     )
     svs = [torch.linalg.svdvals(w.double()).numpy() for w in ws]
-    t_fit = _median_time(lambda: [fit_bulk(s, tuple(w.shape)) for s, w in zip(svs, ws, strict=True)], 5)
+    t_fit = median_time(lambda: [fit_bulk(s, tuple(w.shape)) for s, w in zip(svs, ws, strict=True)], 5)
     return {"layers": len(shapes), "svd": t_svd, "full": t_full, "fit": t_fit}
 
 
