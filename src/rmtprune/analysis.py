@@ -290,8 +290,7 @@ def _traps(mat: Any, fit: SpectrumFit | None) -> Any:
     """:func:`rmtprune.spectral.esd_metrics.correlation_traps` of a weight matrix (numpy, float64)."""
     from .spectral.esd_metrics import correlation_traps
 
-    W = mat if isinstance(mat, np.ndarray) else mat.detach().to("cpu").double().numpy()
-    return correlation_traps(np.asarray(W, dtype=np.float64), seed=0, fit=fit)
+    return correlation_traps(np.asarray(_numpy(mat), dtype=np.float64), seed=0, fit=fit)
 
 
 def metrics_summary(layers: Sequence[LayerAnalysis]) -> dict[str, Any] | None:

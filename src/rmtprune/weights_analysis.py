@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._validate import check_patterns
-from .analysis import VERDICTS, LayerAnalysis, analyze_tensor, metrics_summary
+from .analysis import VERDICTS, LayerAnalysis, _check_conv, finish_tensor, metrics_summary, singular_values
 from .config import FitConfig, match_pattern
 from .spectral import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_KS_MAX
 from .weights_file import TensorInfo, _iter_source, _open, numpy_readable
@@ -313,8 +313,7 @@ def analyze_file(
     from ._progress import progress as _progress
 
     fit = _fit_config(fit, alpha, beta, ks_max, noise)
-    if conv not in ("matrix", "ww"):
-        raise ValueError(f"conv={conv!r} must be 'matrix' or 'ww'")
+    _check_conv(conv)
     inc = _compile_patterns(include, "include", regex=_regex)
     exc = _compile_patterns(exclude, "exclude", regex=_regex)
     from .analysis import resolve_device
@@ -460,15 +459,34 @@ def _analyze_one(
     randomize: bool = False,
     conv: str = "matrix",
 ) -> LayerAnalysis:
-    """:func:`analyze_tensor` of one read tensor, reporting the file's own ``dtype``."""
-    if not isinstance(tensor, np.ndarray) and tensor.dtype.itemsize == 1:
-        tensor = tensor.float()  # torch has no isfinite for 8-bit floats
-    la = analyze_tensor(
+    """:func:`rmtprune.analysis.analyze_tensor` of one read tensor, reporting the file's own ``dtype``."""
+    tensor, mat, la = _prepare(name, tensor, dtype)
+    if la is not None:
+        return la
+    return _finish(name, tensor, mat, singular_values(mat), fit, dtype, metrics, randomize, conv)
+
+
+def _finish(
+    name: str,
+    tensor: Any,
+    mat: Any,
+    s: np.ndarray,
+    fit: FitConfig,
+    dtype: str,
+    metrics: bool,
+    randomize: bool,
+    conv: str,
+) -> LayerAnalysis:
+    """:func:`rmtprune.analysis.finish_tensor` of a read tensor with spectrum ``s``, under ``fit``,
+    reporting the file's own ``dtype`` (the one-at-a-time and the batched paths alike)."""
+    la = finish_tensor(
         name,
         tensor,
-        alpha=fit.alpha,
-        beta=fit.beta,
-        ks_max=fit.ks_max,
+        mat,
+        s,
+        fit.alpha,
+        fit.beta,
+        fit.ks_max,
         noise=fit.noise,
         metrics=metrics,
         randomize=randomize,
@@ -489,7 +507,7 @@ def _analyze_batched(
 ) -> list[LayerAnalysis]:
     """The tensors of ``reads`` analysed with their spectra computed on ``device`` in batches of the
     same shape; a batch runs when the tensors waiting hold :data:`BATCH_BYTES` (and at the end)."""
-    from .analysis import finish_tensor, singular_values_batched
+    from .analysis import singular_values_batched
 
     out: list[LayerAnalysis | None] = []
     waiting: list[tuple[int, str, Any, Any]] = []
@@ -499,21 +517,7 @@ def _analyze_batched(
         nonlocal held
         values = singular_values_batched([mat for _, _, _, mat in waiting], device)
         for (i, name, tensor, mat), s in zip(waiting, values, strict=True):
-            la = finish_tensor(
-                name,
-                tensor,
-                mat,
-                s,
-                fit.alpha,
-                fit.beta,
-                fit.ks_max,
-                noise=fit.noise,
-                metrics=metrics,
-                randomize=randomize,
-                conv=conv,
-            )
-            la.dtype = dtypes[name]
-            out[i] = la
+            out[i] = _finish(name, tensor, mat, s, fit, dtypes[name], metrics, randomize, conv)
         waiting.clear()
         held = 0
 
