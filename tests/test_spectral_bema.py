@@ -8,45 +8,19 @@ import math
 import numpy as np
 import pytest
 
+from _synthetic import SIGMA
+from _synthetic import spiked as _spiked
 from rmtprune.spectral import DEFAULT_KS_MAX, SpectrumFit, fit_bulk, mp_ppf, tw1_quantile
 from rmtprune.spectral.heavy import fit_matrix
 
-NOISES = ["gaussian", "uniform", "sign", "student_t5"]
+NOISES = ["gaussian", "uniform", "sign", "t5"]
 # Both orientations (m < n and m > n), gamma from 0.1 to 1.
 SHAPES = [(100, 1000), (1000, 100), (300, 600), (600, 300), (500, 500)]
-SIGMA = 1.3
 # Student-t(5) entries need the heavy-tail path (spectral/heavy.py): with the TW edge alone, t(5) noise at
 # N <= 1000 shows false spikes in ~50% of pure-noise seeds (the largest |entry|, ~20-30 sigma, reaches the
 # BBP threshold (N p)**0.25; see docs/spectral.md). So these tests fit through fit_matrix(noise="auto"),
 # which keeps the MP/TW fit for light tails and takes the t-matched simulated edge when the tail test fires.
-HEAVY = {"student_t5"}
-
-
-def _noise(rng: np.random.Generator, kind: str, m: int, n: int) -> np.ndarray:
-    """Unit-variance i.i.d. noise of the given kind."""
-    if kind == "gaussian":
-        return rng.standard_normal((m, n))
-    if kind == "uniform":
-        return rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), (m, n))
-    if kind == "sign":
-        return rng.choice([-1.0, 1.0], (m, n))
-    if kind == "student_t5":
-        return rng.standard_t(5, (m, n)) / math.sqrt(5.0 / 3.0)
-    raise AssertionError(kind)
-
-
-def _spiked(seed: int, kind: str, shape: tuple[int, int], strengths: list[float]) -> np.ndarray:
-    """``sigma * noise + sum theta_i u_i v_i^T``, theta in units of the BBP threshold sigma (N p)**0.25."""
-    rng = np.random.default_rng(seed)
-    m, n = shape
-    W = SIGMA * _noise(rng, kind, m, n)
-    if strengths:
-        r = len(strengths)
-        U, _ = np.linalg.qr(rng.standard_normal((m, r)))
-        V, _ = np.linalg.qr(rng.standard_normal((n, r)))
-        theta = np.asarray(strengths) * SIGMA * (max(shape) * min(shape)) ** 0.25
-        W += (U * theta) @ V.T
-    return W
+HEAVY = {"t5"}
 
 
 def _fit(W: np.ndarray, **kw) -> SpectrumFit:

@@ -12,42 +12,14 @@ import math
 import numpy as np
 import pytest
 
+from _synthetic import SIGMA
+from _synthetic import noise as _noise
+from _synthetic import spiked as _spiked
 from rmtprune.spectral import fit_bulk, heavy
 from rmtprune.spectral.heavy import TailTest, fit_gamma, fit_matrix, fit_resample, tail_test
 
-SIGMA = 1.3
 # The default n_sim grows to 256 where nulls are cheap (benchmarks use it); 32 keeps these tests fast.
 N_SIM = 32
-
-
-def _noise(rng: np.random.Generator, kind: str, m: int, n: int) -> np.ndarray:
-    """Unit-variance i.i.d. noise of the given kind."""
-    if kind == "gaussian":
-        return rng.standard_normal((m, n))
-    if kind == "uniform":
-        return rng.uniform(-math.sqrt(3.0), math.sqrt(3.0), (m, n))
-    if kind == "sign":
-        return rng.choice([-1.0, 1.0], (m, n))
-    if kind == "laplace":
-        return rng.laplace(0.0, 1.0 / math.sqrt(2.0), (m, n))
-    if kind == "t5":
-        return rng.standard_t(5, (m, n)) / math.sqrt(5.0 / 3.0)
-    if kind == "t3":
-        return rng.standard_t(3, (m, n)) / math.sqrt(3.0)
-    raise AssertionError(kind)
-
-
-def _spiked(seed: int, kind: str, shape: tuple[int, int], strengths: list[float]) -> np.ndarray:
-    """``SIGMA noise + sum theta_i u_i v_i^T``, theta in units of the BBP threshold ``SIGMA (N p)**0.25``."""
-    rng = np.random.default_rng(seed)
-    m, n = shape
-    W = SIGMA * _noise(rng, kind, m, n)
-    if strengths:
-        r = len(strengths)
-        U, _ = np.linalg.qr(rng.standard_normal((m, r)))
-        V, _ = np.linalg.qr(rng.standard_normal((n, r)))
-        W += (U * (np.asarray(strengths) * SIGMA * (m * n) ** 0.25)) @ V.T
-    return W
 
 
 def _svd(W: np.ndarray) -> np.ndarray:
