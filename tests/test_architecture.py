@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("train", ["training"]),
+    ("integrations", ["integrations"]),
     ("interface", ["commands", "cli"]),
 ]
 #: Deprecated module paths kept for one release: thin aliases, not part of the map.

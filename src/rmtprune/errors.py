@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RmtpruneError", "CheckpointError", "InvalidWeightsError", "first_line"]
+__all__ = ["RmtpruneError", "CheckpointError", "InvalidWeightsError", "DistributedError", "first_line"]
 
 
 class RmtpruneError(Exception):
@@ -15,6 +15,10 @@ class CheckpointError(RmtpruneError, ValueError):
 
 class InvalidWeightsError(RmtpruneError, ValueError):
     """Weights that contain NaN or Inf (the layer is named in the message)."""
+
+
+class DistributedError(RmtpruneError, RuntimeError):
+    """A distributed run that cannot go on: a rank stopped, a collective timed out, ranks disagree."""
 
 
 def first_line(exc: BaseException, limit: int = 1000, *, filename: bool = True) -> str:

@@ -155,10 +155,12 @@ def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
 class RMTPruner:
     """Prune a model's layers to their RMT rank periodically during training (Algorithm 1).
 
-    Call :meth:`maybe_prune` at the end of every epoch with the number of epochs completed so
-    far. At epochs ``start, start + every, ...`` each prunable layer whose bulk fits the
-    Marchenko-Pastur law (KS distance ``<= ks_max``) keeps ``n_spikes + floor(f(epoch) * n_bulk)``
-    singular triplets and is stored as two thin factors; already factored layers are cut again.
+    Call ``model, optimizer = pruner.update(model, epoch, optimizer)`` at the end of every epoch
+    with the number of epochs completed so far (a plain module or a DDP-wrapped one; for a plain
+    module :meth:`maybe_prune`, which cuts in place, is the same). At epochs ``start, start + every,
+    ...`` each prunable layer whose bulk fits the Marchenko-Pastur law (KS distance
+    ``<= ks_max``) keeps ``n_spikes + floor(f(epoch) * n_bulk)`` singular triplets and is stored
+    as two thin factors; already factored layers are cut again.
     ``f`` is the constant ``keep_bulk`` or, with ``decay_T``, the linear decay
     ``max(0, 1 - epoch / decay_T)``. Every decision is appended to :attr:`history_`.
 
@@ -263,17 +265,21 @@ class RMTPruner:
         self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.Optimizer | None:
         """Cut ``model`` in place now, whatever the schedule, with ``f(epoch)``; return the optimizer."""
-        from ..surgery import compress
+        from . import distributed
 
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        inner, wrapper = distributed.unwrap(model)
+        if wrapper is not None:
+            raise TypeError(
+                "the model is wrapped in DistributedDataParallel, which must be rebuilt after a cut: "
+                "call model, optimizer = pruner.update(model, epoch, optimizer) instead"
+            )
         f = self.fraction(epoch)
         t0 = time.perf_counter()
         old = dict(model.named_parameters())
         before = sum(p.numel() for p in old.values())
-        out, report = compress(model, config=self._base_config(keep_bulk=f))
-        if out is not model:
-            raise RuntimeError("rmtprune.compress returned a new model; RMTPruner needs in-place surgery")
+        report = self._cut(model, self._base_config(keep_bulk=f))
         opt_info = None
         if optimizer is not None:
             opt_info = rebuild_optimizer(optimizer, model, old)
@@ -290,7 +296,7 @@ class RMTPruner:
             "optimizer": opt_info,
         }
         self.events_.append(event)
-        if self.log is not None:
+        if self.log is not None and distributed.world()[0] == 0:
             for row in rows:
                 self.log(_format_decision(row))
             if opt_info is not None and opt_info["added"]:
@@ -302,6 +308,41 @@ class RMTPruner:
                 )
             self.log(f"epoch {epoch}: f={f:.3f}, parameters {before:,} -> {after:,} ({seconds:.2f} s)")
         return optimizer
+
+    def _cut(self, model: nn.Module, config: Any) -> Any:
+        """Plan and apply one cut in place; under ``torch.distributed`` rank 0 plans for every rank."""
+        from ..surgery import apply, compress
+        from . import distributed
+
+        if not distributed.is_distributed():
+            out, report = compress(model, config=config)
+            if out is not model:
+                raise RuntimeError("rmtprune.compress returned a new model; RMTPruner needs in-place surgery")
+            return report
+        report = distributed.plan_on_rank0(model, config)
+        apply(model, report)
+        distributed.broadcast_module(model)  # the factors of rank 0 on every rank, bit for bit
+        return report
+
+    def update(
+        self, model: nn.Module, epoch: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer | None]:
+        """The one call of a loop at the end of every epoch: ``model, optimizer = pruner.update(...)``.
+
+        Cuts if the schedule says so at ``epoch`` (epochs completed) and returns the model to train
+        on and its optimizer (the same object, rebuilt over the new parameters). A plain module is
+        cut in place and returned. A :class:`~torch.nn.parallel.DistributedDataParallel` model is
+        cut on every rank with rank 0's decisions (see :mod:`rmtprune.training.distributed`) and a
+        new DDP wrapper with the old one's settings is returned: every rank must call this at the
+        same epoch. An FSDP-sharded model is refused.
+        """
+        from . import distributed
+
+        inner, wrapper = distributed.unwrap(model)
+        if not self.should_prune(epoch):
+            return model, optimizer
+        self.prune(inner, epoch, optimizer)
+        return (inner if wrapper is None else distributed.rewrap(inner, wrapper)), optimizer
 
     def state_dict(self) -> dict[str, Any]:
         """The decision log, for checkpoints."""
