@@ -53,6 +53,7 @@ __all__ = [
     "VAL_SIZE",
     "Dataset",
     "FastLoader",
+    "ShardedLoader",
     "batches",
     "cache_dir",
     "clear_cache",
@@ -364,6 +365,45 @@ class FastLoader:
             xc, yc = x.index_select(0, idx), y.index_select(0, idx)
             for start in range(0, idx.shape[0], bs):
                 yield xc[start : start + bs], yc[start : start + bs]
+
+
+class ShardedLoader(FastLoader):
+    """This rank's share of every global mini-batch of a :class:`FastLoader` (data-parallel training).
+
+    Every rank draws the same global permutation from an equally seeded ``generator``, cuts it
+    into the global batches a one-process :class:`FastLoader` would yield, and keeps rows
+    ``rank, rank + world_size, ...`` of each: the layout of ``torch.utils.data.DistributedSampler``
+    applied per global batch, so the union of the ranks' batches at every step is exactly the
+    one-process batch (DistributedSampler draws its own permutation from ``seed + epoch``, which
+    would not reproduce the one-process run). Yields ``(x, y, scale)``: ``scale`` is
+    ``world_size / global_batch_rows``, so that ``sum_loss(x, y) * scale`` averaged over the ranks
+    (what DDP does to gradients) is the global batch's mean loss. A rank whose share is empty (a
+    last batch smaller than ``world_size``) gets the batch's first row with ``scale = 0``: it still
+    takes part in the gradient all-reduce, adding nothing.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(dataset, batch_size, shuffle=shuffle, generator=generator, device=device)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0, self.world_size - 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:  # type: ignore[override]
+        r, w = self.rank, self.world_size
+        for x, y in super().__iter__():
+            n = int(y.shape[0])
+            if r < n:
+                yield x[r::w], y[r::w], w / n
+            else:
+                yield x[:1], y[:1], 0.0
 
 
 def batches(
