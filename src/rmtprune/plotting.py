@@ -28,6 +28,7 @@ __all__ = [
     "plot_esd",
     "plot_summary",
     "plot_training",
+    "plot_stability",
     "plot_budget",
     "draw_plots",
     "have_matplotlib",
@@ -110,7 +111,8 @@ def plot_training(
     out: str | os.PathLike[str], metrics: list[dict[str, Any]], *, dpi: int = 110
 ) -> list[Path]:
     """``accuracy.png``, ``params.png`` and ``ranks.png`` (rank per layer) of a training run against
-    the epoch, in directory ``out``; ``metrics`` as in ``metrics.json``. Returns the paths."""
+    the epoch, in directory ``out``, and ``stability.png`` (:func:`plot_stability`) when the rows
+    have stability columns; ``metrics`` as in ``metrics.json``. Returns the paths."""
     _require_matplotlib()
     from matplotlib.ticker import MaxNLocator
 
@@ -155,7 +157,48 @@ def plot_training(
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     written.append(_save(fig, out / "ranks.png", dpi))
+    if any("flips_train" in r for r in metrics):
+        written.append(plot_stability(out / "stability.png", metrics, dpi=dpi))
     return written
+
+
+def plot_stability(path: str | os.PathLike[str], metrics: list[dict[str, Any]], *, dpi: int = 110) -> Path:
+    """Accuracy stability of a training run (:mod:`rmtprune.training.stability`) against the epoch:
+    examples that flipped from correct to wrong since the previous epoch (train, val), those the
+    cuts flipped by themselves (``x``, measured with ``eval_before_prune``), the instability
+    events (training loss down, accuracy down) circled in red, and the cuts as dotted lines."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    nan = float("nan")
+    epochs = [r["epoch"] for r in metrics]
+    for split, marker in (("train", "o-"), ("val", "^-")):
+        ys = [nan if r.get(f"flips_{split}") is None else r[f"flips_{split}"] for r in metrics]
+        if all(y != y for y in ys):
+            continue
+        (line,) = ax.plot(epochs, ys, marker, label=f"{split}: correct -> wrong")
+        cut = [
+            (r["epoch"], r[f"cut_flips_{split}"]) for r in metrics if r.get(f"cut_flips_{split}") is not None
+        ]
+        if cut:
+            ax.plot(*zip(*cut, strict=True), "x", ms=9, color=line.get_color(), label=f"{split}: by the cut")
+        ev = [(e, y) for e, y, r in zip(epochs, ys, metrics, strict=True) if r.get(f"event_{split}")]
+        if ev:
+            ax.plot(*zip(*ev, strict=True), "o", ms=12, mfc="none", mec="red")
+    for r in metrics:
+        if r.get("pruned"):
+            ax.axvline(r["epoch"], color="grey", lw=0.6, ls=":")
+    ax.set(
+        xlabel="epoch",
+        ylabel="examples",
+        title="Flips per epoch (red circle: loss down, accuracy down)",
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path, dpi)
 
 
 def plot_budget(plan: Any, path: str | os.PathLike[str], *, title: str | None = None, dpi: int = 100) -> Path:

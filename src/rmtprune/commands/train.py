@@ -34,6 +34,8 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--train-subset": ("train_subset", int, "N"),
     "--test-subset": ("test_subset", int, "N"),
     "--val-size": ("val_size", int, "N"),
+    "--stability-every": ("stability_every", int, "STEPS"),
+    "--stability-train-examples": ("stability_train_examples", int, "N"),
     "--device": ("device", str, "DEV"),
 }
 
@@ -49,6 +51,11 @@ _SWITCHES: dict[str, tuple[str, str, str]] = {
         "track_spectra",
         "store_false",
         "do not fit the layers' spectra on epochs without a cut (faster on big models)",
+    ),
+    "--no-track-stability": (
+        "track_stability",
+        "store_false",
+        "do not count accuracy-stability events and flips (saves one evaluation pass per epoch)",
     ),
 }
 
@@ -135,7 +142,7 @@ def summary(result: Any) -> str:
         return "no epoch was run"
     first, last = m[0], m[-1]
     t = result.timings
-    run = sum(t.get(k, 0.0) for k in ("train", "prune", "eval", "spectra", "io"))
+    run = sum(t.get(k, 0.0) for k in ("train", "prune", "eval", "spectra", "stability", "io"))
     rows = [
         ["", "epoch", "val acc", "test acc", "test loss", "params"],
         ["built", "0", "-", "-", "-", f"{result.initial_params:,}"],
@@ -179,9 +186,43 @@ def summary(result: Any) -> str:
         out.append(
             f"time: train {train_s:.1f} s, pruning {t.get('prune', 0):.2f} s over {cuts} cut(s) "
             f"({rel}{100 * t.get('prune', 0) / run:.1f}% of the run), evaluation {t.get('eval', 0):.1f} s, "
-            f"spectra {t.get('spectra', 0):.1f} s, files {t.get('io', 0):.1f} s"
+            f"spectra {t.get('spectra', 0):.1f} s, stability {t.get('stability', 0):.1f} s, "
+            f"files {t.get('io', 0):.1f} s"
         )
+    stab = _stability_line(m)
+    if stab:
+        out.append(stab)
     return "\n\n".join(out)
+
+
+def _stability_line(metrics: list[dict[str, Any]]) -> str:
+    """The run's accuracy stability (rmtprune.training.stability.summarize) in a few lines."""
+    from ..training.stability import summarize
+
+    s = summarize(metrics)
+    if not s["all"]["count"]:
+        return ""
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    def cnt(x: int | None) -> str:
+        return "-" if x is None else str(x)
+
+    rows = [["stability", "measured", "events train", "events val", "flips train", "flips val"]]
+    parts = (("all", "all epochs"), ("cut_epochs", "cut epochs"), ("other_epochs", "other epochs"))
+    for key, name in (*parts, ("cuts", "the cuts")):
+        p = s[key]
+        if p["count"] or key != "cuts":
+            rows.append(
+                [name, str(p["count"]), cnt(p["events_train"]), cnt(p["events_val"])]
+                + [num(p["flips_train"]), num(p["flips_val"])]
+            )
+    note = (
+        "events: training loss down and accuracy down since the previous epoch; flips: mean examples "
+        "per epoch (per cut) correct before and wrong after (a fixed evaluation; docs/training.md)"
+    )
+    return _table(rows, right={1, 2, 3, 4, 5}) + "\n" + note
 
 
 def run(args: argparse.Namespace) -> int:

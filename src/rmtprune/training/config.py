@@ -32,7 +32,16 @@ OPTIMIZERS = ("sgd", "adamw")
 #: or step decay by ``lr_gamma`` every ``lr_step`` epochs.
 LR_SCHEDULES = ("constant", "cosine", "step")
 #: Config fields that may differ when a run is resumed (they do not change what was trained).
-_RESUME_MAY_CHANGE = ("epochs", "device", "track_spectra", "eval_before_prune")
+#: The stability tracking only measures (it changes no weight nor random number), so it may be
+#: switched or re-timed; ``stability_train_examples`` may not (the stored vectors would not fit).
+_RESUME_MAY_CHANGE = (
+    "epochs",
+    "device",
+    "track_spectra",
+    "eval_before_prune",
+    "track_stability",
+    "stability_every",
+)
 #: Sanity bounds: more epochs than this is a typo, a seed must fit torch's 64-bit generator.
 _MAX_EPOCHS = 1_000_000
 _MAX_SEED = 2**63 - 1
@@ -157,6 +166,17 @@ class TrainConfig:
         default=False, metadata={"help": "also measure test accuracy just before each cut"}
     )
     track_spectra: bool = field(default=True, metadata={"help": "fit every layer's spectrum every epoch"})
+    track_stability: bool = field(
+        default=True,
+        metadata={"help": "count accuracy-stability events and example flips (train, val) every epoch"},
+    )
+    stability_every: int = field(
+        default=0, metadata={"help": "also measure stability every this many optimizer steps (0: per epoch)"}
+    )
+    stability_train_examples: int = field(
+        default=10_000,
+        metadata={"help": "training images of the fixed stability evaluation (seeded subset; 0: all)"},
+    )
     device: str = field(default="cpu", metadata={"help": "torch device"})
     compression: CompressionConfig = field(
         default_factory=default_compression,
@@ -180,7 +200,7 @@ class TrainConfig:
         for name in ("dataset", "model", "device"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a string")
-        for name in ("prune", "track_spectra", "eval_before_prune"):
+        for name in ("prune", "track_spectra", "eval_before_prune", "track_stability"):
             check_bool(name, getattr(self, name))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -189,6 +209,8 @@ class TrainConfig:
         check_int("seed", self.seed, 0, _MAX_SEED)
         check_int("prune_every", self.prune_every, 1)
         check_int("lr_step", self.lr_step, 1)
+        check_int("stability_every", self.stability_every, 0)
+        check_int("stability_train_examples", self.stability_train_examples, 0)
         if self.prune_start is not None:
             check_int("prune_start", self.prune_start, 0)
         for name in ("train_subset", "test_subset"):

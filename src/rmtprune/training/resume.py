@@ -23,6 +23,7 @@ from .config import _RESUME_MAY_CHANGE, TrainConfig, flat_overrides, flatten, un
 from .pruner import LogFn
 from .run_files import _CORRUPT, _FORMAT, _VERSION, CHECKPOINT, PREVIOUS_CHECKPOINT
 from .setup import _meta_model, _short
+from .stability import check_state as check_stability
 
 __all__ = ["load_checkpoint", "stored_config"]
 
@@ -243,6 +244,10 @@ def _check_state(state: Any, max_bytes: int) -> None:
     _want(isinstance(pruner, dict), "pruner is not a dict")
     for key in ("history", "events"):
         _check_rows(pruner.get(key, []), f"pruner[{key!r}]")
+    try:
+        check_stability(state.get("stability", {}))
+    except ValueError as exc:
+        raise _BadFieldError(str(exc)) from None
 
 
 #: Fields a run configuration saved by an earlier release may lack, with the value the run was

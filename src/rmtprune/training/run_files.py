@@ -236,6 +236,7 @@ RUN_FILES = (
     "accuracy.png",
     "params.png",
     "ranks.png",
+    "stability.png",
     "model.safetensors",
     "model.json",
 )

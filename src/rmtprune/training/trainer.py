@@ -57,8 +57,12 @@ from .setup import (
     _meta_model,
     _short,
 )
+from .stability import format_columns, tracker_for
 
 __all__ = ["train"]
+
+#: The parts of a run's time (``TrainResult.timings``; every one but ``io`` is a ``seconds_*`` column).
+_TIMINGS = ("train", "prune", "eval", "spectra", "stability", "io")
 
 
 @dataclass
@@ -81,15 +85,14 @@ class _Run:
     progress_bar: bool | None = False
     batch_callback: Callable[[int, int], None] | None = None
     pruner: RMTPruner | None = None
+    stability: Any = None  # a StabilityTracker (None: track_stability off)
     optimizer: Any = None
     scheduler: Any = None
     loader: Any = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     done: int = 0
     config_written: bool = False
-    timings: dict[str, float] = field(
-        default_factory=lambda: {"train": 0.0, "prune": 0.0, "eval": 0.0, "spectra": 0.0, "io": 0.0}
-    )
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_TIMINGS, 0.0))
 
     @property
     def decisions(self) -> list[dict[str, Any]]:
@@ -182,6 +185,7 @@ def _restore(run: _Run) -> None:
         )
     run.optimizer = _make_optimizer(cfg, run.model)
     run.scheduler = _make_scheduler(cfg, run.optimizer)
+    run.stability = tracker_for(cfg, run.train_ds, run.val_ds)
     if state is not None:
         path = run.ckpt_path
         where = f"{str(path)!r} has an optimizer or scheduler state that does not fit"
@@ -191,6 +195,8 @@ def _restore(run: _Run) -> None:
             run.optimizer.load_state_dict(state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"], run.loader_gen)
+            if run.stability is not None:
+                run.stability.load_state_dict(state.get("stability", {}))
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CheckpointError(
                 f"{str(path)!r} has an optimizer or RNG state that does not fit: {_short(exc)}"
@@ -317,6 +323,7 @@ def _save_epoch(run: _Run, epoch: int) -> None:
             "rng": _rng_state(run.loader_gen),
             "metrics": run.metrics,
             "pruner": run.pruner.state_dict() if run.pruner is not None else {},
+            "stability": run.stability.state_dict() if run.stability is not None else {},
         },
     )
     if not run.config_written:
@@ -386,6 +393,8 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer_step(optimizer, f"training diverged in epoch {epoch}, step {i + 1} of {steps}", cfg.lr)
+        if run.stability is not None:
+            run.stability.step(model, (epoch - 1) * steps + i + 1)
         with torch.no_grad():
             loss_sum += float(loss) * int(y.numel())
             correct += int((logits.argmax(1) == y).sum())
@@ -412,24 +421,32 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     lr = float(run.optimizer.param_groups[0]["lr"])
     loss_sum, correct, n = _train_steps(run, epoch)
     run.scheduler.step()
-    t_train = time.perf_counter() - t0
+    track = run.stability
+    t_stab = track.seconds if track is not None else 0.0  # the step measurements
+    t_train = time.perf_counter() - t0 - t_stab
 
     pruned = pruner is not None and pruner.should_prune(epoch)
     t_eval = t_prune = 0.0
-    acc_before = val_before = None
+    acc_before = val_before = before = None
     layers: dict[str, dict[str, Any]] = {}
     if pruned:
         if cfg.eval_before_prune:
             t0 = time.perf_counter()
             _, acc_before = _test(run)
-            _, val_before = _test(run, "val")
+            if track is None:
+                _, val_before = _test(run, "val")
+            else:  # the val accuracy before the cut is that of the stability measurement
+                before = track.measure(run.model)
+                val_before = before.counts["val"].accuracy if "val" in before.counts else None
             t_eval += time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner.prune(run.model, epoch, run.optimizer)
         t_prune = time.perf_counter() - t0
         layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
     t0 = time.perf_counter()
-    val_loss, val_acc = _test(run, "val")
+    stab, val_loss, val_acc = _measure_stability(run, before)
+    t_stab += time.perf_counter() - t0
+    t0 = time.perf_counter()
     test_loss, test_acc = _test(run)
     t_eval += time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -454,8 +471,21 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
         "seconds_prune": t_prune,
         "seconds_eval": t_eval,
         "seconds_spectra": t_spectra,
+        "seconds_stability": t_stab,
+        **stab,
         "layers": layers,
     }
+
+
+def _measure_stability(run: _Run, before: Any) -> tuple[dict[str, Any], float | None, float | None]:
+    """The epoch's stability columns (:mod:`.stability`; none when it is off) and the val loss and
+    accuracy: from the same fixed evaluation of the val split (the numbers of :func:`_test`)."""
+    if run.stability is None:
+        return {}, *_test(run, "val")
+    cols, m = run.stability.epoch_columns(run.model, before)
+    run.stability.seconds = 0.0
+    val = m.counts.get("val")
+    return cols, (val.loss if val is not None else None), (val.accuracy if val is not None else None)
 
 
 def _format_epoch(row: dict[str, Any], epochs: int) -> str:
@@ -471,7 +501,7 @@ def _format_epoch(row: dict[str, Any], epochs: int) -> str:
         line += f", pruned f={row['f']:.3f} in {row['seconds_prune']:.2f} s"
         if row.get("test_acc_before_prune") is not None:
             line += f", test acc before the cut {100 * row['test_acc_before_prune']:.2f}%"
-    return line + ")"
+    return line + ")" + format_columns(row)
 
 
 def _save_model(model: nn.Module, path: Path, cfg: TrainConfig, data: Any) -> None:
