@@ -592,7 +592,8 @@ def _budget_layer(
     if pos:
         lp.macs_after = k * (m + n) * pos
     if ly.U is not None:
-        s_k = torch.as_tensor(ly.s[:k], dtype=ly.U.dtype)
+        # on U's device: the analysis's SVD of a model on a GPU stays there (a CPU s_k would not mix)
+        s_k = torch.as_tensor(ly.s[:k], dtype=ly.U.dtype, device=ly.U.device)
         lp._svd = (ly.U[:, :k].clone(), s_k, ly.Vh[:k].clone(), _versions(la.handler, la.module))
     lp.truncation = ly.truncation
     return lp
