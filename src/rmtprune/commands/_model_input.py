@@ -1,7 +1,9 @@
 """Model input shared by ``rmtprune compress`` and ``rmtprune sparsify``.
 
 Both take either ``--model MODULE:FACTORY|SPEC [--weights FILE]`` or a MODEL_FILE written by
-rmtprune (whose manifest records the factory), and record the factory in OUT's manifest.
+rmtprune (whose manifest records the factory), and record the factory in OUT's manifest. The model
+is read on the CPU, moved to ``--device`` (:func:`to_device`) with its input batches
+(:func:`inputs_on`), and moved back to the CPU before OUT is written (:func:`write_model_outputs`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ __all__ = [
     "add_safety_flags",
     "check_model_outputs",
     "write_model_outputs",
+    "to_device",
+    "inputs_on",
+    "check_trainable_dtype",
 ]
 
 
@@ -98,6 +103,65 @@ def load_weights(model: Any, path: str) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def to_device(model: Any, device: Any) -> Any:
+    """Move ``model`` (parameters, buffers, sparsity masks) to ``device`` in place; return it.
+
+    Its dtype is kept: a float16/bfloat16 model stays one. The library works on the device the model
+    is on, and upcasts each weight to float32/float64 for every SVD and eigenvalue step (METHOD.md
+    section 2), then stores the factors back in the model's dtype.
+    """
+    return model.to(device)
+
+
+def _model_dtype_device(model: Any) -> tuple[Any, Any]:
+    """The dtype of the model's first floating-point parameter (float32 if none) and its device."""
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    p = next(model.parameters(), None)
+    return torch.float32, p.device if p is not None else torch.device("cpu")
+
+
+def _on(x: Any, device: Any, dtype: Any) -> Any:
+    import torch
+
+    if torch.is_tensor(x):
+        return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    if isinstance(x, dict):
+        return {k: _on(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_on(v, device, dtype) for v in x)
+    return x
+
+
+def inputs_on(batches: list[Any] | None, model: Any) -> list[Any] | None:
+    """Calibration ``batches`` on the model's device, floating-point tensors in its dtype (the dtype
+    of its first floating parameter), moved once for the whole run; integer tensors (token ids,
+    attention masks) keep their dtype. A float16/bfloat16 model is fed its own dtype, as a float32
+    model is fed float32 images."""
+    if batches is None:
+        return None
+    dtype, device = _model_dtype_device(model)
+    return [_on(b, device, dtype) for b in batches]
+
+
+def check_trainable_dtype(model: Any, flag: str) -> None:
+    """``ValueError`` before any work when ``flag`` would train a float16 model: Adam (the optimizer
+    of :func:`rmtprune.finetune.finetune` and :func:`~rmtprune.finetune.recover`) steps the weights
+    in their own dtype, and in float16 its ``eps`` (1e-8) is 0, so the first zero gradient gives
+    0/0 and the run diverges (measured: ``compress --recover-steps 3`` of a float16 MLP, NaN at step
+    2). bfloat16 has float32's range and trains; the cut itself works in any dtype."""
+    import torch
+
+    if any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            f"{flag} would train this float16 model in float16, where Adam diverges (its eps, 1e-8, is 0 "
+            "in float16); give the model in bfloat16 or float32, or leave out the training"
+        )
+
+
 def _sidecar_unless_in_place(src: str | None, out_path: Path) -> Path | None:
     """MODEL_FILE's own ``.json`` manifest is an input too, except in a re-cut in place (OUT ==
     MODEL_FILE), where it is OUT's manifest and is replaced with it."""
@@ -149,11 +213,13 @@ def write_model_outputs(
     """Write OUT, its manifest and the two reports as one group (the paths checked by
     :func:`check_model_outputs`): each under a temporary name, all renamed into place only when all
     are complete, so a failure or Ctrl-C leaves OUT (even OUT == MODEL_FILE) and its sidecars as they
-    were. ``reports(size_of_OUT)`` gives the JSON and Markdown texts; ``storage`` is the sparse format
-    of masked weights (:func:`rmtprune.io.save`). Returns OUT's size in bytes.
+    were. The model is moved to the CPU first (in place; its dtype kept). ``reports(size_of_OUT)``
+    gives the JSON and Markdown texts; ``storage`` is the sparse format of masked weights
+    (:func:`rmtprune.io.save`). Returns OUT's size in bytes.
 
     When the input ``src`` is a model directory, OUT is a directory (checked by
     :func:`check_dir_outputs`) holding the weights and the reports: see :func:`_write_dir_outputs`."""
+    model.to("cpu")  # OUT is written from CPU tensors, whatever device the command ran on
     if is_model_dir(src):
         return _write_dir_outputs(
             model,

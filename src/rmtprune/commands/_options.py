@@ -5,7 +5,9 @@ argparse option per row (``dest`` the field, ``default=argparse.SUPPRESS`` so a 
 absent from the namespace, help from the field's ``metadata["help"]`` and its default), and
 :func:`given` reads back only the fields the user gave. :func:`add_compression_flags` and
 :func:`compression_overrides` do this for :class:`~rmtprune.config.CompressionConfig`, so
-``compress``, ``sparsify`` and ``train`` share one set of rank-rule options.
+``compress``, ``sparsify`` and ``train`` share one set of rank-rule options. :func:`add_device_flag`
+and :func:`check_device` give ``compress`` and ``sparsify`` their ``--device``, :func:`add_threads_flag`
+and :func:`set_threads` their ``--threads``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ __all__ = [
     "COMPRESSION_FIELDS",
     "add_compression_flags",
     "compression_overrides",
+    "add_device_flag",
+    "check_device",
 ]
 
 #: ``--flag -> (dataclass field, type, metavar)``.
@@ -178,6 +182,54 @@ def compression_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if "energy" in asked and "rule" not in asked:
         out["rule"] = "energy"
     return out
+
+
+# ---------------------------------------------------------------------------------------- device
+
+#: Device types ``compress`` and ``sparsify`` run on: the SVDs need float64, which MPS lacks.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def add_device_flag(parser: Any, command: str) -> None:
+    """``--device DEV``: the torch device ``command`` moves the model to (see :func:`check_device`)."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEV",
+        help=(
+            f"torch device {command} runs on: cpu, cuda or cuda:N (default: cpu); the model, calibration "
+            "and fine-tuning go there, every SVD/eigen step runs in float32/64 whatever the model's "
+            "dtype, and OUT is written from CPU tensors; no CUDA: exit 2"
+        ),
+    )
+
+
+def check_device(device: str, command: str) -> Any:
+    """``device`` as a ``torch.device``, checked before any work: ``ValueError`` for a string torch
+    does not know, a type other than cpu/cuda, or a device that is not there (no CUDA, ``cuda:N``
+    past the last GPU), in the words of ``rmtprune train``'s check (one line, exit status 2).
+
+    An absent GPU is an error, not a CPU fallback with a warning as in ``rmtprune analyze``: there
+    the device only speeds up a read-only eigenvalue step whose result is the same on the CPU; here
+    the model lives, is calibrated and fine-tuned on it, as in ``train``, and a silent fallback
+    could turn a minutes-long GPU job into hours on the CPU.
+    """
+    import torch
+
+    from ..training.setup import _check_device
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        _check_device(device)  # raises train's "is not a torch device" message
+        raise
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(
+            f"device={device!r}: {command} runs on {' or '.join(DEVICE_TYPES)} (cuda:N), "
+            "its SVDs in float32/float64"
+        )
+    _check_device(device)
+    return dev
 
 
 # ---------------------------------------------------------------------------------------- threads

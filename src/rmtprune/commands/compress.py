@@ -9,7 +9,8 @@ manifest), and the report as ``<stem>.report.json`` and ``<stem>.report.md``. Ev
 checked before any work (never a directory, never one of the inputs, never a file of that name that
 rmtprune did not write unless ``--force``); the four files are written under temporary names and
 renamed only when all are complete, so a failure or Ctrl-C leaves every file as it was, and
-``OUT == MODEL_FILE`` re-cuts in place safely.
+``OUT == MODEL_FILE`` re-cuts in place safely. ``--device cuda[:N]`` runs the whole command on a
+GPU (:func:`._options.check_device`: no GPU is exit status 2, not a CPU fallback).
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ from ._model_input import (
     add_safety_flags,
     check_dir_outputs,
     check_model_outputs,
+    check_trainable_dtype,
+    inputs_on,
     is_model_dir,
     model_from_args,
     shape_arg,
+    to_device,
     write_model_outputs,
 )
-from ._options import add_compression_flags, add_threads_flag, compression_overrides, set_threads
+from ._options import (
+    add_compression_flags,
+    add_device_flag,
+    add_threads_flag,
+    check_device,
+    compression_overrides,
+    set_threads,
+)
 
 _EPILOG = """\
 actions: factor (replaced by two thin layers), dense-truncate (rank-k weight written back dense),
@@ -42,7 +53,10 @@ patterns: shell globs on dotted layer names; a name without wildcards also match
 outputs: OUT (.safetensors), OUT.json (manifest), OUT.report.json and OUT.report.md (stem-based);
 all renamed into place only when all are written; sidecars rmtprune did not write are never replaced
 (--force overrides). A MODEL_FILE's recorded MODULE:FACTORY is not run unless --trust-factory.
-exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, missing directory).
+device: --device cuda[:N] moves the model, calibration and recovery to the GPU; SVDs run in
+float32/64 there, a float16/bfloat16 model keeps its dtype; OUT is written from CPU tensors.
+exit status: 0 done, 2 bad input or arguments (no prunable layer, bad file, missing directory,
+--device not available).
 """
 
 
@@ -74,6 +88,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print only the totals")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_flag(p)
+    add_device_flag(p, "compress")
     return p
 
 
@@ -145,10 +160,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--calibration needs a budget: add --target F (or --target-macs F)")
     if config.sequential and not args.calibration:
         raise ValueError("--sequential needs --calibration (the batches each block is refit on)")
+    device = check_device(args.device, "compress")
     if out is not None and not args.dry_run:
         out_path, report_json, report_md = _outputs(args, ckpt, out)
     model, factory, fargs, size_before = model_from_args(args, ckpt)
     batches = calibration_batches(args, ckpt if is_model_dir(ckpt) else None, args.data_dir)
+    model = to_device(model, device)
+    batches = inputs_on(batches, model)
+    if batches is not None and args.recover_steps and not args.dry_run:
+        check_trainable_dtype(model, "--recover-steps")
     teacher = None
     if batches is not None and args.recover_steps and not args.dry_run:
         import copy
@@ -159,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     shape = fargs.get("input_shape") or (shape_arg(args.input_shape) if args.input_shape else None)
     if shape:
         ref = next(model.parameters(), None)
-        example = torch.zeros(1, *shape, dtype=ref.dtype if ref is not None else torch.float32)
+        example = torch.zeros(1, *shape, dtype=ref.dtype if ref is not None else torch.float32, device=device)
     show = False if args.no_progress else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

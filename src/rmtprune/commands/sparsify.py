@@ -11,7 +11,8 @@ records how to rebuild the model (factored layers and masks included). Output: `
 Output paths are checked before any work and the four files renamed into place only when all are
 written, as in ``rmtprune compress`` (see ``docs/security.md``). The summary line gives two counts:
 the *nonzero values* kept and what is *stored incl. index bytes* (values plus each pruned weight's
-bitmask/CSR pattern, in bytes and parameter-equivalents).
+bitmask/CSR pattern, in bytes and parameter-equivalents). ``--device cuda[:N]`` runs the fits'
+upcast SVDs, the calibration and the fine-tuning with the model on a GPU, as in ``rmtprune compress``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from ._model_input import (
     add_safety_flags,
     check_dir_outputs,
     check_model_outputs,
+    check_trainable_dtype,
+    inputs_on,
     is_model_dir,
     model_from_args,
+    to_device,
     write_model_outputs,
 )
-from ._options import add_flags, given
+from ._options import add_device_flag, add_flags, check_device, given
 
 #: CLI flag -> (SparsifyConfig field, type, metavar).
 _FLAGS: dict[str, tuple[str, type, str | None]] = {
@@ -149,6 +153,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_flag(p, "sparsify")
     return p
 
 
@@ -167,19 +172,26 @@ def _config(args: argparse.Namespace) -> Any:
     return SparsifyConfig(**base)
 
 
-def _data(args: argparse.Namespace) -> tuple[Any, Any]:
+def _data(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    """Fine-tuning and evaluation batches, the splits moved once to the model's device, the images
+    in its dtype (the batch order is drawn on the CPU: the same on every device)."""
     if not args.dataset:
         return None, None
+    import dataclasses
+
     import torch
 
-    from ..zoo.data import batches, load_dataset
+    from ..zoo.data import FastLoader, load_dataset
 
     train = load_dataset(args.dataset, "train", data_dir=args.data_dir)
     if args.train_subset:
         train = train.subset(args.train_subset)
     test = load_dataset(args.dataset, "test", data_dir=args.data_dir)
+    [x_train, x_test] = inputs_on([train.x, test.x], model)  # type: ignore[misc]
+    train = dataclasses.replace(train, x=x_train, y=train.y.to(x_train.device))
+    test = dataclasses.replace(test, x=x_test, y=test.y.to(x_test.device))
     gen = torch.Generator().manual_seed(args.seed)
-    return batches(train, args.batch_size, shuffle=True, generator=gen), batches(test, 1000)
+    return FastLoader(train, args.batch_size, shuffle=True, generator=gen), FastLoader(test, 1000)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL_FILE] OUT, got {len(args.paths)} paths")
     src, out = (args.paths[0], args.paths[1]) if len(args.paths) == 2 else (None, args.paths[0])
     config = _config(args)
+    device = check_device(args.device, "sparsify")
     show = False if args.no_progress else None
     directory = is_model_dir(src)
     out_path = Path(out).expanduser()
@@ -210,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
             check_model_outputs(args, src, out_path, report_json, report_md)
     model, factory, fargs, _ = model_from_args(args, src)
     calib = calibration_batches(args, src if directory else None, args.data_dir)
+    model = to_device(model, device)
+    calib = inputs_on(calib, model)
     if args.dry_run:
         plan = plan_sparsity(model, config, show=show, calibration=calib).report()
         print(plan.table() if not args.quiet else plan.summary())
@@ -219,7 +234,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"rmtprune: warning: {w}", file=sys.stderr)
         print("dry run: nothing written")
         return 0
-    data, eval_data = _data(args)
+    data, eval_data = _data(args, model)
+    if data is not None and (config.cycle_steps > 0 or config.finetune_epochs > 0):
+        check_trainable_dtype(model, "--dataset (fine-tuning)")
     model, report = sparsify(
         model, config, data=data, eval_data=eval_data, show_progress=show, calibration=calib
     )
