@@ -219,7 +219,7 @@ def _check_single_process(args: Any) -> None:
     if what is not None:
         raise RmtpruneError(
             f"RMTPruningCallback does not support {what}: it prunes one process on one device "
-            "(for several processes use rmtprune's DDP support, docs/integrations.md)"
+            "(for several processes use rmtprune's DDP support with your own loop, docs/distributed.md)"
         )
 
 

@@ -181,7 +181,7 @@ class _PruningMixin:
             raise RmtpruneError(
                 f"RMTPruningCallback does not support the {type(strategy).__name__} strategy: it prunes "
                 "one process on one device (SingleDeviceStrategy); for several processes use "
-                "rmtprune's DDP support (docs/integrations.md)"
+                "rmtprune's DDP support with your own loop, docs/distributed.md"
             )
         if self._wrapped is None:
             original = strategy.load_model_state_dict
