@@ -244,7 +244,10 @@ def test_cuda_library_compress_matches_cpu(dtype, mode, linalg_dtypes) -> None:
             a, b = cpu.get_submodule(lp.name), dev.get_submodule(lp.name)
             assert b.first.weight.device.type == "cuda" and b.first.weight.dtype == dtype
             W, Wd = a.dense_weight().detach().float(), b.dense_weight().detach().float().cpu()
-            assert float((Wd - W).norm() / W.norm()) < _TOL.get(dtype, 1e-5), lp.name
+            # calibrated: C is summed from the device's own forward passes (half activations round
+            # otherwise there), and the whitened truncation moves with it: a looser, not a strict check
+            tol = 5e-2 if mode == "calibrated" else _TOL.get(dtype, 1e-5)
+            assert float((Wd - W).norm() / W.norm()) < tol, lp.name
 
 
 @pytest.mark.gpu
