@@ -221,3 +221,47 @@ def test_more_than_one_process_is_refused() -> None:
     Args.world_size, Args.fsdp = 1, "full_shard"
     with pytest.raises(RmtpruneError, match="FSDP"):
         _check_single_process(Args())
+
+
+def test_transformers_model_checkpoints_and_resumes(tmp_path: Any) -> None:
+    """A cut transformers model: the Trainer's checkpoints are written (rmtprune's save_pretrained
+    guard is replaced for the Trainer), from_pretrained of one still refuses, and it resumes."""
+    from rmtprune.integrations.hf import LOAD_HINT
+
+    def bert() -> Any:
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(
+            vocab_size=64, hidden_size=48, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96
+        )
+        return transformers.BertForSequenceClassification(cfg)
+
+    ids = torch.randint(0, 64, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids[i], "labels": int(ids[i, 0] % 2)} for i in range(32)]
+
+    def trainer(epochs: int, cb: Any) -> Any:
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            num_train_epochs=epochs,
+            per_device_train_batch_size=16,
+            save_strategy="epoch",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        return transformers.Trainer(model=bert(), args=args, train_dataset=data, callbacks=[cb])
+
+    first = trainer(1, RMTPruningCallback(every=1, keep_bulk=0.2))
+    first.train()
+    ckpt = tmp_path / "checkpoint-2"
+    assert factored_layers(first.model)
+    assert json.loads((ckpt / "config.json").read_text())["transformers_weights"] == LOAD_HINT
+    with pytest.raises(ValueError):
+        transformers.BertForSequenceClassification.from_pretrained(str(ckpt))
+
+    cb = RMTPruningCallback(every=1, keep_bulk=0.2)
+    resumed = trainer(2, cb)
+    resumed.train(resume_from_checkpoint=cb.prepare_resume(resumed, ckpt))
+    assert {r["epoch"] for r in cb.history_} == {1, 2}
+    model = load_checkpoint(tmp_path / "checkpoint-4", bert()).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids[:4]).logits, resumed.model.eval()(ids[:4]).logits)

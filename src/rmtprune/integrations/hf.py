@@ -34,12 +34,16 @@ which re-factors ``trainer.model`` to the stored architecture, restores the deci
 if you passed the trainer an optimizer, rebuilds it over the new parameters.
 :func:`load_checkpoint` rebuilds a model from a checkpoint directory outside the Trainer.
 
+**transformers models.** rmtprune makes a cut ``PreTrainedModel`` refuse ``save_pretrained``
+(``from_pretrained`` would load its factored layers at random). For the Trainer, which saves
+through ``save_pretrained``, the callback replaces that guard on the trainer's model by
+transformers' own ``save_pretrained`` followed by :data:`STATE_FILE` and ``config.json``'s
+``transformers_weights`` set to :data:`LOAD_HINT`: the checkpoint is written and resumes, and
+``from_pretrained`` of it still stops (on that sentence) instead of loading random layers.
+
 **Limits.** One process (``world_size == 1``, at most one GPU): DDP, DataParallel, FSDP and
-DeepSpeed are refused at ``on_train_begin`` with a one-line error. A transformers
-``PreTrainedModel`` that was cut refuses ``save_pretrained`` (rmtprune's guard: its
-``config.json`` would let ``from_pretrained`` load it with random layers), so the Trainer's
-checkpoints of such a model fail; train it with ``save_strategy="no"`` and save with
-:func:`rmtprune.save`. Importing this module does not import transformers.
+DeepSpeed are refused at ``on_train_begin`` with a one-line error. Importing this module does
+not import transformers.
 
 References
 ----------
@@ -71,6 +75,7 @@ __all__ = [
     "write_state",
     "STATE_FILE",
     "MODEL_FILE",
+    "LOAD_HINT",
 ]
 
 #: The file each checkpoint directory gets: architecture and decision history.
@@ -177,6 +182,7 @@ class _PruningMixin:
         self.pruner.prune(model, epoch, opt)
         if opt is not None:
             regroup_copies(opt, model, old, groups)
+        _checkpointable(model, self.pruner)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -202,7 +208,50 @@ class _PruningMixin:
         data = read_state(folder)
         refactor_from_checkpoint(trainer.model, folder, optimizer=trainer.optimizer)
         self.pruner.load_state_dict(data.get("pruner", {}))
+        if data["architecture"]:
+            _checkpointable(trainer.model, self.pruner)
         return str(folder)
+
+
+#: What ``config.json`` of a Trainer checkpoint of a cut transformers model says to ``from_pretrained``.
+LOAD_HINT = (
+    "rmtprune: a Trainer checkpoint of a model cut by rmtprune (factored layers that this config does "
+    "not describe); transformers cannot load it by itself: resume with RMTPruningCallback.prepare_resume "
+    "or load with rmtprune.integrations.hf.load_checkpoint(DIR, model)"
+)
+
+
+def _checkpointable(model: nn.Module, pruner: RMTPruner) -> None:
+    """Let the Trainer checkpoint a cut transformers model: rmtprune's guard makes its
+    ``save_pretrained`` refuse (``from_pretrained`` would load the factored layers at random); this
+    instance's ``save_pretrained`` becomes transformers' own, followed by :data:`STATE_FILE` and
+    ``config.json``'s ``transformers_weights`` set to :data:`LOAD_HINT`, so ``from_pretrained``
+    of the directory still stops with that sentence. Other models are left alone."""
+    from .._hf_guard import is_transformers_model
+
+    current = vars(model).get("save_pretrained")
+    if not is_transformers_model(model) or getattr(current, "_rmtprune_trainer", False):
+        return
+
+    def save_pretrained(save_directory: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            _mark_directory(Path(save_directory), model, pruner)
+        return out
+
+    save_pretrained._rmtprune_trainer = True  # type: ignore[attr-defined]
+    object.__setattr__(model, "save_pretrained", save_pretrained)
+
+
+def _mark_directory(folder: Path, model: nn.Module, pruner: RMTPruner) -> None:
+    from .._atomic import atomic_write_text
+
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["transformers_weights"] = LOAD_HINT
+        atomic_write_text(config, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_state(folder, model, pruner)
 
 
 def _check_single_process(args: Any) -> None:
