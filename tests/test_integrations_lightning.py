@@ -240,3 +240,10 @@ def test_bad_options() -> None:
         RMTPruningCallback(not_a_field=1)
     with pytest.raises(ValueError, match="package="):
         callback_class("keras")
+
+
+def test_start_zero_cuts_at_fit_start() -> None:
+    cb = RMTPruningCallback(every=1, start=0, keep_bulk=KEEP)
+    lit, _, _ = _fit(pl, cb, 1)
+    assert sorted({r["epoch"] for r in cb.history_}) == [0, 1]
+    assert next(r for r in cb.history_ if r["epoch"] == 0 and r["layer"] == "net.fc1")["action"] == "factor"
