@@ -31,6 +31,7 @@ from rmtprune.integrations.lightning import (  # noqa: E402
     RMTPruningCallback,
     callback_class,
     load_checkpoint,
+    refactor_checkpoint,
 )
 
 SPEC, BATCH, LR, KEEP = "mlp:256", 32, 0.05, 0.2
@@ -191,12 +192,20 @@ def test_checkpoint_resumes_with_ckpt_path(reference: Any, tmp_path: Any) -> Non
     assert math.isclose(loss, reference.metrics[1]["train_loss"], rel_tol=TOL)
     assert math.isclose(acc, reference.metrics[1]["train_acc"], rel_tol=TOL)
 
-    # Outside Lightning: the inner network rebuilt from the .ckpt gives the saved model's outputs.
+    # Outside Lightning: the inner network rebuilt from the .ckpt gives the saved model's outputs,
+    # and so does load_from_checkpoint of a module whose on_load_checkpoint re-factors it.
     ds = load_dataset("digits", "test")
     net = load_checkpoint(ckpt, build_model(SPEC, ds.input_shape, ds.num_classes), prefix="net.")
+
+    class Reloadable(type(first)):
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            refactor_checkpoint(self, checkpoint)
+
+    lit = Reloadable.load_from_checkpoint(ckpt, net=build_model(SPEC, ds.input_shape, ds.num_classes))
     first.eval()
     with torch.no_grad():
         assert torch.equal(net(ds.x[:64]), first.net(ds.x[:64]))
+        assert torch.equal(lit.eval()(ds.x[:64]), first.net(ds.x[:64]))
 
 
 def test_setup_optimizers_mode_restarts_state_keeps_schedule() -> None:
