@@ -249,6 +249,7 @@ def test_bad_options() -> None:
         RMTPruningCallback(not_a_field=1)
     with pytest.raises(ValueError, match="package="):
         callback_class("keras")
+    assert callback_class() is callback_class("lightning.pytorch") is RMTPruningCallback
 
 
 def test_start_zero_cuts_at_fit_start() -> None:

@@ -86,30 +86,36 @@ OPTIMIZER_MODES = ("inplace", "setup_optimizers")
 _MISSING = "Lightning is not installed: pip install 'rmtprune[lightning]' (or pytorch_lightning)"
 
 
-def _package(name: str) -> ModuleType:
+def _package_name(name: str) -> str:
+    """``name`` checked, ``"auto"`` resolved to the first of :data:`PACKAGES` that imports."""
     if name == "auto":
         for candidate in PACKAGES:
             try:
-                return importlib.import_module(candidate)
+                importlib.import_module(candidate)
             except ImportError:
                 continue
+            return candidate
         raise ImportError(_MISSING)
     if name not in PACKAGES:
         raise ValueError(f"package={name!r} must be 'auto' or one of {', '.join(PACKAGES)}")
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise ImportError(f"{name} is not importable ({exc}); {_MISSING}") from None
+    return name
 
 
-@functools.cache
 def callback_class(package: str = "auto") -> type:
     """The ``RMTPruningCallback`` class built on ``package``'s ``Callback``.
 
     ``"lightning.pytorch"`` or ``"pytorch_lightning"``; ``"auto"`` is the first of :data:`PACKAGES`
-    that imports. The class is built once per package.
+    that imports. The class is built once per package (``"auto"`` gives the same class object).
     """
-    pl = _package(package)
+    return _build(_package_name(package))
+
+
+@functools.cache
+def _build(package: str) -> type:
+    try:
+        pl = importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(f"{package} is not importable ({exc}); {_MISSING}") from None
     cls = type("RMTPruningCallback", (_PruningMixin, pl.Callback), {"_pl": pl, "__module__": __name__})
     cls.__qualname__ = "RMTPruningCallback"
     cls.__doc__ = _PruningMixin.__doc__
