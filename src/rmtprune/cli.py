@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _threads_from_argv(argv, DEFAULT_THREADS.get(command or ""))
     parser, mods = build_parser(command)
     args = parser.parse_args(argv)
+    args._argv = tuple(argv)  # what was asked, for a command that starts copies of itself (train --nproc)
     mod = mods[args.command]
     try:
         return int(mod.run(args) or 0)  # type: ignore[attr-defined]

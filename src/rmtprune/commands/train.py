@@ -37,6 +37,7 @@ _FLAGS: dict[str, tuple[str, type, str | None]] = {
     "--stability-every": ("stability_every", int, "STEPS"),
     "--stability-train-examples": ("stability_train_examples", int, "N"),
     "--device": ("device", str, "DEV"),
+    "--amp": ("amp", str, None),
 }
 
 #: The on/off TrainConfig options: flag -> (field, action, help).
@@ -63,7 +64,7 @@ _SWITCHES: dict[str, tuple[str, str, str]] = {
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train`` and its options (the run's, then every compression option of a cut)."""
     from ..training import LR_SCHEDULES, OPTIMIZERS, TrainConfig
-    from ..training.config import default_compression
+    from ..training.config import AMP_MODES, default_compression
 
     p = subparsers.add_parser(
         "train",
@@ -89,7 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         p,
         TrainConfig,
         _FLAGS,
-        choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES},
+        choices={"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "amp": AMP_MODES},
         where={"decay_T": f},
     )
     for flag, (name, action, text) in _SWITCHES.items():
@@ -108,6 +109,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="torch CPU threads (default: torch's choice); resume is bit-identical with the same N",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N processes of this machine with DDP (gloo on the CPU, nccl on CUDA); --batch-size "
+        "is the global batch; under torchrun leave it out (see docs/distributed.md)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a collective waits for the other ranks before the run stops with an error "
+        "(default 300)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -225,10 +242,59 @@ def _stability_line(metrics: list[dict[str, Any]]) -> str:
     return _table(rows, right={1, 2, 3, 4, 5}) + "\n" + note
 
 
+def _rank_argv(argv: list[str]) -> list[str]:
+    """The arguments of ``train`` for each rank: ``argv`` without the command name and ``--nproc``."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif i == 0 and a == "train":
+            continue
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: check what can be checked once, then start the ranks (:mod:`..training.launch`)."""
+    from pathlib import Path
+
+    from ..training import CHECKPOINT
+    from ..training.distributed import DEFAULT_TIMEOUT_S
+    from ..training.launch import launch
+    from ..training.run_files import _check_fresh_out
+    from ..training.setup import _check_names
+    from ..training.trainer import _resolve_config
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--nproc starts the ranks itself; under torchrun (WORLD_SIZE is set) leave it out")
+    if args.resume:
+        if not (Path(args.out).expanduser() / CHECKPOINT).is_file():
+            raise ValueError(f"--resume: {args.out!r} holds no {CHECKPOINT} to continue from")
+    else:
+        _check_names(_resolve_config(None, _overrides(args)))
+        _check_fresh_out(args.out, args.force)
+    argv = getattr(args, "_argv", None)
+    if argv is None:
+        raise ValueError("--nproc needs the command line (call rmtprune.cli.main)")
+    return launch(_rank_argv(list(argv)), args.nproc, args.dist_timeout or DEFAULT_TIMEOUT_S)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``rmtprune train``."""
+    import math
+
     from ..training import train
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc={args.nproc} must be >= 1")
+    if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout={args.dist_timeout} must be a positive number of seconds")
+    if args.nproc > 1:
+        return _launch(args)
+    rank0 = os.environ.get("RANK", "0") in ("", "0")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads} must be >= 1")
@@ -241,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    log = None if args.quiet else (lambda line: print(line, flush=True))
+    log = None if args.quiet or not rank0 else (lambda line: print(line, flush=True))
     progress_bar = False if args.no_progress else None
     try:
         result = train(
@@ -251,9 +317,12 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             log=log,
             progress_bar=progress_bar,
+            dist_timeout=args.dist_timeout,
             **_overrides(args),
         )
     except KeyboardInterrupt:
+        if not rank0:
+            return 130
         from pathlib import Path
 
         from ..training import CHECKPOINT
@@ -270,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 130
+    if not rank0:
+        return 0
     print()
     print(summary(result))
     print(f"\nwrote {result.out}/ (metrics.csv, metrics.json, decisions.csv, plots, model, checkpoint)")

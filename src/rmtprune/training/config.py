@@ -31,6 +31,8 @@ OPTIMIZERS = ("sgd", "adamw")
 #: Learning-rate schedules, stepped once per epoch: constant, cosine annealing to 0 over the run,
 #: or step decay by ``lr_gamma`` every ``lr_step`` epochs.
 LR_SCHEDULES = ("constant", "cosine", "step")
+#: Mixed precision of the training forward (``TrainConfig.amp``).
+AMP_MODES = ("off", "bf16", "fp16")
 #: Config fields that may differ when a run is resumed (they do not change what was trained).
 #: The stability tracking only measures (it changes no weight nor random number), so it may be
 #: switched or re-timed; ``stability_train_examples`` may not (the stored vectors would not fit).
@@ -96,6 +98,14 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside rmtprune (the user's call), seen from the caller."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("rmtprune."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def flat_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """``train(**overrides)`` as flat fields: ``compression=`` (a config, or a dict of some of its
     fields) spread out, the deprecated flat names mapped to theirs (with a ``DeprecationWarning``)."""
@@ -105,7 +115,7 @@ def flat_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
             f"train({', '.join(k for k in overrides if k in LEGACY_FIELDS)}=...) is deprecated: "
             "give compression={...} (CompressionConfig fields) instead",
             DeprecationWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
     comp = rest.pop("compression", {})
     if isinstance(comp, CompressionConfig):
@@ -178,6 +188,13 @@ class TrainConfig:
         metadata={"help": "training images of the fixed stability evaluation (seeded subset; 0: all)"},
     )
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    amp: str = field(
+        default="off",
+        metadata={
+            "help": "mixed precision of the training forward: off, bf16 or fp16 (CUDA only, with a "
+            "gradient scaler); weights, loss, evaluation and every SVD stay float32/64"
+        },
+    )
     compression: CompressionConfig = field(
         default_factory=default_compression,
         metadata={"help": "the compression of each cut (rule, keep_bulk = f, gate, patterns, protect_last)"},
@@ -203,6 +220,7 @@ class TrainConfig:
         for name in ("prune", "track_spectra", "eval_before_prune", "track_stability"):
             check_bool(name, getattr(self, name))
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("amp", self.amp, AMP_MODES)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_int("epochs", self.epochs, 1, _MAX_EPOCHS)
         check_int("batch_size", self.batch_size, 1)

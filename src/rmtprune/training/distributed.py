@@ -44,6 +44,10 @@ __all__ = [
     "all_reduce_sums",
     "check_same",
     "init_from_env",
+    "leave",
+    "wrap",
+    "reduce_counts",
+    "gather_stability",
     "DEFAULT_TIMEOUT_S",
 ]
 
@@ -126,7 +130,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _lost(exc: BaseException, what: str) -> DistributedError:
+def lost(exc: BaseException, what: str) -> DistributedError:
     rank, size = world()
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return DistributedError(
@@ -148,7 +152,7 @@ def broadcast_text(text: str | None, src: int = 0, what: str = "broadcast") -> s
             buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         dist.broadcast(buf, src)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(exc, what) from exc
+        raise lost(exc, what) from exc
     return bytes(buf.cpu().tolist()).decode() if rank != src else (text or "")
 
 
@@ -165,7 +169,7 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
                     dist.broadcast(tmp, src)
                     t.data.copy_(tmp)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(exc, "broadcasting the cut model") from exc
+        raise lost(exc, "broadcasting the cut model") from exc
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:
@@ -176,7 +180,7 @@ def all_reduce_sums(values: list[float]) -> list[float]:
     try:
         dist.all_reduce(t)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(exc, "reducing the metrics") from exc
+        raise lost(exc, "reducing the metrics") from exc
     return [float(v) for v in t.cpu()]
 
 
@@ -196,7 +200,7 @@ def check_same(text: str, what: str) -> None:
     try:
         dist.all_gather(got, mine)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise _lost(exc, f"comparing the {what}") from exc
+        raise lost(exc, f"comparing the {what}") from exc
     differ = [r for r, g in enumerate(got) if not torch.equal(g, got[0])]
     if differ:
         raise DistributedError(
@@ -230,7 +234,7 @@ def plan_on_rank0(model: nn.Module, config: Any) -> Any:
             raise
     text = broadcast_text(text, what="receiving the cut plan")
     if text.startswith(_ERROR_MARK):
-        raise DistributedError(f"rank {rank}: rank 0 could not plan the cut: {text[len(_ERROR_MARK):]}")
+        raise DistributedError(f"rank {rank}: rank 0 could not plan the cut: {text[len(_ERROR_MARK) :]}")
     return p if p is not None else Plan.from_json(text)
 
 
@@ -256,3 +260,99 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     except (RuntimeError, ValueError, dist.DistBackendError) as exc:
         raise DistributedError(f"could not join the process group ({backend}): {exc}") from exc
     return True
+
+
+def leave() -> None:
+    """Leave the default process group (the end of a run that joined it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module) -> DDP:
+    """``module`` in a DDP wrapper (on ``cuda:LOCAL_RANK`` when its parameters are on a GPU)."""
+    dev = next(module.parameters()).device
+    if dev.type != "cuda":
+        return DDP(module)
+    ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    return DDP(module, device_ids=ids)
+
+
+def lost_rank(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed (a rank stopped, a timeout), not a bug of this rank."""
+    if isinstance(exc, DistributedError):
+        return False  # already says so
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+    )
+
+
+def reduce_counts(counts: Any) -> Any:
+    """A :class:`~rmtprune.training.stability.Counts` summed over the ranks (identity on one rank)."""
+    if not is_distributed():
+        return counts
+    t = counts.to_tensor().to(_device())
+    try:
+        dist.all_reduce(t)
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise lost(exc, "reducing the stability counts") from exc
+    return type(counts).from_tensor(t.cpu())
+
+
+def _all_gather_1d(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D ``t`` (lengths may differ by rank), on the CPU, in rank order."""
+    _, size = world()
+    dev = _device()
+    n = torch.tensor([t.numel()], dtype=torch.int64, device=dev)
+    ns = [torch.empty_like(n) for _ in range(size)]
+    dist.all_gather(ns, n)
+    longest = int(max(int(x) for x in ns))
+    buf = torch.zeros(longest, dtype=t.dtype, device=dev)
+    buf[: t.numel()] = t.to(dev)
+    out = [torch.empty_like(buf) for _ in range(size)]
+    dist.all_gather(out, buf)
+    return [o[: int(k)].cpu() for o, k in zip(out, ns, strict=True)]
+
+
+def gather_stability(state: dict[str, Any]) -> dict[str, Any]:
+    """A stability tracker's state with each split's whole vector rebuilt from every rank's shard.
+
+    Every rank calls it (a collective); the shards hold examples ``rank::world`` and are
+    interleaved back (:func:`rmtprune.training.stability.interleave`).
+    """
+    from .stability import interleave
+
+    out: dict[str, Any] = {}
+    try:
+        for chain in sorted(state):
+            prev = state[chain]
+            out[chain] = {}
+            for k in sorted(prev):
+                v = prev[k]
+                out[chain][k] = interleave(_all_gather_1d(v.reshape(-1))) if torch.is_tensor(v) else v
+    except (RuntimeError, dist.DistBackendError) as exc:
+        raise lost(exc, "gathering the stability state") from exc
+    return out
+
+
+#: Test hook: ``RANK:EPOCH`` makes that rank kill itself (SIGKILL) at the second step of that epoch.
+_KILL_RANK_ENV = "_RMTPRUNE_TEST_KILL_RANK"
+
+
+def should_die(rank: int, epoch: int) -> bool:
+    """Whether the test hook asks this rank to die in this epoch."""
+    spec = os.environ.get(_KILL_RANK_ENV, "")
+    try:
+        r, e = (int(v) for v in spec.split(":"))
+    except ValueError:
+        return False
+    return r == rank and e == epoch and is_distributed()
+
+
+def kill_self() -> None:  # pragma: no cover - the process ends here
+    """SIGKILL this process (the test hook of a rank that dies without a word)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,8 +1,9 @@
 """The building blocks of a run: checks of names and devices, data, the model (sized on the meta
-device first), the optimizer and the learning-rate schedule."""
+device first), the optimizer, the learning-rate schedule and mixed precision."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -89,6 +90,7 @@ def _check_names(cfg: TrainConfig) -> None:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     parse_spec(cfg.model)
     _check_device(cfg.device)
+    _check_amp(cfg)
 
 
 def _check_device(device: str) -> None:
@@ -120,6 +122,36 @@ def _check_device(device: str) -> None:
         raise ValueError(
             f"device={device!r} asked for but there are only {torch.cuda.device_count()} CUDA device(s)"
         )
+
+
+#: ``TrainConfig.amp`` -> the autocast dtype of the forward pass (``off``: none).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's mixed precision: ``torch.autocast`` in ``cfg.amp``'s dtype, or nothing.
+
+    Only the training forward runs under it: the weights stay float32, the loss is taken in
+    float32, evaluation is float32, and the cuts (SVD, fits) happen outside it at the precision
+    METHOD.md asks for (float32/float64, never half).
+    """
+    dtype = AMP_DTYPES[cfg.amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
+
+
+def _make_scaler(cfg: TrainConfig) -> Any:
+    """The gradient scaler float16 autocast needs (its small range underflows gradients); else None."""
+    if cfg.amp != "fp16":
+        return None
+    return torch.amp.GradScaler(torch.device(cfg.device).type)
+
+
+def _check_amp(cfg: TrainConfig) -> None:
+    """``amp='fp16'`` only on CUDA: on the CPU, float16 autocast is slow and bfloat16 is the mixed type."""
+    if cfg.amp == "fp16" and torch.device(cfg.device).type != "cuda":
+        raise ValueError(f"amp='fp16' needs a CUDA device (device={cfg.device!r}); on the CPU use amp='bf16'")
 
 
 def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike[str] | None) -> tuple[Any, Any, Any]:

@@ -22,14 +22,15 @@ Definitions (docs/training.md, "Accuracy stability"):
 Every count is a sum over examples, so it is additive over disjoint shards of a split: each
 process measures its shard (:class:`StabilityTracker` with ``shard=(rank, world)``), its
 per-shard :class:`Counts` are summed (``reduce``: an all-reduce of :meth:`Counts.to_tensor`), and
-the events are decided on the sums, so N shards give the counts of one process.
+the events are decided on the sums, so N shards give the counts of one process. A checkpoint holds
+the whole split's vectors (:func:`interleave` of the shards'), cut back per shard on loading.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ __all__ = [
     "check_state",
     "tracker_for",
     "format_columns",
+    "interleave",
 ]
 
 #: Training images of the fixed evaluation by default (a seeded subset; 0 in the config: all).
@@ -166,11 +168,22 @@ def _fixed_subset(n: int, k: int, seed: int) -> torch.Tensor | None:
 
 @dataclass
 class _Measure:
-    """One measurement: per split the correctness vector (this shard's) and the summed counts."""
+    """One measurement: per split this shard's correctness vector and loss sum, and the counts
+    summed over all shards (``counts[s].loss_sum`` is the global loss sum)."""
 
     bits: dict[str, torch.Tensor]
     loss_sums: dict[str, float]
     counts: dict[str, Counts]
+
+
+def interleave(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole split's vector from its shards' (shard ``r`` of ``w`` holds examples ``r::w``):
+    what a checkpoint of a sharded run stores (gather the shards, then interleave them)."""
+    world = len(parts)
+    out = torch.empty(sum(p.numel() for p in parts), dtype=parts[0].dtype, device=parts[0].device)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
 class StabilityTracker:
@@ -209,6 +222,8 @@ class StabilityTracker:
         index = _fixed_subset(len(train_ds), int(train_examples), seed)
         train = train_ds if index is None else train_ds.subset(index)
         self.data = {"train": train, "val": val_ds}
+        self.sizes = {k: None if d is None else len(d) for k, d in self.data.items()}  # before sharding
+        self.shard = (rank, world)
         if world > 1:
             self.data = {
                 k: None if d is None else d.subset(slice(rank, None, world)) for k, d in self.data.items()
@@ -225,17 +240,23 @@ class StabilityTracker:
     def splits(self) -> tuple[str, ...]:
         return tuple(s for s in SPLITS if self.data[s] is not None)
 
+    def _reduce(self, c: Counts, prev_loss_sum: float | None) -> Counts:
+        """This shard's counts summed over the shards, with the previous global loss sum."""
+        total = self.reduce(c)
+        return replace(total, prev_loss_sum=math.nan if prev_loss_sum is None else float(prev_loss_sum))
+
     def measure(self, model: nn.Module, prev: dict[str, Any] | None = None) -> _Measure:
         """Evaluate every split; counts against ``prev`` (a chain's last measurement), reduced."""
         prev = prev or {}
         bits, sums, counts = {}, {}, {}
         for s in self.splits:
             bits[s], sums[s] = correctness(model, self.data[s])
-            counts[s] = self.reduce(compare(prev.get(s), bits[s], sums[s], prev.get(s + "_loss_sum")))
+            counts[s] = self._reduce(compare(prev.get(s), bits[s], sums[s]), prev.get(s + "_loss_sum"))
         return _Measure(bits, sums, counts)
 
     def _advance(self, chain: str, m: _Measure) -> None:
-        self.prev[chain] = {**m.bits, **{s + "_loss_sum": v for s, v in m.loss_sums.items()}}
+        """``m`` becomes the chain's previous measurement: this shard's vectors, the global loss sums."""
+        self.prev[chain] = {**m.bits, **{s + "_loss_sum": c.loss_sum for s, c in m.counts.items()}}
 
     def epoch_columns(self, model: nn.Module, before_cut: _Measure | None = None) -> tuple[dict, _Measure]:
         """Measure after the epoch; return its metrics columns and the measurement (whose val counts
@@ -262,8 +283,8 @@ class StabilityTracker:
     def _cut(self, before: _Measure, after: _Measure) -> dict[str, Counts]:
         out = {}
         for s in self.splits:
-            c = compare(before.bits[s], after.bits[s], after.loss_sums[s], before.loss_sums[s])
-            out[s] = self.reduce(c)
+            c = compare(before.bits[s], after.bits[s], after.loss_sums[s])
+            out[s] = self._reduce(c, before.counts[s].loss_sum)
         return out
 
     def step(self, model: nn.Module, global_step: int) -> None:
@@ -289,19 +310,25 @@ class StabilityTracker:
         return row
 
     def state_dict(self) -> dict[str, Any]:
-        """The previous measurements of both chains: correctness as uint8 CPU tensors, loss sums."""
+        """The previous measurements of both chains: this shard's correctness as uint8 CPU tensors
+        and the global loss sums. A sharded run saves the whole split's vectors (gather the ranks'
+        and :func:`interleave` them); :meth:`load_state_dict` takes either."""
         return {
             chain: {k: v.to("cpu", torch.uint8) if torch.is_tensor(v) else v for k, v in prev.items()}
             for chain, prev in self.prev.items()
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a vector whose length is not this split's is a ``ValueError``."""
+        """Restore :meth:`state_dict` (a whole split's vector is cut to this shard's); a vector of
+        another length is a ``ValueError``."""
         check_state(state)
+        rank, world = self.shard
         for chain in ("epoch", "step"):
             prev = {}
             for k, v in state.get(chain, {}).items():
                 if torch.is_tensor(v):
+                    if world > 1 and v.numel() == self.sizes.get(k):
+                        v = v[rank::world]
                     if self.data.get(k) is None or v.numel() != len(self.data[k]):
                         size = (
                             "no such split" if self.data.get(k) is None else f"{len(self.data[k])} examples"
@@ -312,9 +339,16 @@ class StabilityTracker:
             self.prev[chain] = prev
 
 
-def tracker_for(cfg: Any, train_ds: Any, val_ds: Any) -> StabilityTracker | None:
+def tracker_for(
+    cfg: Any,
+    train_ds: Any,
+    val_ds: Any,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Callable[[Counts], Counts] | None = None,
+) -> StabilityTracker | None:
     """The tracker of a run with :class:`~rmtprune.training.TrainConfig` ``cfg`` (``None`` when
-    ``cfg.track_stability`` is off): ``stability_train_examples`` images drawn with the run's seed."""
+    ``cfg.track_stability`` is off): ``stability_train_examples`` images drawn with the run's seed;
+    ``shard`` and ``reduce`` as in :class:`StabilityTracker` (a data-parallel run's rank)."""
     if not cfg.track_stability:
         return None
     return StabilityTracker(
@@ -323,6 +357,8 @@ def tracker_for(cfg: Any, train_ds: Any, val_ds: Any) -> StabilityTracker | None
         train_examples=cfg.stability_train_examples,
         seed=cfg.seed,
         every=cfg.stability_every,
+        shard=shard,
+        reduce=reduce,
         device=cfg.device,
     )
 

@@ -24,6 +24,7 @@ from .._progress import progress
 from ..errors import CheckpointError
 from ..finetune import DivergedError, evaluate, optimizer_step, regularizer
 from ..io import factored_layers
+from . import distributed
 from .config import TrainConfig, TrainResult, flat_overrides, flatten, unflatten
 from .pruner import LogFn, RMTPruner, _layer_columns
 from .resume import (
@@ -53,9 +54,11 @@ from .setup import (
     _check_names,
     _load_data,
     _make_optimizer,
+    _make_scaler,
     _make_scheduler,
     _meta_model,
     _short,
+    autocast,
 )
 from .stability import format_columns, tracker_for
 
@@ -86,6 +89,11 @@ class _Run:
     batch_callback: Callable[[int, int], None] | None = None
     pruner: RMTPruner | None = None
     stability: Any = None  # a StabilityTracker (None: track_stability off)
+    rank: int = 0  # this process's rank and the number of ranks (torch.distributed; 1: none)
+    world: int = 1
+    ddp: Any = None  # the DistributedDataParallel wrapper the steps train through (world > 1)
+    shards: dict[str, Any] = field(default_factory=dict)  # this rank's share of each evaluated split
+    scaler: Any = None  # the GradScaler of amp="fp16"
     optimizer: Any = None
     scheduler: Any = None
     loader: Any = None
@@ -185,7 +193,10 @@ def _restore(run: _Run) -> None:
         )
     run.optimizer = _make_optimizer(cfg, run.model)
     run.scheduler = _make_scheduler(cfg, run.optimizer)
-    run.stability = tracker_for(cfg, run.train_ds, run.val_ds)
+    run.stability = tracker_for(
+        cfg, run.train_ds, run.val_ds, shard=(run.rank, run.world), reduce=distributed.reduce_counts
+    )
+    run.scaler = _make_scaler(cfg)
     if state is not None:
         path = run.ckpt_path
         where = f"{str(path)!r} has an optimizer or scheduler state that does not fit"
@@ -197,6 +208,8 @@ def _restore(run: _Run) -> None:
             _set_rng_state(state["rng"], run.loader_gen)
             if run.stability is not None:
                 run.stability.load_state_dict(state.get("stability", {}))
+            if run.scaler is not None and state.get("scaler"):
+                run.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CheckpointError(
                 f"{str(path)!r} has an optimizer or RNG state that does not fit: {_short(exc)}"
@@ -216,11 +229,18 @@ def _restore(run: _Run) -> None:
     if run.out_dir is not None and state is not None:
         atomic_write_text(run.out_dir / "config.json", cfg.to_json() + "\n")
         run.config_written = True
-    from ..zoo.data import FastLoader
+    from ..zoo.data import FastLoader, ShardedLoader
 
-    run.loader = FastLoader(
-        run.train_ds, cfg.batch_size, shuffle=True, generator=run.loader_gen, device=cfg.device
-    )
+    if run.world > 1:
+        run.ddp = distributed.wrap(run.model)
+        run.loader = ShardedLoader(
+            run.train_ds, cfg.batch_size, run.rank, run.world, shuffle=True, generator=run.loader_gen,
+            device=cfg.device,
+        )  # fmt: skip
+    else:
+        run.loader = FastLoader(
+            run.train_ds, cfg.batch_size, shuffle=True, generator=run.loader_gen, device=cfg.device
+        )
     run.test_ds = run.test_ds.to(cfg.device)
     if run.val_ds is not None:
         run.val_ds = run.val_ds.to(cfg.device)
@@ -236,6 +256,7 @@ def train(
     progress_bar: bool | None = False,
     batch_callback: Callable[[int, int], None] | None = None,
     force: bool = False,
+    dist_timeout: float | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train a model on a dataset, pruning it with :class:`RMTPruner` on the way; return the result.
@@ -264,13 +285,47 @@ def train(
     force : a fresh run into a directory that already has files of the names it writes
         (:data:`RUN_FILES`: another run's, or yours) overwrites them; without it that is refused
         before any work.
+    dist_timeout : seconds every collective waits for the other ranks (default
+        :data:`~rmtprune.training.distributed.DEFAULT_TIMEOUT_S`). Used when the process was started
+        as one rank of several (``torchrun``, ``rmtprune train --nproc N``: ``WORLD_SIZE`` > 1 in the
+        environment): the run then trains a DDP model on this rank's share of every global batch
+        (``batch_size`` is the global batch), reduces the metrics over the ranks and cuts with rank
+        0's decisions; rank 0 alone logs and writes. See docs/distributed.md.
 
     Returns
     -------
     TrainResult
     """
     t_run = time.perf_counter()
+    device = overrides.get("device") or (config.device if isinstance(config, TrainConfig) else "cpu")
+    joined = distributed.init_from_env(str(device), dist_timeout or distributed.DEFAULT_TIMEOUT_S)
+    try:
+        return _train(
+            config, overrides, out, resume, force, data_dir, log, progress_bar, batch_callback, t_run
+        )
+    finally:
+        if joined:
+            distributed.leave()
+
+
+def _train(
+    config: TrainConfig | None,
+    overrides: dict[str, Any],
+    out: str | os.PathLike[str] | None,
+    resume: bool,
+    force: bool,
+    data_dir: str | os.PathLike[str] | None,
+    log: LogFn | None,
+    progress_bar: bool | None,
+    batch_callback: Callable[[int, int], None] | None,
+    t_run: float,
+) -> TrainResult:
+    """:func:`train` after joining the process group (if any)."""
+    rank, world = distributed.world()
+    if rank != 0:  # rank 0 speaks for the run
+        log, progress_bar = None, False
     run = _open(config, overrides, out, resume, force, data_dir, log)
+    run.rank, run.world = rank, world
     run.progress_bar, run.batch_callback = progress_bar, batch_callback
     _restore(run)
     epoch = run.done
@@ -286,6 +341,8 @@ def train(
             _save_epoch(run, epoch)
     except BaseException as exc:
         _interrupted(run, epoch, exc)
+        if run.world > 1 and distributed.lost_rank(exc):
+            raise distributed.lost(exc, f"epoch {epoch}") from exc
         raise
     _finish(run, nothing_trained=epoch == run.done)
     run.timings["total"] = time.perf_counter() - t_run
@@ -306,6 +363,11 @@ def _save_epoch(run: _Run, epoch: int) -> None:
     out_dir = run.out_dir
     if out_dir is None:
         return
+    stability = run.stability.state_dict() if run.stability is not None else {}
+    if run.world > 1:  # the whole splits' vectors, from every rank's shard (a collective)
+        stability = distributed.gather_stability(stability)
+    if run.rank != 0:
+        return
     t0 = time.perf_counter()
     data_dir = None if run.data_dir is None else str(Path(run.data_dir).expanduser().resolve())
     _save_checkpoint(
@@ -323,7 +385,8 @@ def _save_epoch(run: _Run, epoch: int) -> None:
             "rng": _rng_state(run.loader_gen),
             "metrics": run.metrics,
             "pruner": run.pruner.state_dict() if run.pruner is not None else {},
-            "stability": run.stability.state_dict() if run.stability is not None else {},
+            "stability": stability,
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
         },
     )
     if not run.config_written:
@@ -335,7 +398,7 @@ def _save_epoch(run: _Run, epoch: int) -> None:
 
 def _interrupted(run: _Run, epoch: int, exc: BaseException) -> None:
     """A fresh run that failed before its first checkpoint leaves no directory; Ctrl-C says where it is."""
-    out_dir = run.out_dir
+    out_dir = run.out_dir if run.rank == 0 else None
     if out_dir is not None and run.state is None and not run.config_written:
         _remove_empty_run(out_dir, run.created)
     if isinstance(exc, KeyboardInterrupt) and run.log is not None and out_dir is not None:
@@ -348,8 +411,8 @@ def _interrupted(run: _Run, epoch: int, exc: BaseException) -> None:
 
 
 def _finish(run: _Run, nothing_trained: bool) -> None:
-    """Plots and the final model (and, for a run killed before its tables, the tables)."""
-    out_dir = run.out_dir
+    """Plots and the final model (and, for a run killed before its tables, the tables): rank 0's job."""
+    out_dir = run.out_dir if run.rank == 0 else None
     if out_dir is None:
         return
     from .. import plotting
@@ -372,16 +435,26 @@ def _finish(run: _Run, nothing_trained: bool) -> None:
 def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
     """One pass over the training data; returns the summed loss, the correct count and the count."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    net = run.ddp if run.ddp is not None else model  # DDP all-reduces the gradients of the backward
     model.train()
     loss_sum, correct, n = 0.0, 0, 0
     regularise = cfg.l1 > 0 or cfg.l2 > 0
     steps = len(run.loader)
     batches = progress(run.loader, total=steps, desc=f"epoch {epoch}/{cfg.epochs}", enable=run.progress_bar)
-    for i, (x, y) in enumerate(batches):
+    kill = distributed.should_die(run.rank, epoch)
+    for i, batch in enumerate(batches):
+        x, y = batch[0], batch[1]
         if run.batch_callback is not None:
             run.batch_callback(epoch, i)
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        if kill and i == 1:
+            distributed.kill_self()
+        with autocast(cfg):
+            logits = net(x)
+            if run.world > 1:  # this rank's rows; scaled so DDP's mean over ranks is the batch mean
+                summed = nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+                loss = summed * batch[2]
+            else:
+                loss = nn.functional.cross_entropy(logits.float(), y)
         total = loss + regularizer(model, cfg.l1, cfg.l2, weights="all") if regularise else loss
         value = float(total.detach())
         if not math.isfinite(value):
@@ -391,15 +464,25 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
                 f"lower the learning rate (--lr, now {cfg.lr:g}); nothing of epoch {epoch} was saved"
             )
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer_step(optimizer, f"training diverged in epoch {epoch}, step {i + 1} of {steps}", cfg.lr)
+        where = f"training diverged in epoch {epoch}, step {i + 1} of {steps}"
+        if run.scaler is not None:  # amp="fp16": scaled loss, steps with inf gradients skipped
+            run.scaler.scale(total).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+        else:
+            total.backward()
+            optimizer_step(optimizer, where, cfg.lr)
         if run.stability is not None:
             run.stability.step(model, (epoch - 1) * steps + i + 1)
+        if run.world > 1 and batch[2] == 0:  # a placeholder row (this rank's share was empty)
+            continue
         with torch.no_grad():
-            loss_sum += float(loss) * int(y.numel())
+            loss_sum += float(summed) if run.world > 1 else float(loss) * int(y.numel())
             correct += int((logits.argmax(1) == y).sum())
             n += int(y.numel())
-    return loss_sum, correct, n
+    if run.world > 1:
+        loss_sum, correct, n = distributed.all_reduce_sums([loss_sum, correct, n])
+    return loss_sum, int(correct), int(n)
 
 
 def _test(run: _Run, split: str = "test") -> tuple[float | None, float | None]:
@@ -410,6 +493,14 @@ def _test(run: _Run, split: str = "test") -> tuple[float | None, float | None]:
     ds = run.test_ds if split == "test" else run.val_ds
     if ds is None:
         return None, None
+    if run.world > 1:  # this rank's fixed share (rows rank::world), the sums reduced over the ranks
+        if split not in run.shards:
+            run.shards[split] = ds.subset(slice(run.rank, None, run.world))
+        part = run.shards[split]
+        res = evaluate(run.model, lambda: batches(part, 1024), reduction="sum") if len(part) else None
+        sums = [res["loss"] * res["n"], res["accuracy"] * res["n"], res["n"]] if res else [0.0, 0.0, 0.0]
+        loss_sum, correct, n = distributed.all_reduce_sums(sums)
+        return loss_sum / n, correct / n
     res = evaluate(run.model, lambda: batches(ds, 1024), reduction="sum")
     return res["loss"], res["accuracy"]
 
@@ -441,6 +532,8 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
             t_eval += time.perf_counter() - t0
         t0 = time.perf_counter()
         pruner.prune(run.model, epoch, run.optimizer)
+        if run.ddp is not None:  # the old wrapper's reducer knows only the old parameters
+            run.ddp = distributed.rewrap(run.model, run.ddp)
         t_prune = time.perf_counter() - t0
         layers = {r["layer"]: _layer_columns(r) for r in pruner.history_ if r["epoch"] == epoch}
     t0 = time.perf_counter()
