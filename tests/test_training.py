@@ -234,6 +234,31 @@ def test_rebuild_puts_new_parameters_in_the_group_of_the_layer_they_replace():
     assert opt.state[model.fc1.first.weight]["step"] == 1
 
 
+def test_rebuild_keeps_a_copied_bias_in_its_own_group():
+    """A no-weight-decay group of biases (the Hugging Face Trainer's) keeps the bias of a cut layer."""
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(16, 64))
+    model.add_module("fc2", nn.Linear(64, 3))
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": 0.1},
+            {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0},
+        ]
+    )
+    opt.zero_grad()
+    model(torch.randn(4, 16)).pow(2).mean().backward()
+    opt.step()
+    old = dict(model.named_parameters())
+    rmtprune.compress(model, rule="fixed", rank=2, include=["fc1"])
+    info = rebuild_optimizer(opt, model, old)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    assert groups[1] == ["fc1.second.bias", "fc2.bias"] and "fc1.first.weight" in groups[0]
+    assert info["carried"] == ["fc1.second.bias"]
+    assert opt.state[model.fc1.second.bias]["step"] == 1
+
+
 def test_rebuild_leaves_frozen_layers_untrained():
     model = TinyMLP()
     model.fc1.requires_grad_(False)

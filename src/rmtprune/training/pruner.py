@@ -64,7 +64,8 @@ def rebuild_optimizer(
     moments); parameters that were removed lose theirs; new parameters (the factors of a layer
     that was cut) join the group of the old parameter closest to them in the module tree and
     start with fresh state, except a tensor copied unchanged into the new layer (its bias),
-    which takes over the state of the one it copies. Group hyper-parameters, ``lr`` included,
+    which takes over the state and the group of the one it copies (a no-weight-decay group of
+    biases stays one). Group hyper-parameters, ``lr`` included,
     are untouched, so a learning rate scheduler attached to ``optimizer`` continues where it was.
 
     Parameters
@@ -104,11 +105,13 @@ def rebuild_optimizer(
             continue
         if id(p) in old_ids:  # an old parameter the optimizer never trained (frozen): still not trained
             continue
-        old = _closest_old(name, old_names)
+        twin = _same_tensor(name, p, old_params, removed)
+        # A copied tensor (the bias of a cut layer) joins its original's group (e.g. a no-decay group
+        # of biases); a new factor joins the group of the old parameter closest to it in the tree.
+        old = twin if twin is not None else _closest_old(name, old_names)
         if old is None or id(old_params[old]) not in group_of:
             continue
         new_lists[group_of[id(old_params[old])]].append(p)
-        twin = _same_tensor(name, p, old_params, removed)
         if twin is not None and old_params[twin] in optimizer.state:
             # A tensor copied unchanged into the new layer (the bias of a cut layer): same state.
             optimizer.state[p] = _clone_state(optimizer.state[old_params[twin]])
