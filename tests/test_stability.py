@@ -17,6 +17,7 @@ from rmtprune.training.stability import (
     compare,
     correctness,
     event,
+    interleave,
     summarize,
 )
 from rmtprune.zoo.data import Dataset, batches
@@ -109,6 +110,12 @@ def test_shard_counts_sum_to_the_whole_split():
             got.append(event(parts[0].counts["train"] + parts[1].counts["train"], total))
             assert got[-1] == event(ref.counts["train"], r)
     assert got[:2] == [None, None] and all(e is not None for e in got[2:])
+    # a sharded run's checkpoint holds the whole split's vectors; each shard takes its own back
+    full = interleave([sh.state_dict()["epoch"]["train"] for sh in shards])
+    assert torch.equal(full, whole.state_dict()["epoch"]["train"])
+    again = StabilityTracker(train_ds, val_ds, shard=(1, 2), **kw)
+    again.load_state_dict({"epoch": {"train": full}})
+    assert torch.equal(again.prev["epoch"]["train"], shards[1].prev["epoch"]["train"])
 
 
 def test_tracker_checks_its_arguments_and_its_state():
