@@ -58,6 +58,18 @@ def write_report(args: argparse.Namespace, title: str, sections: Sequence[str]) 
     return args.out
 
 
+def stability_pointer() -> str:
+    """The section that points to the accuracy-stability runs of this recipe (exp_stability.py, issue 16),
+    so a rerun of an experiment script keeps the pointer (its numbers live in exp_stability.md)."""
+    return (
+        "## Accuracy stability (issue 16; separate runs)\n\n"
+        "Not measured by this script: [exp_stability.md](exp_stability.md) "
+        "(`python benchmarks/exp_stability.py`, pre-registered) counts, for this recipe's dense and "
+        "pruned arms, the instability events (training loss down, accuracy down) and the examples "
+        "flipped correct -> wrong per epoch and by each cut."
+    )
+
+
 def png_path(args: argparse.Namespace, suffix: str) -> Path:
     """``<out stem>_<suffix>.png`` beside the results markdown."""
     return args.out.with_name(f"{args.out.stem}_{suffix}.png")

@@ -23,7 +23,7 @@ import numpy as np
 from _cache import sgd_config, train_cached
 from _cli import parser_for, setup
 from _measure import layer_rank, n_params, test_metrics
-from _report import dump_json, md_table, write_report
+from _report import dump_json, md_table, stability_pointer, write_report
 from _stats import ci, fmt_int, pm
 
 from rmtprune.training import TrainConfig
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "Anchor: the 2025 paper reports 90.5% for [784, 3000x4, 500, 10] with MP pruning + L1/L2 after "
         "long training (its baseline without either: 71.6%, a weak baseline). The runs here are far shorter "
         "and narrower; see the deltas against our own dense baseline trained identically.",
+        stability_pointer(),
     ]
     write_report(args, f"Experiment 2: Fashion-MNIST MLP {arch}", sections)
     return 0

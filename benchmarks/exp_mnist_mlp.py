@@ -27,7 +27,7 @@ import torch
 from _cache import sgd_config, train_cached
 from _cli import log, parser_for, setup
 from _measure import clone, layer_rank, module_params, n_params, test_metrics, timed
-from _report import dump_json, md_table, new_figure, png_path, save_figure, write_report
+from _report import dump_json, md_table, new_figure, png_path, save_figure, stability_pointer, write_report
 from _stats import ci, equivalent, fmt_int, mean_std, pm
 from torch import nn
 
@@ -379,6 +379,7 @@ def write(args: Any, per_seed: list[dict[str, Any]], have_compress: bool) -> Non
             sections.append(decisions_section(per_seed, key))
     sections.append(curve_section(args, per_seed))
     sections.append(targets_section(per_seed, have_compress))
+    sections.append(stability_pointer())
     write_report(args, "Experiment 1: MNIST MLP [784, 1000, 10]", sections)
 
 

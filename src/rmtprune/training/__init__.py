@@ -8,7 +8,12 @@ The package, by job:
 - :mod:`.trainer`: :func:`train`, a short loop over epochs;
 - :mod:`.setup`: names, devices, data, the model sized on the meta device, optimizer, schedule;
 - :mod:`.run_files`: the checkpoints written after every epoch, tables, the output directory;
-- :mod:`.resume`: reading a checkpoint back, every field checked before allocation.
+- :mod:`.resume`: reading a checkpoint back, every field checked before allocation;
+- :mod:`.stability`: accuracy stability (:class:`~.stability.StabilityTracker`, ``summarize``):
+  epochs where the training loss fell but accuracy fell too, examples flipped correct -> wrong;
+- :mod:`.distributed`: the cut under ``torch.distributed`` (rank 0 decides, every rank applies,
+  DDP re-wrapped; FSDP refused) and the reductions of a data-parallel run;
+- :mod:`.launch`: ``rmtprune train --nproc N`` (one process per rank, torchrun's environment).
 
 Plots of a run are :func:`rmtprune.plotting.plot_training`; the regulariser and the evaluation
 are the ones of :mod:`rmtprune.finetune`.
