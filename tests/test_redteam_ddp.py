@@ -1,0 +1,177 @@
+"""Red-team regressions for issue 16's data-parallel launcher (``rmtprune train --nproc N``).
+
+Each test checks one safety promise of docs/distributed.md in this process, without starting
+ranks: ``rmtprune.training.launch.launch`` is replaced by a recorder, so a launch that should
+have been refused shows up as a recorded call. The bugs not fixed yet are strict xfails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+RUN = [
+    "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--batch-size", "64", "--train-subset",
+    "64", "--no-track-stability", "--no-track-spectra", "--no-progress", "--quiet", "--threads", "1",
+]  # fmt: skip
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The argument lists ``launch`` was called with (it starts nothing and returns 0)."""
+    import rmtprune.training.launch as launch_mod
+
+    calls: list[list[str]] = []
+
+    def fake(argv, nproc, timeout_s):
+        calls.append(list(argv))
+        return 0
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch_mod, "launch", fake)
+    return calls
+
+
+def test_rank_argv_drops_nproc_in_every_spelling():
+    from rmtprune.commands.train import _rank_argv
+
+    assert _rank_argv(["train", "--nproc", "2", "--out", "x"]) == ["--out", "x"]
+    assert _rank_argv(["train", "--nproc=2", "--out", "x"]) == ["--out", "x"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="argparse accepts --npro/--npr (allow_abbrev) but _rank_argv strips only --nproc: every "
+    "rank then refuses '--nproc ... under torchrun' and the launch fails with 3 lines, exit 1",
+)
+def test_rank_argv_drops_an_abbreviated_nproc():
+    from rmtprune.commands.train import _rank_argv
+
+    assert _rank_argv(["train", "--npro", "2", "--out", "x"]) == ["--out", "x"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="--threads is validated in commands/train.run after the --nproc branch: every rank "
+    "reports it and the launcher adds a line, exit 1 instead of one line and exit 2",
+)
+def test_a_bad_threads_value_is_refused_before_the_ranks_start(tmp_path, launched, capsys):
+    from rmtprune.cli import main
+
+    rc = main(["train", "--out", str(tmp_path / "run"), "--nproc", "2", *RUN, "--threads", "999"])
+    assert (rc, launched) == (2, [])
+    assert "--threads=999 must be <=" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_launch checks only that --out is not a run/clash (_check_fresh_out), not that it can be "
+    "created: each rank fails in writable_dir, 3 lines and exit 1",
+)
+def test_an_out_that_cannot_be_created_is_refused_before_the_ranks_start(tmp_path, launched):
+    from rmtprune.cli import main
+
+    (tmp_path / "afile").write_text("user data\n")
+    rc = main(["train", "--out", str(tmp_path / "afile" / "run"), "--nproc", "2", *RUN])
+    assert (rc, launched) == (2, [])
+    assert (tmp_path / "afile").read_text() == "user data\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_launch checks only that checkpoint.pt exists: a resume option the run refuses (here "
+    "--lr) is found by every rank, 3 lines and exit 1",
+)
+def test_a_refused_resume_option_is_refused_before_the_ranks_start(tmp_path, launched, capsys):
+    from rmtprune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *RUN]) == 0  # a real one-process run to resume
+    capsys.readouterr()
+    rc = main(["train", "--out", str(out), "--resume", "--nproc", "2", "--lr", "0.3", "--threads", "1"])
+    assert (rc, launched) == (2, [])
+    assert "lr=0.3 differs from the run being resumed" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trainer._open runs _prepare_out (mkdir + a probe file) on every rank; the promise is that "
+    "rank != 0 never writes (and rank 0's 'created' flag then races with rank 1's mkdir)",
+)
+def test_a_rank_other_than_0_creates_nothing(tmp_path, monkeypatch):
+    from rmtprune.training import distributed, trainer
+
+    class Stop(Exception):
+        pass
+
+    def stop(run):
+        raise Stop
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    monkeypatch.setattr(trainer, "_restore", stop)  # stop after _open: no process group needed
+    out = tmp_path / "run"
+    overrides = {"dataset": "digits", "model": "mlp:16", "epochs": 1, "train_subset": 64}
+    with pytest.raises(Stop):
+        trainer._train(None, overrides, out, False, False, None, None, False, None, 0.0)
+    assert not Path(out).exists()
+
+
+_FAKE_RANK = """#!/bin/sh
+echo $$ >> "{pids}"
+exec sleep 60
+"""
+
+_LAUNCHER = """
+import sys
+sys.executable = sys.argv[1]  # each rank is the fake one: it records its pid and sleeps
+from rmtprune.training.launch import launch
+sys.exit(launch([], 2, 5.0))
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="launch() handles KeyboardInterrupt only: SIGTERM (scancel, kill, timeout, a container "
+    "stop) ends the launcher at once and leaves every rank running, still training and writing --out",
+)
+def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "pids"
+    fake = tmp_path / "fake_rank"
+    fake.write_text(_FAKE_RANK.format(pids=pids))
+    fake.chmod(0o755)
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(fake)])
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ranks = [int(v) for v in pids.read_text().split()] if pids.exists() else []
+            if len(ranks) == 2:
+                break
+            time.sleep(0.05)
+        assert len(ranks) == 2
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        time.sleep(0.5)
+        alive = []
+        for pid in ranks:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        assert alive == []
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
