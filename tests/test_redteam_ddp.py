@@ -102,17 +102,17 @@ def test_a_refused_resume_option_is_refused_before_the_ranks_start(tmp_path, lau
 def test_a_rank_other_than_0_creates_nothing(tmp_path, monkeypatch):
     from rmtprune.training import distributed, trainer
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def stop(run):
-        raise Stop
+        raise StopError
 
     monkeypatch.setattr(distributed, "world", lambda: (1, 2))
     monkeypatch.setattr(trainer, "_restore", stop)  # stop after _open: no process group needed
     out = tmp_path / "run"
     overrides = {"dataset": "digits", "model": "mlp:16", "epochs": 1, "train_subset": 64}
-    with pytest.raises(Stop):
+    with pytest.raises(StopError):
         trainer._train(None, overrides, out, False, False, None, None, False, None, 0.0)
     assert not Path(out).exists()
 
@@ -136,6 +136,7 @@ sys.exit(launch([], 2, 5.0))
     "stop) ends the launcher at once and leaves every rank running, still training and writing --out",
 )
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
+    import contextlib
     import os
     import signal
     import subprocess
@@ -171,7 +172,5 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
         for pid in ranks:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
