@@ -199,3 +199,30 @@ def test_a_failure_while_setting_up_the_run_leaves_no_directory(tmp_path, monkey
             out=out, dataset="digits", model="mlp:16", epochs=1, train_subset=64, track_stability=False
         )
     assert not out.exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train() calls distributed.leave() whenever init_from_env returned True, and init_from_env "
+    "returns True for a group the caller had already initialized: train destroys the caller's group",
+)
+def test_train_leaves_a_process_group_it_did_not_create(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    import rmtprune
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun, where the user's script joined first
+        rmtprune.train(dataset="digits", model="mlp:16", epochs=1, train_subset=64, track_stability=False)
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
