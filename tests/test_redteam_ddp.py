@@ -2,7 +2,7 @@
 
 Each test checks one safety promise of docs/distributed.md in this process, without starting
 ranks: ``rmtprune.training.launch.launch`` is replaced by a recorder, so a launch that should
-have been refused shows up as a recorded call. The bugs not fixed yet are strict xfails.
+have been refused shows up as a recorded call. Each test was a strict xfail until its bug was fixed.
 """
 
 from __future__ import annotations
@@ -40,22 +40,12 @@ def test_rank_argv_drops_nproc_in_every_spelling():
     assert _rank_argv(["train", "--nproc=2", "--out", "x"]) == ["--out", "x"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="argparse accepts --npro/--npr (allow_abbrev) but _rank_argv strips only --nproc: every "
-    "rank then refuses '--nproc ... under torchrun' and the launch fails with 3 lines, exit 1",
-)
 def test_rank_argv_drops_an_abbreviated_nproc():
     from rmtprune.commands.train import _rank_argv
 
     assert _rank_argv(["train", "--npro", "2", "--out", "x"]) == ["--out", "x"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--threads is validated in commands/train.run after the --nproc branch: every rank "
-    "reports it and the launcher adds a line, exit 1 instead of one line and exit 2",
-)
 def test_a_bad_threads_value_is_refused_before_the_ranks_start(tmp_path, launched, capsys):
     from rmtprune.cli import main
 
@@ -64,11 +54,6 @@ def test_a_bad_threads_value_is_refused_before_the_ranks_start(tmp_path, launche
     assert "--threads=999 must be <=" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_launch checks only that --out is not a run/clash (_check_fresh_out), not that it can be "
-    "created: each rank fails in writable_dir, 3 lines and exit 1",
-)
 def test_an_out_that_cannot_be_created_is_refused_before_the_ranks_start(tmp_path, launched):
     from rmtprune.cli import main
 
@@ -78,11 +63,6 @@ def test_an_out_that_cannot_be_created_is_refused_before_the_ranks_start(tmp_pat
     assert (tmp_path / "afile").read_text() == "user data\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_launch checks only that checkpoint.pt exists: a resume option the run refuses (here "
-    "--lr) is found by every rank, 3 lines and exit 1",
-)
 def test_a_refused_resume_option_is_refused_before_the_ranks_start(tmp_path, launched, capsys):
     from rmtprune.cli import main
 
@@ -94,11 +74,6 @@ def test_a_refused_resume_option_is_refused_before_the_ranks_start(tmp_path, lau
     assert "lr=0.3 differs from the run being resumed" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer._open runs _prepare_out (mkdir + a probe file) on every rank; the promise is that "
-    "rank != 0 never writes (and rank 0's 'created' flag then races with rank 1's mkdir)",
-)
 def test_a_rank_other_than_0_creates_nothing(tmp_path, monkeypatch):
     from rmtprune.training import distributed, trainer
 
@@ -130,11 +105,6 @@ sys.exit(launch([], 2, 5.0))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="launch() handles KeyboardInterrupt only: SIGTERM (scancel, kill, timeout, a container "
-    "stop) ends the launcher at once and leaves every rank running, still training and writing --out",
-)
 def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
     import contextlib
     import os
@@ -176,12 +146,6 @@ def test_sigterm_to_the_launcher_stops_every_rank(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer._train calls _restore (optimizer, stability tracker, the epoch-0 cut, the DDP "
-    "wrapper: it waits for every rank) outside the try that removes a fresh run's empty --out, so "
-    "Ctrl-C or a failure there leaves the directory (every early Ctrl-C of an --nproc 2 run did)",
-)
 def test_a_failure_while_setting_up_the_run_leaves_no_directory(tmp_path, monkeypatch):
     import rmtprune
     from rmtprune.training import trainer
@@ -201,11 +165,6 @@ def test_a_failure_while_setting_up_the_run_leaves_no_directory(tmp_path, monkey
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train() calls distributed.leave() whenever init_from_env returned True, and init_from_env "
-    "returns True for a group the caller had already initialized: train destroys the caller's group",
-)
 def test_train_leaves_a_process_group_it_did_not_create(monkeypatch):
     import socket
 
@@ -228,11 +187,6 @@ def test_train_leaves_a_process_group_it_did_not_create(monkeypatch):
             dist.destroy_process_group()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_launch checks the option names and the output directory only; a bad model spec or "
-    "val_size is found by every rank after it joined the group: N + 1 lines, exit 1",
-)
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [("--model", "mlp:abc", "bad token 'abc'"), ("--val-size", "100000", "val_size=100000 must be")],

@@ -250,36 +250,45 @@ def _rank_argv(argv: list[str]) -> list[str]:
             skip = False
         elif i == 0 and a == "train":
             continue
-        elif a == "--nproc":
+        elif a in _NPROC:  # argparse takes unambiguous prefixes of --nproc too
             skip = True
-        elif not a.startswith("--nproc="):
+        elif a.partition("=")[0] not in _NPROC:
             out.append(a)
     return out
 
 
+#: ``--nproc`` and the prefixes of it argparse accepts (``--n`` and ``--no...`` are other options).
+_NPROC = ("--np", "--npr", "--npro", "--nproc")
+
+
 def _launch(args: argparse.Namespace) -> int:
     """``--nproc N``: check what can be checked once, then start the ranks (:mod:`..training.launch`)."""
-    from pathlib import Path
+    import torch
 
-    from ..training import CHECKPOINT
+    from ..training import launch as launching
     from ..training.distributed import DEFAULT_TIMEOUT_S
-    from ..training.launch import launch
-    from ..training.run_files import _check_fresh_out
-    from ..training.setup import _check_names
-    from ..training.trainer import _resolve_config
+    from ..training.trainer import preflight
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--nproc starts the ranks itself; under torchrun (WORLD_SIZE is set) leave it out")
-    if args.resume:
-        if not (Path(args.out).expanduser() / CHECKPOINT).is_file():
-            raise ValueError(f"--resume: {args.out!r} holds no {CHECKPOINT} to continue from")
-    else:
-        _check_names(_resolve_config(None, _overrides(args)))
-        _check_fresh_out(args.out, args.force)
+    over = _overrides(args)
+    preflight(out=args.out, resume=args.resume, force=args.force, data_dir=args.data_dir, **over)
+    device = str(over.get("device", ""))
+    if device.startswith("cuda"):
+        if ":" in device:
+            raise ValueError(
+                f"--device {device} with --nproc {args.nproc}: give --device cuda, each rank then takes "
+                "the GPU of its local rank"
+            )
+        if torch.cuda.device_count() < args.nproc:
+            raise ValueError(
+                f"--nproc {args.nproc} on CUDA needs {args.nproc} GPUs; this machine has "
+                f"{torch.cuda.device_count()}"
+            )
     argv = getattr(args, "_argv", None)
     if argv is None:
         raise ValueError("--nproc needs the command line (call rmtprune.cli.main)")
-    return launch(_rank_argv(list(argv)), args.nproc, args.dist_timeout or DEFAULT_TIMEOUT_S)
+    return launching.launch(_rank_argv(list(argv)), args.nproc, args.dist_timeout or DEFAULT_TIMEOUT_S)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,9 +301,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--nproc={args.nproc} must be >= 1")
     if args.dist_timeout is not None and not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise ValueError(f"--dist-timeout={args.dist_timeout} must be a positive number of seconds")
-    if args.nproc > 1:
-        return _launch(args)
-    rank0 = os.environ.get("RANK", "0") in ("", "0")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads={args.threads} must be >= 1")
@@ -307,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.nproc > 1:
+        return _launch(args)
+    rank0 = os.environ.get("RANK", "0") in ("", "0")
     log = None if args.quiet or not rank0 else (lambda line: print(line, flush=True))
     progress_bar = False if args.no_progress else None
     try:

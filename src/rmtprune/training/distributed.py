@@ -239,7 +239,10 @@ def plan_on_rank0(model: nn.Module, config: Any) -> Any:
 
 
 def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Join the process group the launcher described in the environment; ``False`` when there is none.
+    """Join the process group the launcher described in the environment; whether this call joined it.
+
+    ``False`` when there is none, or when the caller had already initialized one (it is used and
+    left to the caller to destroy).
 
     ``torchrun`` (and ``rmtprune train --nproc N``) set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
     ``MASTER_PORT`` and ``LOCAL_RANK``. The backend is ``nccl`` for a CUDA device (each rank on
@@ -249,7 +252,7 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     if size <= 1:
         return False
     if dist.is_initialized():
-        return True
+        return False  # the caller's group: used as it is, and left to the caller to destroy
     if not dist.is_available():  # pragma: no cover
         raise DistributedError("this torch build has no torch.distributed; run one process")
     backend = "nccl" if device.startswith("cuda") else "gloo"

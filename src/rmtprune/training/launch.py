@@ -19,7 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Any
 
 __all__ = ["launch", "free_port", "RANK_ENV"]
 
@@ -47,11 +49,33 @@ def _status(code: int) -> str:
     return f"exited with status {code}"
 
 
+class _StopSignalError(Exception):
+    """SIGTERM or SIGHUP reached the launcher: pass it on to the ranks and stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise _StopSignalError(signum)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the rank gets SIGTERM if the launcher dies (even by SIGKILL), so no rank is orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def launch(argv: list[str], nproc: int, timeout_s: float) -> int:
     """Run ``rmtprune train <argv>`` as ``nproc`` ranks; return the exit status of the whole run.
 
     ``argv`` are the arguments of ``train`` without ``--nproc``; ``timeout_s`` is the collective
     timeout the ranks use (``--dist-timeout``), which bounds how long a surviving rank can wait.
+    Rank 0's output is shown as it comes; another rank's error output is shown only when that rank
+    failed first (otherwise it repeats rank 0's line). SIGINT, SIGTERM and SIGHUP are passed on.
     """
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in RANK_ENV}
@@ -62,29 +86,42 @@ def launch(argv: list[str], nproc: int, timeout_s: float) -> int:
         LOCAL_WORLD_SIZE=str(nproc),
     )
     procs: list[subprocess.Popen[bytes]] = []
+    errs: list[Any] = []
+    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for rank in range(nproc):
             env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            err = None if rank == 0 else tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally
+            errs.append(err)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "rmtprune", "train", *argv],
                     env=env,
                     stdout=None if rank == 0 else subprocess.DEVNULL,
+                    stderr=err,
+                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
                 )
             )
-        return _watch(procs, timeout_s)
-    except KeyboardInterrupt:
+        return _watch(procs, timeout_s, errs)
+    except (KeyboardInterrupt, _StopSignalError) as exc:
+        sig = exc.signum if isinstance(exc, _StopSignalError) else signal.SIGINT
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(sig)
         _wait_all(procs, _GRACE_S)
-        print("rmtprune: interrupted; every rank was stopped", file=sys.stderr)
-        return 130
+        name = signal.Signals(sig).name
+        print(f"rmtprune: {name}: every rank was stopped", file=sys.stderr)
+        return 130 if sig == signal.SIGINT else 128 + int(sig)
     finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for err in errs:
+            if err is not None:
+                err.close()
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], seconds: float) -> None:
@@ -94,7 +131,16 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], seconds: float) -> None:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
 
 
-def _watch(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> int:
+def _show(err: Any) -> None:
+    """A rank's captured error output, on the launcher's."""
+    if err is None:
+        return
+    err.seek(0)
+    sys.stderr.write(err.read().decode(errors="replace"))
+    sys.stderr.flush()
+
+
+def _watch(procs: list[subprocess.Popen[bytes]], timeout_s: float, errs: list[Any]) -> int:
     """Wait for every rank; after the first failure, give the others ``timeout_s`` + grace, then stop them."""
     while True:
         codes = [p.poll() for p in procs]
@@ -111,8 +157,11 @@ def _watch(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> int:
     for r in stopped:
         procs[r].kill()
         procs[r].wait()
+    _show(errs[first])
     if first_code == 130 or first_code == -signal.SIGINT:
         return 130
+    if all(p.returncode == 2 for p in procs):  # bad input every rank found alike: rank 0 said it
+        return 2
     tail = ""
     if stopped:
         waited = timeout_s + _GRACE_S

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._atomic import atomic_write_text
 from .._progress import progress
-from ..errors import CheckpointError
+from ..errors import CheckpointError, RmtpruneError
 from ..finetune import DivergedError, evaluate, optimizer_step, regularizer
 from ..io import factored_layers
 from . import distributed
@@ -62,7 +62,7 @@ from .setup import (
 )
 from .stability import format_columns, tracker_for
 
-__all__ = ["train"]
+__all__ = ["train", "preflight"]
 
 #: The parts of a run's time (``TrainResult.timings``; every one but ``io`` is a ``seconds_*`` column).
 _TIMINGS = ("train", "prune", "eval", "spectra", "stability", "io")
@@ -121,6 +121,78 @@ def _resolve_config(config: TrainConfig | None, overrides: dict[str, Any]) -> Tr
     return TrainConfig.from_dict(unflatten(base))
 
 
+def _settle(
+    config: TrainConfig | None,
+    overrides: dict[str, Any],
+    out: str | os.PathLike[str] | None,
+    resume: bool,
+    force: bool,
+    data_dir: str | os.PathLike[str] | None,
+    log: LogFn | None,
+    write: bool = True,
+) -> tuple[TrainConfig, Any, Any, Path | None, Any]:
+    """The run's config and, resuming, its checkpoint, every check made; ``(cfg, state, checkpoint
+    path, out_dir, data_dir)``. ``write=False`` (a rank other than 0, the launcher's preflight)
+    never creates or probes the output directory."""
+    state = ckpt_path = out_dir = None
+    if not resume:
+        cfg = _resolve_config(config, overrides)
+        _check_names(cfg)  # before anything is written
+        if out is not None:
+            _check_fresh_out(out, force)
+            if not write:
+                _check_creatable(out)
+        return cfg, state, ckpt_path, out_dir, data_dir
+    if out is None:
+        raise ValueError("resume=True needs out= (the directory of the run to continue)")
+    out_dir = _prepare_out(out, resume=True) if write else Path(out).expanduser()
+    state, ckpt_path = load_checkpoint(out_dir, log)
+    # Checked by load_checkpoint; a config saved before val_size existed resumes with val_size=0
+    # (the whole training file it was trained on), not the default 5,000-image hold-out.
+    stored, unrecorded = stored_config(state["config"])
+    cfg = _resume_config(stored, config, overrides, int(state["epoch"]), unrecorded)
+    if unrecorded and log is not None:
+        filled = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unrecorded)
+        log(
+            f"note: the run's stored configuration has no {', '.join(unrecorded)} (an earlier "
+            f"release); resuming with {filled}, as it was trained"
+        )
+    _check_device(cfg.device)
+    if data_dir is None:
+        data_dir = state.get("data_dir")
+    return cfg, state, ckpt_path, out_dir, data_dir
+
+
+def _check_creatable(out: str | os.PathLike[str]) -> None:
+    """Raise unless directory ``out`` exists or could be created (its nearest existing ancestor is a
+    writable directory), without creating anything."""
+    path = Path(out).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "not a directory" if not probe.is_dir() else "not writable"
+        raise RmtpruneError(f"cannot create output directory {str(path)!r}: {str(probe)!r} is {why}")
+
+
+def preflight(
+    config: TrainConfig | None = None,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    data_dir: str | os.PathLike[str] | None = None,
+    **overrides: Any,
+) -> None:
+    """Every check :func:`train` makes before training (options, output directory, checkpoint and
+    its stored options, data, model spec and size), without building a model or writing a file:
+    ``rmtprune train --nproc N`` runs it once before it starts the ranks."""
+    cfg, state, _, _, data_dir = _settle(config, overrides, out, resume, force, data_dir, None, write=False)
+    train_ds, _, _ = _load_data(cfg, data_dir)
+    if state is None:
+        _check_model_size(cfg, _meta_model(cfg, train_ds.input_shape, train_ds.num_classes))
+
+
 def _open(
     config: TrainConfig | None,
     overrides: dict[str, Any],
@@ -129,36 +201,16 @@ def _open(
     force: bool,
     data_dir: str | os.PathLike[str] | None,
     log: LogFn | None,
+    rank: int = 0,
 ) -> _Run:
-    """Check the config, the output directory and (resuming) the checkpoint; build data and model."""
+    """Check the config, the output directory and (resuming) the checkpoint; build data and model.
+    Only rank 0 creates (or probes) the output directory."""
     from ..zoo.data import seed_everything
     from ..zoo.models import build_model
 
-    state = ckpt_path = out_dir = None
-    if not resume:
-        cfg = _resolve_config(config, overrides)
-        _check_names(cfg)  # before anything is written
-        if out is not None:
-            _check_fresh_out(out, force)
-    else:
-        if out is None:
-            raise ValueError("resume=True needs out= (the directory of the run to continue)")
-        out_dir = _prepare_out(out, resume=True)
-        state, ckpt_path = load_checkpoint(out_dir, log)
-        # Checked by load_checkpoint; a config saved before val_size existed resumes with val_size=0
-        # (the whole training file it was trained on), not the default 5,000-image hold-out.
-        stored, unrecorded = stored_config(state["config"])
-        cfg = _resume_config(stored, config, overrides, int(state["epoch"]), unrecorded)
-        if unrecorded and log is not None:
-            filled = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in unrecorded)
-            log(
-                f"note: the run's stored configuration has no {', '.join(unrecorded)} (an earlier "
-                f"release); resuming with {filled}, as it was trained"
-            )
-        _check_device(cfg.device)
-        if data_dir is None:
-            data_dir = state.get("data_dir")
-
+    cfg, state, ckpt_path, out_dir, data_dir = _settle(
+        config, overrides, out, resume, force, data_dir, log, write=rank == 0
+    )
     loader_gen = seed_everything(cfg.seed)
     train_ds, val_ds, test_ds = _load_data(cfg, data_dir)
     if state is not None:
@@ -175,7 +227,7 @@ def _open(
     run.ckpt_path = ckpt_path
     if out is not None and out_dir is None:  # a fresh run: data and model are fine, now the directory
         run.created = not Path(out).expanduser().exists()
-        run.out_dir = _prepare_out(out, resume=False, force=force)
+        run.out_dir = _prepare_out(out, resume=False, force=force) if rank == 0 else Path(out).expanduser()
     return run
 
 
@@ -324,12 +376,13 @@ def _train(
     rank, world = distributed.world()
     if rank != 0:  # rank 0 speaks for the run
         log, progress_bar = None, False
-    run = _open(config, overrides, out, resume, force, data_dir, log)
+    run = _open(config, overrides, out, resume, force, data_dir, log, rank)
     run.rank, run.world = rank, world
     run.progress_bar, run.batch_callback = progress_bar, batch_callback
-    _restore(run)
     epoch = run.done
     try:
+        _restore(run)  # inside: a fresh run that fails here (or Ctrl-C) leaves no empty --out behind
+        epoch = run.done
         for epoch in range(run.done + 1, run.cfg.epochs + 1):
             row = _run_epoch(run, epoch)
             for key in run.timings:
