@@ -256,9 +256,9 @@ def init_from_env(device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     if not dist.is_available():  # pragma: no cover
         raise DistributedError("this torch build has no torch.distributed; run one process")
     backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError, dist.DistBackendError) as exc:
         raise DistributedError(f"could not join the process group ({backend}): {exc}") from exc
