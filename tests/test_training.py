@@ -780,7 +780,7 @@ def test_a_checkpoint_saved_before_val_size_resumes_on_the_whole_training_file(t
     whole training file, and resuming it must not switch to the default hold-out (1294 of 1438)."""
     import shutil
 
-    from rmtprune.training import trainer
+    from rmtprune.training import opening
 
     out = tmp_path / "run"
     train(out=out, **{**TINY, "epochs": 1, "prune": False, "val_size": 0})  # the layout it trained with
@@ -801,8 +801,8 @@ def test_a_checkpoint_saved_before_val_size_resumes_on_the_whole_training_file(t
         seen.append(trainer_load_data(cfg, data_dir))
         return seen[-1]
 
-    trainer_load_data = trainer._load_data
-    monkeypatch.setattr(trainer, "_load_data", load_data)
+    trainer_load_data = opening._load_data
+    monkeypatch.setattr(opening, "_load_data", load_data)
     with pytest.raises(
         RmtpruneError, match=r"val_size=None differs from the run being resumed \(val_size=0\)"
     ):

@@ -267,7 +267,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     from ..training import launch as launching
     from ..training.distributed import DEFAULT_TIMEOUT_S
-    from ..training.trainer import preflight
+    from ..training.opening import preflight
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise ValueError("--nproc starts the ranks itself; under torchrun (WORLD_SIZE is set) leave it out")

@@ -6,6 +6,8 @@ The package, by job:
   :class:`~rmtprune.config.CompressionConfig`) and :class:`TrainResult`;
 - :mod:`.pruner`: the :class:`RMTPruner` callback and :func:`rebuild_optimizer` (optimizer surgery);
 - :mod:`.trainer`: :func:`train`, a short loop over epochs;
+- :mod:`.opening`: a run's configuration, output directory, checkpoint, data and model, checked
+  (``preflight``: every check without building or writing anything);
 - :mod:`.setup`: names, devices, data, the model sized on the meta device, optimizer, schedule;
 - :mod:`.run_files`: the checkpoints written after every epoch, tables, the output directory;
 - :mod:`.resume`: reading a checkpoint back, every field checked before allocation;
