@@ -199,3 +199,29 @@ def test_a_bad_model_or_split_is_refused_before_the_ranks_start(
     rc = main(["train", "--out", str(tmp_path / "run"), "--nproc", "2", *RUN, option, value])
     assert (rc, launched) == (2, [])
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="preflight moves a damaged checkpoint.pt aside silently; rank 0 then says "
+    "'checkpoint.pt does not exist' instead of naming the damage (second red-team pass)",
+)
+def test_a_damaged_checkpoint_is_named_by_rank_0_after_the_preflight(tmp_path, launched):
+    import os
+
+    import rmtprune
+    from rmtprune.cli import main
+    from rmtprune.training import CHECKPOINT
+    from rmtprune.training.resume import load_checkpoint
+
+    out = tmp_path / "run"
+    rmtprune.train(
+        out=out, dataset="digits", model="mlp:16", epochs=2, train_subset=64, track_stability=False
+    )
+    latest = out / CHECKPOINT
+    os.truncate(latest, latest.stat().st_size // 2)
+    assert main(["train", "--out", str(out), "--resume", "--nproc", "2", "--threads", "1", "--quiet"]) == 0
+    assert len(launched) == 1
+    said: list[str] = []
+    load_checkpoint(out, said.append)  # what rank 0 does next, and says through its log
+    assert "not a readable checkpoint" in said[0]
