@@ -201,11 +201,6 @@ def test_a_bad_model_or_split_is_refused_before_the_ranks_start(
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preflight moves a damaged checkpoint.pt aside silently; rank 0 then says "
-    "'checkpoint.pt does not exist' instead of naming the damage (second red-team pass)",
-)
 def test_a_damaged_checkpoint_is_named_by_rank_0_after_the_preflight(tmp_path, launched):
     import os
 

@@ -3,7 +3,8 @@
 Each command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``. User errors
 (:class:`rmtprune.errors.RmtpruneError`, and ``ValueError``/``TypeError``/``OSError`` raised while
 checking input) are printed as one line ``rmtprune: error: ...`` with exit status 2, no traceback;
-Ctrl-C exits 130. See ``docs/security.md`` for what commands promise about files.
+a data-parallel rank that lost another (:class:`rmtprune.errors.DistributedError`) is one line with
+exit status 1; Ctrl-C exits 130. See ``docs/security.md`` for what commands promise about files.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from . import __version__
-from .errors import RmtpruneError, first_line
+from .errors import DistributedError, RmtpruneError, first_line
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
@@ -132,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rmtprune: interrupted", file=sys.stderr)
         return 130
+    except DistributedError as exc:  # not bad input: another rank stopped, or a collective timed out
+        print(f"rmtprune: error: {first_line(exc)}", file=sys.stderr)
+        return 1
     except (RmtpruneError, ValueError, TypeError, OSError) as exc:
         print(f"rmtprune: error: {first_line(exc)}", file=sys.stderr)
         return 2

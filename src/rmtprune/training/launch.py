@@ -14,6 +14,7 @@ rank (exit 130), and rank 0 leaves its last complete checkpoint for ``--resume``
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -61,12 +62,15 @@ def _stop(signum: int, _frame: object) -> None:
     raise _StopSignalError(signum)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the rank gets SIGTERM if the launcher dies (even by SIGKILL), so no rank is orphaned."""
+def _die_with_parent(launcher: int) -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the rank gets SIGTERM if the launcher dies (even by SIGKILL), so no rank is orphaned;
+    a launcher already gone before the request took effect ends the rank at once."""
     with contextlib.suppress(Exception):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:
+        os._exit(1)
 
 
 def launch(argv: list[str], nproc: int, timeout_s: float) -> int:
@@ -99,7 +103,9 @@ def launch(argv: list[str], nproc: int, timeout_s: float) -> int:
                     env=env,
                     stdout=None if rank == 0 else subprocess.DEVNULL,
                     stderr=err,
-                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                    preexec_fn=functools.partial(_die_with_parent, os.getpid())
+                    if sys.platform.startswith("linux")
+                    else None,
                 )
             )
         return _watch(procs, timeout_s, errs)
@@ -150,7 +156,9 @@ def _watch(procs: list[subprocess.Popen[bytes]], timeout_s: float, errs: list[An
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
-    first = failed[0]
+    # A rank other than 0 first when several failed in the same poll: rank 0's output is always
+    # shown, another rank's only when it is named here.
+    first = next((r for r in failed if r != 0), failed[0])
     first_code = procs[first].returncode
     _wait_all(procs, timeout_s + _GRACE_S)
     stopped = [r for r, p in enumerate(procs) if p.poll() is None]

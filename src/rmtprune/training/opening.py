@@ -108,7 +108,7 @@ def _settle(
     if out is None:
         raise ValueError("resume=True needs out= (the directory of the run to continue)")
     out_dir = _prepare_out(out, resume=True) if write else Path(out).expanduser()
-    state, ckpt_path = load_checkpoint(out_dir, log)
+    state, ckpt_path = load_checkpoint(out_dir, log, move=write)
     # Checked by load_checkpoint; a config saved before val_size existed resumes with val_size=0
     # (the whole training file it was trained on), not the default 5,000-image hold-out.
     stored, unrecorded = stored_config(state["config"])

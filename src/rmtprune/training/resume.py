@@ -283,11 +283,15 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(out: str | os.PathLike[str], log: LogFn | None = None) -> tuple[dict[str, Any], Path]:
+def load_checkpoint(
+    out: str | os.PathLike[str], log: LogFn | None = None, *, move: bool = True
+) -> tuple[dict[str, Any], Path]:
     """The newest usable checkpoint of the run in directory ``out``, and its path.
 
     If ``checkpoint.pt`` is damaged (a truncated write, a full disk, a bad copy) it is moved aside to
-    ``checkpoint.corrupt.pt`` and ``checkpoint.prev.pt`` is used, saying so through ``log``.
+    ``checkpoint.corrupt.pt`` (``move=False``: left where it is, for a reader that must not write:
+    the launcher's preflight, a rank other than 0) and ``checkpoint.prev.pt`` is used, saying so
+    through ``log``.
     Raises :class:`CheckpointError` naming both files when neither can be used.
     """
     out = Path(out).expanduser()
@@ -306,7 +310,7 @@ def load_checkpoint(out: str | os.PathLike[str], log: LogFn | None = None) -> tu
     except CheckpointError as exc:
         problems.append(str(exc))
         raise CheckpointError("cannot resume: " + "; ".join(problems)) from None
-    if latest.exists():
+    if move and latest.exists():
         os.replace(latest, out / _CORRUPT)
         problems[0] += f" (moved to {_CORRUPT})"
     if log is not None:

@@ -202,10 +202,10 @@ def _train(
     run = _open(config, overrides, out, resume, force, data_dir, log, rank)
     run.rank, run.world = rank, world
     run.progress_bar, run.batch_callback = progress_bar, batch_callback
-    epoch = run.done
+    epoch, started = run.done, False
     try:
         _restore(run)  # inside: a fresh run that fails here (or Ctrl-C) leaves no empty --out behind
-        epoch = run.done
+        epoch, started = run.done, True
         for epoch in range(run.done + 1, run.cfg.epochs + 1):
             row = _run_epoch(run, epoch)
             for key in run.timings:
@@ -218,7 +218,7 @@ def _train(
     except BaseException as exc:
         _interrupted(run, epoch, exc)
         if run.world > 1 and distributed.lost_rank(exc):
-            raise distributed.lost(exc, f"epoch {epoch}") from exc
+            raise distributed.lost(exc, f"epoch {epoch}" if started else "setting up the run") from exc
         raise
     _finish(run, nothing_trained=epoch == run.done)
     run.timings["total"] = time.perf_counter() - t_run
