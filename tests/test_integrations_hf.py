@@ -267,11 +267,12 @@ def test_transformers_model_checkpoints_and_resumes(tmp_path: Any) -> None:
         assert torch.equal(model(ids[:4]).logits, resumed.model.eval()(ids[:4]).logits)
 
 
-def test_regroup_copies_puts_the_moved_bias_in_its_group() -> None:
-    """rebuild_optimizer puts fc1.second.bias with fc1's weight; regroup_copies moves it back to the
-    bias group, each group in model order (as an optimizer built from the model by name rules)."""
+def test_rebuild_optimizer_keeps_the_moved_bias_in_its_group() -> None:
+    """rebuild_optimizer puts fc1.second.bias in the bias group, each group in model order (as an
+    optimizer built from the model by name rules), after a cut and after a re-factoring to a stored
+    architecture (zero factors, the checkpoint not loaded yet; the bias is copied in both)."""
     from rmtprune.config import CompressionConfig
-    from rmtprune.integrations import refactor, regroup_copies
+    from rmtprune.integrations import refactor
     from rmtprune.training import rebuild_optimizer
 
     torch.manual_seed(0)
@@ -287,22 +288,30 @@ def test_regroup_copies_puts_the_moved_bias_in_its_group() -> None:
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
     opt = torch.optim.SGD([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=0.1)
     old = dict(model.named_parameters())
-    groups = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
     rmtprune.compress(model, config=CompressionConfig(rule="fixed", rank=4, include=["fc1"]))
     rebuild_optimizer(opt, model, old)
-    assert "fc1.second.bias" in by_rule()[1]  # rebuild_optimizer keeps a copied bias in its group
-    opt.param_groups[1]["params"].reverse()  # what regroup_copies still corrects: the model order
-    regroup_copies(opt, model, old, groups)
-    assert by_rule() == [
+    grouped = [
         ["fc1.first.weight", "fc1.second.weight", "fc2.weight"],
         ["fc1.second.bias", "fc2.bias"],
     ]
+    assert by_rule() == grouped
+    arch = factored_layers(model)
+
+    model = torch.nn.Sequential()
+    model.add_module("fc1", torch.nn.Linear(32, 24))
+    model.add_module("fc2", torch.nn.Linear(24, 3))
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=0.1)
+    old = dict(model.named_parameters())
+    refactor(model, arch)
+    rebuild_optimizer(opt, model, old)
+    assert by_rule() == grouped
 
     # refactor: a layer that does not fit leaves the model as it was.
     fresh = torch.nn.Sequential()
     fresh.add_module("fc1", torch.nn.Linear(32, 24))
     fresh.add_module("fc2", torch.nn.Linear(24, 3))
-    arch = factored_layers(model)
     bad = {**arch, "fc2": {**arch["fc1"], "matrix_shape": [99, 99]}}
     with pytest.raises(rmtprune.errors.CheckpointError, match="fc2"):
         refactor(fresh, bad)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["layer_ranks", "rank_metrics", "refactor", "regroup_copies", "unwrap_optimizer", "METRIC_PREFIX"]
+__all__ = ["layer_ranks", "rank_metrics", "refactor", "unwrap_optimizer", "METRIC_PREFIX"]
 
 #: Metric names: ``rmtprune/rank/<layer>`` per prunable layer, ``rmtprune/params``, ``rmtprune/f``.
 METRIC_PREFIX = "rmtprune"
@@ -92,51 +92,3 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return optimizer
-
-
-def regroup_copies(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    old_params: dict[str, nn.Parameter],
-    old_groups: dict[int, int],
-) -> None:
-    """After :func:`rmtprune.training.rebuild_optimizer`, move each new tensor that takes the place of
-    a removed one of the same leaf name and shape in the same layer (the bias of a factored layer,
-    ``fc1.bias`` -> ``fc1.second.bias``) into the group the removed one was in, and list every group's
-    parameters in model order.
-
-    ``rebuild_optimizer`` puts new tensors in the group of the nearest old parameter (for a bias,
-    the layer's weight). Frameworks that rebuild an optimizer from the model by name rules (the
-    Hugging Face Trainer: no weight decay on biases) would then disagree with the saved optimizer
-    on the group sizes, and its state would not load on resume. ``old_groups`` maps ``id`` of each
-    parameter taken before the cut to its group index. A single-group optimizer is unchanged.
-    """
-    if len(optimizer.param_groups) < 2:
-        return
-    named = list(model.named_parameters())
-    order = {id(p): i for i, (_, p) in enumerate(named)}
-    live = {id(p) for _, p in named}
-    removed = [(n, p) for n, p in old_params.items() if id(p) not in live and id(p) in old_groups]
-    target: dict[int, int] = {}
-    for name, p in named:
-        if id(p) in old_groups:
-            continue
-        path, _, leaf = name.rpartition(".")
-        for old_name, old in removed:
-            old_path, _, old_leaf = old_name.rpartition(".")
-            if (
-                old_leaf == leaf
-                and old.shape == p.shape
-                and (path == old_path or path.startswith(old_path + "."))
-            ):
-                target[id(p)] = old_groups[id(old)]
-                break
-    if not target:
-        return
-    lists: list[list[torch.Tensor]] = [[] for _ in optimizer.param_groups]
-    for gi, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            lists[target.get(id(p), gi)].append(p)
-    for group, params in zip(optimizer.param_groups, lists, strict=True):
-        ours = sorted((p for p in params if id(p) in order), key=lambda p: order[id(p)])
-        group["params"] = ours + [p for p in params if id(p) not in order]

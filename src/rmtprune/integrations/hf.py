@@ -11,8 +11,8 @@ as completed epochs, as :class:`rmtprune.training.RMTPruner` counts them; an epo
 :class:`~rmtprune.training.RMTPruner` (already factored layers are cut again) and rebuilds the
 trainer's optimizer in place (accelerate's ``AcceleratedOptimizer`` is unwrapped) with
 :func:`rmtprune.training.rebuild_optimizer`: kept parameters keep their state, the new factors
-start fresh, a bias moved into a factor keeps its state and its group
-(:func:`rmtprune.integrations.regroup_copies`), and the trainer's LR scheduler, which holds the
+start fresh, a bias moved into a factor keeps its state and its group, and the trainer's LR
+scheduler, which holds the
 same optimizer, continues where it was.
 
 **Logging.** After every epoch the per-layer ranks, the parameter count and (on a cut) ``f`` are
@@ -64,7 +64,7 @@ from torch import nn
 
 from ..errors import CheckpointError, RmtpruneError
 from ..training.pruner import RMTPruner
-from . import rank_metrics, refactor, regroup_copies, unwrap_optimizer
+from . import rank_metrics, refactor, unwrap_optimizer
 
 __all__ = [
     "RMTPruningCallback",  # noqa: F822 (built on first access by __getattr__)
@@ -177,11 +177,7 @@ class _PruningMixin:
         if not isinstance(model, nn.Module):
             raise TypeError(f"the trainer gave no model to prune (got {type(model).__name__})")
         opt = unwrap_optimizer(optimizer) if optimizer is not None else None
-        old = dict(model.named_parameters())
-        groups = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]} if opt else {}
         self.pruner.prune(model, epoch, opt)
-        if opt is not None:
-            regroup_copies(opt, model, old, groups)
         _checkpointable(model, self.pruner)
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -337,11 +333,9 @@ def refactor_from_checkpoint(
     data = read_state(checkpoint)
     opt = unwrap_optimizer(optimizer) if optimizer is not None else None
     old = dict(model.named_parameters())
-    groups = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]} if opt else {}
     refactor(model, data["architecture"])
     if opt is not None:
         rebuild_optimizer(opt, model, old)
-        regroup_copies(opt, model, old, groups)
     return model
 
 

@@ -16,7 +16,7 @@ the trainer's logger and ``trainer.callback_metrics``; the decisions are in ``ca
 **Optimizer.** ``optimizer="inplace"`` (the default) rebuilds each of ``trainer.optimizers`` in
 place with :func:`rmtprune.training.rebuild_optimizer`: kept parameters keep their state
 (momentum, Adam moments), the new factors start fresh (a bias moved into a factor keeps its
-state and its group, :func:`rmtprune.integrations.regroup_copies`), and the schedulers, which
+state and its group), and the schedulers, which
 hold the same optimizer objects, continue where they were. This is what ``rmtprune.train`` does, and the tests
 check that a Lightning run gives the same per-epoch losses. ``optimizer="setup_optimizers"``
 uses Lightning's own mechanism, ``trainer.strategy.setup_optimizers(trainer)``, which calls
@@ -65,7 +65,7 @@ from torch import nn
 
 from ..errors import CheckpointError, RmtpruneError
 from ..training.pruner import RMTPruner, rebuild_optimizer
-from . import rank_metrics, refactor, regroup_copies, unwrap_optimizer
+from . import rank_metrics, refactor, unwrap_optimizer
 
 __all__ = [
     "RMTPruningCallback",  # noqa: F822 (built on first access by __getattr__)
@@ -226,7 +226,6 @@ class _PruningMixin:
     def _cut(self, trainer: Any, pl_module: nn.Module, epoch: int) -> None:
         optimizers = [unwrap_optimizer(opt) for opt in trainer.optimizers]
         old = dict(pl_module.named_parameters())
-        groups = [{id(p): gi for gi, g in enumerate(o.param_groups) for p in g["params"]} for o in optimizers]
         inplace = self.optimizer_mode == "inplace"
         self.pruner.prune(pl_module, epoch, optimizers[0] if inplace and optimizers else None)
         if not optimizers:
@@ -236,8 +235,6 @@ class _PruningMixin:
             return
         for opt in optimizers[1:]:
             rebuild_optimizer(opt, pl_module, old)
-        for opt, group_of in zip(optimizers, groups, strict=True):
-            regroup_copies(opt, pl_module, old, group_of)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
