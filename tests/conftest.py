@@ -28,6 +28,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after (a test may change it): tiny models run fastest
+    and deterministically on one thread; on a busy machine 2 threads made a test 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def data_dir() -> Path:
     """Directory holding ``mnist/`` and ``fashion-mnist/`` IDX files."""
     return Path(os.environ["RMTPRUNE_DATA"])

@@ -12,13 +12,7 @@ from rmtprune.cli import main
 from rmtprune.training import CHECKPOINT, load_checkpoint
 from rmtprune.zoo.data import load_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(out, *extra: str) -> list[str]:

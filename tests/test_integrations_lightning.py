@@ -38,12 +38,7 @@ SPEC, BATCH, LR, KEEP = "mlp:256", 32, 0.05, 0.2
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lit_class(package: Any) -> type:

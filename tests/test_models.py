@@ -143,15 +143,6 @@ def test_backward_reaches_every_parameter(spec: str) -> None:
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine 2 threads made this test 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_mlp_learns_digits(one_thread: None) -> None:
     """End to end on real data: a small MLP trained for a few epochs beats 90% on the held-out split."""
     gen = seed_everything(0)
