@@ -90,34 +90,25 @@ def check(dataset: str, epochs: int, work: Path) -> dict[str, Any]:
     return {"dataset": dataset, "epochs": epochs, "seconds": times, **cmp, "control_2_threads": control}
 
 
+def _row(label: str, cmp: dict[str, Any], seconds: str) -> list[str]:
+    """A table row: ``cmp`` (:func:`_compare` against the one-process one-thread run) of one run."""
+    return [
+        label,
+        "yes" if cmp["ranks_equal"] else "NO",
+        ", ".join(str(v) for v in cmp["ranks_2proc"][-1].values()),
+        f"{cmp['max_diff_train_loss']:.1e}",
+        f"{100 * cmp['max_diff_val_acc']:.3f}",
+        f"{100 * cmp['max_diff_test_acc']:.3f}",
+        f"{100 * cmp['final_test_acc'][0]:.2f} / {100 * cmp['final_test_acc'][1]:.2f}",
+        seconds,
+    ]
+
+
 def render(results: list[dict[str, Any]], command: str) -> str:
     rows = []
     for r in results:
-        c = r["control_2_threads"]
-        rows.append(
-            [
-                f"{r['dataset']}, control: 1 process with 2 threads",
-                "yes" if c["ranks_equal"] else "NO",
-                ", ".join(str(v) for v in c["ranks_2proc"][-1].values()),
-                f"{c['max_diff_train_loss']:.1e}",
-                f"{100 * c['max_diff_val_acc']:.3f}",
-                f"{100 * c['max_diff_test_acc']:.3f}",
-                f"{100 * c['final_test_acc'][0]:.2f} / {100 * c['final_test_acc'][1]:.2f}",
-                "",
-            ]
-        )
-        rows.append(
-            [
-                r["dataset"],
-                "yes" if r["ranks_equal"] else "NO",
-                ", ".join(str(v) for v in r["ranks"][-1].values()),
-                f"{r['max_diff_train_loss']:.1e}",
-                f"{100 * r['max_diff_val_acc']:.3f}",
-                f"{100 * r['max_diff_test_acc']:.3f}",
-                f"{100 * r['final_test_acc'][0]:.2f} / {100 * r['final_test_acc'][1]:.2f}",
-                " / ".join(f"{v:.0f}" for v in r["seconds"].values()),
-            ]
-        )
+        rows.append(_row(f"{r['dataset']}, control: 1 process with 2 threads", r["control_2_threads"], ""))
+        rows.append(_row(r["dataset"], r, " / ".join(f"{v:.0f}" for v in r["seconds"].values())))
     table = md_table(
         ["dataset", "ranks equal every epoch", "final ranks (fc1, head)", "max diff train loss",
          "max diff val acc (pp)", "max diff test acc (pp)", "final test acc 1 proc / 2 proc (%)",
