@@ -172,15 +172,16 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         raise lost(exc, "broadcasting the cut model") from exc
 
 
-def all_reduce_sums(values: list[float]) -> list[float]:
-    """Element-wise sums of ``values`` over every rank (float64); ``values`` unchanged without a group."""
+def all_reduce_sums(values: list[float], what: str = "reducing the metrics") -> list[float]:
+    """Element-wise sums of ``values`` over every rank (float64); ``values`` unchanged without a group.
+    ``what`` names the step in the error of a lost rank."""
     if not is_distributed():
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_device())
     try:
         dist.all_reduce(t)
     except (RuntimeError, dist.DistBackendError) as exc:
-        raise lost(exc, "reducing the metrics") from exc
+        raise lost(exc, what) from exc
     return [float(v) for v in t.cpu()]
 
 
@@ -296,12 +297,8 @@ def reduce_counts(counts: Any) -> Any:
     """A :class:`~rmtprune.training.stability.Counts` summed over the ranks (identity on one rank)."""
     if not is_distributed():
         return counts
-    t = counts.to_tensor().to(_device())
-    try:
-        dist.all_reduce(t)
-    except (RuntimeError, dist.DistBackendError) as exc:
-        raise lost(exc, "reducing the stability counts") from exc
-    return type(counts).from_tensor(t.cpu())
+    sums = all_reduce_sums(counts.to_tensor().tolist(), "reducing the stability counts")
+    return type(counts).from_tensor(torch.tensor(sums, dtype=torch.float64))
 
 
 def _all_gather_1d(t: torch.Tensor) -> list[torch.Tensor]:
