@@ -333,14 +333,14 @@ def _train_steps(run: _Run, epoch: int) -> tuple[float, int, int]:
                 loss = nn.functional.cross_entropy(logits.float(), y)
         total = loss + regularizer(model, cfg.l1, cfg.l2, weights="all") if regularise else loss
         value = float(total.detach())
+        where = f"training diverged in epoch {epoch}, step {i + 1} of {steps}"
         if not math.isfinite(value):
             # Before the step: the weights stay as they were, and no checkpoint of this epoch is written.
             raise DivergedError(
-                f"training diverged in epoch {epoch}, step {i + 1} of {steps}: the loss is {value}; "
+                f"{where}: the loss is {value}; "
                 f"lower the learning rate (--lr, now {cfg.lr:g}); nothing of epoch {epoch} was saved"
             )
         optimizer.zero_grad(set_to_none=True)
-        where = f"training diverged in epoch {epoch}, step {i + 1} of {steps}"
         if run.scaler is not None:  # amp="fp16": scaled loss, steps with inf gradients skipped
             run.scaler.scale(total).backward()
             run.scaler.step(optimizer)
